@@ -1,0 +1,178 @@
+"""The ``Schedule`` base class: validation, evaluation, (de)serialisation, composition."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, ClassVar
+
+import torch
+
+from ._core import Segment, evaluate_table, segments_to_table
+
+__all__ = ["Schedule", "register", "from_dict", "REGISTRY"]
+
+REGISTRY: dict[str, type[Schedule]] = {}
+
+
+def register(cls: type[Schedule]) -> type[Schedule]:
+    """Class decorator: make a schedule constructible by name through :func:`from_dict`."""
+    REGISTRY[cls.kind] = cls
+    return cls
+
+
+# -- validation ---------------------------------------------------------------------------------
+
+def check_steps(name: str, value, *, allow_zero: bool = True, allow_none: bool = False):
+    """An integer step count (``>= 0``, or ``> 0`` when ``allow_zero`` is False)."""
+    if value is None and allow_none:
+        return None
+    lo = 0 if allow_zero else 1
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) \
+            or value != int(value) or value < lo:
+        raise ValueError(f"{name} must be an integer >= {lo}, got {value!r}")
+    return int(value)
+
+
+def check_float(name: str, value, *, lo: float | None = None, hi: float | None = None,
+                lo_open: bool = False, hi_open: bool = False) -> float:
+    """A finite float inside ``[lo, hi]`` (ends excluded where ``*_open``)."""
+    rng = (("(" if lo_open else "[") + ("-inf" if lo is None else f"{lo:g}") + ", "
+           + ("inf" if hi is None else f"{hi:g}") + (")" if hi_open else "]"))
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number in {rng}, got {value!r}")
+    v = float(value)
+    if lo is not None and (v < lo or (lo_open and v == lo)):
+        raise ValueError(f"{name} must be in {rng}, got {value!r}")
+    if hi is not None and (v > hi or (hi_open and v == hi)):
+        raise ValueError(f"{name} must be in {rng}, got {value!r}")
+    return v
+
+
+def check_choice(name: str, value, choices) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}")
+    return value
+
+
+def check_step(step) -> int:
+    if isinstance(step, torch.Tensor):
+        raise TypeError("use Schedule.evaluate(tensor) for tensors; __call__ takes a Python int")
+    if isinstance(step, bool) or not isinstance(step, int | float) or step != int(step):
+        raise ValueError(f"step must be a non-negative integer, got {step!r}")
+    if step < 0:
+        raise ValueError(f"step must be a non-negative integer, got {step!r}")
+    return int(step)
+
+
+# -- the base class -----------------------------------------------------------------------------
+
+class Schedule:
+    """A learning-rate schedule: a map from a 0-based integer step to a multiplier of the base LR.
+
+    Subclasses are frozen dataclasses that validate their parameters in ``__post_init__`` and
+    implement :meth:`segments`. Everything else derives from the segment table:
+
+    * ``sched(t)``: the value at a Python int (float64 arithmetic on the host);
+    * ``sched.evaluate(steps)``: vectorised over a tensor of steps on any device;
+    * ``sched.table(device)``: the ``(n, 8)`` float64 device representation that
+      ``fastsched.kernels.schedule.schedule_value`` evaluates from a device step counter;
+    * ``sched.to_dict()`` / ``fastsched.schedules.from_dict(d)``; a readable ``repr``;
+    * ``sched * k`` scales the schedule, :class:`~fastsched.schedules.Join` composes schedules.
+
+    Steps past the end of the last phase hold the final value; negative steps are an error.
+    """
+
+    kind: ClassVar[str] = "schedule"
+
+    # subclasses override
+    def segments(self) -> list[Segment]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def phase_boundaries(self) -> list[float]:
+        """Steps at which a new phase starts (for plots), excluding 0."""
+        return sorted({s.start for s in self.segments() if s.start > 0})
+
+    @property
+    def end_step(self) -> float:
+        """Step at which the last bounded phase ends (``inf`` for unbounded schedules)."""
+        segs = self.segments()
+        last = segs[-1]
+        if last.shape == 0:  # a trailing constant holds forever: the schedule ends at its start
+            return last.start
+        return last.start + last.length
+
+    # evaluation ------------------------------------------------------------------------------
+    def table(self, device=None) -> torch.Tensor:
+        cache = self.__dict__.setdefault("_tables", {})
+        key = str(torch.device(device) if device is not None else torch.device("cpu"))
+        if key not in cache:
+            cache[key] = segments_to_table(self.segments(), device=device)
+        return cache[key]
+
+    def evaluate(self, steps: torch.Tensor) -> torch.Tensor:
+        """Vectorised float64 evaluation at a tensor of non-negative integer steps."""
+        if not isinstance(steps, torch.Tensor):
+            steps = torch.as_tensor(steps)
+        if steps.is_floating_point() or steps.is_complex():
+            raise ValueError(f"steps must be an integer tensor, got {steps.dtype}")
+        return evaluate_table(self.table(steps.device), steps)
+
+    def __call__(self, step: int) -> float:
+        step = check_step(step)
+        return float(evaluate_table(self.table(), torch.tensor([step]))[0])
+
+    # composition -----------------------------------------------------------------------------
+    def __mul__(self, factor: float) -> Schedule:
+        from ._named import Scaled
+
+        return Scaled(self, factor)
+
+    __rmul__ = __mul__
+
+    # serialisation ---------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind}
+        for f in dataclasses.fields(self):
+            out[f.name] = _encode(getattr(self, f.name))
+        return out
+
+    @classmethod
+    def _from_fields(cls, fields: dict[str, Any]) -> Schedule:
+        return cls(**{k: _decode(v) for k, v in fields.items()})
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("_tables", None)
+        return state
+
+
+def _encode(v):
+    if isinstance(v, Schedule):
+        return v.to_dict()
+    if isinstance(v, tuple | list):
+        return [_encode(x) for x in v]
+    if isinstance(v, float) and math.isinf(v):
+        return "inf"
+    return v
+
+
+def _decode(v):
+    if isinstance(v, dict) and "kind" in v:
+        return from_dict(v)
+    if isinstance(v, list):
+        return tuple(_decode(x) for x in v)
+    if v == "inf":
+        return math.inf
+    return v
+
+
+def from_dict(d: dict[str, Any]) -> Schedule:
+    """Rebuild a schedule from :meth:`Schedule.to_dict` output."""
+    if not isinstance(d, dict) or "kind" not in d:
+        raise ValueError(f"expected a dict with a 'kind' key, got {d!r}")
+    kind = d["kind"]
+    if kind not in REGISTRY:
+        raise ValueError(f"kind must be one of {sorted(REGISTRY)}, got {kind!r}")
+    fields = {k: v for k, v in d.items() if k != "kind"}
+    return REGISTRY[kind]._from_fields(fields)

@@ -1,0 +1,145 @@
+"""Schedules as data: a short table of segments that Python, torch and Triton all evaluate.
+
+Every named schedule compiles to a table of segments. Row ``i`` of the table is
+
+    (start, length, shape, v0, v1, a, b, c)
+
+and covers the steps ``start_i <= t < start_{i+1}``; the last row covers every later step. Inside a
+segment the local clock is ``x = t - start`` and the progress is ``p = clamp(x / length, 0, 1)``
+(``length`` may be ``inf`` for unbounded phases, then ``p = 0``). The value is one of the shapes
+below, each homogeneous of degree one in ``(v0, v1)`` so that scaling a schedule scales ``v0`` and
+``v1`` only:
+
+    CONST        v0
+    LINEAR       v0 + (v1 - v0) * p
+    COSINE       v1 + (v0 - v1) * (0.5 * (1 + cos(pi * p))) ** a
+    POLY         v1 + (v0 - v1) * (1 - p) ** a              (a = 0.5: HF "1-sqrt" warmup)
+    POW_DECAY    v1 + (v0 - v1) * (1 - p ** a)              (a = 0.5: "1-sqrt", a = 2: "square")
+    GEOMETRIC    v0 * (v1 / v0) ** p                        (exponential interpolation)
+    EXP_RATE     v1 + (v0 - v1) * a ** (x / b)              (c != 0: floor(x / b), a staircase)
+    INV_SQRT     v1 + (v0 - v1) / sqrt(1 + x / a)
+    REX          v1 + (v0 - v1) * (1 - p) / (1 - a * p)
+    POWER        min(v0, v1 * ((x + a) * c) ** b)           (Shen et al. power scheduler)
+    INV_SQRT_CD  v0 + (v1 - v0) * h(p) / h(1),  h(q) = 1 / sqrt(1 + a * q) - 1
+
+Evaluation is branch-free: find the row by counting starts ``<= t``, compute every shape and pick
+one with ``where`` (the form optax's ``join_schedules`` uses), so the same arithmetic runs from a
+device step counter inside a kernel with no host synchronisation. The host path evaluates the
+torch implementation in float64, so host and vectorised evaluation are the same code; the Triton
+device function in ``fastsched.kernels.schedule`` is checked against it in the tests.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import IntEnum
+
+import torch
+
+__all__ = ["Shape", "Segment", "COLUMNS", "segments_to_table", "evaluate_table"]
+
+
+class Shape(IntEnum):
+    """Shape codes stored in column 2 of a segment table (the Triton kernel uses the same codes)."""
+
+    CONST = 0
+    LINEAR = 1
+    COSINE = 2
+    POLY = 3
+    POW_DECAY = 4
+    GEOMETRIC = 5
+    EXP_RATE = 6
+    INV_SQRT = 7
+    REX = 8
+    POWER = 9
+    INV_SQRT_CD = 10
+
+
+COLUMNS = ("start", "length", "shape", "v0", "v1", "a", "b", "c")
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One row of a schedule table; see the module docstring for the shapes."""
+
+    start: float
+    length: float
+    shape: Shape
+    v0: float
+    v1: float = 0.0
+    a: float = 1.0
+    b: float = 1.0
+    c: float = 0.0
+
+    def shifted(self, offset: float) -> Segment:
+        return Segment(self.start + offset, self.length, self.shape, self.v0, self.v1,
+                       self.a, self.b, self.c)
+
+    def scaled(self, factor: float) -> Segment:
+        return Segment(self.start, self.length, self.shape, self.v0 * factor, self.v1 * factor,
+                       self.a, self.b, self.c)
+
+    def as_row(self) -> tuple[float, ...]:
+        return (float(self.start), float(self.length), float(int(self.shape)), float(self.v0),
+                float(self.v1), float(self.a), float(self.b), float(self.c))
+
+
+def segments_to_table(segments: list[Segment], device=None) -> torch.Tensor:
+    """Pack segments into a contiguous ``(n, 8)`` float64 tensor (the device representation)."""
+    if not segments:
+        raise ValueError("a schedule needs at least one segment")
+    if segments[0].start != 0:
+        raise ValueError(f"the first segment must start at step 0, got {segments[0].start}")
+    for prev, nxt in zip(segments, segments[1:]):
+        if not nxt.start >= prev.start:
+            raise ValueError("segment starts must be non-decreasing")
+    return torch.tensor([s.as_row() for s in segments], dtype=torch.float64, device=device)
+
+
+def _pow(base: torch.Tensor, exponent: torch.Tensor) -> torch.Tensor:
+    # exp(b * log(x)): the same formula the kernel uses, so 0 ** positive = 0 on both sides.
+    return torch.exp(exponent * torch.log(base))
+
+
+def evaluate_table(table: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """Evaluate a segment table at ``steps`` (any shape, any device) in float64.
+
+    Steps must be non-negative; steps past the last segment's end hold its final value.
+    """
+    t = steps.to(torch.float64)
+    table = table.to(device=t.device, dtype=torch.float64)
+    starts = table[:, 0].contiguous()
+    idx = torch.searchsorted(starts, t.reshape(-1), right=True).reshape(t.shape) - 1
+    idx = idx.clamp_(min=0)
+    row = table[idx]  # (..., 8)
+    start, length, shape, v0, v1, a, b, c = row.unbind(-1)
+    x = (t - start).clamp(min=0.0)
+    p = (x / length).clamp(0.0, 1.0)
+    p = torch.where(torch.isnan(p), torch.zeros_like(p), p)
+    dv = v0 - v1
+    one = torch.ones_like(p)
+
+    lin = v0 + (v1 - v0) * p
+    cos = v1 + dv * _pow(0.5 * (1.0 + torch.cos(math.pi * p)), a)
+    poly = v1 + dv * _pow(1.0 - p, a)
+    powd = v1 + dv * (1.0 - _pow(p, a))
+    geo = v0 * _pow(v1 / v0, p)
+    e = x / b
+    e = torch.where(c != 0, torch.floor(e), e)
+    exp_rate = v1 + dv * _pow(a, e)
+    inv_sqrt = v1 + dv / torch.sqrt(1.0 + x / a)
+    rex = v1 + dv * (1.0 - p) / (1.0 - a * p)
+    power = torch.minimum(v0, v1 * _pow((x + a) * c, b))
+    h1 = 1.0 / torch.sqrt(1.0 + a) - 1.0
+    hp = 1.0 / torch.sqrt(1.0 + a * p) - 1.0
+    inv_sqrt_cd = v0 + (v1 - v0) * hp / torch.where(h1 == 0, one, h1)
+
+    out = v0.clone()
+    for code, val in (
+        (Shape.LINEAR, lin), (Shape.COSINE, cos), (Shape.POLY, poly), (Shape.POW_DECAY, powd),
+        (Shape.GEOMETRIC, geo), (Shape.EXP_RATE, exp_rate), (Shape.INV_SQRT, inv_sqrt),
+        (Shape.REX, rex), (Shape.POWER, power), (Shape.INV_SQRT_CD, inv_sqrt_cd),
+    ):
+        out = torch.where(shape == float(code), val, out)
+    return out

@@ -1,0 +1,33 @@
+"""Test configuration: without a GPU, Triton kernels run under the interpreter on CPU tensors.
+
+``TRITON_INTERPRET`` must be set before triton is imported (it decides at decoration time whether
+``@triton.jit`` functions are compiled or interpreted), so it is set here, first.
+"""
+
+import os
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+#: device on which the Triton backend is exercised: the GPU when there is one, else the CPU
+#: through the interpreter.
+KERNEL_DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def kernel_device():
+    return KERNEL_DEVICE

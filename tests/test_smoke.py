@@ -1,0 +1,5 @@
+import fastsched
+
+
+def test_import():
+    assert fastsched.__version__
