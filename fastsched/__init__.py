@@ -1,6 +1,7 @@
 """fastsched: fused Triton optimizer steps with on-device learning-rate schedules."""
 
 from . import schedules
+from .optim import SGD, Adam, AdamW
 
 __version__ = "0.1.0"
-__all__ = ["schedules", "__version__"]
+__all__ = ["schedules", "Adam", "AdamW", "SGD", "__version__"]

@@ -1,0 +1,89 @@
+"""Fused SGD with momentum."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..kernels.optim import KIND_SGD
+from ..schedules import Schedule
+from ._base import DEFAULT_BLOCK, FusedOptimizer
+from ._reference import sgd_reference
+
+__all__ = ["SGD"]
+
+
+class SGD(FusedOptimizer):
+    r"""Stochastic gradient descent with momentum in one fused launch for every tensor.
+
+    A drop-in replacement for ``torch.optim.SGD`` (same arguments, defaults and
+    ``momentum_buffer`` state; Sutskever et al. 2013 for the Nesterov form). With
+    :math:`\eta_t = \text{lr}\cdot s(\text{clock})`:
+
+    .. math::
+        d &= \pm g + \lambda\theta, \quad
+        b \leftarrow \mu b + (1-\tau) d \;(\text{first step: } b = d), \\
+        d &\leftarrow d + \mu b \text{ (nesterov) or } b, \quad \theta \leftarrow \theta - \eta_t d
+
+    Each parameter also keeps a float32 ``step`` counter in its state (ignored by
+    ``torch.optim.SGD`` when loading); when loading a torch SGD checkpoint it is set to 1 where
+    a momentum buffer exists. See :class:`fastsched.Adam` for ``schedule``, ``backend`` and
+    ``block_size``.
+    """
+
+    _kind = KIND_SGD
+    _state_names = ("momentum_buffer",)
+
+    def __init__(self, params, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
+                 weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False,
+                 foreach: bool | None = None, differentiable: bool = False,
+                 fused: bool | None = None, schedule: Schedule | None = None,
+                 backend: str = "auto", block_size: int = DEFAULT_BLOCK):
+        defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
+                        weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
+                        foreach=foreach, differentiable=differentiable, fused=fused)
+        super().__init__(params, defaults, schedule=schedule, backend=backend,
+                         block_size=block_size)
+
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        self._check_lr(group["lr"])
+        mom, damp, wd = group["momentum"], group["dampening"], group["weight_decay"]
+        if not isinstance(mom, int | float) or not mom >= 0.0:
+            raise ValueError(f"Invalid momentum value: {mom}")
+        if not isinstance(damp, int | float) or not 0.0 <= damp <= 1.0:
+            raise ValueError(f"Invalid dampening value: {damp} (allowed: [0, 1])")
+        if not isinstance(wd, int | float) or not wd >= 0.0:
+            raise ValueError(f"Invalid weight_decay value: {wd}")
+        if group["nesterov"] and (mom <= 0 or damp != 0):
+            raise ValueError("Nesterov momentum requires a momentum and zero dampening")
+
+    def _group_hyper(self, group):
+        return (self._check_lr(group["lr"]), float(group["momentum"]),
+                float(group["dampening"]), 0.0, float(group["weight_decay"]),
+                float(bool(group["maximize"])), float(bool(group["nesterov"])),
+                float(group["momentum"] != 0))
+
+    def _init_state(self, p, group, state) -> None:
+        if group["momentum"] != 0 and state.get("momentum_buffer") is None:
+            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            # a buffer loaded from torch would carry history; a fresh one starts at step 0
+            state["step"].zero_()
+
+    def _state_tensor(self, p, name, group):
+        return self.state[p].get(name) if group["momentum"] != 0 else None
+
+    def _run_reference(self, plan) -> None:
+        st = [self.state[p] for p in plan.params]
+        sgd_reference(plan.params, plan.grads,
+                      [s.get("momentum_buffer") if self._group_key[gi][7] else None
+                       for s, gi in zip(st, plan.group_index)],
+                      [s["step"] for s in st], plan.group_index, list(self._group_key),
+                      self.schedule, self._clock)
+
+    def _upgrade_state(self, p, group, st) -> None:
+        if "step" not in st:
+            st["step"] = torch.tensor(1.0 if st.get("momentum_buffer") is not None else 0.0)
+        if st.get("momentum_buffer", 0) is None:
+            del st["momentum_buffer"]
+        super()._upgrade_state(p, group, st)
