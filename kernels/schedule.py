@@ -50,7 +50,7 @@ def schedule_value(seg_ptr, n_seg, t, SEG_BLOCK: tl.constexpr):
     cosv = v1 + dv * _pow(0.5 * (1.0 + tl.cos(_PI * p)), a)
     poly = v1 + dv * _pow(1.0 - p, a)
     powd = v1 + dv * (1.0 - _pow(p, a))
-    geo = v0 * _pow(v1 / v0, p)
+    geo = tl.where(v0 == 0.0, v0, v0 * _pow(v1 / v0, p))  # v0 = 0: a schedule scaled by 0
     e = x / b
     e = tl.where(c != 0.0, tl.floor(e), e)
     exp_rate = v1 + dv * _pow(a, e)
@@ -85,12 +85,13 @@ def _schedule_eval_kernel(seg_ptr, n_seg, steps_ptr, out_ptr, n_steps,
     tl.store(out_ptr + offs, val, mask=mask)
 
 
-def evaluate_schedule(table: torch.Tensor, steps: torch.Tensor, block: int = 256,
+def evaluate_schedule(table: torch.Tensor, steps: torch.Tensor, block: int | None = None,
                       seg_block: int = 64) -> torch.Tensor:
     """Evaluate a ``(n, 8)`` float64 segment table at integer ``steps`` with the Triton kernel.
 
     Returns a float64 tensor of ``steps``' shape. ``table`` and ``steps`` must be on the same
-    device (CUDA, or CPU under ``TRITON_INTERPRET=1``).
+    device (CUDA, or CPU under ``TRITON_INTERPRET=1``). Negative steps evaluate as step 0 (no
+    check: it would synchronise with the host).
     """
     if table.dtype != torch.float64 or table.dim() != 2 or table.shape[1] != 8:
         raise ValueError(f"table must be a float64 (n, 8) tensor, got {table.dtype} "
@@ -101,6 +102,12 @@ def evaluate_schedule(table: torch.Tensor, steps: torch.Tensor, block: int = 256
     flat = steps.reshape(-1).to(torch.int64).contiguous()
     out = torch.empty(flat.shape, dtype=torch.float64, device=steps.device)
     n = flat.numel()
+    if block is None:
+        # The interpreter pays per program, not per element: 10,000 steps take 1.1 s at
+        # BLOCK=256 and 0.06 s at BLOCK=16384 on a 2-core CPU. On a GPU, 256 keeps the
+        # (BLOCK, SEG_BLOCK) comparison of the row search small.
+        on_gpu = steps.device.type == "cuda"
+        block = 256 if on_gpu else min(16384, max(16, triton.next_power_of_2(n)))
     if n:
         grid = (triton.cdiv(n, block),)
         _schedule_eval_kernel[grid](table.contiguous(), table.shape[0], flat, out, n,

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Any, ClassVar
 
 import torch
 
-from ._core import Segment, evaluate_table, segments_to_table
+from ._core import Segment, evaluate_rows, evaluate_table, segments_to_table
 
 __all__ = ["Schedule", "register", "from_dict", "REGISTRY"]
 
@@ -56,12 +57,14 @@ def check_choice(name: str, value, choices) -> str:
 
 
 def check_step(step) -> int:
+    """A step for ``Schedule.__call__``: an integer (or integral float) ``>= 0``."""
     if isinstance(step, torch.Tensor):
         raise TypeError("use Schedule.evaluate(tensor) for tensors; __call__ takes a Python int")
-    if isinstance(step, bool) or not isinstance(step, int | float) or step != int(step):
-        raise ValueError(f"step must be a non-negative integer, got {step!r}")
+    if isinstance(step, bool) or not isinstance(step, numbers.Real) \
+            or not math.isfinite(step) or step != int(step):
+        raise ValueError(f"step must be an integer >= 0, got {step!r}")
     if step < 0:
-        raise ValueError(f"step must be a non-negative integer, got {step!r}")
+        raise ValueError(f"step must be an integer >= 0, got {step!r}")
     return int(step)
 
 
@@ -80,7 +83,8 @@ class Schedule:
     * ``sched.to_dict()`` / ``fastsched.schedules.from_dict(d)``; a readable ``repr``;
     * ``sched * k`` scales the schedule, :class:`~fastsched.schedules.Join` composes schedules.
 
-    Steps past the end of the last phase hold the final value; negative steps are an error.
+    Steps past the end of the last phase hold the final value; negative steps are an error
+    (``ValueError`` from ``sched(t)`` and from ``evaluate`` on CPU tensors; see :meth:`evaluate`).
     """
 
     kind: ClassVar[str] = "schedule"
@@ -111,16 +115,30 @@ class Schedule:
         return cache[key]
 
     def evaluate(self, steps: torch.Tensor) -> torch.Tensor:
-        """Vectorised float64 evaluation at a tensor of non-negative integer steps."""
+        """Vectorised float64 evaluation at a tensor of non-negative integer steps.
+
+        Returns a float64 tensor of the same shape on the same device. Negative steps raise
+        ``ValueError`` for CPU tensors. On an accelerator the check would need a device-to-host
+        synchronisation, so it is not made there: a negative step evaluates as step 0 (the table
+        lookup and the local clock both clamp at 0), as it does in the Triton device function.
+        """
         if not isinstance(steps, torch.Tensor):
             steps = torch.as_tensor(steps)
-        if steps.is_floating_point() or steps.is_complex():
+        if steps.is_floating_point() or steps.is_complex() or steps.dtype == torch.bool:
             raise ValueError(f"steps must be an integer tensor, got {steps.dtype}")
+        if steps.device.type == "cpu" and steps.numel() and bool((steps < 0).any()):
+            raise ValueError(f"steps must be >= 0, got minimum {int(steps.min())}")
         return evaluate_table(self.table(steps.device), steps)
 
     def __call__(self, step: int) -> float:
+        """The value at one step (plain-Python float64 arithmetic, no tensors)."""
         step = check_step(step)
-        return float(evaluate_table(self.table(), torch.tensor([step]))[0])
+        rows = self.__dict__.get("_rows")
+        if rows is None:
+            rows = [s.as_row() for s in self.segments()]
+            self.__dict__["_rows"] = rows
+            self.__dict__["_starts"] = [r[0] for r in rows]
+        return evaluate_rows(rows, self.__dict__["_starts"], float(step))
 
     # composition -----------------------------------------------------------------------------
     def __mul__(self, factor: float) -> Schedule:
@@ -141,10 +159,28 @@ class Schedule:
     def _from_fields(cls, fields: dict[str, Any]) -> Schedule:
         return cls(**{k: _decode(v) for k, v in fields.items()})
 
+    def __repr__(self) -> str:
+        # only the fields that differ from their defaults: WSD(warmup_steps=100, total_steps=1000)
+        parts = []
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.default is not dataclasses.MISSING and _same(v, f.default):
+                continue
+            parts.append(f"{f.name}={v!r}")
+        return f"{type(self).__name__}({', '.join(parts)})"
+
     def __getstate__(self):
         state = dict(self.__dict__)
-        state.pop("_tables", None)
+        for key in ("_tables", "_rows", "_starts"):
+            state.pop(key, None)
         return state
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, numbers.Real) and isinstance(b, numbers.Real) \
+            and not isinstance(a, bool) and not isinstance(b, bool):
+        return a == b
+    return type(a) is type(b) and a == b
 
 
 def _encode(v):

@@ -11,10 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-import torch
-
 from ._base import Schedule, check_choice, check_float, check_steps, register
-from ._core import Segment, Shape, evaluate_table, segments_to_table
+from ._core import Segment, Shape, evaluate_rows
 
 __all__ = [
     "Constant", "LinearWarmup", "Cosine", "CosineRestarts", "LinearDecay", "Polynomial",
@@ -32,9 +30,9 @@ WARMUP_SHAPES = ("linear", "cosine", "1-sqrt")
 
 def _end_value(seg: Segment) -> float:
     """Value of a segment at the end of its window (for the constant that follows it)."""
-    table = segments_to_table([seg.shifted(-seg.start)])
-    return float(evaluate_table(table, torch.tensor([int(math.ceil(seg.length))]))[0]) \
-        if math.isfinite(seg.length) else float("nan")
+    if not math.isfinite(seg.length):
+        return math.nan
+    return evaluate_rows([seg.shifted(-seg.start).as_row()], [0.0], float(seg.length))
 
 
 class _Builder:
@@ -106,7 +104,7 @@ def _check_decay_shape(shape, min_ratio, half_life, power=1.0):
 # -- classic schedules --------------------------------------------------------------------------
 
 @register
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Constant(Schedule):
     """``f(t) = value`` (HF ``constant``; torch ``ConstantLR`` with ``total_iters=0``)."""
 
@@ -121,7 +119,7 @@ class Constant(Schedule):
 
 
 @register
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class LinearWarmup(Schedule):
     """Linear warmup, then constant: ``f(t) = s + (e - s) * min(t, W) / W``.
 
@@ -145,7 +143,7 @@ class LinearWarmup(Schedule):
 
 
 @register
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Cosine(Schedule):
     """Linear warmup, then cosine decay to a floor ``r`` at ``total_steps``, then ``r``.
 
@@ -177,7 +175,7 @@ class Cosine(Schedule):
 
 
 @register
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class CosineRestarts(Schedule):
     """SGDR cosine annealing with warm restarts (Loshchilov & Hutter, arXiv 1608.03983).
 
@@ -219,7 +217,7 @@ class CosineRestarts(Schedule):
 
 
 @register
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class LinearDecay(Schedule):
     """Linear warmup, then linear decay to ``min_ratio`` at ``total_steps``.
 
@@ -246,7 +244,7 @@ class LinearDecay(Schedule):
 
 
 @register
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Polynomial(Schedule):
     """Polynomial decay: ``f = r + (1 - r) * (1 - p) ** power``, ``p = (t - W) / (T - W)``.
 
@@ -276,7 +274,7 @@ class Polynomial(Schedule):
 
 
 @register
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class StepDecay(Schedule):
     """``f(t) = gamma ** (t // step_size)`` (torch ``StepLR``; timm ``StepLRScheduler``)."""
 
@@ -294,7 +292,7 @@ class StepDecay(Schedule):
 
 
 @register
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class MultiStep(Schedule):
     """``f(t) = gamma ** (number of milestones <= t)`` (torch ``MultiStepLR``)."""
 
@@ -320,7 +318,7 @@ class MultiStep(Schedule):
 
 
 @register
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Exponential(Schedule):
     """``f(t) = gamma ** ((t - begin) / transition_steps)`` for ``t >= begin``, 1 before.
 
@@ -349,7 +347,7 @@ class Exponential(Schedule):
 
 
 @register
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class InverseSqrt(Schedule):
     """Linear warmup, then ``f = r + (1 - r) / sqrt(1 + (t - W) / timescale)``.
 
@@ -378,7 +376,7 @@ class InverseSqrt(Schedule):
 
 
 @register
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class OneCycle(Schedule):
     """The learning-rate part of torch ``OneCycleLR``, as a multiplier of ``max_lr``.
 
@@ -433,7 +431,7 @@ class OneCycle(Schedule):
 # -- schedules from the literature --------------------------------------------------------------
 
 @register
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class WSD(Schedule):
     """Warmup-Stable-Decay (MiniCPM, arXiv 2404.06395; Hägele et al., arXiv 2405.18392).
 
@@ -510,7 +508,7 @@ class WSD(Schedule):
 
 
 @register
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class REX(Schedule):
     """REX (Chen, Wolfe & Kyrillidis, MLSys 2022, arXiv 2107.04197).
 
@@ -541,7 +539,7 @@ class REX(Schedule):
 
 
 @register
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Power(Schedule):
     """Power scheduler (Shen et al., IBM, arXiv 2408.13359), as a multiplier of ``lr_max``.
 
@@ -566,6 +564,7 @@ class Power(Schedule):
     decay_shape: str = "linear"
     min_ratio: float = 0.0
     half_life: float | None = None
+    decay_power: float = 1.0
     kind = "power"
 
     def __post_init__(self):
@@ -578,7 +577,7 @@ class Power(Schedule):
         check_steps("decay_steps", self.decay_steps)
         check_steps("total_steps", self.total_steps, allow_none=True, allow_zero=False)
         check_float("min_ratio", self.min_ratio, lo=0, hi=1)
-        _check_decay_shape(self.decay_shape, self.min_ratio, self.half_life)
+        _check_decay_shape(self.decay_shape, self.min_ratio, self.half_life, self.decay_power)
         if self.decay_steps > 0:
             if self.total_steps is None:
                 raise ValueError("decay_steps > 0 needs total_steps")
@@ -603,7 +602,7 @@ class Power(Schedule):
             b.add(start - w, Shape.POWER, 1.0, coef, float(w), self.b, self.tokens_per_step)
             top = self.factor(start)
             b.decay(self.decay_steps, top, self.min_ratio * top, self.decay_shape,
-                    half_life=self.half_life)
+                    power=self.decay_power, half_life=self.half_life)
             return b.hold()
         b.segs.append(Segment(b.t, INF, Shape.POWER, 1.0, coef, float(w), self.b,
                               self.tokens_per_step))
@@ -611,7 +610,7 @@ class Power(Schedule):
 
 
 @register
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Infinite(Schedule):
     """Infinite learning-rate schedule for continual pre-training (Ibrahim et al., arXiv
     2403.08763; Janson et al., arXiv 2503.02844).
@@ -671,7 +670,7 @@ class Infinite(Schedule):
 
 
 @register
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Rewarm(Schedule):
     """Re-warming for continual pre-training (Gupta et al., arXiv 2308.04014).
 
@@ -688,6 +687,7 @@ class Rewarm(Schedule):
     decay_shape: str = "cosine"
     start_factor: float | None = 0.0
     half_life: float | None = None
+    decay_power: float = 1.0
     kind = "rewarm"
 
     def __post_init__(self):
@@ -710,7 +710,7 @@ class Rewarm(Schedule):
                 raise ValueError(f"warmup_steps[{i}] must be <= cycle_steps[{i}] ({steps}), "
                                  f"got {w}")
         check_float("min_ratio", self.min_ratio, lo=0, hi=1)
-        _check_decay_shape(self.decay_shape, self.min_ratio, self.half_life)
+        _check_decay_shape(self.decay_shape, self.min_ratio, self.half_life, self.decay_power)
         if self.start_factor is not None:
             check_float("start_factor", self.start_factor, lo=0)
 
@@ -722,13 +722,13 @@ class Rewarm(Schedule):
             cycle_start = b.t
             b.warmup(w, start, peak)
             b.decay(steps - w, peak, self.min_ratio * peak, self.decay_shape,
-                    half_life=self.half_life)
+                    power=self.decay_power, half_life=self.half_life)
             prev_end = _end_value(b.segs[-1]) if b.t > cycle_start else start
         return b.hold(prev_end)
 
 
 @register
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Table(Schedule):
     """Arbitrary values at given steps, linearly interpolated; the first value before the first
     step, the last value after the last. Carries data-driven schedules such as those refined from
@@ -774,7 +774,7 @@ class Table(Schedule):
 
 
 @register
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Join(Schedule):
     """Schedules end to end: ``schedules[i]`` runs from ``boundaries[i-1]`` on its own clock
     (``t - boundaries[i-1]``), as optax ``join_schedules`` and torch ``SequentialLR``."""
@@ -815,7 +815,7 @@ class Join(Schedule):
 
 
 @register
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Scaled(Schedule):
     """``factor * schedule(t)``."""
 
