@@ -12,10 +12,64 @@ import torch
 
 from ..schedules import Schedule
 
-__all__ = ["adam_reference", "sgd_reference", "GroupHyper"]
+__all__ = ["adam_reference", "sgd_reference", "grad_statistics", "allora_scales", "GroupHyper"]
 
 #: per group: (lr, c1, c2, eps, weight_decay, maximize, flag, decoupled) as in the kernel's table
 GroupHyper = tuple[float, float, float, float, float, float, float, float]
+
+
+def grad_statistics(grads, *, max_grad_norm: float | None, guard: bool,
+                    grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None):
+    """Global-norm clipping coefficient, skip flag and gradient statistics, on the device.
+
+    As ``torch.nn.utils.clip_grad_norm_``: ``coef = min(max_norm / (norm + 1e-6), 1)`` with the
+    L2 norm of all gradients (unscaled by ``1 / grad_scale`` first); non-finite elements are
+    counted and left out of the norms. Returns ``(grad_mul, active, stats)``: the multiplier of
+    every gradient (coefficient / grad scale), a 0-d bool (False: skip the step) and a dict of
+    0-d / per-tensor float64 tensors.
+    """
+    dev = grads[0].device
+    inv_scale = (torch.ones((), dtype=torch.float64, device=dev) if grad_scale is None
+                 else 1.0 / grad_scale.reshape(()).to(torch.float64))
+    sq, ab, nf = [], [], []
+    for g in grads:
+        g32 = g.to(torch.float64)
+        bad = ~torch.isfinite(g32)
+        ok = torch.where(bad, 0.0, g32)
+        sq.append((ok * ok).sum())
+        ab.append(ok.abs().sum())
+        nf.append(bad.sum().to(torch.float64))
+    sq, ab, nf = torch.stack(sq), torch.stack(ab), torch.stack(nf)
+    gnorm = sq.sum().sqrt() * inv_scale
+    nonfinite = nf.sum()
+    one = torch.ones((), dtype=torch.float64, device=dev)
+    coef = one if max_grad_norm is None else torch.clamp(max_grad_norm / (gnorm + 1e-6), max=1.0)
+    active = torch.ones((), dtype=torch.bool, device=dev)
+    if guard:
+        active = nonfinite == 0
+    if found_inf is not None:
+        active = active & (found_inf.reshape(()) == 0)
+    stats = {"grad_norm": gnorm, "grad_norm_l1": ab.sum() * inv_scale, "clip_coef": coef,
+             "nonfinite": nonfinite, "inv_scale": inv_scale,
+             "tensor_norms": sq.sqrt() * inv_scale}
+    return coef * inv_scale, active, stats
+
+
+def allora_scales(p: torch.Tensor, unit: str, eta: float) -> torch.Tensor:
+    """ALLoRA gradient multiplier ``1 / sqrt(||theta_unit||^2 + 1 / eta^2)`` shaped like ``p``.
+
+    Units are the rows or columns of ``p.reshape(p.shape[0], -1)`` or the whole tensor (always
+    the whole tensor below two dimensions).
+    """
+    p32 = p.to(torch.float32)
+    inv = 1.0 / float(eta) ** 2
+    if p.numel() == 0:
+        return torch.ones_like(p32)
+    if p.dim() < 2 or unit == "tensor":
+        return (1.0 / torch.sqrt((p32 * p32).sum() + inv)).expand_as(p32)
+    v = p32.reshape(p.shape[0], -1)
+    n = (v * v).sum(1 if unit == "row" else 0, keepdim=True)
+    return (1.0 / torch.sqrt(n + inv)).expand_as(v).reshape(p.shape)
 
 
 def _schedule_lr(schedule: Schedule, clock: torch.Tensor, lr: float) -> torch.Tensor:
@@ -25,19 +79,22 @@ def _schedule_lr(schedule: Schedule, clock: torch.Tensor, lr: float) -> torch.Te
 def adam_reference(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, group_index,
                    groups: list[GroupHyper], schedule: Schedule, clock: torch.Tensor,
                    grad_mul: torch.Tensor | None = None,
-                   active: torch.Tensor | None = None) -> None:
+                   active: torch.Tensor | None = None, scales=None) -> torch.Tensor:
     """Adam / AdamW step for every tensor, as ``torch.optim.Adam(W)`` with ``fused=True``.
 
     ``max_exp_avg_sqs[i]`` is None where amsgrad is off. ``grad_mul`` (a 0-d float64 tensor,
     clip coefficient times 1 / grad scale) multiplies every gradient; ``active`` (0-d bool tensor)
-    gates the whole step. Updates tensors in place and advances ``steps`` and ``clock``.
+    gates the whole step; ``scales[i]`` (ALLoRA, or None) multiplies gradient ``i``. Updates
+    tensors in place, advances ``steps`` and ``clock``, and returns per tensor
+    (sum of new p^2, sum of u^2) with u the unscaled update m_hat / (sqrt(v_hat) + eps).
     """
     one = torch.ones((), dtype=torch.float64, device=clock.device)
     gm = one if grad_mul is None else grad_mul.to(torch.float64)
     act = torch.ones((), dtype=torch.bool, device=clock.device) if active is None else active
     inc = act.to(torch.float64)
+    ustat = []
     for i, p in enumerate(params):
-        lr0, b1, b2, eps, wd, maximize, _, decoupled = groups[group_index[i]]
+        lr0, b1, b2, eps, wd, maximize, _, decoupled = groups[group_index[i]][:8]
         lr = _schedule_lr(schedule, clock, lr0)
         new_step = steps[i].to(torch.float64) + inc
         bc1 = 1.0 - torch.pow(torch.tensor(b1, dtype=torch.float64), new_step)
@@ -46,6 +103,8 @@ def adam_reference(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
         bc2_sqrt = bc2.sqrt().to(torch.float32)
         sign = -1.0 if maximize else 1.0
         g = grads[i].to(torch.float32) * (sign * gm).to(torch.float32)
+        if scales is not None and scales[i] is not None:
+            g = g * scales[i]
         p32 = p.to(torch.float32)
         if decoupled:
             p32 = p32 * (1.0 - lr * wd).to(torch.float32)
@@ -62,32 +121,40 @@ def adam_reference(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
             max_exp_avg_sqs[i].copy_(torch.where(act, vmax, max_exp_avg_sqs[i]))
             vv = vmax
         denom = vv.sqrt() / bc2_sqrt + torch.tensor(eps, dtype=torch.float32)
-        p32 = p32 - step_size * (m / denom)
+        u = m / denom
+        p32 = p32 - step_size * u
+        ustat.append(torch.stack([(p32.double() ** 2).sum(),
+                                  ((u.double() / bc1) ** 2).sum()]))
         p.copy_(torch.where(act, p32.to(p.dtype), p))
         exp_avgs[i].copy_(torch.where(act, m.to(p.dtype), exp_avgs[i]))
         exp_avg_sqs[i].copy_(torch.where(act, v.to(p.dtype), exp_avg_sqs[i]))
         steps[i].copy_(new_step)
     clock.add_(act.to(clock.dtype))
+    return torch.stack(ustat)
 
 
 def sgd_reference(params, grads, momentum_buffers, steps, group_index, groups: list[GroupHyper],
                   schedule: Schedule, clock: torch.Tensor, grad_mul: torch.Tensor | None = None,
-                  active: torch.Tensor | None = None) -> None:
+                  active: torch.Tensor | None = None, scales=None) -> torch.Tensor:
     """SGD step as ``torch.optim.SGD`` (momentum, dampening, nesterov, weight decay, maximize).
 
     ``momentum_buffers[i]`` is None where the group has no momentum; the first step copies
-    ``d_p`` into the buffer, as torch does.
+    ``d_p`` into the buffer, as torch does. ``scales`` as in :func:`adam_reference`; returns per
+    tensor (sum of new p^2, sum of d^2).
     """
     one = torch.ones((), dtype=torch.float64, device=clock.device)
     gm = one if grad_mul is None else grad_mul.to(torch.float64)
     act = torch.ones((), dtype=torch.bool, device=clock.device) if active is None else active
     inc = act.to(torch.float64)
+    ustat = []
     for i, p in enumerate(params):
-        lr0, momentum, dampening, _, wd, maximize, nesterov, _ = groups[group_index[i]]
+        lr0, momentum, dampening, _, wd, maximize, nesterov, _ = groups[group_index[i]][:8]
         lr = _schedule_lr(schedule, clock, lr0).to(torch.float32)
         sign = -1.0 if maximize else 1.0
         p32 = p.to(torch.float32)
         d = grads[i].to(torch.float32) * (sign * gm).to(torch.float32)
+        if scales is not None and scales[i] is not None:
+            d = d * scales[i]
         d = d + torch.tensor(wd, dtype=torch.float32) * p32
         buf = momentum_buffers[i]
         if buf is not None:
@@ -98,6 +165,8 @@ def sgd_reference(params, grads, momentum_buffers, steps, group_index, groups: l
             buf.copy_(torch.where(act, nb.to(buf.dtype), buf))
             d = d + torch.tensor(momentum, dtype=torch.float32) * nb if nesterov else nb
         p32 = p32 - lr * d
+        ustat.append(torch.stack([(p32.double() ** 2).sum(), (d.double() ** 2).sum()]))
         p.copy_(torch.where(act, p32.to(p.dtype), p))
         steps[i].copy_(steps[i].to(torch.float64) + inc)
     clock.add_(act.to(clock.dtype))
+    return torch.stack(ustat)

@@ -68,15 +68,19 @@ class Adam(FusedOptimizer):
                  differentiable: bool = False, fused: bool | None = None,
                  decoupled_weight_decay: bool | None = None,
                  schedule: Schedule | None = None, backend: str = "auto",
-                 block_size: int = DEFAULT_BLOCK):
+                 block_size: int = DEFAULT_BLOCK, max_grad_norm: float | None = None,
+                 stats: bool = False, nonfinite: str | None = None, history: int = 0,
+                 allora_eta: float | None = None, allora_unit: str = "row"):
         if decoupled_weight_decay is None:
             decoupled_weight_decay = self._decoupled_default
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, foreach=foreach, capturable=capturable,
                         differentiable=differentiable, fused=fused,
                         decoupled_weight_decay=decoupled_weight_decay)
+        defaults.update(allora_eta=allora_eta, allora_unit=allora_unit)
         super().__init__(params, defaults, schedule=schedule, backend=backend,
-                         block_size=block_size)
+                         block_size=block_size, max_grad_norm=max_grad_norm, stats=stats,
+                         nonfinite=nonfinite, history=history)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         self._check_lr(group["lr"])
@@ -110,14 +114,14 @@ class Adam(FusedOptimizer):
             return None
         return self.state[p].get(name)
 
-    def _run_reference(self, plan) -> None:
+    def _run_reference(self, plan, grad_mul, active, scales):
         st = [self.state[p] for p in plan.params]
-        adam_reference(plan.params, plan.grads, [s["exp_avg"] for s in st],
+        return adam_reference(plan.params, plan.grads, [s["exp_avg"] for s in st],
                        [s["exp_avg_sq"] for s in st],
                        [s.get("max_exp_avg_sq") if self._group_key[gi][6] else None
                         for s, gi in zip(st, plan.group_index)],
                        [s["step"] for s in st], plan.group_index, list(self._group_key),
-                       self.schedule, self._clock)
+                       self.schedule, self._clock, grad_mul, active, scales)
 
 
 class AdamW(Adam):
@@ -133,8 +137,12 @@ class AdamW(Adam):
                  maximize: bool = False, foreach: bool | None = None, capturable: bool = False,
                  differentiable: bool = False, fused: bool | None = None,
                  schedule: Schedule | None = None, backend: str = "auto",
-                 block_size: int = DEFAULT_BLOCK):
+                 block_size: int = DEFAULT_BLOCK, max_grad_norm: float | None = None,
+                 stats: bool = False, nonfinite: str | None = None, history: int = 0,
+                 allora_eta: float | None = None, allora_unit: str = "row"):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
                          foreach=foreach, capturable=capturable, differentiable=differentiable,
                          fused=fused, decoupled_weight_decay=True, schedule=schedule,
-                         backend=backend, block_size=block_size)
+                         backend=backend, block_size=block_size, max_grad_norm=max_grad_norm,
+                         stats=stats, nonfinite=nonfinite, history=history,
+                         allora_eta=allora_eta, allora_unit=allora_unit)

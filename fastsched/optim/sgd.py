@@ -39,12 +39,17 @@ class SGD(FusedOptimizer):
                  weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False,
                  foreach: bool | None = None, differentiable: bool = False,
                  fused: bool | None = None, schedule: Schedule | None = None,
-                 backend: str = "auto", block_size: int = DEFAULT_BLOCK):
+                 backend: str = "auto", block_size: int = DEFAULT_BLOCK,
+                 max_grad_norm: float | None = None, stats: bool = False,
+                 nonfinite: str | None = None, history: int = 0,
+                 allora_eta: float | None = None, allora_unit: str = "row"):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
                         weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
                         foreach=foreach, differentiable=differentiable, fused=fused)
+        defaults.update(allora_eta=allora_eta, allora_unit=allora_unit)
         super().__init__(params, defaults, schedule=schedule, backend=backend,
-                         block_size=block_size)
+                         block_size=block_size, max_grad_norm=max_grad_norm, stats=stats,
+                         nonfinite=nonfinite, history=history)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         self._check_lr(group["lr"])
@@ -73,13 +78,13 @@ class SGD(FusedOptimizer):
     def _state_tensor(self, p, name, group):
         return self.state[p].get(name) if group["momentum"] != 0 else None
 
-    def _run_reference(self, plan) -> None:
+    def _run_reference(self, plan, grad_mul, active, scales):
         st = [self.state[p] for p in plan.params]
-        sgd_reference(plan.params, plan.grads,
+        return sgd_reference(plan.params, plan.grads,
                       [s.get("momentum_buffer") if self._group_key[gi][7] else None
                        for s, gi in zip(st, plan.group_index)],
                       [s["step"] for s in st], plan.group_index, list(self._group_key),
-                      self.schedule, self._clock)
+                      self.schedule, self._clock, grad_mul, active, scales)
 
     def _upgrade_state(self, p, group, st) -> None:
         if "step" not in st:
