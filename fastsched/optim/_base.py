@@ -38,6 +38,18 @@ def _dense(t: torch.Tensor) -> bool:
     return True
 
 
+def _h2d(t: torch.Tensor, device) -> torch.Tensor:
+    """Host table -> device without a host synchronisation (pinned, non-blocking on CUDA).
+
+    A plain ``.to("cuda")`` from pageable memory synchronises the stream, which would break
+    CUDA-graph capture and ``torch.cuda.set_sync_debug_mode("error")``.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def allora_units(p: torch.Tensor, unit: str) -> tuple[int, int, int, int]:
     """(unit length, unit stride, element stride, number of units) of a contiguous tensor.
 
@@ -303,7 +315,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             if struct != self._struct_key:
                 self._plan = None
                 self._struct_key = struct
-            self._groups_dev = torch.tensor(key, dtype=torch.float64).to(device)
+            self._groups_dev = _h2d(torch.tensor(key, dtype=torch.float64), device)
             self._group_key = key
 
     def _refresh_clock(self, device) -> None:
@@ -322,8 +334,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                 "lr": torch.zeros(len(self.param_groups), dtype=torch.float64, device=device),
                 "history": torch.zeros((n_hist, 4), dtype=torch.float64, device=device),
                 "history_pos": torch.zeros(1, dtype=torch.int64, device=device),
-                "cfg": torch.tensor([self.max_grad_norm or 0.0, 0.0], dtype=torch.float64,
-                                    device=device),
+                "cfg": _h2d(torch.tensor([self.max_grad_norm or 0.0, 0.0],
+                                         dtype=torch.float64), device),
             }
         if self._stats_on and self._dev_stats["lr"].numel() != len(self.param_groups):
             self._dev_stats["lr"] = torch.zeros(len(self.param_groups), dtype=torch.float64,
@@ -337,7 +349,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                                        counts)
         first = torch.cumsum(counts, 0) - counts
         local = torch.arange(int(counts.sum())) - torch.repeat_interleave(first, counts)
-        return torch.stack([tidx, local * per], 1).contiguous().to(device)
+        return _h2d(torch.stack([tidx, local * per], 1).contiguous(), device)
 
     def _build_plan(self, params, grads, gidx, ptr_key) -> _Plan:
         device = params[0].device
@@ -373,7 +385,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         if self.backend != "triton":
             return plan
         n = len(params)
-        plan.tensors = torch.tensor(rows, dtype=torch.int64).to(device)
+        plan.tensors = _h2d(torch.tensor(rows, dtype=torch.int64), device)
         plan.scal = torch.zeros((n, 12), dtype=torch.float32, device=device)
         numels = torch.tensor([p.numel() for p in params], dtype=torch.int64)
         # flat blocks of every tensor (statistics pass; update of non-ALLoRA tensors)
@@ -403,7 +415,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         if self._stats_on:
             first = torch.zeros(n + 1, dtype=torch.int64)
             first[1:] = torch.cumsum(flat_counts, 0)
-            plan.first_block = first.to(device)
+            plan.first_block = _h2d(first, device)
             plan.partials = torch.zeros((max(int(first[-1]), 1), 4), dtype=torch.float32,
                                         device=device)
             plan.tstat = torch.zeros((n, 4), dtype=torch.float64, device=device)
@@ -440,7 +452,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             gcol = [g.data_ptr() for g in plan.grads]
             for r, a in zip(plan.host_rows, gcol):
                 r[1] = a
-            plan.tensors[:, 1].copy_(torch.tensor(gcol, dtype=torch.int64))
+            gdev = _h2d(torch.tensor(gcol, dtype=torch.int64), plan.tensors.device)
+            plan.tensors[:, 1].copy_(gdev)
             for b in plan.buckets:
                 if not b.units:
                     b.aligned = all(a % 16 == 0 for r in plan.host_rows[b.lo:b.hi]
