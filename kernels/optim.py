@@ -172,8 +172,10 @@ def _finalize_kernel(tensors_ptr, groups_ptr, scal_ptr, sched_ptr, n_seg, clock_
             tl.store(out + 2, tl.where(decoupled != 0.0, 1.0 - lr * wd, 1.0).to(tl.float32),
                      mask=m)
             tl.store(out + 3, tl.where(decoupled != 0.0, 0.0, wd).to(tl.float32), mask=m)
-            tl.store(out + 4, c1.to(tl.float32), mask=m)
-            tl.store(out + 5, c2.to(tl.float32), mask=m)
+            # 1 - beta in float64, rounded once: fp32 1 - fp32(0.999) is 1.3e-5 off, a bias on v
+            # that grew to 4e-4 relative error against torch.optim.Adam after 50 steps
+            tl.store(out + 4, (1.0 - c1).to(tl.float32), mask=m)
+            tl.store(out + 5, (1.0 - c2).to(tl.float32), mask=m)
             tl.store(out + 6, eps.to(tl.float32), mask=m)
             tl.store(out + 11, bc1.to(tl.float32), mask=m)
         else:
@@ -262,8 +264,8 @@ def _apply(tensors_ptr, scal_ptr, ustat_ptr, tidx, offs, mask, g_scale, KIND: tl
         bc2_sqrt = tl.load(sc + 1)
         decay_mul = tl.load(sc + 2)
         l2_wd = tl.load(sc + 3)
-        beta1 = tl.load(sc + 4)
-        beta2 = tl.load(sc + 5)
+        omb1 = tl.load(sc + 4)  # 1 - beta1
+        omb2 = tl.load(sc + 5)  # 1 - beta2
         eps = tl.load(sc + 6)
         m_ptr = _ptr(tensors_ptr, tidx, 2, DTYPE, ALIGNED)
         v_ptr = _ptr(tensors_ptr, tidx, 3, DTYPE, ALIGNED)
@@ -271,8 +273,8 @@ def _apply(tensors_ptr, scal_ptr, ustat_ptr, tidx, offs, mask, g_scale, KIND: tl
         v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         p = p * decay_mul  # AdamW: p * (1 - lr * wd); Adam: 1
         g = g + l2_wd * p  # Adam: L2 penalty in the gradient; AdamW: 0
-        m = m + (1.0 - beta1) * (g - m)  # torch lerp_(g, 1 - beta1)
-        v = beta2 * v + (1.0 - beta2) * g * g
+        m = m + omb1 * (g - m)  # torch lerp_(g, 1 - beta1)
+        v = (1.0 - omb2) * v + omb2 * g * g
         vv = v
         if FLAG:  # amsgrad for the groups that have a max_exp_avg_sq (address != 0)
             vmax_addr = tl.load(tensors_ptr + tidx * _TC + 4)
