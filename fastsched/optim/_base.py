@@ -4,6 +4,7 @@ gradient statistics, global-norm clipping, the non-finite guard, GradScaler supp
 from __future__ import annotations
 
 import math
+import operator
 import os
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -149,6 +150,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             "skip" if self._stats_on else "ignore")
         self._history_len = history
         self._plan: _Plan | None = None
+        self._last_seen: tuple | None = None
+        self._copied_grads = False
         self._group_key: tuple | None = None
         self._struct_key: tuple | None = None
         self._groups_dev: torch.Tensor | None = None
@@ -268,6 +271,7 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     # -- per-step preparation -----------------------------------------------------------------
     def _collect(self):
+        self._copied_grads = False
         params, grads, gidx = [], [], []
         for gi, group in enumerate(self.param_groups):
             for p in group["params"]:
@@ -287,6 +291,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                     # the kernel walks p, g and the states as one flat array each: a gradient
                     # laid out differently costs one copy (read + write of g) this step
                     g = torch.empty_like(p).copy_(g)
+                    self._copied_grads = True
                 params.append(p)
                 grads.append(g)
                 gidx.append(gi)
@@ -434,6 +439,21 @@ class FusedOptimizer(torch.optim.Optimizer):
         return plan
 
     def _prepare(self) -> _Plan | None:
+        # fast path, the common case: the same gradient tensors as last step (grads zeroed in
+        # place, or static grads under CUDA graphs) and parameters still at the same addresses
+        # (``p.data = ...`` moves them). 2000 tensors: ~0.3 ms of host time instead of ~16 ms.
+        flat = [p for g in self.param_groups for p in g["params"]]
+        cur_grads = [p.grad for p in flat]
+        cur_ptrs = [p.data_ptr() for p in flat]
+        last = self._last_seen
+        if (self._plan is not None and last is not None and cur_ptrs == last[1]
+                and len(cur_grads) == len(last[0]) and all(map(operator.is_, cur_grads, last[0]))):
+            return self._plan
+        plan = self._prepare_slow()
+        self._last_seen = None if self._copied_grads else (cur_grads, cur_ptrs)
+        return plan
+
+    def _prepare_slow(self) -> _Plan | None:
         params, grads, gidx = self._collect()
         if not params:
             return None
