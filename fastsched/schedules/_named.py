@@ -203,6 +203,10 @@ class CosineRestarts(Schedule):
         check_float("t_mult", self.t_mult, lo=1)
         check_float("min_ratio", self.min_ratio, lo=0, hi=1)
         check_float("decay", self.decay, lo=0, lo_open=True, hi=1)
+        last_peak = self.decay ** (self.cycles - 1)
+        if last_peak < self.min_ratio:  # a cycle would rise from its peak to the floor
+            raise ValueError(f"min_ratio must be <= the last cycle's peak decay ** (cycles - 1) "
+                             f"= {last_peak:g}, got {self.min_ratio!r}")
         check_steps("warmup_steps", self.warmup_steps)
         check_float("warmup_start_factor", self.warmup_start_factor, lo=0)
 
@@ -435,15 +439,25 @@ class OneCycle(Schedule):
 class WSD(Schedule):
     """Warmup-Stable-Decay (MiniCPM, arXiv 2404.06395; Hägele et al., arXiv 2405.18392).
 
-    Warmup to 1 over ``warmup_steps`` (``warmup_shape`` linear | cosine | 1-sqrt), hold 1 for the
-    stable phase, then decay to ``min_ratio`` over the decay phase and hold it. Give either
-    ``total_steps`` and one of ``decay_steps`` / ``decay_fraction`` (fraction of ``total_steps``;
-    default 0.1 as in OLMo-core, epfml and MiniCPM practice), or ``stable_steps`` and
-    ``decay_steps``. Decay shapes (``p`` = progress through the decay, every shape ``* (1 - r) +
-    r``): ``linear`` 1 - p; ``cosine`` 0.5 (1 + cos(pi p)); ``1-sqrt`` 1 - sqrt(p) (the cooldown
-    Hägele et al. found best, the default); ``square`` 1 - p^2; ``power`` 1 - p^decay_power
-    (timm); ``exp`` r^p (epfml, needs r > 0); ``exp-half-life`` 0.5^(x / half_life) (MiniCPM).
-    Matches HF ``get_wsd_schedule`` for the shapes it has.
+    Warmup from ``warmup_start_factor`` to 1 over ``warmup_steps`` (``warmup_shape`` linear |
+    cosine ``0.5 (1 - cos(pi p))`` | 1-sqrt ``1 - sqrt(1 - p)``), hold 1 for the stable phase,
+    then decay over the decay phase and hold the value the decay ends at. Give either
+    ``total_steps`` and one of ``decay_steps`` / ``decay_fraction`` (``round(fraction *
+    total_steps)`` steps; default 0.1 as in OLMo-core, epfml and MiniCPM practice), or
+    ``stable_steps`` and ``decay_steps``. Decay shapes, ``p`` = progress through the decay,
+    ``x`` = steps into it, ``r = min_ratio``:
+
+    * ``linear`` ``r + (1 - r)(1 - p)``; ``cosine`` ``r + (1 - r) 0.5 (1 + cos(pi p))``;
+      ``1-sqrt`` ``r + (1 - r)(1 - sqrt(p))`` (the cooldown Hägele et al. found best, the
+      default); ``square`` ``r + (1 - r)(1 - p^2)``; ``power`` ``r + (1 - r)(1 - p^decay_power)``
+      (timm). These end at ``r``.
+    * ``exp`` ``r^p`` (epfml; geometric, needs ``r > 0``), ends at ``r``.
+    * ``exp-half-life`` ``r + (1 - r) 0.5^(x / half_life)`` (MiniCPM); it ends, and then holds,
+      at ``r + (1 - r) 0.5^(decay_steps / half_life)``, not at ``r``.
+
+    Matches HF ``get_wsd_schedule`` for the shapes it has when ``warmup_start_factor =
+    min_ratio`` (HF's warmup rises from ``min_lr_ratio``), and epfml's ``wsd_schedule`` with
+    ``warmup_start_factor = 1 / init_div_factor``.
     """
 
     warmup_steps: int = 0
@@ -512,9 +526,12 @@ class WSD(Schedule):
 class REX(Schedule):
     """REX (Chen, Wolfe & Kyrillidis, MLSys 2022, arXiv 2107.04197).
 
-    ``f = r + (1 - r) * (1 - p) / (1 - alpha * p)``, ``p = (t - W) / (T - W)``. The paper's
-    profile is ``alpha = 1/2``; ``alpha = 1 - beta`` is init2winit's generalised coefficient
-    (``alpha = 0.1`` is the ``REX_LR`` code's steeper curve); ``alpha = 0`` is linear decay.
+    ``f = r + (1 - r) * (1 - p) / (1 - alpha * p)``, ``p = (t - W) / (T - W)``, then ``r``. The
+    paper's profile ``(1 - z) / (1/2 + (1/2)(1 - z))`` is ``alpha = 1/2`` (also pytorch_optimizer's
+    ``REXScheduler``, with ``r = min_lr / max_lr``). ``alpha = 1 - beta`` is init2winit's
+    generalised coefficient (its default ``beta = 0.9`` is ``alpha = 0.1``); ``alpha = 0.9`` is
+    the ``REX_LR`` code's ``z / (0.1 + 0.9 z)``, which stays high longer and drops more steeply
+    at the end; ``alpha = 0`` is linear decay.
     """
 
     total_steps: int
@@ -548,7 +565,9 @@ class Power(Schedule):
     ``lr_max`` and this schedule returns ``eta / lr_max``. Linear warmup to ``eta(W)`` over
     ``warmup_steps`` (as dolomite-engine's ``PowerScheduler``); if ``decay_steps > 0`` the last
     ``decay_steps`` of ``total_steps`` decay from ``eta(T - D)`` to ``min_ratio * eta(T - D)`` with
-    any WSD decay shape (default ``linear``, as the reference implementation). Defaults: the fitted
+    any :class:`WSD` decay shape (default ``linear``, as the reference implementation; shape
+    parameters ``decay_power`` and ``half_life`` as in WSD). Without ``decay_steps`` the power law
+    runs for ever (``total_steps`` then only bounds the warmup). Defaults: the fitted
     ``a = 4.6, b = -0.51`` and ``lr_max = 0.02`` of the paper (IBM's dolomite configs use
     ``a = 4`` per sequence).
     """
@@ -640,8 +659,10 @@ class Infinite(Schedule):
         check_choice("cooldown_shape", self.cooldown_shape, ("cosine", "inv-sqrt"))
         check_float("alpha", self.alpha, lo=0, lo_open=True)
         check_steps("anneal_steps", self.anneal_steps)
-        check_float("min_ratio", self.min_ratio, lo=0, lo_open=True, hi=self.const_ratio)
+        check_float("min_ratio", self.min_ratio, lo=0, lo_open=True, hi=1)
         if self.anneal_start is not None:
+            # the anneal goes down from const_ratio (only checked when there is an anneal)
+            check_float("min_ratio", self.min_ratio, lo=0, lo_open=True, hi=self.const_ratio)
             start = check_steps("anneal_start", self.anneal_start)
             if start < self.warmup_steps + self.cooldown_steps:
                 raise ValueError("anneal_start must be >= warmup_steps + cooldown_steps "
@@ -677,7 +698,9 @@ class Rewarm(Schedule):
     A sequence of cycles; cycle ``i`` lasts ``cycle_steps[i]`` steps: a linear re-warmup over
     ``warmup_steps[i]`` from ``start_factor`` (``None``: from where the previous cycle ended, 0
     for the first) to ``peaks[i]``, then a decay to ``min_ratio * peaks[i]`` with ``decay_shape``
-    (default cosine; Gupta et al. decay to 0.1 of the peak). Holds the last value afterwards.
+    (default cosine; Gupta et al. decay to 0.1 of the peak; any :class:`WSD` decay shape, with
+    ``decay_power`` and ``half_life`` as there). ``start_factor``, ``peaks`` and the result are
+    multipliers of the optimizer's base learning rate. Holds the last value afterwards.
     """
 
     cycle_steps: tuple[int, ...]
