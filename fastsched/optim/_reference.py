@@ -72,10 +72,6 @@ def allora_scales(p: torch.Tensor, unit: str, eta: float) -> torch.Tensor:
     return (1.0 / torch.sqrt(n + inv)).expand_as(v).reshape(p.shape)
 
 
-def _schedule_lr(schedule: Schedule, clock: torch.Tensor, lr: float) -> torch.Tensor:
-    return schedule.evaluate(clock.reshape(1))[0] * lr
-
-
 def adam_reference(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, group_index,
                    groups: list[GroupHyper], schedule: Schedule, clock: torch.Tensor,
                    grad_mul: torch.Tensor | None = None,
@@ -93,9 +89,10 @@ def adam_reference(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
     act = torch.ones((), dtype=torch.bool, device=clock.device) if active is None else active
     inc = act.to(torch.float64)
     ustat = []
+    factor = schedule.evaluate(clock.reshape(1))[0]
     for i, p in enumerate(params):
         lr0, b1, b2, eps, wd, maximize, _, decoupled = groups[group_index[i]][:8]
-        lr = _schedule_lr(schedule, clock, lr0)
+        lr = factor * lr0
         new_step = steps[i].to(torch.float64) + inc
         bc1 = 1.0 - torch.pow(torch.tensor(b1, dtype=torch.float64), new_step)
         bc2 = 1.0 - torch.pow(torch.tensor(b2, dtype=torch.float64), new_step)
@@ -148,9 +145,10 @@ def sgd_reference(params, grads, momentum_buffers, steps, group_index, groups: l
     act = torch.ones((), dtype=torch.bool, device=clock.device) if active is None else active
     inc = act.to(torch.float64)
     ustat = []
+    factor = schedule.evaluate(clock.reshape(1))[0]
     for i, p in enumerate(params):
         lr0, momentum, dampening, _, wd, maximize, nesterov, _ = groups[group_index[i]][:8]
-        lr = _schedule_lr(schedule, clock, lr0).to(torch.float32)
+        lr = (factor * lr0).to(torch.float32)
         sign = -1.0 if maximize else 1.0
         p32 = p.to(torch.float32)
         d = grads[i].to(torch.float32) * (sign * gm).to(torch.float32)
