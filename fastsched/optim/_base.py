@@ -153,6 +153,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._last_seen: tuple | None = None
         self._copied_grads = False
         self._group_key: tuple | None = None
+        self._allora_key: tuple | None = None
         self._struct_key: tuple | None = None
         self._groups_dev: torch.Tensor | None = None
         self._clock: torch.Tensor | None = None
@@ -312,7 +313,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         # step); the device table is rewritten only when a value changed, and the tensor tables
         # are rebuilt only when the set of state tensors or the ALLoRA units change
         key = tuple(self._full_hyper(g) for g in self.param_groups)
-        if key != self._group_key or self._groups_dev is None:
+        # the table holds 1/eta^2 only: eta = -1 would pass for 1, and the unit not at all
+        allora = tuple((g.get("allora_eta"), g.get("allora_unit")) for g in self.param_groups)
+        if key != self._group_key or allora != self._allora_key or self._groups_dev is None:
             for g in self.param_groups:
                 self._validate_group(g)
                 self._validate_allora(g)
@@ -322,6 +325,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 self._struct_key = struct
             self._groups_dev = _h2d(torch.tensor(key, dtype=torch.float64), device)
             self._group_key = key
+            self._allora_key = allora
 
     def _refresh_clock(self, device) -> None:
         if self._clock is None or self._clock.device != device:
@@ -535,6 +539,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         if grad_scale is not None:
             gs = grad_scale.reshape(-1)
             fi = (found_inf if found_inf is not None else torch.zeros_like(gs)).reshape(-1)
+        elif found_inf is not None:
+            # after an explicit scaler.unscale_(opt), GradScaler.step sets grad_scale = None but
+            # found_inf still decides the skip
+            fi = found_inf.reshape(-1)
+            gs = torch.ones_like(fi)
         launch_finalize(
             plan.tensors, self._groups_dev, plan.scal, self._sched_dev, self._clock,
             len(plan.params), self._kind,
@@ -558,7 +567,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         from ._reference import allora_scales, grad_statistics
 
         gm = active = None
-        if self._stats_on or grad_scale is not None:
+        if self._stats_on or grad_scale is not None or found_inf is not None:
             gm, active, out = grad_statistics(
                 plan.grads, max_grad_norm=self.max_grad_norm,
                 guard=self.nonfinite != "ignore" and self._stats_on, grad_scale=grad_scale,
