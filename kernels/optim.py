@@ -62,7 +62,7 @@ _SC: tl.constexpr = 12
 
 @triton.jit
 def _grad_stats_kernel(tensors_ptr, blocks_ptr, part_ptr, DTYPE: tl.constexpr,
-                       BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
+                       BLOCK: tl.constexpr, ALIGNED: tl.constexpr, MASK_BAD: tl.constexpr):
     pid = tl.program_id(0)
     tidx = tl.load(blocks_ptr + 2 * pid)
     start = tl.multiple_of(tl.load(blocks_ptr + 2 * pid + 1), BLOCK)
@@ -73,7 +73,9 @@ def _grad_stats_kernel(tensors_ptr, blocks_ptr, part_ptr, DTYPE: tl.constexpr,
         g_ptr = tl.multiple_of(g_ptr, 16)
     g = tl.load(g_ptr + offs, mask=offs < numel, other=0.0).to(tl.float32)
     bad = (g != g) | (tl.abs(g) == float("inf"))
-    ok = tl.where(bad, 0.0, g)
+    ok = g  # nonfinite="ignore": the norms are non-finite, as clip_grad_norm_'s
+    if MASK_BAD:  # guard on: non-finite elements are counted and left out of the norms
+        ok = tl.where(bad, 0.0, g)
     tl.store(part_ptr + pid * 4 + 0, tl.sum(ok * ok, 0))
     tl.store(part_ptr + pid * 4 + 1, tl.sum(tl.abs(ok), 0))
     tl.store(part_ptr + pid * 4 + 2, tl.sum(bad.to(tl.float32), 0))
@@ -135,7 +137,9 @@ def _finalize_kernel(tensors_ptr, groups_ptr, scal_ptr, sched_ptr, n_seg, clock_
             # torch.nn.utils.clip_grad_norm_: max_norm / (norm + 1e-6), clamped at 1, applied
             # by multiplication even when it is 1 (no branch on a device value)
             max_norm = tl.load(cfg_ptr + one)
-            grad_mul = tl.minimum(max_norm / (gnorm + 1e-6), 1.0)
+            # (a nan norm gives a nan coefficient, as torch.clamp; tl.minimum may drop nan)
+            coef = max_norm / (gnorm + 1e-6)
+            grad_mul = tl.where(coef > 1.0, 1.0, coef)
         if GUARD:
             active = tl.where(nonfinite > 0.0, 0.0, 1.0)
     if SCALER:
@@ -376,11 +380,12 @@ def _units_update_kernel(tensors_ptr, blocks_ptr, scal_ptr, ustat_ptr, KIND: tl.
 # -- launchers ----------------------------------------------------------------------------------
 
 def launch_grad_stats(tensors, blocks, part, n_blocks: int, dtype, block: int,
-                      aligned: bool) -> None:
-    """Statistics pass over the gradients of one dtype bucket (``part``: its rows of partials)."""
+                      aligned: bool, mask_bad: bool = True) -> None:
+    """Statistics pass over the gradients of one dtype bucket (``part``: its rows of partials);
+    ``mask_bad``: leave non-finite elements out of the sums (they are counted either way)."""
     if n_blocks:
         _grad_stats_kernel[(n_blocks,)](tensors, blocks, part, DTYPE=dtype, BLOCK=block,
-                                        ALIGNED=aligned)
+                                        ALIGNED=aligned, MASK_BAD=mask_bad)
 
 
 def launch_reduce(first, part, tstat, n_tensors: int, block_r: int = 256) -> None:

@@ -47,7 +47,7 @@ def _state_snapshot(opt, params):
     out = []
     for p in params:
         out.append(p.detach().clone())
-        for k, v in sorted(opt.state[p].items()):
+        for _name, v in sorted(opt.state[p].items()):
             if isinstance(v, torch.Tensor):
                 out.append(v.clone())
     out.append(opt.clock.clone())
@@ -380,28 +380,46 @@ def test_nonfinite_raise(backend, kernel_device):
     assert opt.clock.item() == 2
 
 
-@pytest.mark.parametrize("stats", [False, True], ids=["nostats", "stats"])
-def test_nonfinite_ignore_propagates_like_torch(backend, kernel_device, stats):
+IGNORE_CASES = [  # (stats, max_grad_norm, bad value)
+    (False, None, float("nan")),
+    (True, None, float("inf")),
+    (True, 1.0, float("nan")),  # clip_grad_norm_: norm nan, every gradient nan
+    (True, 1.0, float("inf")),  # norm inf, coefficient 0: inf * 0 = nan, the rest 0
+]
+
+
+@pytest.mark.parametrize("stats,clip,bad", IGNORE_CASES,
+                         ids=["nostats-nan", "stats-inf", "clip-nan", "clip-inf"])
+def test_nonfinite_ignore_propagates_like_torch(backend, kernel_device, stats, clip, bad):
     params = _leaves(GUARD_SHAPES, 0, kernel_device)
     tparams = [p.detach().clone().requires_grad_() for p in params]
     opt = fastsched.AdamW(params, lr=0.05, backend=backend, block_size=BLOCK,
-                          nonfinite="ignore", stats=stats)
+                          nonfinite="ignore", stats=stats, max_grad_norm=clip)
     topt = torch.optim.AdamW(tparams, lr=0.05)
     for k in range(2):
         for i, (p, t) in enumerate(zip(params, tparams)):
             g = _randn(p.shape, 500 + 5 * k + i, kernel_device)
             if k == 1 and i == 0:
-                g[2, 3] = float("nan")
+                g[2, 3] = bad
             p.grad, t.grad = g.clone(), g.clone()
+        if clip is not None:
+            norm = torch.nn.utils.clip_grad_norm_(tparams, clip)
         opt.step()
         topt.step()
-    assert torch.isnan(params[0][2, 3]) and torch.isnan(opt.state[params[0]]["exp_avg"][2, 3])
+    assert torch.isnan(params[0][2, 3])
+    assert not torch.isfinite(opt.state[params[0]]["exp_avg"][2, 3])
     for p, t in zip(params, tparams):
         torch.testing.assert_close(p, t, rtol=RTOL, atol=0, equal_nan=True)
+        for name in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(opt.state[p][name], topt.state[t][name], rtol=RTOL,
+                                       atol=0, equal_nan=True)
     assert opt.clock.item() == 2
     if stats:
         sd = opt.stats_dict()
         assert not sd["skipped"] and sd["skip_count"] == 0 and sd["nonfinite"] == 1
+        if clip is not None:  # the norm is torch's: non-finite
+            assert math.isnan(sd["grad_norm"]) == math.isnan(float(norm))
+            assert sd["grad_norm"] == float(norm) or math.isnan(sd["grad_norm"])
 
 
 # -- GradScaler ---------------------------------------------------------------------------------
@@ -559,7 +577,7 @@ def test_statistics_off_raise_clear_errors():
     p.grad = torch.ones_like(p)
     opt.step()
     with pytest.raises(RuntimeError, match="statistics are off.*stats=True"):
-        opt.stats
+        _ = opt.stats
     with pytest.raises(RuntimeError, match="statistics are off"):
         opt.stats_dict()
     with pytest.raises(RuntimeError, match="history=N"):

@@ -533,7 +533,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         if self._stats_on:
             for b in plan.stat_buckets:
                 launch_grad_stats(plan.tensors, b.blocks, plan.partials[b.block_offset:],
-                                  b.n_blocks, tl_dtypes[b.dtype], self._block, b.aligned)
+                                  b.n_blocks, tl_dtypes[b.dtype], self._block, b.aligned,
+                                  self.nonfinite != "ignore")
             launch_reduce(plan.first_block, plan.partials, plan.tstat, len(plan.params))
         gs = fi = None
         if grad_scale is not None:

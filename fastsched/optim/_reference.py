@@ -24,7 +24,8 @@ def grad_statistics(grads, *, max_grad_norm: float | None, guard: bool,
 
     As ``torch.nn.utils.clip_grad_norm_``: ``coef = min(max_norm / (norm + 1e-6), 1)`` with the
     L2 norm of all gradients (unscaled by ``1 / grad_scale`` first); non-finite elements are
-    counted and left out of the norms. Returns ``(grad_mul, active, stats)``: the multiplier of
+    counted, and left out of the norms when ``guard`` is on (else the norms and the coefficient
+    are non-finite, as torch's). Returns ``(grad_mul, active, stats)``: the multiplier of
     every gradient (coefficient / grad scale), a 0-d bool (False: skip the step) and a dict of
     0-d / per-tensor float64 tensors.
     """
@@ -35,7 +36,7 @@ def grad_statistics(grads, *, max_grad_norm: float | None, guard: bool,
     for g in grads:
         g32 = g.to(torch.float64)
         bad = ~torch.isfinite(g32)
-        ok = torch.where(bad, 0.0, g32)
+        ok = torch.where(bad, 0.0, g32) if guard else g32
         sq.append((ok * ok).sum())
         ab.append(ok.abs().sum())
         nf.append(bad.sum().to(torch.float64))
