@@ -17,9 +17,10 @@ def plot(schedules: Schedule | Sequence[Schedule] | Mapping[str, Schedule], path
          mark_phases: bool = True, base_lr: float = 1.0, logy: bool = False) -> str:
     """Plot one or several schedules on one figure and write a PNG to ``path``.
 
-    ``schedules`` is a schedule, a list, or a ``{label: schedule}`` mapping. ``steps`` is the
-    x range (default: 10% past the longest bounded schedule, or 1000). Phase boundaries are drawn
-    as dotted vertical lines in each curve's colour. Returns ``path``.
+    ``schedules`` is a schedule, a list, or a ``{label: schedule}`` mapping (a schedule's label is
+    otherwise its repr). ``steps`` is the x range (default: 10% past the longest bounded
+    schedule, or 1000). Phase boundaries are drawn as dotted vertical lines in each curve's
+    colour. ``base_lr`` multiplies every curve; ``logy`` uses a log scale. Returns ``path``.
     """
     import matplotlib
 
@@ -31,7 +32,7 @@ def plot(schedules: Schedule | Sequence[Schedule] | Mapping[str, Schedule], path
     elif isinstance(schedules, Mapping):
         items = list(schedules.items())
     else:
-        items = [(type(s).__name__, s) for s in schedules]
+        items = [(repr(s), s) for s in schedules]
     if not items:
         raise ValueError("schedules must name at least one schedule")
     for label, s in items:
