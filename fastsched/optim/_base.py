@@ -381,8 +381,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         params = [params[i] for i in order]
         grads = [grads[i] for i in order]
         gidx = [gidx[i] for i in order]
+        classes = [uclass(i) for i in order]  # before unit_info is reordered: uclass reads it
         unit_info = [unit_info[i] for i in order]
-        classes = [uclass(i) for i in order]
         rows = []
         for p, g, gi, ui in zip(params, grads, gidx, unit_info):
             st = [self._state_tensor(p, n, self.param_groups[gi]) for n in self._state_names]

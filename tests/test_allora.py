@@ -1,0 +1,158 @@
+"""ALLoRA units: the fused step equals torch.optim applied to gradients pre-scaled per unit by
+1 / sqrt(||theta_unit||^2 + 1/eta^2), the norms taken from the parameters before the step.
+
+Several LoRA-like groups (A: r x in, B: out x r starting at 0) share one optimizer with a plain
+group; unit lengths above 256 (several chunks per unit in the kernel) and below 16 (many units
+per program), 3-D, 1-D, 0-d and empty tensors are all present. Adam runs with eps = 1e-2 so that
+the size of the scaled gradient shows in the update (with eps ~ 0, Adam would hide a wrong but
+slowly varying scale).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from optim_oracle import allora_scale64, rel_err
+
+import fastsched
+from fastsched.optim._base import _UNIT_CLASSES
+
+BLOCK = 256
+RTOL = 1e-5
+
+SHAPES = {"A1": (4, 300), "B1": (300, 4), "C1": (6, 5, 3),  # rows / columns of 300 and 4
+          "A2": (4, 40), "B2": (40, 4), "bias": (37,), "scalar": (), "empty": (0, 5),
+          "W": (10, 10), "b": (10,)}
+ZERO_INIT = {"B1", "B2"}
+#: (names, allora_eta, lr); None: a plain group
+GROUPS = [(["A1", "B1", "C1"], 0.5, 1e-2),
+          (["A2", "B2", "bias", "scalar", "empty"], 2.0, 3e-2),
+          (["W", "b"], None, 1e-2)]
+KW = {"adamw": dict(betas=(0.9, 0.95), eps=1e-2, weight_decay=0.1),
+      "sgd": dict(momentum=0.9, weight_decay=1e-3)}
+
+
+@pytest.fixture(params=["reference", "triton"])
+def backend(request):
+    return request.param
+
+
+def _build(kind, backend, device, unit, **opt_kw):
+    gen = torch.Generator().manual_seed(0)
+    params = {}
+    for n, s in SHAPES.items():
+        x = torch.zeros(s) if n in ZERO_INIT else torch.randn(s, generator=gen) * 0.5
+        params[n] = x.to(device).requires_grad_()
+    tparams = {n: p.detach().clone().requires_grad_() for n, p in params.items()}
+    groups, tgroups = [], []
+    for names, eta, lr in GROUPS:
+        g = {"params": [params[n] for n in names], "lr": lr}
+        if eta is not None:
+            g.update(allora_eta=eta, allora_unit=unit)
+        groups.append(g)
+        tgroups.append({"params": [tparams[n] for n in names], "lr": lr})
+    cls, tcls = ((fastsched.AdamW, torch.optim.AdamW) if kind == "adamw"
+                 else (fastsched.SGD, torch.optim.SGD))
+    opt = cls(groups, backend=backend, block_size=BLOCK, **KW[kind], **opt_kw)
+    topt = tcls(tgroups, **KW[kind])
+    return params, tparams, opt, topt
+
+
+def _step_both(params, tparams, opt, topt, k, clip=None):
+    """One step of both; the torch side clips (raw gradients), then scales each ALLoRA unit as
+    the fastsched groups say now, from the parameters before the step."""
+    gen = torch.Generator().manual_seed(1000 + k)
+    for n, p in params.items():
+        g = torch.randn(p.shape, generator=gen).to(p.device) * (3.0 if k % 2 else 0.3)
+        p.grad = g.clone()
+        tparams[n].grad = g.clone()
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_(list(tparams.values()), clip)
+    for group, tgroup in zip(opt.param_groups, topt.param_groups):
+        if group["allora_eta"] is None:
+            continue
+        for t in tgroup["params"]:
+            s = allora_scale64(t, group["allora_unit"], group["allora_eta"])
+            t.grad.mul_(s.to(t.dtype))
+    opt.step()
+    topt.step()
+
+
+def _assert_match(params, tparams, opt, topt):
+    worst = 0.0
+    for n, p in params.items():
+        t = tparams[n]
+        worst = max(worst, rel_err(p, t))
+        assert rel_err(p, t) <= RTOL, n
+        for name, v in topt.state[t].items():
+            if isinstance(v, torch.Tensor) and v.dim():
+                assert rel_err(opt.state[p][name], v) <= RTOL, (n, name)
+    return worst
+
+
+@pytest.mark.parametrize("kind", ["adamw", "sgd"])
+@pytest.mark.parametrize("unit", ["row", "column", "tensor"])
+def test_allora_equals_torch_on_prescaled_gradients(backend, kernel_device, unit, kind):
+    params, tparams, opt, topt = _build(kind, backend, kernel_device, unit)
+    for k in range(5):
+        _step_both(params, tparams, opt, topt, k)
+        _assert_match(params, tparams, opt, topt)
+    # the B factors left the origin and the scales now differ between units
+    assert params["B1"].abs().min() > 0 and params["B2"].abs().min() > 0
+    if backend == "triton":
+        _assert_tile_classes(opt)
+
+
+def _assert_tile_classes(opt):
+    """Each ALLoRA tensor sits in the launch of its unit-length class (short rows: many units
+    per program; long: one 256-wide chunk loop per unit)."""
+    plan = opt._plan
+    seen = 0
+    for b in plan.buckets:
+        if not b.units:
+            continue
+        k = next(i for i, (_, nu, ch) in enumerate(_UNIT_CLASSES)
+                 if (nu, ch) == (b.units, b.chunk))
+        lo = 0 if k == 0 else _UNIT_CLASSES[k - 1][0]
+        hi = _UNIT_CLASSES[k][0]
+        for row in plan.host_rows[b.lo:b.hi]:
+            ulen = row[8]
+            assert (ulen == 0 or ulen > lo) and (hi is None or ulen <= hi), (ulen, b)
+            seen += 1
+    assert seen == 8
+
+
+@pytest.mark.parametrize("kind", ["adamw", "sgd"])
+def test_allora_after_clipping(backend, kernel_device, kind):
+    """Clipping first, on the raw gradients of every group; then the ALLoRA scaling. The
+    statistics report the raw gradients."""
+    params, tparams, opt, topt = _build(kind, backend, kernel_device, "row", max_grad_norm=2.0,
+                                        stats=True)
+    for k in range(5):
+        _step_both(params, tparams, opt, topt, k, clip=2.0)
+        raw = torch.cat([p.grad.detach().double().reshape(-1) for p in params.values()])
+        sd = opt.stats_dict()
+        assert sd["grad_norm"] == pytest.approx(float(raw.norm()), rel=1e-6)
+        assert (sd["clip_coef"] < 1.0) == (float(raw.norm()) > 2.0)
+        _assert_match(params, tparams, opt, topt)
+
+
+def test_allora_settings_change_between_steps(backend, kernel_device):
+    params, tparams, opt, topt = _build("sgd", backend, kernel_device, "row")
+    changes = {
+        2: lambda g: (g[0].update(allora_eta=3.0), g[1].update(allora_unit="column")),
+        3: lambda g: g[2].update(allora_eta=0.25, allora_unit="tensor"),  # plain -> ALLoRA
+        4: lambda g: g[0].update(allora_eta=None),  # ALLoRA -> plain
+    }
+    for k in range(6):
+        if k in changes:
+            changes[k](opt.param_groups)
+        _step_both(params, tparams, opt, topt, k)
+        _assert_match(params, tparams, opt, topt)
+
+
+def test_allora_needs_contiguous_parameters():
+    p = torch.randn(5, 4).t().requires_grad_()  # dense, not contiguous
+    fastsched.AdamW([p])  # fine without ALLoRA
+    with pytest.raises(ValueError, match="contiguous"):
+        fastsched.AdamW([p], allora_eta=1.0)
