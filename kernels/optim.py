@@ -104,8 +104,8 @@ def _reduce_kernel(first_ptr, part_ptr, tstat_ptr, BLOCK_R: tl.constexpr):
 
 @triton.jit
 def _finalize_kernel(tensors_ptr, groups_ptr, scal_ptr, sched_ptr, n_seg, clock_ptr, n_tensors,
-                     cfg_ptr, tstat_ptr, ustat_ptr, gstat_ptr, lr_out_ptr, hist_ptr, hist_pos_ptr,
-                     hist_len, grad_scale_ptr, found_inf_ptr,
+                     cfg_ptr, tstat_ptr, ustat_ptr, gstat_ptr, lr_out_ptr, n_groups, hist_ptr,
+                     hist_pos_ptr, hist_len, grad_scale_ptr, found_inf_ptr,
                      KIND: tl.constexpr, STATS: tl.constexpr, CLIP: tl.constexpr,
                      GUARD: tl.constexpr, SCALER: tl.constexpr, HISTORY: tl.constexpr,
                      BLOCK_T: tl.constexpr, SEG_BLOCK: tl.constexpr):
@@ -197,10 +197,14 @@ def _finalize_kernel(tensors_ptr, groups_ptr, scal_ptr, sched_ptr, n_seg, clock_
         tl.store(out + 9, lr.to(tl.float32), mask=m)
         tl.store(out + 10, inv_eta2.to(tl.float32), mask=m)
         tl.store(step_ptr, new_step.to(tl.float32), mask=m)
-        if STATS:
-            tl.store(lr_out_ptr + grp, lr, mask=m)
     tl.store(clock_ptr + one, clock + active.to(tl.int64))
     if STATS:
+        # every group's lr, also of groups without a gradient this step
+        for g0 in range(0, n_groups, BLOCK_T):
+            gi = g0 + tl.arange(0, BLOCK_T)
+            gm = gi < n_groups
+            tl.store(lr_out_ptr + gi, tl.load(groups_ptr + gi * _GC, mask=gm, other=0.0) * factor,
+                     mask=gm)
         lr0 = tl.load(groups_ptr + one * _GC) * factor
         skipped = 1.0 - active
         tl.store(gstat_ptr + 0 + one, gnorm)
@@ -406,7 +410,7 @@ def launch_finalize(tensors, groups, scal, sched_table, clock, n_tensors: int, k
     _finalize_kernel[(1,)](
         tensors, groups, scal, sched_table, sched_table.shape[0], clock, n_tensors, cfg,
         tstat if stats else dummy, ustat if stats else dummy, gstat if stats else dummy,
-        lr_out if stats else dummy, hist if history else dummy,
+        lr_out if stats else dummy, lr_out.numel() if stats else 0, hist if history else dummy,
         hist_pos if history else clock, max(hist_len, 1),
         grad_scale if scaler else dummy, found_inf if scaler else dummy,
         KIND=kind, STATS=stats, CLIP=clip, GUARD=guard, SCALER=scaler, HISTORY=history,

@@ -167,7 +167,10 @@ def test_stats_dict_keyed_by_parameter_names(backend, kernel_device):
                                 torch.nn.Linear(4, 2)).to(kernel_device)
     model[2].bias.requires_grad_(False)  # no gradient: not in the statistics
     named = list(model.named_parameters())
-    opt = fastsched.AdamW([{"params": named[:2]}, {"params": named[2:], "lr": 0.1}],
+    unused = ("unused", torch.nn.Parameter(torch.zeros(3, device=kernel_device)))
+    # the last group has no gradient this step: its lr is reported all the same
+    opt = fastsched.AdamW([{"params": named[:2]}, {"params": named[2:], "lr": 0.1},
+                           {"params": [unused], "lr": 0.2}],
                           backend=backend, block_size=BLOCK, stats=True)
     x = torch.randn(5, 6, device=kernel_device)
     model(x).pow(2).sum().backward()
@@ -185,7 +188,7 @@ def test_stats_dict_keyed_by_parameter_names(backend, kernel_device):
     # every element's first Adam update is +-1 (eps aside): update RMS 1
     for n in grads:
         assert sd["tensors"][n]["update_rms"] == pytest.approx(1.0, rel=1e-4)
-    assert sd["lr"] == pytest.approx([1e-3, 0.1])
+    assert sd["lr"] == pytest.approx([1e-3, 0.1, 0.2])
     total = math.sqrt(sum(float(g.pow(2).sum()) for g in grads.values()))
     assert sd["grad_norm"] == pytest.approx(total, rel=1e-6)
 
