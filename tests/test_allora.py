@@ -135,6 +135,24 @@ def test_allora_after_clipping(backend, kernel_device, kind):
         assert sd["grad_norm"] == pytest.approx(float(raw.norm()), rel=1e-6)
         assert (sd["clip_coef"] < 1.0) == (float(raw.norm()) > 2.0)
         _assert_match(params, tparams, opt, topt)
+        # per tensor (the unit-tiled update accumulates them): the new parameter's norm and the
+        # RMS of the unscaled update, from torch's state
+        for gi, (names, _, _) in enumerate(GROUPS):
+            for i, n in enumerate(names):
+                t, st = tparams[n], topt.state[tparams[n]]
+                if kind == "adamw":
+                    b1, b2 = KW["adamw"]["betas"]
+                    step = float(st["step"])
+                    u = (st["exp_avg"].double() / (1 - b1 ** step)) / (
+                        (st["exp_avg_sq"].double() / (1 - b2 ** step)).sqrt()
+                        + KW["adamw"]["eps"])
+                else:
+                    u = st["momentum_buffer"].double()
+                got = sd["tensors"][f"group{gi}.param{i}"]
+                assert got["param_norm"] == pytest.approx(float(t.detach().double().norm()),
+                                                          rel=1e-5, abs=1e-12), n
+                rms = float(u.pow(2).mean().sqrt()) if u.numel() else 0.0
+                assert got["update_rms"] == pytest.approx(rms, rel=1e-5, abs=1e-12), n
 
 
 def test_allora_settings_change_between_steps(backend, kernel_device):
