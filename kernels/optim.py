@@ -281,7 +281,8 @@ def _apply(tensors_ptr, scal_ptr, ustat_ptr, tidx, offs, mask, g_scale, KIND: tl
         v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         p = p * decay_mul  # AdamW: p * (1 - lr * wd); Adam: 1
         g = g + l2_wd * p  # Adam: L2 penalty in the gradient; AdamW: 0
-        m = m + omb1 * (g - m)  # torch lerp_(g, 1 - beta1)
+        # torch lerp_(g, w = 1 - beta1): from the nearer end, so beta1 = 0 gives m = g exactly
+        m = tl.where(omb1 < 0.5, m + omb1 * (g - m), g - (g - m) * (1.0 - omb1))
         v = (1.0 - omb2) * v + omb2 * g * g
         vv = v
         if FLAG:  # amsgrad for the groups that have a max_exp_avg_sq (address != 0)
