@@ -1,0 +1,549 @@
+"""The benchmark run: every contender of every configuration on every shape set and dtype.
+
+Timing (per contender, after a first step and a warm-up):
+
+* back-to-back: blocks of ``k`` steps, synchronised once per block (CUDA events on a GPU), time
+  per step = block time / k; median, p10 and p90 over the blocks;
+* latency: single steps, each synchronised before and after (host wall clock, so host launch
+  time counts); median, p10 and p90.
+
+Derived numbers are computed from the recorded timings by :func:`derive`, never typed:
+GB/s = bytes per parameter x parameters / back-to-back median; % of the copy bandwidth measured
+in the same run; speedup = the best torch contender's back-to-back median in the same (shape set,
+dtype, configuration) / this contender's.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import json
+import math
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .contenders import (
+    CLIP_NORM,
+    CONFIGS,
+    CONTENDERS,
+    DEFAULT_CONFIGS,
+    HYPER,
+    SGD_HYPER,
+    Built,
+    Setup,
+    Skipped,
+    Unavailable,
+    contenders_for,
+    params_of,
+)
+from .device import Device, MemoryMeter, copy_bandwidth, environment, quantiles, slug
+from .shapes import SHAPE_SETS, ShapeSet, get_shape_set
+
+__all__ = ["BenchOptions", "TimingPlan", "run_bench", "derive", "save_results", "DTYPES",
+           "CPU_DEFAULT_SCALE", "SCHEMA"]
+
+SCHEMA = "fastsched-bench/1"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+CPU_DEFAULT_SCALE = 0.01
+#: torch.compile of a 148-tensor AdamW step builds C++ for minutes on a 2-core CPU
+CPU_COMPILE_REASON = ("torch.compile on a CPU generates and builds C++ for minutes; "
+                      "pass --compile to include it")
+
+
+def dtype_key(name: str) -> str:
+    key = _DTYPE_ALIASES.get(name, name)
+    if key not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; expected one of {', '.join(DTYPES)}")
+    return key
+
+
+@dataclass
+class TimingPlan:
+    """How many steps to time; adapted to each contender's speed from its warm-up."""
+
+    warmup_min: int
+    warmup_s: float
+    blocks: int
+    block_s: float
+    latency_min: int
+    latency_max: int
+    latency_s: float
+    slow_s: float  # a contender slower than this per step gets the minimum counts
+
+    @classmethod
+    def for_device(cls, cuda: bool, quick: bool) -> TimingPlan:
+        if cuda:
+            if quick:
+                return cls(2, 0.02, 5, 0.01, 5, 25, 0.04, 0.5)
+            return cls(3, 0.05, 10, 0.02, 5, 50, 0.1, 0.5)
+        # the CPU run checks the harness and shows host-side cost on scaled tensors: short
+        if quick:
+            return cls(1, 0.0, 2, 0.005, 2, 3, 0.01, 0.05)
+        return cls(1, 0.01, 3, 0.01, 3, 5, 0.02, 0.1)
+
+
+@dataclass
+class BenchOptions:
+    sets: list[str] = field(default_factory=lambda: list(SHAPE_SETS))
+    custom: ShapeSet | None = None
+    dtypes: list[str] | None = None  # None: fp32 and bf16 on a GPU, fp32 on the CPU
+    configs: list[str] = field(default_factory=lambda: list(DEFAULT_CONFIGS))
+    contenders: list[str] | None = None
+    scale: float | None = None  # None: 1 on a GPU, CPU_DEFAULT_SCALE on the CPU
+    quick: bool = False
+    compile: bool | None = None  # None: on for a GPU, off for the CPU
+    compile_budget_s: float = 150.0
+    compile_max_tensors: int = 512
+    device: str | None = None
+    out: Path | None = Path("bench/results")
+    plot: bool = True
+    progress: bool = True
+    seed: int = 0
+    copy_mib: int | None = None
+    threads: int | None = None  # torch CPU threads; None: 1 on the CPU, unchanged on a GPU
+    argv: list[str] | None = None
+
+
+def _shape_sets(opts: BenchOptions, scale: float) -> list[ShapeSet]:
+    sets = [get_shape_set(n) for n in opts.sets]
+    if opts.custom is not None:
+        sets.append(opts.custom)
+    return [s.scaled(scale) for s in sets]
+
+
+def _free(dev: Device) -> None:
+    gc.collect()
+    dev.empty_cache()
+
+
+def _short(e: BaseException) -> str:
+    msg = str(e).strip().splitlines()
+    text = f"{type(e).__name__}: {msg[0] if msg else ''}".strip()
+    return text if len(text) <= 400 else text[:397] + "..."
+
+
+class _CompileGate:
+    """Decides whether a torch.compile contender runs: switch, tensor count, time budget."""
+
+    def __init__(self, enabled: bool, reason_off: str, budget_s: float, max_tensors: int):
+        self.enabled, self.reason_off = enabled, reason_off
+        self.budget_s, self.max_tensors = budget_s, max_tensors
+        self.spent_s = 0.0
+        self.per_tensor_s = 0.0
+
+    def check(self, tensors: int) -> None:
+        if not self.enabled:
+            raise Skipped(self.reason_off)
+        if tensors > self.max_tensors:
+            raise Skipped(f"{tensors} tensors > --compile-max-tensors {self.max_tensors} "
+                          "(compile time grows with the tensor count)")
+        est = self.per_tensor_s * tensors
+        if self.spent_s > 0 and self.spent_s + est > self.budget_s:
+            raise Skipped(f"--compile-budget {self.budget_s:.0f} s: {self.spent_s:.0f} s spent, "
+                          f"this compile estimated at {est:.0f} s from the earlier ones")
+
+    def record(self, seconds: float, tensors: int) -> None:
+        self.spent_s += seconds
+        self.per_tensor_s = max(self.per_tensor_s, seconds / max(tensors, 1))
+
+
+def _measure(built: Built, dev: Device, plan: TimingPlan, meter: MemoryMeter
+             ) -> dict[str, Any]:
+    step = built.step
+    # the second step, synchronised, estimates the step time (the first one may include
+    # compiles and state allocation); for a slow contender it is also its first latency sample
+    est = dev.time_single(step)
+    steps = 2
+    slow = est > plan.slow_s
+    lat: list[float] = [est] if slow else []
+    if not slow:
+        n, t0 = 0, time.perf_counter()
+        while n < plan.warmup_min or (time.perf_counter() - t0 < plan.warmup_s and n < 50):
+            step()
+            n += 1
+            if n == plan.warmup_min:
+                dev.sync()
+        dev.sync()
+        est = max((time.perf_counter() - t0) / n, 1e-7)
+        steps += n
+    meter.sample()
+    per_block = max(1, min(1000, round(plan.block_s / est)))
+    blocks = 2 if slow else plan.blocks
+    b2b = []
+    for _ in range(blocks):
+        b2b.append(dev.time_block(step, per_block))
+        meter.sample()
+    steps += blocks * per_block
+    lat_n = 2 if slow else max(plan.latency_min, min(plan.latency_max,
+                                                     round(plan.latency_s / est)))
+    while len(lat) < lat_n:
+        lat.append(dev.time_single(step))
+        meter.sample()
+        steps += 1
+    return {"b2b_s": {**quantiles(b2b), "steps_per_block": per_block},
+            "latency_s": quantiles(lat), "steps": steps}
+
+
+def _run_entry(sset: ShapeSet, dtype: str, config: str, key: str, master, dev: Device,
+               plan: TimingPlan, schedule, shared: dict, gate: _CompileGate) -> dict[str, Any]:
+    cont = CONTENDERS[key]
+    cfg = CONFIGS[config]
+    tdtype = DTYPES[dtype]
+    rec: dict[str, Any] = {
+        "set": sset.name, "dtype": dtype, "config": config, "contender": key,
+        "title": cont.title, "family": cont.family, "graph": cont.graph,
+        "params": sset.params, "tensors": sset.tensors,
+        "bytes_per_param": cfg.bytes_per_param(tdtype), "status": "ok", "reason": "",
+    }
+    params = None
+    built = None
+    meter = MemoryMeter(dev)
+    try:
+        if cont.compiles and "compile_error" in shared:
+            raise RuntimeError(f"as in the {shared['compile_error']}")
+        if cont.compiles and "compile" not in shared:
+            gate.check(sset.tensors)
+        mp, mg = master
+        params = [torch.nn.Parameter(p.clone()) for p in mp]
+        for p, g in zip(params, mg):
+            p.grad = g.clone()
+        meter.start()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            t0 = time.perf_counter()
+            built = cont.build(Setup(params, dev, tdtype, cfg, schedule, shared))
+            meter.sample()
+            built.step()
+            dev.sync()
+            first_s = time.perf_counter() - t0
+            meter.sample()
+            if built.after_first is not None:
+                built.after_first()
+            rec["first_step_s"] = first_s
+            if cont.compiles and "compile_s" not in built.info:
+                shared["compile"]["compile_s"] = first_s
+                rec["compile_s"] = first_s
+                gate.record(first_s, sset.tensors)
+            rec.update(_measure(built, dev, plan, meter))
+        rec["peak_mem_bytes"] = meter.peak()
+        rec.update({k: v for k, v in built.info.items() if k not in rec})
+    except Unavailable as e:
+        rec.update(status="unavailable", reason=str(e))
+    except Skipped as e:
+        rec.update(status="skipped", reason=str(e))
+    except Exception as e:  # noqa: BLE001 - one failing contender must not end the run
+        rec.update(status="error", reason=_short(e))
+        if cont.compiles and "compile_error" not in shared:
+            shared.pop("compile", None)
+            shared["compile_error"] = f"{config} entry: {rec['reason']}"
+    finally:
+        del built, params
+        _free(dev)
+    return rec
+
+
+def derive(results: dict[str, Any]) -> dict[str, Any]:
+    """Fill GB/s, % of copy and speedups of every entry from the recorded timings (in place)."""
+    copy = results["copy"]["gbps"]
+    entries = results["results"]
+    best: dict[tuple, dict] = {}
+    best_lat: dict[tuple, dict] = {}
+    for r in entries:
+        if r["status"] != "ok" or r["family"] != "torch":
+            continue
+        k = (r["set"], r["dtype"], r["config"])
+        if k not in best or r["b2b_s"]["median"] < best[k]["b2b_s"]["median"]:
+            best[k] = r
+        if k not in best_lat or r["latency_s"]["median"] < best_lat[k]["latency_s"]["median"]:
+            best_lat[k] = r
+    for r in entries:
+        if r["status"] != "ok":
+            continue
+        t = r["b2b_s"]["median"]
+        moved = r["bytes_per_param"] * r["params"]
+        r["gbps"] = moved / t / 1e9
+        r["gbps_latency"] = moved / r["latency_s"]["median"] / 1e9
+        r["pct_copy"] = 100.0 * r["gbps"] / copy
+        k = (r["set"], r["dtype"], r["config"])
+        if k in best:
+            r["speedup"] = best[k]["b2b_s"]["median"] / t
+            r["speedup_vs"] = best[k]["contender"]
+            r["speedup_latency"] = best_lat[k]["latency_s"]["median"] / r["latency_s"]["median"]
+            r["speedup_latency_vs"] = best_lat[k]["contender"]
+        else:
+            r["speedup"] = r["speedup_latency"] = None
+            r["speedup_vs"] = r["speedup_latency_vs"] = None
+    return results
+
+
+class _NoProgress:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def start(self, total: int) -> None:
+        pass
+
+    def advance(self, text: str) -> None:
+        pass
+
+
+class _RichProgress(_NoProgress):
+    def __init__(self):
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        self._p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                           TimeElapsedColumn(), console=Console(stderr=True), transient=True)
+        self._task = None
+
+    def __enter__(self):
+        self._p.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._p.__exit__(*exc)
+
+    def start(self, total: int) -> None:
+        self._task = self._p.add_task("benchmark", total=total)
+
+    def describe(self, text: str) -> None:
+        self._p.update(self._task, description=text)
+
+    def advance(self, text: str) -> None:
+        self._p.update(self._task, advance=1, description=text)
+
+
+class _LineProgress(_NoProgress):
+    """One line per finished entry on stderr: for logs, where a live bar would not show."""
+
+    def __init__(self):
+        self.total, self.done = 0, 0
+
+    def start(self, total: int) -> None:
+        self.total = total
+
+    def advance(self, text: str) -> None:
+        self.done += 1
+        print(f"[{self.done}/{self.total}] {text}", file=sys.stderr, flush=True)
+
+
+def _entry_line(rec: dict[str, Any]) -> str:
+    head = f"{rec['set']} {rec['dtype']} {rec['config']} {rec['contender']}"
+    if rec["status"] != "ok":
+        return f"{head}: {rec['status']} ({rec['reason']})"
+    t = rec["b2b_s"]["median"]
+    gbps = rec["bytes_per_param"] * rec["params"] / t / 1e9
+    return f"{head}: {t * 1e3:.4g} ms/step, {gbps:.4g} GB/s"
+
+
+def _progress(enabled: bool):
+    if not enabled:
+        return _NoProgress()
+    if not sys.stderr.isatty():
+        return _LineProgress()
+    try:
+        import rich  # noqa: F401
+    except ImportError:
+        return _LineProgress()
+    return _RichProgress()
+
+
+def _entries(opts: BenchOptions) -> list[tuple[str, str]]:
+    out = []
+    for config in opts.configs:
+        for c in contenders_for(config):
+            if opts.contenders is None or c.key in opts.contenders:
+                out.append((config, c.key))
+    return out
+
+
+def cpu_threads(dev: Device, threads: int | None) -> int | None:
+    """The torch thread count to run with: one on the CPU unless told otherwise.
+
+    The CPU run measures host-side cost on scaled tensors; on a small shared machine two
+    intra-op threads competing with other processes made torch's fused AdamW 60x slower than
+    one thread (GPT-2 at scale 0.01, 2 cores), so one thread is the stable default.
+    """
+    if threads is not None:
+        return threads
+    return None if dev.is_cuda else 1
+
+
+def run_bench(opts: BenchOptions, on_entry: Callable[[dict], None] | None = None,
+              on_group: Callable[[dict], None] | None = None) -> dict[str, Any]:
+    """Run the benchmark described by ``opts``; return the results (see :data:`SCHEMA`).
+
+    ``on_entry(record)`` is called after each contender, ``on_group(results)`` after each
+    (shape set, dtype) with the results so far (``meta["complete"]`` False until the end).
+    """
+    dev = Device(opts.device)
+    threads = cpu_threads(dev, opts.threads)
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    # the objects alive now (torch, dynamo, ...) outlive the run: freezing them makes the
+    # collection after each contender 0.3 s cheaper (measured on a 2-core CPU)
+    try:
+        importlib.import_module("torch._dynamo")  # what torch.optim imports on first use
+    except Exception:  # noqa: BLE001 - a torch build without dynamo
+        pass
+    gc.freeze()
+    try:
+        return _run_bench(opts, dev, on_entry, on_group)
+    finally:
+        gc.unfreeze()
+        torch.set_num_threads(before)
+
+
+def _run_bench(opts: BenchOptions, dev: Device, on_entry, on_group) -> dict[str, Any]:
+    from ..schedules import Cosine
+
+    scale = opts.scale if opts.scale is not None else (1.0 if dev.is_cuda else CPU_DEFAULT_SCALE)
+    plan = TimingPlan.for_device(dev.is_cuda, opts.quick)
+    compile_on = opts.compile if opts.compile is not None else dev.is_cuda
+    gate = _CompileGate(compile_on, CPU_COMPILE_REASON if not dev.is_cuda else
+                        "torch.compile switched off (--no-compile)",
+                        opts.compile_budget_s, opts.compile_max_tensors)
+    sets = _shape_sets(opts, scale)
+    # the CPU reference backend pays per tensor on the host, whatever the dtype: one dtype keeps
+    # the default CPU run near a minute
+    dtypes = opts.dtypes or (["fp32", "bf16"] if dev.is_cuda else ["fp32"])
+    schedule = Cosine(1000, warmup_steps=100, min_ratio=0.1)
+    copy_mib = opts.copy_mib or (1024 if dev.is_cuda else 64)
+    meta = environment(dev, opts.argv)
+    meter_method = MemoryMeter(dev).method
+    entries = _entries(opts)
+    results: dict[str, Any] = {
+        "schema": SCHEMA,
+        "meta": {**meta, "scale": scale, "quick": opts.quick, "seed": opts.seed,
+                 "torch_threads": torch.get_num_threads(), "complete": False,
+                 "dtypes": dtypes, "configs": opts.configs,
+                 "compile": {"enabled": compile_on, "budget_s": opts.compile_budget_s,
+                             "max_tensors": opts.compile_max_tensors},
+                 "timing": {"plan": asdict(plan),
+                            "b2b": "blocks of k steps, one synchronisation per block" +
+                                   (" (CUDA events)" if dev.is_cuda else " (wall clock)"),
+                            "latency": "one step, synchronised before and after (wall clock)",
+                            "l2_flush": False},
+                 "peak_mem_method": meter_method,
+                 "schedule": schedule.to_dict(),
+                 "hyper": {"adamw": {**HYPER, "betas": list(HYPER["betas"])},
+                           "sgd": SGD_HYPER, "clip_norm": CLIP_NORM}},
+        "configs": {k: {"title": c.title, "description": c.description,
+                        "bytes_note": c.bytes_note,
+                        "bytes_per_param": {d: c.bytes_per_param(DTYPES[d]) for d in DTYPES}}
+                    for k, c in CONFIGS.items()},
+        "contenders": {k: {"title": c.title, "family": c.family, "graph": c.graph,
+                           "description": c.description} for k, c in CONTENDERS.items()},
+        "shape_sets": [{"name": s.name, "description": s.description, "params": s.params,
+                        "tensors": s.tensors, "scale": s.scale,
+                        "full_params": s.full.get("params", s.params),
+                        "full_tensors": s.full.get("tensors", s.tensors)} for s in sets],
+        "results": [],
+    }
+    started = time.perf_counter()
+    with _progress(opts.progress) as prog:
+        prog.start(len(dtypes) * len(sets) * len(entries) + 2)
+        results["copy"] = copy_bandwidth(dev, copy_mib << 20, reps=20 if dev.is_cuda else 6)
+        prog.advance(f"copy bandwidth: {results['copy']['gbps']:.4g} GB/s")
+        for dtype in dtypes:
+            for sset in sets:
+                master = params_of(sset.shapes, DTYPES[dtype], dev.torch_device, opts.seed)
+                shared: dict[str, Any] = {}
+                if gate.enabled:
+                    _dynamo_reset()
+                for config, key in entries:
+                    if hasattr(prog, "describe"):
+                        prog.describe(f"{sset.name} {dtype} {config} {key}")
+                    rec = _run_entry(sset, dtype, config, key, master, dev, plan, schedule,
+                                     shared, gate)
+                    results["results"].append(rec)
+                    if on_entry is not None:
+                        on_entry(rec)
+                    prog.advance(_entry_line(rec))
+                shared.clear()
+                del master
+                _free(dev)
+                if on_group is not None:
+                    on_group(results)
+        results["copy_end"] = copy_bandwidth(dev, copy_mib << 20, reps=20 if dev.is_cuda else 6)
+        prog.advance(f"copy bandwidth at the end: {results['copy_end']['gbps']:.4g} GB/s")
+    results["meta"]["wall_s"] = time.perf_counter() - started
+    results["meta"]["complete"] = True
+    return derive(results)
+
+
+def _dynamo_reset() -> None:
+    # each shape set compiles a new graph for AdamW.step; without a reset the recompile limit
+    # (8 per code object) would silently send later sets back to eager
+    try:
+        import torch._dynamo
+
+        torch._dynamo.reset()
+    except Exception:  # noqa: BLE001 - nothing compiled yet, or no dynamo in this build
+        pass
+
+
+def results_stem(results: dict[str, Any]) -> str:
+    meta = results["meta"]
+    date = meta["date"][:19].replace("-", "").replace(":", "").replace("T", "-")
+    return f"bench-{meta['device_kind']}-{slug(meta['device'])}-{date}"
+
+
+def save_json(results: dict[str, Any], out: Path) -> Path:
+    """Write ``<stem>.json`` (also for partial results: derived numbers are filled first)."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{results_stem(results)}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(derive(results), indent=1, default=_json_default) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def save_results(results: dict[str, Any], out: Path, plot: bool = True) -> dict[str, Path]:
+    """Write ``<stem>.json``, ``<stem>.md`` and (with matplotlib) ``<stem>.png`` under ``out``."""
+    from .report import plot_results, render_markdown
+
+    stem = results_stem(results)
+    paths = {"json": save_json(results, out), "md": out / f"{stem}.md"}
+    paths["md"].write_text(render_markdown(results, image=f"{stem}.png" if plot else None))
+    if plot:
+        png = out / f"{stem}.png"
+        if plot_results(results, png):
+            paths["png"] = png
+        else:
+            md = paths["md"].read_text().replace(f"![results]({stem}.png)\n", "")
+            paths["md"].write_text(md)
+    return paths
+
+
+def _json_default(o):
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def load_results(path: Path) -> dict[str, Any]:
+    data = json.loads(Path(path).read_text())
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        raise ValueError(f"{path} is not a fastsched bench results file (schema {SCHEMA})")
+    return data

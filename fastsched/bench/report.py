@@ -1,0 +1,326 @@
+"""Tables, Markdown, the README performance section and the bar chart, all from a results dict.
+
+Everything here reads the results (as :func:`fastsched.bench.harness.run_bench` returns them or
+as they were saved to JSON); nothing is measured or typed in.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+__all__ = ["render_markdown", "render_readme", "print_table", "plot_results", "fmt_time",
+           "table_rows"]
+
+_NAMES = {"gpt2": "GPT-2 small", "llama-1b": "Llama-like 1B", "lora-7b": "LoRA r16 on a 7B Llama",
+          "many-small": "many small tensors"}
+
+
+def fmt_time(s: float | None) -> str:
+    """Seconds as a short human string: ``"1.36 ms"``, ``"84.2 us"``, ``"2.31 s"``."""
+    if s is None or not math.isfinite(s):
+        return "-"
+    if s >= 1.0:
+        return f"{s:.3g} s"
+    if s >= 1e-3:
+        return f"{s * 1e3:.3g} ms"
+    return f"{s * 1e6:.3g} us"
+
+
+def _fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit, div in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if abs(n) >= div:
+            return f"{n / div:.3g} {unit}"
+    return f"{int(n)} B"
+
+
+def _fmt_params(n: int) -> str:
+    if n >= 1e9:
+        return f"{n / 1e9:.3g}B"
+    if n >= 1e6:
+        return f"{n / 1e6:.4g}M"
+    if n >= 1e3:
+        return f"{n / 1e3:.3g}k"
+    return str(n)
+
+
+def _speedup(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def _gbps(x: float | None) -> str:
+    if x is None:
+        return "-"
+    return f"{x / 1e3:.3g} TB/s" if x >= 1e3 else f"{x:.3g} GB/s"
+
+
+def _groups(results: dict[str, Any]) -> list[tuple[dict, str, list[dict]]]:
+    """(shape set, dtype, entries) in run order."""
+    sets = {s["name"]: s for s in results["shape_sets"]}
+    order: list[tuple[str, str]] = []
+    by: dict[tuple[str, str], list[dict]] = {}
+    for r in results["results"]:
+        k = (r["set"], r["dtype"])
+        if k not in by:
+            by[k] = []
+            order.append(k)
+        by[k].append(r)
+    return [(sets[s], d, by[(s, d)]) for s, d in order]
+
+
+def _set_title(s: dict) -> str:
+    name = _NAMES.get(s["name"], s["name"])
+    t = f"{name}: {_fmt_params(s['params'])} params, {s['tensors']} tensors"
+    if s.get("scale", 1.0) != 1.0:
+        t += f" (scale {s['scale']:g} of {_fmt_params(s['full_params'])})"
+    return t
+
+
+def _ms(s: float | None) -> str:
+    return "-" if s is None or not math.isfinite(s) else f"{s * 1e3:.3g}"
+
+
+def table_rows(entries: Iterable[dict], configs: dict) -> list[list[str]]:
+    """One row of strings per entry, in the order of :data:`COLUMNS`; a contender that did not
+    run shows its status in the time column (the reasons: :func:`table_notes`)."""
+    rows = []
+    for r in entries:
+        cfg = configs[r["config"]]["title"]
+        if r["status"] != "ok":
+            rows.append([cfg, r["title"], r["status"]] + [""] * (len(COLUMNS) - 3))
+            continue
+        b, lat = r["b2b_s"], r["latency_s"]
+        first = fmt_time(r.get("first_step_s"))
+        if r.get("compile_s") is not None:
+            first += " (compile)"
+        rows.append([
+            cfg, r["title"], _ms(b["median"]), f"{_ms(b['p10'])}-{_ms(b['p90'])}",
+            _ms(lat["median"]), _gbps(r["gbps"]), f"{r['pct_copy']:.1f}%",
+            _speedup(r.get("speedup")), _fmt_bytes(r.get("peak_mem_bytes")), first,
+        ])
+    return rows
+
+
+def table_notes(entries: Iterable[dict]) -> list[str]:
+    """Why contenders did not run (one line per distinct reason) and per-entry notes."""
+    by: dict[str, list[str]] = {}
+    for r in entries:
+        if r["status"] != "ok":
+            by.setdefault(f"{r['status']}: {r['reason']}", []).append(r["title"])
+        elif r.get("note"):
+            by.setdefault(f"note: {r['note']}", []).append(r["title"])
+    return [f"{why} ({', '.join(dict.fromkeys(who))})" for why, who in by.items()]
+
+
+COLUMNS = ["configuration", "contender", "ms/step", "p10-p90", "sync'd ms", "GB/s", "% of copy",
+           "speedup", "peak mem", "first step"]
+
+
+def _header_lines(results: dict[str, Any]) -> list[str]:
+    m, c = results["meta"], results["copy"]
+    lines = [
+        f"device: {m['device']} ({m['device_kind']})",
+        "versions: " + ", ".join(f"{k} {m[k]}" for k in ("torch", "triton", "python",
+                                                         "cuda_runtime", "driver") if m.get(k)),
+        f"date: {m['date']}; command: `{m['command']}`; scale {m['scale']:g}",
+        f"copy bandwidth ({_fmt_bytes(c['bytes_moved'] / 2)} copied, read + write): "
+        f"{_gbps(c['gbps'])} (p10-p90 {_gbps(c['gbps_p10'])}-{_gbps(c['gbps_p90'])})"
+        + (f"; at the end of the run {_gbps(results['copy_end']['gbps'])}"
+           if "copy_end" in results else ""),
+        f"peak memory: {m['peak_mem_method']}",
+    ]
+    return lines
+
+
+def print_table(results: dict[str, Any], file=None) -> None:
+    """The results as terminal tables (rich when installed, plain text otherwise)."""
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        _print_plain(results, file)
+        return
+    console = Console(file=file)
+    if not console.is_terminal:
+        console = Console(file=file, width=160)
+    for line in _header_lines(results):
+        console.print(line.replace("`", ""), highlight=False, markup=False)
+    for sset, dtype, entries in _groups(results):
+        table = Table(title=f"{_set_title(sset)}, {dtype}", title_justify="left",
+                      show_lines=False)
+        for i, col in enumerate(COLUMNS):
+            table.add_column(col, justify="left" if i < 2 else "right", overflow="fold")
+        last = None
+        for r, row in zip(entries, table_rows(entries, results["configs"])):
+            if last is not None and r["config"] != last:
+                table.add_section()
+            last = r["config"]
+            style = "bold" if r["family"] == "fastsched" and r["status"] == "ok" else None
+            if r["status"] != "ok":
+                style = "dim"
+            table.add_row(*row, style=style)
+        console.print(table)
+        for note in table_notes(entries):
+            console.print(f"  {note}", highlight=False, markup=False, style="dim")
+
+
+def _print_plain(results: dict[str, Any], file=None) -> None:
+    import sys
+
+    out = file or sys.stdout
+    for line in _header_lines(results):
+        print(line.replace("`", ""), file=out)
+    for sset, dtype, entries in _groups(results):
+        print(f"\n{_set_title(sset)}, {dtype}", file=out)
+        rows = [COLUMNS] + table_rows(entries, results["configs"])
+        widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
+        for row in rows:
+            print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip(), file=out)
+        for note in table_notes(entries):
+            print(f"  {note}", file=out)
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    def esc(c: str) -> str:
+        return c.replace("|", "\\|")
+
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
+    return out
+
+
+def render_markdown(results: dict[str, Any], image: str | None = None) -> str:
+    """The full results as Markdown: header, bytes per parameter, one table per set and dtype."""
+    m = results["meta"]
+    lines = [f"# fastsched benchmark: {m['device']}, {m['date'][:10]}", ""]
+    lines += [f"- {line}" for line in _header_lines(results)]
+    lines += [f"- wall time of the run: {fmt_time(m.get('wall_s'))}"
+              + ("" if m.get("complete", True) else " (incomplete run)"), ""]
+    if image:
+        lines += [f"![results]({image})", ""]
+    lines += ["## Bytes per parameter (the minimal one-pass step)", ""]
+    dtypes = m["dtypes"]
+    rows = [[c["title"], c["bytes_note"]] + [str(c["bytes_per_param"][d]) for d in dtypes]
+            for k, c in results["configs"].items() if k in m["configs"]]
+    lines += _md_table(["configuration", "what is moved"] + [f"{d} B/param" for d in dtypes],
+                       rows)
+    lines += ["", "## Configurations", ""]
+    lines += [f"- **{c['title']}**: {c['description']}" for k, c in results["configs"].items()
+              if k in m["configs"]]
+    lines += ["", "## Contenders", ""]
+    lines += [f"- **{c['title']}**: {c['description']}"
+              for c in results["contenders"].values()]
+    lines += ["", "ms/step: median (p10-p90) of back-to-back steps, over blocks of steps "
+              "synchronised once per block; sync'd ms: median of single steps with a "
+              "synchronisation before and after (host launch time included). "
+              "GB/s = bytes per parameter x parameters / back-to-back time; "
+              "speedup = the fastest torch contender's "
+              "back-to-back time in the same configuration / this one's.", ""]
+    for sset, dtype, entries in _groups(results):
+        lines += [f"## {_set_title(sset)}, {dtype}", ""]
+        lines += _md_table(COLUMNS, table_rows(entries, results["configs"])) + [""]
+        notes = table_notes(entries)
+        lines += [f"- {n}" for n in notes] + ([""] if notes else [])
+    return "\n".join(lines) + "\n"
+
+
+def render_readme(results: dict[str, Any], source: str = "RESULTS.json") -> str:
+    """The README's performance section, generated from a results file."""
+    m, c = results["meta"], results["copy"]
+    versions = ", ".join(f"{k} {m[k]}" for k in ("torch", "triton", "cuda_runtime", "driver")
+                         if m.get(k))
+    lines = ["## Performance", "",
+             f"Measured on {m['device']} on {m['date'][:10]} ({versions}) with "
+             f"`{m['command']}`; this section is generated by "
+             f"`fastsched bench --readme {source}`. The copy bandwidth measured in the same run, "
+             f"{_gbps(c['gbps'])}, is the ceiling: an optimizer step moves at least the bytes per "
+             "parameter below, so % of copy = bytes x parameters / time / copy bandwidth. "
+             "Time is the median of back-to-back steps; speedup is against the fastest torch "
+             "contender of the same configuration.", ""]
+    if not m.get("complete", True):
+        lines += ["**Incomplete run: the results file was written before the run ended.**", ""]
+    if m.get("scale", 1.0) != 1.0:
+        lines += [f"**Scaled run (--scale {m['scale']:g}): tensors shrunk, numbers not "
+                  "representative of the full models.**", ""]
+    dtypes = [d for d in m["dtypes"]]
+    bytes_rows = [[cf["title"]] + [str(cf["bytes_per_param"][d]) for d in dtypes]
+                  for k, cf in results["configs"].items() if k in m["configs"]]
+    lines += _md_table(["configuration"] + [f"B/param {d}" for d in dtypes], bytes_rows) + [""]
+    reasons: dict[str, None] = {}
+    sets = {s["name"]: s for s in results["shape_sets"]}
+    for name in dict.fromkeys(r["set"] for r in results["results"]):
+        entries = [r for r in results["results"] if r["set"] == name]
+        lines += [f"### {_set_title(sets[name])}", ""]
+        header = ["configuration", "contender"]
+        for d in dtypes:
+            header += [f"{d} time", f"{d} % of copy", f"{d} speedup"]
+        rows = []
+        for cfg, key in dict.fromkeys((r["config"], r["contender"]) for r in entries):
+            row = [results["configs"][cfg]["title"], results["contenders"][key]["title"]]
+            for d in dtypes:
+                r = next((e for e in entries if e["config"] == cfg and e["contender"] == key
+                          and e["dtype"] == d), None)
+                if r is None:
+                    row += ["", "", ""]
+                elif r["status"] != "ok":
+                    row += [r["status"], "", ""]
+                    reasons[f"{r['title']} ({results['configs'][cfg]['title']}): "
+                            f"{r['status']}, {r['reason']}"] = None
+                else:
+                    row += [fmt_time(r["b2b_s"]["median"]), f"{r['pct_copy']:.0f}%",
+                            _speedup(r.get("speedup"))]
+            rows.append(row)
+        lines += _md_table(header, rows) + [""]
+    if reasons:
+        lines += ["Not measured:", ""] + [f"- {r}" for r in reasons] + [""]
+    return "\n".join(lines)
+
+
+def plot_results(results: dict[str, Any], path) -> bool:
+    """A bar chart of % of copy bandwidth per contender, one panel per shape set and dtype.
+
+    Returns False (and writes nothing) when matplotlib is not installed.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    groups = _groups(results)
+    if not groups:
+        return False
+    heights = [max(1, sum(r["status"] == "ok" for r in e)) for _, _, e in groups]
+    fig, axes = plt.subplots(len(groups), 1, figsize=(9, 1.2 + 0.28 * sum(heights)
+                                                       + 0.6 * len(groups)),
+                             gridspec_kw={"height_ratios": heights}, squeeze=False)
+    colors = {"torch": "#8c8c8c", "fastsched": "#d9541e"}
+    copy = results["copy"]["gbps"]
+    for ax, (sset, dtype, entries) in zip(axes[:, 0], groups):
+        ok = [r for r in entries if r["status"] == "ok"]
+        labels = [f"{results['configs'][r['config']]['title']}: {r['title']}" for r in ok]
+        vals = [r["pct_copy"] for r in ok]
+        y = list(range(len(ok)))[::-1]
+        ax.barh(y, vals, color=[colors.get(r["family"], "#4c72b0") for r in ok])
+        ax.set_yticks(y)
+        ax.set_yticklabels(labels, fontsize=7)
+        for yi, v, r in zip(y, vals, ok):
+            ax.text(v, yi, f" {v:.0f}% ({fmt_time(r['b2b_s']['median'])})", va="center",
+                    fontsize=6)
+        ax.axvline(100, color="k", lw=0.6, ls="--")
+        ax.set_title(f"{_set_title(sset)}, {dtype}", fontsize=8, loc="left")
+        ax.set_xlim(0, max([100.0] + vals) * 1.25)
+        ax.tick_params(axis="x", labelsize=7)
+    axes[-1, 0].set_xlabel(f"% of the copy bandwidth measured in the same run ({_gbps(copy)})",
+                           fontsize=8)
+    m = results["meta"]
+    fig.suptitle(f"fastsched bench: {m['device']}, {m['date'][:10]}, scale {m['scale']:g}",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True

@@ -1,0 +1,322 @@
+"""The benchmark and profiling harness on the CPU: shape sets, a scaled run, its files, profiling.
+
+Nothing here asserts a timing; derived numbers are checked against the recorded timings.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import textwrap
+
+import pytest
+import torch
+
+from fastsched.bench import contenders as C
+from fastsched.bench.harness import BenchOptions, derive, run_bench
+from fastsched.bench.report import fmt_time, render_readme
+from fastsched.bench.shapes import SHAPE_SETS, ShapeError, parse_shapes, scale_shape
+from fastsched.cli import main
+
+
+def _finite(x) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x)
+
+
+# -- shape sets -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, tensors, params", [
+    ("gpt2", 148, 124_439_808),          # HF gpt2 parameter count
+    ("llama-1b", 147, 953_223_168),      # 2*32000*2048 + 2048 + 16*(4*2048^2 + 3*2048*5632 + 4096)
+    ("lora-7b", 448, 39_976_960),        # 32 * (4*2*16*4096 + 3*16*(4096 + 11008))
+    ("many-small", 2000, 8_192_000),
+])
+def test_shape_set_counts(name, tensors, params):
+    s = SHAPE_SETS[name]
+    assert s.tensors == tensors
+    assert s.params == params
+
+
+def test_shape_set_layouts():
+    gpt2 = SHAPE_SETS["gpt2"].shapes
+    assert gpt2[0] == (50257, 768) and gpt2[1] == (1024, 768) and (768, 2304) in gpt2
+    lora = SHAPE_SETS["lora-7b"].shapes
+    assert lora[:2] == ((16, 4096), (4096, 16))            # q: A is r x in, B is out x r
+    assert ((16, 11008), (4096, 16)) == lora[12:14]        # down: in 11008, out 4096
+
+
+@pytest.mark.parametrize("scale", [0.01, 0.001, 1e-9, 0.5, 2.0])
+def test_scale_keeps_tensor_count(scale):
+    for s in SHAPE_SETS.values():
+        t = s.scaled(scale)
+        assert t.tensors == s.tensors
+        assert all(math.prod(sh) >= 1 for sh in t.shapes)
+        if scale >= 0.01:
+            assert t.params == pytest.approx(s.params * scale, rel=0.1)
+        assert t.full == {"params": s.params, "tensors": s.tensors}
+
+
+def test_scale_shape_rows():
+    assert scale_shape((16, 4096), 0.01) == (1, 655)
+    assert scale_shape((3, 3), 1e-6) == (1, 1)
+    with pytest.raises(ValueError):
+        scale_shape((3,), 0.0)
+
+
+def test_parse_shapes():
+    s = parse_shapes("1024x1024, 4096,3x3")
+    assert s.shapes == ((1024, 1024), (4096,), (3, 3))
+    for bad in ["", "10xx3", "3x", "0x4", "-1", "a", "4096,,3", "2.5"]:
+        with pytest.raises(ShapeError, match="expected"):
+            parse_shapes(bad)
+
+
+# -- a scaled run ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("results")
+    rc = main(["bench", "--scale", "0.01", "--sets", "gpt2", "--shapes", "64x32,17,3x3",
+               "--quick", "--no-progress", "--out", str(out)])
+    assert rc == 0
+    files = sorted(out.iterdir())
+    js = [f for f in files if f.suffix == ".json"]
+    assert len(js) == 1
+    return json.loads(js[0].read_text()), js[0], files
+
+
+def test_run_writes_files(bench_run):
+    _, path, files = bench_run
+    names = {f.suffix for f in files}
+    assert {".json", ".md", ".png"} <= names
+    stem = path.stem
+    assert stem.startswith("bench-cpu-") and stem[-15:-7].isdigit()
+    assert all(f.stem == stem for f in files)
+    md = path.with_suffix(".md").read_text()
+    assert "## Bytes per parameter" in md and "ms/step" in md
+    assert path.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_run_metadata(bench_run):
+    res, _, _ = bench_run
+    m = res["meta"]
+    for key in ("device", "device_kind", "torch", "triton", "python", "date", "command", "scale",
+                "peak_mem_method", "dtypes", "configs", "timing", "torch_threads"):
+        assert key in m, key
+    assert m["scale"] == 0.01 and m["device_kind"] == "cpu"
+    assert "--scale 0.01" in m["command"]
+    assert _finite(res["copy"]["gbps"]) and res["copy"]["gbps"] > 0
+    assert res["configs"]["adamw"]["bytes_per_param"] == {"fp32": 28, "bf16": 14, "fp16": 14}
+    assert res["configs"]["adamw-clip"]["bytes_per_param"]["fp32"] == 32
+    assert res["configs"]["adamw-clip"]["bytes_per_param"]["bf16"] == 16
+    assert res["configs"]["sgd"]["bytes_per_param"]["fp32"] == 20
+    sets = {s["name"]: s for s in res["shape_sets"]}
+    assert set(sets) == {"gpt2", "custom"}
+    assert sets["gpt2"]["tensors"] == 148 and sets["gpt2"]["full_params"] == 124_439_808
+
+
+def test_every_contender_is_recorded(bench_run):
+    res, _, _ = bench_run
+    seen = {}
+    for r in res["results"]:
+        seen.setdefault((r["set"], r["dtype"], r["config"]), []).append(r["contender"])
+    for (_, _, config), keys in seen.items():
+        assert keys == [c.key for c in C.contenders_for(config)]
+    assert len(seen) == 2 * 1 * 3  # sets x dtypes (fp32 on the CPU) x configurations
+    for r in res["results"]:
+        assert r["status"] in ("ok", "skipped", "unavailable", "error")
+        if r["status"] != "ok":
+            assert r["reason"], r
+        if r["graph"]:
+            assert r["status"] == "skipped" and "CUDA" in r["reason"]
+        if r["contender"] == "torch-compile":
+            assert r["status"] == "skipped" and "--compile" in r["reason"]
+        if r["family"] == "torch" and not r["graph"] and r["contender"] != "torch-compile":
+            assert r["status"] == "ok", r
+
+
+def test_values_finite_and_derived(bench_run):
+    res, _, _ = bench_run
+    ok = [r for r in res["results"] if r["status"] == "ok"]
+    assert ok
+    copy = res["copy"]["gbps"]
+    for r in ok:
+        for q in ("b2b_s", "latency_s"):
+            for k in ("median", "p10", "p90"):
+                assert _finite(r[q][k]) and r[q][k] > 0
+            assert r[q]["p10"] <= r[q]["median"] <= r[q]["p90"]
+        for k in ("first_step_s", "gbps", "pct_copy", "peak_mem_bytes"):
+            assert _finite(r[k]), (k, r)
+        assert r["steps"] >= 4
+        gbps = r["bytes_per_param"] * r["params"] / r["b2b_s"]["median"] / 1e9
+        assert r["gbps"] == pytest.approx(gbps, rel=1e-12)
+        assert r["pct_copy"] == pytest.approx(100 * gbps / copy, rel=1e-12)
+    # speedups are ratios of the recorded timings to the best torch contender's
+    for r in ok:
+        peers = [p for p in ok if (p["set"], p["dtype"], p["config"]) ==
+                 (r["set"], r["dtype"], r["config"]) and p["family"] == "torch"]
+        best = min(peers, key=lambda p: p["b2b_s"]["median"])
+        assert r["speedup_vs"] == best["contender"]
+        assert r["speedup"] == pytest.approx(best["b2b_s"]["median"] / r["b2b_s"]["median"],
+                                             rel=1e-12)
+        best_lat = min(p["latency_s"]["median"] for p in peers)
+        assert r["speedup_latency"] == pytest.approx(best_lat / r["latency_s"]["median"],
+                                                     rel=1e-12)
+        if r is best:
+            assert r["speedup"] == 1.0
+
+
+def test_readme_is_generated_from_results(bench_run, capsys):
+    res, path, _ = bench_run
+    assert main(["bench", "--readme", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("## Performance")
+    assert "Scaled run" in out
+    ok = [r for r in res["results"] if r["status"] == "ok"]
+    for r in ok[:5]:
+        assert fmt_time(r["b2b_s"]["median"]) in out
+    assert out == render_readme(res, source=str(path))
+
+
+def test_report_rerenders(bench_run, capsys):
+    _, path, _ = bench_run
+    md = path.with_suffix(".md")
+    md.unlink()
+    assert main(["bench", "--report", str(path), "--no-plot"]) == 0
+    assert md.exists()
+    assert "GPT-2 small" in capsys.readouterr().out
+
+
+def test_derive_from_synthetic_results():
+    def entry(contender, family, t, lat):
+        return {"set": "s", "dtype": "fp32", "config": "adamw", "contender": contender,
+                "family": family, "status": "ok", "bytes_per_param": 28, "params": 1000,
+                "b2b_s": {"median": t}, "latency_s": {"median": lat}}
+
+    res = {"copy": {"gbps": 10.0}, "results": [
+        entry("a", "torch", 4e-3, 9e-3), entry("b", "torch", 2e-3, 10e-3),
+        entry("f", "fastsched", 1e-3, 3e-3),
+        {"set": "s", "dtype": "fp32", "config": "adamw", "contender": "g",
+         "family": "fastsched", "status": "skipped", "reason": "r"}]}
+    derive(res)
+    a, b, f, g = res["results"]
+    assert b["speedup"] == 1.0 and a["speedup"] == 0.5 and f["speedup"] == 2.0
+    assert f["speedup_vs"] == "b" and f["speedup_latency_vs"] == "a"
+    assert f["speedup_latency"] == pytest.approx(3.0)
+    assert f["gbps"] == pytest.approx(28 * 1000 / 1e-3 / 1e9)
+    assert "speedup" not in g
+
+
+# -- honesty: contenders that the installed fastsched cannot run are recorded, not dropped -------
+
+def _tiny(**kw) -> BenchOptions:
+    base = dict(sets=[], custom=parse_shapes("8x4,5"), scale=1.0, quick=True, out=None,
+                progress=False, plot=False, copy_mib=1)
+    base.update(kw)
+    return BenchOptions(**base)
+
+
+def test_missing_keyword_is_unavailable(monkeypatch):
+    import fastsched
+
+    real = fastsched.AdamW
+
+    def old_adamw(params, *args, max_grad_norm=None, stats=None, **kw):
+        if max_grad_norm is not None or stats is not None:
+            raise TypeError("AdamW.__init__() got an unexpected keyword argument "
+                            "'max_grad_norm'")
+        return real(params, *args, **kw)
+
+    monkeypatch.setattr(fastsched, "AdamW", old_adamw)
+    res = run_bench(_tiny(configs=["adamw-clip"], contenders=["torch-fused", "fastsched"]))
+    by = {r["contender"]: r for r in res["results"]}
+    assert by["torch-fused"]["status"] == "ok"
+    assert by["fastsched"]["status"] == "unavailable"
+    assert "unexpected keyword argument 'max_grad_norm'" in by["fastsched"]["reason"]
+
+
+def test_allora_without_effect_is_unavailable(monkeypatch):
+    import fastsched
+
+    real = fastsched.AdamW
+
+    def ignoring_allora(params, *args, **kw):
+        params = [{k: v for k, v in g.items() if not k.startswith("allora")}
+                  if isinstance(g, dict) else g for g in params]
+        return real(params, *args, **kw)
+
+    monkeypatch.setattr(fastsched, "AdamW", ignoring_allora)
+    monkeypatch.setattr(C, "_ALLORA_PROBE", {})
+    res = run_bench(_tiny(configs=["allora"], contenders=["fastsched"]))
+    (r,) = res["results"]
+    assert r["status"] == "unavailable" and "no effect" in r["reason"]
+
+
+def test_torch_allora_scaling_matches_formula():
+    p = torch.nn.Parameter(torch.tensor([[3.0, 4.0], [0.0, 0.0]]))
+    p.grad = torch.ones(2, 2)
+    C._allora_pre([p])()
+    expect = torch.tensor([[1 / math.sqrt(25 + 1)] * 2, [1.0, 1.0]])
+    torch.testing.assert_close(p.grad, expect)
+
+
+# -- profile --------------------------------------------------------------------------------------
+
+def _check_profile(out_dir, contender: str):
+    summaries = [f for f in out_dir.iterdir() if f.name.endswith(".json")
+                 and not f.name.endswith(".trace.json")]
+    traces = [f for f in out_dir.iterdir() if f.name.endswith(".trace.json")]
+    assert len(summaries) == 1 and len(traces) == 1
+    trace = json.loads(traces[0].read_text())
+    assert trace["traceEvents"]
+    assert any(e.get("name") == "fastsched.bench::step" for e in trace["traceEvents"])
+    s = json.loads(summaries[0].read_text())
+    assert s["what"]["contender"] == contender
+    for k in ("first_step_s", "kernel_time_per_step_s", "syncs_per_step",
+              "operator_calls_per_step"):
+        assert _finite(s[k]) and s[k] >= 0, k
+    for k in ("host_time_per_step_s", "latency_s", "host_time_per_step_profiled_s"):
+        assert _finite(s[k]["median"]) and s[k]["median"] > 0
+    assert set(s["sync_events"]) >= {"cudaStreamSynchronize", "aten::item",
+                                     "aten::_local_scalar_dense"}
+    assert s["kernels"] and all(_finite(k["time_per_step_s"]) for k in s["kernels"])
+    return s
+
+
+def test_profile_shape_set(tmp_path, capsys):
+    rc = main(["profile", "--scale", "0.01", "--set", "lora-7b", "--config", "adamw-clip",
+               "--contender", "torch-fused", "--steps", "3", "--warmup", "1",
+               "--out", str(tmp_path)])
+    assert rc == 0
+    s = _check_profile(tmp_path, "torch-fused")
+    fused = [k for k in s["kernels"] if "fused_adamw" in k["name"]]
+    assert fused and _finite(fused[0]["gbps"]) and _finite(fused[0]["pct_copy"])
+    assert fused[0]["bytes_per_step"] == 28 * s["what"]["params"]
+    out = capsys.readouterr().out
+    assert "host synchronisations per step" in out and "Chrome trace" in out
+
+
+def test_profile_fastsched(tmp_path):
+    assert main(["profile", "--shapes", "256x64,300,7", "--config", "adamw-clip", "--steps", "2",
+                 "--warmup", "0", "--out", str(tmp_path)]) == 0
+    _check_profile(tmp_path, "fastsched")
+
+
+def test_profile_user_model(tmp_path, monkeypatch, capsys):
+    (tmp_path / "usermodel.py").write_text(textwrap.dedent("""
+        import torch
+
+        def make():
+            model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 2))
+            return model, lambda m: m(torch.ones(4, 8)).square().mean()
+
+        def plain():
+            return [torch.nn.Parameter(torch.zeros(5, 3)), torch.nn.Parameter(torch.ones(7))]
+    """))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for spec, tensors in (("usermodel:make", 4), ("usermodel:plain", 2)):
+        out = tmp_path / spec.split(":")[1]
+        assert main(["profile", "--model", spec, "--steps", "2", "--out", str(out)]) == 0
+        s = _check_profile(out, "fastsched")
+        assert s["what"]["tensors"] == tensors and s["what"]["model"] == spec
