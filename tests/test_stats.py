@@ -193,6 +193,24 @@ def test_stats_dict_keyed_by_parameter_names(backend, kernel_device):
     assert sd["grad_norm"] == pytest.approx(total, rel=1e-6)
 
 
+def test_stats_dict_names_from_model_named_parameters(backend, kernel_device):
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.ReLU(),
+                                torch.nn.Linear(5, 1)).to(kernel_device)
+    opt = fastsched.SGD(model.named_parameters(), lr=0.1, backend=backend, block_size=BLOCK,
+                        stats=True)
+    model(torch.randn(4, 3, device=kernel_device)).sum().backward()
+    norms = {n: float(p.grad.double().norm()) for n, p in model.named_parameters()}
+    opt.step()
+    tensors = opt.stats_dict()["tensors"]
+    assert list(tensors) == opt.stats_names()
+    assert set(tensors) == {"0.weight", "0.bias", "2.weight", "2.bias"}
+    for n, v in tensors.items():
+        assert v["grad_norm"] == pytest.approx(norms[n], rel=1e-6)
+        assert v["update_rms"] * math.sqrt(dict(model.named_parameters())[n].numel()) == \
+            pytest.approx(norms[n], rel=1e-6)  # plain SGD: the update is the gradient
+
+
 def test_history_ring_buffer_wraps_in_order(backend, kernel_device):
     params = _leaves([(20,), (3, 4)], 0, kernel_device)
     opt = fastsched.AdamW(params, lr=0.5, backend=backend, block_size=BLOCK, history=3,
