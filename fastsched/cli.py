@@ -262,7 +262,9 @@ def _cmd_bench(args, argv) -> int:
             return 2
         from .bench.report import render_readme
 
-        sys.stdout.write(render_readme(res, source=str(args.readme)))
+        png = args.readme.with_suffix(".png")
+        sys.stdout.write(render_readme(res, source=str(args.readme),
+                                       image=str(png) if png.exists() else None))
         return 0
     if args.report is not None:
         res = _load(prog, "--report", args.report)

@@ -175,7 +175,7 @@ def test_readme_is_generated_from_results(bench_run, capsys):
     ok = [r for r in res["results"] if r["status"] == "ok"]
     for r in ok[:5]:
         assert fmt_time(r["b2b_s"]["median"]) in out
-    assert out == render_readme(res, source=str(path))
+    assert out == render_readme(res, source=str(path), image=str(path.with_suffix(".png")))
 
 
 def test_report_rerenders(bench_run, capsys):

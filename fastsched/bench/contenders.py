@@ -220,10 +220,12 @@ def _build_torch_graph(setup: Setup) -> Built:
 
 
 def _dynamo_graphs() -> int:
+    """Graphs dynamo compiled so far; -1 where it has not counted any (or cannot)."""
     try:
         from torch._dynamo.utils import counters
 
-        return int(counters["stats"]["unique_graphs"])
+        stats = counters["stats"]
+        return int(stats["unique_graphs"]) if "unique_graphs" in stats else -1
     except Exception:  # noqa: BLE001 - private counters: absent means "cannot tell"
         return -1
 
@@ -240,14 +242,21 @@ def _build_compile(setup: Setup) -> Built:
         flags = {"foreach": True, "capturable": True} if dev.is_cuda else {}
         opt = torch.optim.AdamW(setup.params, **{**HYPER, "lr": lr}, **flags)
         sched = _scheduler(setup, opt)
-        compiled = torch.compile(opt.step)
+
+        def opt_step() -> None:  # as in torch's "compiled optimizer with a scheduler" recipe
+            opt.step()
+
+        compiled = torch.compile(opt_step)
         graphs_before = _dynamo_graphs()
         cache = {"opt": opt, "sched": sched, "fn": compiled, "params": setup.params,
                  "entry": setup.config.key}
 
         def after_first() -> None:
-            if graphs_before >= 0 and _dynamo_graphs() <= graphs_before:
+            after = _dynamo_graphs()
+            if graphs_before >= 0 and after >= 0 and after <= graphs_before:
                 raise RuntimeError("torch.compile produced no graph (the step ran eagerly)")
+            if after < 0:
+                info["note"] = "could not confirm from dynamo's counters that a graph compiled"
 
         setup.shared["compile"] = cache
     else:
@@ -256,6 +265,7 @@ def _build_compile(setup: Setup) -> Built:
                         "configuration adds")
         if "compile_s" in cache:
             info["compile_s"] = cache["compile_s"]
+            info["compile_shared"] = True
     opt, sched, fn, params = cache["opt"], cache["sched"], cache["fn"], cache["params"]
     if setup.config.key == "adamw-clip":
         def step() -> None:

@@ -113,10 +113,11 @@ class BenchOptions:
 
 
 def _shape_sets(opts: BenchOptions, scale: float) -> list[ShapeSet]:
-    sets = [get_shape_set(n) for n in opts.sets]
+    """The named sets at ``scale``; the user's own shapes as given unless --scale was given."""
+    sets = [get_shape_set(n).scaled(scale) for n in opts.sets]
     if opts.custom is not None:
-        sets.append(opts.custom)
-    return [s.scaled(scale) for s in sets]
+        sets.append(opts.custom.scaled(opts.scale if opts.scale is not None else 1.0))
+    return sets
 
 
 def _free(dev: Device) -> None:

@@ -148,7 +148,10 @@ def _analyse(prof, dev: Device, n: int, params, config: str, copy_gbps: float,
     from torch.autograd import DeviceType
 
     events = list(prof.events())
-    ranges = [(e.time_range.start, e.time_range.end) for e in events if e.name == STEP_MARK]
+    # on a GPU the annotation also appears on the device timeline: the host one marks the step
+    ranges = [(e.time_range.start, e.time_range.end) for e in events
+              if e.name == STEP_MARK and getattr(e, "device_type", DeviceType.CPU)
+              == DeviceType.CPU]
     host = [(b - a) / 1e6 for a, b in ranges]
     syncs = {name: 0 for name in SYNC_NAMES}
     launches = 0

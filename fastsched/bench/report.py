@@ -94,7 +94,9 @@ def table_rows(entries: Iterable[dict], configs: dict) -> list[list[str]]:
             continue
         b, lat = r["b2b_s"], r["latency_s"]
         first = fmt_time(r.get("first_step_s"))
-        if r.get("compile_s") is not None:
+        if r.get("compile_shared"):
+            first += " (compiled above)"
+        elif r.get("compile_s") is not None:
             first += " (compile)"
         rows.append([
             cfg, r["title"], _ms(b["median"]), f"{_ms(b['p10'])}-{_ms(b['p90'])}",
@@ -227,8 +229,13 @@ def render_markdown(results: dict[str, Any], image: str | None = None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_readme(results: dict[str, Any], source: str = "RESULTS.json") -> str:
-    """The README's performance section, generated from a results file."""
+def render_readme(results: dict[str, Any], source: str = "RESULTS.json",
+                  image: str | None = None) -> str:
+    """The README's performance section, generated from a results file.
+
+    ``image``: a path (as the README should link it) to the run's chart, shown under the text.
+    Contenders measured in no dtype are listed with the reason instead of a table row.
+    """
     m, c = results["meta"], results["copy"]
     versions = ", ".join(f"{k} {m[k]}" for k in ("torch", "triton", "cuda_runtime", "driver")
                          if m.get(k))
@@ -245,6 +252,8 @@ def render_readme(results: dict[str, Any], source: str = "RESULTS.json") -> str:
     if m.get("scale", 1.0) != 1.0:
         lines += [f"**Scaled run (--scale {m['scale']:g}): tensors shrunk, numbers not "
                   "representative of the full models.**", ""]
+    if image:
+        lines += [f"![% of copy bandwidth per contender]({image})", ""]
     dtypes = [d for d in m["dtypes"]]
     bytes_rows = [[cf["title"]] + [str(cf["bytes_per_param"][d]) for d in dtypes]
                   for k, cf in results["configs"].items() if k in m["configs"]]
@@ -259,6 +268,13 @@ def render_readme(results: dict[str, Any], source: str = "RESULTS.json") -> str:
             header += [f"{d} time", f"{d} % of copy", f"{d} speedup"]
         rows = []
         for cfg, key in dict.fromkeys((r["config"], r["contender"]) for r in entries):
+            if not any(e["status"] == "ok" for e in entries
+                       if e["config"] == cfg and e["contender"] == key):
+                for e in entries:
+                    if e["config"] == cfg and e["contender"] == key:
+                        reasons[f"{e['title']} ({results['configs'][cfg]['title']}): "
+                                f"{e['status']}, {e['reason']}"] = None
+                continue
             row = [results["configs"][cfg]["title"], results["contenders"][key]["title"]]
             for d in dtypes:
                 r = next((e for e in entries if e["config"] == cfg and e["contender"] == key
@@ -280,7 +296,7 @@ def render_readme(results: dict[str, Any], source: str = "RESULTS.json") -> str:
 
 
 def plot_results(results: dict[str, Any], path) -> bool:
-    """A bar chart of % of copy bandwidth per contender, one panel per shape set and dtype.
+    """A bar chart of % of copy bandwidth per contender: a row per shape set, a column per dtype.
 
     Returns False (and writes nothing) when matplotlib is not installed.
     """
@@ -294,33 +310,45 @@ def plot_results(results: dict[str, Any], path) -> bool:
     groups = _groups(results)
     if not groups:
         return False
-    heights = [max(1, sum(r["status"] == "ok" for r in e)) for _, _, e in groups]
-    fig, axes = plt.subplots(len(groups), 1, figsize=(9, 1.2 + 0.28 * sum(heights)
-                                                       + 0.6 * len(groups)),
+    set_names = list(dict.fromkeys(g[0]["name"] for g in groups))
+    dtypes = list(dict.fromkeys(g[1] for g in groups))
+    cell = {(g[0]["name"], g[1]): g for g in groups}
+    heights = [max(1, max(sum(r["status"] == "ok" for r in cell[(n, d)][2])
+                          for d in dtypes if (n, d) in cell)) for n in set_names]
+    fig, axes = plt.subplots(len(set_names), len(dtypes),
+                             figsize=(8 * len(dtypes), 1.2 + 0.28 * sum(heights)
+                                      + 0.6 * len(set_names)),
                              gridspec_kw={"height_ratios": heights}, squeeze=False)
     colors = {"torch": "#8c8c8c", "fastsched": "#d9541e"}
     copy = results["copy"]["gbps"]
-    for ax, (sset, dtype, entries) in zip(axes[:, 0], groups):
-        ok = [r for r in entries if r["status"] == "ok"]
-        labels = [f"{results['configs'][r['config']]['title']}: {r['title']}" for r in ok]
-        vals = [r["pct_copy"] for r in ok]
-        y = list(range(len(ok)))[::-1]
-        ax.barh(y, vals, color=[colors.get(r["family"], "#4c72b0") for r in ok])
-        ax.set_yticks(y)
-        ax.set_yticklabels(labels, fontsize=7)
-        for yi, v, r in zip(y, vals, ok):
-            ax.text(v, yi, f" {v:.0f}% ({fmt_time(r['b2b_s']['median'])})", va="center",
-                    fontsize=6)
-        ax.axvline(100, color="k", lw=0.6, ls="--")
-        ax.set_title(f"{_set_title(sset)}, {dtype}", fontsize=8, loc="left")
-        ax.set_xlim(0, max([100.0] + vals) * 1.25)
-        ax.tick_params(axis="x", labelsize=7)
-    axes[-1, 0].set_xlabel(f"% of the copy bandwidth measured in the same run ({_gbps(copy)})",
-                           fontsize=8)
+    for i, name in enumerate(set_names):
+        for j, dtype in enumerate(dtypes):
+            ax = axes[i, j]
+            if (name, dtype) not in cell:
+                ax.axis("off")
+                continue
+            sset, _, entries = cell[(name, dtype)]
+            ok = [r for r in entries if r["status"] == "ok"]
+            labels = [f"{results['configs'][r['config']]['title']}: {r['title']}" for r in ok]
+            vals = [r["pct_copy"] for r in ok]
+            y = list(range(len(ok)))[::-1]
+            ax.barh(y, vals, color=[colors.get(r["family"], "#4c72b0") for r in ok])
+            ax.set_yticks(y)
+            ax.set_yticklabels(labels, fontsize=7)
+            for yi, v, r in zip(y, vals, ok):
+                ax.text(v, yi, f" {v:.0f}% ({fmt_time(r['b2b_s']['median'])})", va="center",
+                        fontsize=6)
+            ax.axvline(100, color="k", lw=0.6, ls="--")
+            ax.set_title(f"{_set_title(sset)}, {dtype}", fontsize=8, loc="left")
+            ax.set_xlim(0, max([100.0] + vals) * 1.25)
+            ax.tick_params(axis="x", labelsize=7)
+    for j in range(len(dtypes)):
+        axes[-1, j].set_xlabel(f"% of the copy bandwidth measured in the same run "
+                               f"({_gbps(copy)})", fontsize=8)
     m = results["meta"]
     fig.suptitle(f"fastsched bench: {m['device']}, {m['date'][:10]}, scale {m['scale']:g}",
                  fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
