@@ -100,6 +100,9 @@ class _Plan:
     tstat: torch.Tensor | None = None
     ustat: torch.Tensor | None = None
     host_rows: list[list[int]] = field(default_factory=list)
+    # the state and step tensors the tables point at, kept alive: a state replaced behind the
+    # optimizer's back must not leave the kernel writing into freed memory
+    states: list[torch.Tensor] = field(default_factory=list)
 
 
 class FusedOptimizer(torch.optim.Optimizer):
@@ -390,7 +393,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             rows.append([p.data_ptr(), g.data_ptr()]
                         + [0 if s is None else s.data_ptr() for s in st]
                         + [self.state[p]["step"].data_ptr(), p.numel(), gi] + list(ui))
-        plan = _Plan(params, grads, gidx, ptr_key, host_rows=rows)
+        plan = _Plan(params, grads, gidx, ptr_key, host_rows=rows,
+                     states=[t for p in params for t in self.state[p].values()
+                             if isinstance(t, torch.Tensor)])
         if self.backend != "triton":
             return plan
         n = len(params)
@@ -449,25 +454,38 @@ class FusedOptimizer(torch.optim.Optimizer):
         flat = [p for g in self.param_groups for p in g["params"]]
         cur_grads = [p.grad for p in flat]
         cur_ptrs = [p.data_ptr() for p in flat]
+        # and the same per-parameter state dicts (opt.state.clear(), opt.state[p] = {} or
+        # popping an entry reset a state, as in torch; replacing one tensor inside a state dict
+        # is not seen here: modify states in place or through load_state_dict)
+        states = list(self.state.values())
+        n_states = sum(map(len, states))
         last = self._last_seen
         if (self._plan is not None and last is not None and cur_ptrs == last[1]
-                and len(cur_grads) == len(last[0]) and all(map(operator.is_, cur_grads, last[0]))):
+                and len(cur_grads) == len(last[0]) and all(map(operator.is_, cur_grads, last[0]))
+                and len(states) == len(last[2]) and all(map(operator.is_, states, last[2]))
+                and n_states == last[3]):
             return self._plan
         plan = self._prepare_slow()
-        self._last_seen = None if self._copied_grads else (cur_grads, cur_ptrs)
+        states = list(self.state.values())
+        self._last_seen = None if self._copied_grads else (cur_grads, cur_ptrs, states,
+                                                           sum(map(len, states)))
         return plan
 
     def _prepare_slow(self) -> _Plan | None:
         params, grads, gidx = self._collect()
         if not params:
             return None
-        ptr_key = tuple((p.data_ptr(), g.data_ptr(), gi) for p, g, gi in zip(params, grads, gidx))
+        # the states' addresses are part of the key: states reset between steps rebuild the tables
+        self._ensure_state(params, gidx)
+        ptr_key = tuple((p.data_ptr(), g.data_ptr(), gi,
+                         tuple(t.data_ptr() for t in self.state[p].values()
+                               if isinstance(t, torch.Tensor)))
+                        for p, g, gi in zip(params, grads, gidx))
         plan = self._plan
         if plan is not None and plan.ptr_key == ptr_key:
             return plan
-        self._ensure_state(params, gidx)
         if plan is not None and len(plan.ptr_key) == len(ptr_key) and all(
-                a[0] == b[0] and a[2] == b[2] for a, b in zip(plan.ptr_key, ptr_key)) \
+                a[0] == b[0] and a[2:] == b[2:] for a, b in zip(plan.ptr_key, ptr_key)) \
                 and self.backend == "triton":
             # same parameters, new gradient tensors (zero_grad(set_to_none=True)): only the
             # gradient column changes; one small host-to-device copy
