@@ -178,12 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="multiply every tensor's element count (tensor count kept, >= 1 "
                    "element); default 1 on a GPU, 0.01 on the CPU")
     b.add_argument("--quick", action="store_true",
-                   help="fewer timed steps per contender (about half the time)")
+                   help="fewer timed steps per contender and a smaller compile budget")
     b.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="include torch.compile (default: on a GPU yes, on the CPU no)")
-    b.add_argument("--compile-budget", type=_positive_float, default=150.0, metavar="SECONDS",
+    b.add_argument("--compile-budget", type=_positive_float, default=None, metavar="SECONDS",
                    help="skip further torch.compile contenders once their compile time would "
-                   "exceed this total (default 150)")
+                   "exceed this total (default 150; 60 with --quick)")
     b.add_argument("--compile-max-tensors", type=_positive_int, default=512, metavar="N",
                    help="skip torch.compile for shape sets with more tensors (default 512)")
     b.add_argument("--device", type=_device, default=None,

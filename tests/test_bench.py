@@ -273,7 +273,7 @@ def _check_profile(out_dir, contender: str):
     s = json.loads(summaries[0].read_text())
     assert s["what"]["contender"] == contender
     for k in ("first_step_s", "kernel_time_per_step_s", "syncs_per_step",
-              "operator_calls_per_step"):
+              "scalar_reads_per_step", "operator_calls_per_step"):
         assert _finite(s[k]) and s[k] >= 0, k
     for k in ("host_time_per_step_s", "latency_s", "host_time_per_step_profiled_s"):
         assert _finite(s[k]["median"]) and s[k]["median"] > 0

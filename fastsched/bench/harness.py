@@ -100,7 +100,7 @@ class BenchOptions:
     scale: float | None = None  # None: 1 on a GPU, CPU_DEFAULT_SCALE on the CPU
     quick: bool = False
     compile: bool | None = None  # None: on for a GPU, off for the CPU
-    compile_budget_s: float = 150.0
+    compile_budget_s: float | None = None  # None: 150 s, 60 s with quick
     compile_max_tensors: int = 512
     device: str | None = None
     out: Path | None = Path("bench/results")
@@ -419,9 +419,12 @@ def _run_bench(opts: BenchOptions, dev: Device, on_entry, on_group) -> dict[str,
     scale = opts.scale if opts.scale is not None else (1.0 if dev.is_cuda else CPU_DEFAULT_SCALE)
     plan = TimingPlan.for_device(dev.is_cuda, opts.quick)
     compile_on = opts.compile if opts.compile is not None else dev.is_cuda
+    budget = opts.compile_budget_s
+    if budget is None:
+        budget = 60.0 if opts.quick else 150.0
     gate = _CompileGate(compile_on, CPU_COMPILE_REASON if not dev.is_cuda else
                         "torch.compile switched off (--no-compile)",
-                        opts.compile_budget_s, opts.compile_max_tensors)
+                        budget, opts.compile_max_tensors)
     sets = _shape_sets(opts, scale)
     # the CPU reference backend pays per tensor on the host, whatever the dtype: one dtype keeps
     # the default CPU run near a minute
@@ -436,7 +439,7 @@ def _run_bench(opts: BenchOptions, dev: Device, on_entry, on_group) -> dict[str,
         "meta": {**meta, "scale": scale, "quick": opts.quick, "seed": opts.seed,
                  "torch_threads": torch.get_num_threads(), "complete": False,
                  "dtypes": dtypes, "configs": opts.configs,
-                 "compile": {"enabled": compile_on, "budget_s": opts.compile_budget_s,
+                 "compile": {"enabled": compile_on, "budget_s": budget,
                              "max_tensors": opts.compile_max_tensors},
                  "timing": {"plan": asdict(plan),
                             "b2b": "blocks of k steps, one synchronisation per block" +
@@ -480,6 +483,8 @@ def _run_bench(opts: BenchOptions, dev: Device, on_entry, on_group) -> dict[str,
                         on_entry(rec)
                     prog.advance(_entry_line(rec))
                 shared.clear()
+                if gate.enabled:
+                    _dynamo_reset()  # compiled graphs may hold the parameters
                 del master
                 _free(dev)
                 if on_group is not None:

@@ -195,8 +195,9 @@ def _analyse(prof, dev: Device, n: int, params, config: str, copy_gbps: float,
             row.update(bytes_per_step=b, gbps=b / per_step / 1e9,
                        pct_copy=100.0 * b / per_step / 1e9 / copy_gbps)
         rows.append(row)
-    sync_total = (sum(syncs[s] for s in SYNC_NAMES[:3]) if dev.is_cuda
-                  else syncs["aten::_local_scalar_dense"])
+    # a device synchronisation is a cuda*Synchronize call; a tensor value read on the host
+    # (item -> _local_scalar_dense) is one only when the tensor lives on the GPU
+    sync_total = sum(syncs[s] for s in SYNC_NAMES[:3])
     return {
         "steps": n,
         "host_time_per_step_profiled_s": quantiles(host) if host else None,
@@ -205,6 +206,7 @@ def _analyse(prof, dev: Device, n: int, params, config: str, copy_gbps: float,
         "launches_per_step": (launches / n) if dev.is_cuda else None,
         "operator_calls_per_step": top_ops / n,
         "syncs_per_step": sync_total / n,
+        "scalar_reads_per_step": syncs["aten::_local_scalar_dense"] / n,
         "sync_events": syncs,
         "kernels": rows[:max(top, 1)] if top else rows,
         "kernels_total": len(rows),
@@ -311,7 +313,7 @@ def print_profile(res: dict[str, Any], file=None) -> None:
         f"{w.get('set') or w.get('model')}, {w['params']} params in {w['tensors']} tensors "
         f"({', '.join(w['dtypes'])}), {res['steps']} steps",
         f"copy bandwidth (the ceiling): {res['copy']['gbps']:.4g} GB/s",
-        f"first step (tables, JIT/compile): {fmt_time(res['first_step_s'])}",
+        f"first step (state, tables, JIT or torch.compile): {fmt_time(res['first_step_s'])}",
         f"host time per step (the call, no sync): {fmt_time(res['host_time_per_step_s']['median'])}"
         f"; synchronised step: {fmt_time(res['latency_s']['median'])}",
         ("device kernel time per step: " if res["device_time_per_step_s"] is not None else
@@ -319,11 +321,13 @@ def print_profile(res: dict[str, Any], file=None) -> None:
         ("launches per step: " + (f"{res['launches_per_step']:.1f}"
                                   if res["launches_per_step"] is not None else "- (CPU)")
          + f"; operator calls per step: {res['operator_calls_per_step']:.1f}"),
-        f"host synchronisations per step: {res['syncs_per_step']:.2f} ("
-        + ", ".join(f"{k} {v}" for k, v in res["sync_events"].items() if v) + ")"
-        if any(res["sync_events"].values()) else
-        "host synchronisations per step: 0",
+        f"host synchronisations per step (cuda*Synchronize): {res['syncs_per_step']:.2f}; "
+        f"tensor values read on the host per step (aten::_local_scalar_dense, a "
+        f"synchronisation when the tensor is on a GPU): {res['scalar_reads_per_step']:.2f}",
     ]
+    if any(res["sync_events"].values()):
+        lines.append("  events in the profiled steps: " + ", ".join(
+            f"{k} {v}" for k, v in res["sync_events"].items() if v))
     for line in lines:
         print(line, file=out)
     rows = res["kernels"]
