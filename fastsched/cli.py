@@ -186,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "exceed this total (default 150; 60 with --quick)")
     b.add_argument("--compile-max-tensors", type=_positive_int, default=512, metavar="N",
                    help="skip torch.compile for shape sets with more tensors (default 512)")
+    b.add_argument("--time-limit", type=_positive_float, default=None, metavar="SECONDS",
+                   help="start no new shape set and dtype after this many seconds (the rest is "
+                   "recorded as skipped)")
     b.add_argument("--device", type=_device, default=None,
                    help="cpu or cuda (default: cuda when available)")
     b.add_argument("--out", type=Path, default=Path("bench/results"), metavar="DIR",
@@ -291,7 +294,8 @@ def _cmd_bench(args, argv) -> int:
                         compile_max_tensors=args.compile_max_tensors, device=args.device,
                         out=None if args.no_save else args.out, plot=not args.no_plot,
                         progress=not args.no_progress, seed=args.seed, copy_mib=args.copy_mib,
-                        threads=args.threads, argv=["fastsched", *argv])
+                        threads=args.threads, time_limit_s=args.time_limit,
+                        argv=["fastsched", *argv])
     # the JSON is rewritten after every shape set and dtype: a run cut short leaves its data
     results = run_bench(opts, on_group=None if opts.out is None else
                         (lambda res: save_json(res, opts.out)))

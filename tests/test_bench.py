@@ -252,6 +252,14 @@ def test_allora_without_effect_is_unavailable(monkeypatch):
     assert r["status"] == "unavailable" and "no effect" in r["reason"]
 
 
+def test_time_limit_records_the_rest_as_skipped():
+    res = run_bench(_tiny(configs=["adamw"], time_limit_s=1e-9))
+    assert res["results"] and all(r["status"] == "skipped" and "--time-limit" in r["reason"]
+                                  for r in res["results"])
+    assert len(res["results"]) == len(C.contenders_for("adamw"))
+    assert "## Performance" in render_readme(res)
+
+
 def test_torch_allora_scaling_matches_formula():
     p = torch.nn.Parameter(torch.tensor([[3.0, 4.0], [0.0, 0.0]]))
     p.grad = torch.ones(2, 2)
@@ -320,3 +328,36 @@ def test_profile_user_model(tmp_path, monkeypatch, capsys):
         assert main(["profile", "--model", spec, "--steps", "2", "--out", str(out)]) == 0
         s = _check_profile(out, "fastsched")
         assert s["what"]["tensors"] == tensors and s["what"]["model"] == spec
+
+
+# -- GPU: the paths that only run there (CUDA events, graphs, device memory, kernel profiles) ----
+
+@pytest.mark.gpu
+def test_gpu_run_small():
+    res = run_bench(BenchOptions(sets=[], custom=parse_shapes("1024x1024,4096,3x3,77"),
+                                 dtypes=["fp32", "bf16"], quick=True, compile=False, out=None,
+                                 progress=False, plot=False, device="cuda"))
+    assert res["meta"]["device_kind"] == "cuda" and res["meta"]["cuda_runtime"]
+    for r in res["results"]:
+        if r["contender"] == "torch-compile":
+            assert r["status"] == "skipped"
+        elif r["family"] == "torch":
+            assert r["status"] == "ok", r  # the CUDA-graph ones included
+        else:
+            assert r["status"] == "ok" or r["reason"], r
+        if r["status"] == "ok":
+            assert _finite(r["gbps"]) and r["b2b_s"]["median"] > 0
+            if r["contender"] == "torch-fused" and r["config"] == "adamw":
+                # exp_avg and exp_avg_sq: at least two more parameter sets on the device
+                esize = 4 if r["dtype"] == "fp32" else 2
+                assert r["peak_mem_bytes"] >= 2 * esize * r["params"]
+
+
+@pytest.mark.gpu
+def test_gpu_profile(tmp_path):
+    assert main(["profile", "--shapes", "1024x1024,4096", "--contender", "torch-fused",
+                 "--steps", "3", "--out", str(tmp_path)]) == 0
+    s = _check_profile(tmp_path, "torch-fused")
+    assert s["launches_per_step"] > 0 and s["device_time_per_step_s"] > 0
+    fused = [k for k in s["kernels"] if "FusedAdam" in k["name"]]
+    assert fused and _finite(fused[0]["gbps"])

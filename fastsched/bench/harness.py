@@ -109,6 +109,7 @@ class BenchOptions:
     seed: int = 0
     copy_mib: int | None = None
     threads: int | None = None  # torch CPU threads; None: 1 on the CPU, unchanged on a GPU
+    time_limit_s: float | None = None  # no new shape set / dtype once the run is this old
     argv: list[str] | None = None
 
 
@@ -249,6 +250,15 @@ def _run_entry(sset: ShapeSet, dtype: str, config: str, key: str, master, dev: D
         del built, params
         _free(dev)
     return rec
+
+
+def _skipped_entry(sset: ShapeSet, dtype: str, config: str, key: str, why: str) -> dict:
+    cont = CONTENDERS[key]
+    return {"set": sset.name, "dtype": dtype, "config": config, "contender": key,
+            "title": cont.title, "family": cont.family, "graph": cont.graph,
+            "params": sset.params, "tensors": sset.tensors,
+            "bytes_per_param": CONFIGS[config].bytes_per_param(DTYPES[dtype]),
+            "status": "skipped", "reason": why}
 
 
 def derive(results: dict[str, Any]) -> dict[str, Any]:
@@ -439,6 +449,7 @@ def _run_bench(opts: BenchOptions, dev: Device, on_entry, on_group) -> dict[str,
         "meta": {**meta, "scale": scale, "quick": opts.quick, "seed": opts.seed,
                  "torch_threads": torch.get_num_threads(), "complete": False,
                  "dtypes": dtypes, "configs": opts.configs,
+                 "time_limit_s": opts.time_limit_s,
                  "compile": {"enabled": compile_on, "budget_s": budget,
                              "max_tensors": opts.compile_max_tensors},
                  "timing": {"plan": asdict(plan),
@@ -469,6 +480,14 @@ def _run_bench(opts: BenchOptions, dev: Device, on_entry, on_group) -> dict[str,
         prog.advance(f"copy bandwidth: {results['copy']['gbps']:.4g} GB/s")
         for dtype in dtypes:
             for sset in sets:
+                if opts.time_limit_s is not None and \
+                        time.perf_counter() - started > opts.time_limit_s:
+                    why = f"--time-limit {opts.time_limit_s:g} s reached before this shape set"
+                    for config, key in entries:
+                        rec = _skipped_entry(sset, dtype, config, key, why)
+                        results["results"].append(rec)
+                        prog.advance(_entry_line(rec))
+                    continue
                 master = params_of(sset.shapes, DTYPES[dtype], dev.torch_device, opts.seed)
                 shared: dict[str, Any] = {}
                 if gate.enabled:
