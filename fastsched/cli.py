@@ -187,8 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--compile-max-tensors", type=_positive_int, default=512, metavar="N",
                    help="skip torch.compile for shape sets with more tensors (default 512)")
     b.add_argument("--time-limit", type=_positive_float, default=None, metavar="SECONDS",
-                   help="start no new shape set and dtype after this many seconds (the rest is "
-                   "recorded as skipped)")
+                   help="start no new contender after this many seconds (the rest is recorded "
+                   "as skipped)")
     b.add_argument("--device", type=_device, default=None,
                    help="cpu or cuda (default: cuda when available)")
     b.add_argument("--out", type=Path, default=Path("bench/results"), metavar="DIR",

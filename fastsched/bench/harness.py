@@ -109,7 +109,7 @@ class BenchOptions:
     seed: int = 0
     copy_mib: int | None = None
     threads: int | None = None  # torch CPU threads; None: 1 on the CPU, unchanged on a GPU
-    time_limit_s: float | None = None  # no new shape set / dtype once the run is this old
+    time_limit_s: float | None = None  # no new contender once the run is this old
     argv: list[str] | None = None
 
 
@@ -140,6 +140,7 @@ class _CompileGate:
         self.budget_s, self.max_tensors = budget_s, max_tensors
         self.spent_s = 0.0
         self.per_tensor_s = 0.0
+        self.time_left_s: float | None = None  # of the run's --time-limit
 
     def check(self, tensors: int) -> None:
         if not self.enabled:
@@ -151,6 +152,9 @@ class _CompileGate:
         if self.spent_s > 0 and self.spent_s + est > self.budget_s:
             raise Skipped(f"--compile-budget {self.budget_s:.0f} s: {self.spent_s:.0f} s spent, "
                           f"this compile estimated at {est:.0f} s from the earlier ones")
+        if self.time_left_s is not None and self.spent_s > 0 and est > self.time_left_s:
+            raise Skipped(f"--time-limit: {self.time_left_s:.0f} s left, this compile estimated "
+                          f"at {est:.0f} s from the earlier ones")
 
     def record(self, seconds: float, tensors: int) -> None:
         self.spent_s += seconds
@@ -474,17 +478,21 @@ def _run_bench(opts: BenchOptions, dev: Device, on_entry, on_group) -> dict[str,
         "results": [],
     }
     started = time.perf_counter()
+    time_why = f"--time-limit {opts.time_limit_s or 0:g} s reached"
+
+    def over_time() -> bool:
+        return (opts.time_limit_s is not None
+                and time.perf_counter() - started > opts.time_limit_s)
+
     with _progress(opts.progress) as prog:
         prog.start(len(dtypes) * len(sets) * len(entries) + 2)
         results["copy"] = copy_bandwidth(dev, copy_mib << 20, reps=20 if dev.is_cuda else 6)
         prog.advance(f"copy bandwidth: {results['copy']['gbps']:.4g} GB/s")
         for dtype in dtypes:
             for sset in sets:
-                if opts.time_limit_s is not None and \
-                        time.perf_counter() - started > opts.time_limit_s:
-                    why = f"--time-limit {opts.time_limit_s:g} s reached before this shape set"
+                if over_time():
                     for config, key in entries:
-                        rec = _skipped_entry(sset, dtype, config, key, why)
+                        rec = _skipped_entry(sset, dtype, config, key, time_why)
                         results["results"].append(rec)
                         prog.advance(_entry_line(rec))
                     continue
@@ -495,8 +503,13 @@ def _run_bench(opts: BenchOptions, dev: Device, on_entry, on_group) -> dict[str,
                 for config, key in entries:
                     if hasattr(prog, "describe"):
                         prog.describe(f"{sset.name} {dtype} {config} {key}")
-                    rec = _run_entry(sset, dtype, config, key, master, dev, plan, schedule,
-                                     shared, gate)
+                    if over_time():
+                        rec = _skipped_entry(sset, dtype, config, key, time_why)
+                    else:
+                        gate.time_left_s = (None if opts.time_limit_s is None else
+                                            opts.time_limit_s - (time.perf_counter() - started))
+                        rec = _run_entry(sset, dtype, config, key, master, dev, plan, schedule,
+                                         shared, gate)
                     results["results"].append(rec)
                     if on_entry is not None:
                         on_entry(rec)
