@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One command for a lent GPU machine (torch and triton preinstalled, no network). In order of
+# priority, so that a run cut short still returns the most useful part:
+#   1. install the checkout without touching the machine's torch/triton;
+#   2. the gpu-marked tests (CUDA graphs, no host sync in step(), native kernel parity);
+#   3. the full benchmark, bounded by --time-limit (JSON/Markdown/PNG under $out);
+#   4. the whole test suite natively on the GPU (kernels compiled, not interpreted).
+# Usage: OUT=/some/dir bash bench/gpu_check.sh   (default out: bench/results)
+# Budget: about 1 + 2 + 5 + 3 minutes; set BENCH_LIMIT / TEST_LIMIT (seconds) to change.
+set -uo pipefail
+out="${OUT:-bench/results}"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
+{
+  date -u +%Y-%m-%dT%H:%MZ
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+} 2>&1 | tee "$out/gpu-device.txt"
+timeout 150 python3 -m pytest tests -m gpu -q -p no:cacheprovider 2>&1 \
+  | tee "$out/gpu-tests-marked.log" | tail -15
+timeout $(( ${BENCH_LIMIT:-300} + 60 )) fastsched bench --out "$out" --no-progress \
+  --time-limit "${BENCH_LIMIT:-300}" 2>&1 | tee "$out/gpu-bench.log" | tail -40
+timeout "${TEST_LIMIT:-180}" python3 -m pytest tests -q -x -p no:cacheprovider -m "not gpu" \
+  2>&1 | tee "$out/gpu-tests-all.log" | tail -8
