@@ -76,8 +76,8 @@ def test_parse_shapes():
 @pytest.fixture(scope="module")
 def bench_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("results")
-    rc = main(["bench", "--scale", "0.01", "--sets", "gpt2", "--shapes", "64x32,17,3x3",
-               "--quick", "--no-progress", "--out", str(out)])
+    rc = main(["bench", "--device", "cpu", "--scale", "0.01", "--sets", "gpt2",
+               "--shapes", "64x32,17,3x3", "--quick", "--no-progress", "--out", str(out)])
     assert rc == 0
     files = sorted(out.iterdir())
     js = [f for f in files if f.suffix == ".json"]
@@ -211,7 +211,7 @@ def test_derive_from_synthetic_results():
 
 def _tiny(**kw) -> BenchOptions:
     base = dict(sets=[], custom=parse_shapes("8x4,5"), scale=1.0, quick=True, out=None,
-                progress=False, plot=False, copy_mib=1)
+                progress=False, plot=False, copy_mib=1, device="cpu")
     base.update(kw)
     return BenchOptions(**base)
 
@@ -292,7 +292,8 @@ def _check_profile(out_dir, contender: str):
 
 
 def test_profile_shape_set(tmp_path, capsys):
-    rc = main(["profile", "--scale", "0.01", "--set", "lora-7b", "--config", "adamw-clip",
+    rc = main(["profile", "--device", "cpu", "--scale", "0.01", "--set", "lora-7b",
+               "--config", "adamw-clip",
                "--contender", "torch-fused", "--steps", "3", "--warmup", "1",
                "--out", str(tmp_path)])
     assert rc == 0
@@ -305,8 +306,8 @@ def test_profile_shape_set(tmp_path, capsys):
 
 
 def test_profile_fastsched(tmp_path):
-    assert main(["profile", "--shapes", "256x64,300,7", "--config", "adamw-clip", "--steps", "2",
-                 "--warmup", "0", "--out", str(tmp_path)]) == 0
+    assert main(["profile", "--device", "cpu", "--shapes", "256x64,300,7", "--config",
+                 "adamw-clip", "--steps", "2", "--warmup", "0", "--out", str(tmp_path)]) == 0
     _check_profile(tmp_path, "fastsched")
 
 
