@@ -12,6 +12,8 @@ from typing import Any, ClassVar
 import torch
 
 from ..schedules import Constant, Schedule, from_dict
+from . import _distributed
+from ._distributed import local
 
 __all__ = ["FusedOptimizer", "BACKENDS", "NONFINITE", "ALLORA_UNITS"]
 
@@ -103,6 +105,11 @@ class _Plan:
     # the state and step tensors the tables point at, kept alive: a state replaced behind the
     # optimizer's back must not leave the kernel writing into freed memory
     states: list[torch.Tensor] = field(default_factory=list)
+    # distributed: the local shards of DTensor parameters and gradients (the tensors themselves
+    # otherwise) and what is communicated (see _distributed.py; None: nothing)
+    local_params: list[torch.Tensor] = field(default_factory=list)
+    local_grads: list[torch.Tensor] = field(default_factory=list)
+    dist: Any = None
 
 
 class FusedOptimizer(torch.optim.Optimizer):
@@ -163,6 +170,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         self._sched_dev: torch.Tensor | None = None
         self._device: torch.device | None = None
         self._dev_stats: dict[str, torch.Tensor] | None = None
+        self._tensor_stats = stats
+        self._mesh = None  # distributed: None (no group yet), False (plain tensors) or a mesh
         self.schedule = schedule if schedule is not None else Constant(1.0)
         super().__init__(params, defaults)
 
@@ -209,6 +218,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         group.setdefault("allora_unit", "row")
         self._validate_group(group)
         self._validate_allora(group)
+        # distributed: DTensor placements (1-D mesh, Shard/Replicate, one mesh), else ValueError
+        self._mesh = _distributed.check_params(group["params"], group.get("param_names"),
+                                               len(self.param_groups) - 1, self._mesh)
         if group["allora_eta"] is not None:
             for i, p in enumerate(group["params"]):
                 if not p.is_contiguous():
@@ -291,7 +303,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                                        f"({p.dtype}, {tuple(p.shape)})")
                 if g.device != p.device:
                     raise RuntimeError(f"gradient on {g.device} for a parameter on {p.device}")
-                if g.stride() != p.stride():
+                if local(g).stride() != local(p).stride():
                     # the kernel walks p, g and the states as one flat array each: a gradient
                     # laid out differently costs one copy (read + write of g) this step
                     g = torch.empty_like(p).copy_(g)
@@ -368,7 +380,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         units_of = [self.param_groups[gi].get("allora_unit")
                     if self.param_groups[gi].get("allora_eta") is not None else None
                     for gi in gidx]
-        unit_info = [allora_units(p, u) if u is not None else (0, 0, 0, 0)
+        # the kernels and the reference work on local shards (FSDP2 shards dim 0: rows whole)
+        unit_info = [allora_units(local(p), u) if u is not None else (0, 0, 0, 0)
                      for p, u in zip(params, units_of)]
 
         def uclass(i):
@@ -386,18 +399,25 @@ class FusedOptimizer(torch.optim.Optimizer):
         gidx = [gidx[i] for i in order]
         classes = [uclass(i) for i in order]  # before unit_info is reordered: uclass reads it
         unit_info = [unit_info[i] for i in order]
+        units_of = [units_of[i] for i in order]
         rows = []
         for p, g, gi, ui in zip(params, grads, gidx, unit_info):
             st = [self._state_tensor(p, n, self.param_groups[gi]) for n in self._state_names]
             st += [None] * (3 - len(st))
-            rows.append([p.data_ptr(), g.data_ptr()]
-                        + [0 if s is None else s.data_ptr() for s in st]
-                        + [self.state[p]["step"].data_ptr(), p.numel(), gi] + list(ui))
+            rows.append([local(p).data_ptr(), local(g).data_ptr()]
+                        + [0 if s is None else local(s).data_ptr() for s in st]
+                        + [self.state[p]["step"].data_ptr(), local(p).numel(), gi] + list(ui))
         plan = _Plan(params, grads, gidx, ptr_key, host_rows=rows,
                      states=[t for p in params for t in self.state[p].values()
-                             if isinstance(t, torch.Tensor)])
+                             if isinstance(t, torch.Tensor)],
+                     local_params=[local(p) for p in params],
+                     local_grads=[local(g) for g in grads],
+                     dist=_distributed.dist_plan(params, units_of, device))
         if self.backend != "triton":
             return plan
+        if plan.dist is not None:
+            names = dict(zip(map(id, params), self._names_of(params)))
+            _distributed.check_units(params, units_of, lambda p: names[id(p)])
         n = len(params)
         plan.tensors = _h2d(torch.tensor(rows, dtype=torch.int64), device)
         plan.scal = torch.zeros((n, 12), dtype=torch.float32, device=device)
@@ -453,7 +473,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         # (``p.data = ...`` moves them). 2000 tensors: ~0.3 ms of host time instead of ~16 ms.
         flat = [p for g in self.param_groups for p in g["params"]]
         cur_grads = [p.grad for p in flat]
-        cur_ptrs = [p.data_ptr() for p in flat]
+        cur_ptrs = [local(p).data_ptr() for p in flat]  # a DTensor's own data_ptr() is 0
         # and the same per-parameter state dicts (opt.state.clear(), opt.state[p] = {} or
         # popping an entry reset a state, as in torch; replacing one tensor inside a state dict
         # is not seen here: modify states in place or through load_state_dict)
@@ -477,8 +497,8 @@ class FusedOptimizer(torch.optim.Optimizer):
             return None
         # the states' addresses are part of the key: states reset between steps rebuild the tables
         self._ensure_state(params, gidx)
-        ptr_key = tuple((p.data_ptr(), g.data_ptr(), gi,
-                         tuple(t.data_ptr() for t in self.state[p].values()
+        ptr_key = tuple((local(p).data_ptr(), local(g).data_ptr(), gi,
+                         tuple(local(t).data_ptr() for t in self.state[p].values()
                                if isinstance(t, torch.Tensor)))
                         for p, g, gi in zip(params, grads, gidx))
         plan = self._plan
@@ -489,9 +509,10 @@ class FusedOptimizer(torch.optim.Optimizer):
                 and self.backend == "triton":
             # same parameters, new gradient tensors (zero_grad(set_to_none=True)): only the
             # gradient column changes; one small host-to-device copy
-            by_param = {p.data_ptr(): g for p, g in zip(params, grads)}
-            plan.grads = [by_param[p.data_ptr()] for p in plan.params]
-            gcol = [g.data_ptr() for g in plan.grads]
+            by_param = {local(p).data_ptr(): g for p, g in zip(params, grads)}
+            plan.grads = [by_param[local(p).data_ptr()] for p in plan.params]
+            plan.local_grads = [local(g) for g in plan.grads]
+            gcol = [g.data_ptr() for g in plan.local_grads]
             for r, a in zip(plan.host_rows, gcol):
                 r[1] = a
             gdev = _h2d(torch.tensor(gcol, dtype=torch.int64), plan.tensors.device)
@@ -554,6 +575,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                                   b.n_blocks, tl_dtypes[b.dtype], self._block, b.aligned,
                                   self.nonfinite != "ignore")
             launch_reduce(plan.first_block, plan.partials, plan.tstat, len(plan.params))
+            if plan.dist is not None:  # distributed: global per-tensor sums (one all-reduce)
+                plan.dist.reduce_rows(plan.tstat)
         gs = fi = None
         if grad_scale is not None:
             gs = grad_scale.reshape(-1)
@@ -581,6 +604,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                 launch_update(self._kind, plan.tensors, b.blocks, plan.scal, plan.ustat,
                               b.n_blocks, tl_dtypes[b.dtype], self._block, b.aligned, b.flag,
                               self._stats_on)
+        if plan.dist is not None and self._tensor_stats:  # whole-tensor norms (stats=True)
+            plan.dist.reduce_rows(plan.ustat)
 
     def _run_reference_step(self, plan: _Plan, grad_scale, found_inf) -> None:
         from ._reference import allora_scales, grad_statistics
@@ -588,17 +613,21 @@ class FusedOptimizer(torch.optim.Optimizer):
         gm = active = None
         if self._stats_on or grad_scale is not None or found_inf is not None:
             gm, active, out = grad_statistics(
-                plan.grads, max_grad_norm=self.max_grad_norm,
+                plan.local_grads, max_grad_norm=self.max_grad_norm,
                 guard=self.nonfinite != "ignore" and self._stats_on, grad_scale=grad_scale,
-                found_inf=found_inf)
+                found_inf=found_inf, reduce=plan.dist and plan.dist.reduce_rows)
             if self._stats_on:
                 self._reference_stats(plan, out, active)
         scales = [None] * len(plan.params)
-        for i, (p, gi) in enumerate(zip(plan.params, plan.group_index)):
+        for i, (p, gi) in enumerate(zip(plan.local_params, plan.group_index)):
             g = self.param_groups[gi]
             if g.get("allora_eta") is not None:
-                scales[i] = allora_scales(p, g["allora_unit"], float(g["allora_eta"]))
+                red = None if plan.dist is None else (
+                    lambda t, i=i: plan.dist.reduce_units(i, t))
+                scales[i] = allora_scales(p, g["allora_unit"], float(g["allora_eta"]), red)
         upd = self._run_reference(plan, gm, active, scales)
+        if plan.dist is not None and self._tensor_stats:  # whole-tensor norms (stats=True)
+            upd = plan.dist.reduce_rows(upd)
         if self._stats_on:
             self._plan_ustat = upd
 
@@ -669,12 +698,15 @@ class FusedOptimizer(torch.optim.Optimizer):
         was given ``named_parameters()``, else ``"group{g}.param{i}"``)."""
         if self._plan is None:
             return []
+        return self._names_of(self._plan.params)
+
+    def _names_of(self, params) -> list[str]:
         names = {}
         for gi, group in enumerate(self.param_groups):
             pn = group.get("param_names")
             for i, p in enumerate(group["params"]):
                 names[id(p)] = pn[i] if pn else f"group{gi}.param{i}"
-        return [names[id(p)] for p in self._plan.params]
+        return [names[id(p)] for p in params]
 
     def stats_dict(self) -> dict[str, Any]:
         """The statistics as Python numbers (this synchronises with the device, once).
@@ -759,6 +791,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         ignores the extra entry). Reading the clock synchronises, once per checkpoint.
         """
         sd = super().state_dict()
+        # groups without ALLoRA leave its keys out (load_state_dict restores them): a
+        # torch.distributed.checkpoint load asks the checkpoint for every key of this dict and a
+        # torch.optim checkpoint has none of them
+        sd["param_groups"] = [{k: v for k, v in g.items()
+                               if g.get("allora_eta") is not None
+                               or k not in ("allora_eta", "allora_unit")}
+                              for g in sd["param_groups"]]
         sd["fastsched"] = {"schedule": self.schedule.to_dict(),
                            "clock": int(self.clock.item())}
         return sd
@@ -771,6 +810,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         """
         sd = dict(state_dict)
         extra = sd.pop("fastsched", None)
+        # names and shapes checked before anything is modified (ValueError naming the parameter)
+        _distributed.check_state_dict(self.param_groups, sd)
         super().load_state_dict(sd)
         for group in self.param_groups:
             group.setdefault("allora_eta", None)

@@ -8,6 +8,8 @@ is also sync-free on CUDA tensors (just slow: several kernels per tensor).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..schedules import Schedule
@@ -19,7 +21,8 @@ GroupHyper = tuple[float, float, float, float, float, float, float, float]
 
 
 def grad_statistics(grads, *, max_grad_norm: float | None, guard: bool,
-                    grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None):
+                    grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None,
+                    reduce=None):
     """Global-norm clipping coefficient, skip flag and gradient statistics, on the device.
 
     As ``torch.nn.utils.clip_grad_norm_``: ``coef = min(max_norm / (norm + 1e-6), 1)`` with the
@@ -27,7 +30,8 @@ def grad_statistics(grads, *, max_grad_norm: float | None, guard: bool,
     counted, and left out of the norms when ``guard`` is on (else the norms and the coefficient
     are non-finite, as torch's). Returns ``(grad_mul, active, stats)``: the multiplier of
     every gradient (coefficient / grad scale), a 0-d bool (False: skip the step) and a dict of
-    0-d / per-tensor float64 tensors.
+    0-d / per-tensor float64 tensors. ``reduce`` (or None) sums the (n, 3) per-tensor
+    (sum g^2, sum |g|, non-finite count) of local shards over ranks before anything is derived.
     """
     dev = grads[0].device
     inv_scale = (torch.ones((), dtype=torch.float64, device=dev) if grad_scale is None
@@ -40,7 +44,10 @@ def grad_statistics(grads, *, max_grad_norm: float | None, guard: bool,
         sq.append((ok * ok).sum())
         ab.append(ok.abs().sum())
         nf.append(bad.sum().to(torch.float64))
-    sq, ab, nf = torch.stack(sq), torch.stack(ab), torch.stack(nf)
+    sums = torch.stack([torch.stack(sq), torch.stack(ab), torch.stack(nf)], 1)
+    if reduce is not None:
+        sums = reduce(sums)
+    sq, ab, nf = sums.unbind(1)
     gnorm = sq.sum().sqrt() * inv_scale
     nonfinite = nf.sum()
     one = torch.ones((), dtype=torch.float64, device=dev)
@@ -56,20 +63,26 @@ def grad_statistics(grads, *, max_grad_norm: float | None, guard: bool,
     return coef * inv_scale, active, stats
 
 
-def allora_scales(p: torch.Tensor, unit: str, eta: float) -> torch.Tensor:
+def allora_scales(p: torch.Tensor, unit: str, eta: float, reduce=None) -> torch.Tensor:
     """ALLoRA gradient multiplier ``1 / sqrt(||theta_unit||^2 + 1 / eta^2)`` shaped like ``p``.
 
     Units are the rows or columns of ``p.reshape(p.shape[0], -1)`` or the whole tensor (always
-    the whole tensor below two dimensions).
+    the whole tensor below two dimensions). ``reduce`` (or None) sums the per-unit partial sums
+    of squares over the ranks holding parts of a unit (a sharded parameter's local shard); it
+    is called on every rank, also for an empty shard.
     """
     p32 = p.to(torch.float32)
     inv = 1.0 / float(eta) ** 2
-    if p.numel() == 0:
-        return torch.ones_like(p32)
     if p.dim() < 2 or unit == "tensor":
-        return (1.0 / torch.sqrt((p32 * p32).sum() + inv)).expand_as(p32)
-    v = p32.reshape(p.shape[0], -1)
+        n = (p32 * p32).sum()
+        if reduce is not None:
+            n = reduce(n.reshape(1)).reshape(())
+        return (1.0 / torch.sqrt(n + inv)).expand_as(p32)
+    cols = math.prod(p.shape[1:])
+    v = p32.reshape(p.shape[0], cols)
     n = (v * v).sum(1 if unit == "row" else 0, keepdim=True)
+    if reduce is not None:
+        n = reduce(n)
     return (1.0 / torch.sqrt(n + inv)).expand_as(v).reshape(p.shape)
 
 

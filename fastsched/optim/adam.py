@@ -9,6 +9,7 @@ import torch
 from ..kernels.optim import KIND_ADAM
 from ..schedules import Schedule
 from ._base import DEFAULT_BLOCK, FusedOptimizer
+from ._distributed import local
 from ._reference import adam_reference
 
 __all__ = ["Adam", "AdamW"]
@@ -116,9 +117,9 @@ class Adam(FusedOptimizer):
 
     def _run_reference(self, plan, grad_mul, active, scales):
         st = [self.state[p] for p in plan.params]
-        return adam_reference(plan.params, plan.grads, [s["exp_avg"] for s in st],
-                       [s["exp_avg_sq"] for s in st],
-                       [s.get("max_exp_avg_sq") if self._group_key[gi][6] else None
+        return adam_reference(plan.local_params, plan.local_grads,
+                       [local(s["exp_avg"]) for s in st], [local(s["exp_avg_sq"]) for s in st],
+                       [local(s.get("max_exp_avg_sq")) if self._group_key[gi][6] else None
                         for s, gi in zip(st, plan.group_index)],
                        [s["step"] for s in st], plan.group_index, list(self._group_key),
                        self.schedule, self._clock, grad_mul, active, scales)

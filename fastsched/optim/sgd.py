@@ -9,6 +9,7 @@ import torch
 from ..kernels.optim import KIND_SGD
 from ..schedules import Schedule
 from ._base import DEFAULT_BLOCK, FusedOptimizer
+from ._distributed import local
 from ._reference import sgd_reference
 
 __all__ = ["SGD"]
@@ -80,8 +81,8 @@ class SGD(FusedOptimizer):
 
     def _run_reference(self, plan, grad_mul, active, scales):
         st = [self.state[p] for p in plan.params]
-        return sgd_reference(plan.params, plan.grads,
-                      [s.get("momentum_buffer") if self._group_key[gi][7] else None
+        return sgd_reference(plan.local_params, plan.local_grads,
+                      [local(s.get("momentum_buffer")) if self._group_key[gi][7] else None
                        for s, gi in zip(st, plan.group_index)],
                       [s["step"] for s in st], plan.group_index, list(self._group_key),
                       self.schedule, self._clock, grad_mul, active, scales)
