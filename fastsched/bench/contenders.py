@@ -102,7 +102,7 @@ class Contender:
     description: str = ""
 
 
-# -- helpers ----------------------------------------------------------------------------------
+# -- building blocks --------------------------------------------------------------------------
 
 def _capture(body: Callable[[], None], dev: Device, warmup: int = 3) -> torch.cuda.CUDAGraph:
     """Warm ``body`` up on a side stream, then capture one call of it in a CUDA graph."""
