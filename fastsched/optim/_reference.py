@@ -126,7 +126,7 @@ def adam_reference(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
         omb2 = torch.tensor(1.0 - b2, dtype=torch.float32)
         m = exp_avgs[i].to(torch.float32)
         # torch's lerp: from the nearer end (beta1 = 0: m = g exactly)
-        m = m + omb1 * (g - m) if float(omb1) < 0.5 else g - (g - m) * (1.0 - omb1)
+        m = m + omb1 * (g - m) if 1.0 - b1 < 0.5 else g - (g - m) * (1.0 - omb1)
         v = (1.0 - omb2) * exp_avg_sqs[i].to(torch.float32) + omb2 * g * g
         vv = v
         if max_exp_avg_sqs[i] is not None:
