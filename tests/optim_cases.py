@@ -164,9 +164,10 @@ def awkward_inputs(steps: int, seed: int, **kw) -> Inputs:
 
 def compact_layouts(block: int = BLOCK) -> list[Layout]:
     """Fewer tensors and programs for the interpreter (7 update programs), still 0-d,
-    1 element, block +- 1 (the first unaligned), multi-block tensors and a permuted matrix."""
+    1 element, block +- 1 (the first at an unaligned address), a permuted matrix of exactly two
+    blocks and an empty tensor."""
     return [Layout(()), Layout((1,)), Layout((block - 1,), "offset"), Layout((block + 1,)),
-            Layout((block // 16 + 1, 17), "permuted")]
+            Layout((block // 8, 16), "permuted"), Layout((0, 3))]
 
 
 def set_grads(params, grads, step: int) -> None:

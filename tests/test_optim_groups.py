@@ -250,10 +250,12 @@ def _strided_grads(kind: str, g: torch.Tensor) -> torch.Tensor:
     if kind == "strided":  # every other element of a buffer twice as long
         out = torch.zeros((2 * g.numel(),), dtype=g.dtype, device=g.device)[::2].view(g.shape)
         return out.copy_(g)
+    if kind == "offset":  # contiguous, one element into a buffer: not 16-byte aligned
+        return Layout(tuple(g.shape), "offset").like(g)
     raise ValueError(kind)
 
 
-@pytest.mark.parametrize("kind", ["transposed", "expanded", "strided"])
+@pytest.mark.parametrize("kind", ["transposed", "expanded", "strided", "offset"])
 @pytest.mark.parametrize("case", [ADAMW, SGD_MOM], ids=lambda c: c.id)
 def test_non_contiguous_gradients(case, kind, backend, device):
     """Gradients laid out differently from their parameters give the same result as torch,
@@ -275,6 +277,8 @@ def test_non_contiguous_gradients(case, kind, backend, device):
             assert odd[0].stride()[0] == 0
         if kind == "strided":
             assert odd[2].stride() == (2,)
+        if kind == "offset":
+            assert odd[0].is_contiguous() and odd[0].data_ptr() % 16 != 0
         kept = clone_all(odd)
         for p, g in zip(ours, odd):
             p.grad = g
