@@ -321,6 +321,14 @@ class FusedOptimizer(torch.optim.Optimizer):
             elif not isinstance(state["step"], torch.Tensor) or state["step"].device != p.device \
                     or state["step"].dtype != torch.float32:
                 state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(p.device)
+            for name in self._state_names:
+                # p.data replaced since the state was made (model.to(memory_format=
+                # torch.channels_last)): the kernel walks p and its states as flat arrays of
+                # p's dtype, so the states follow p's layout and dtype, as after a load
+                v = state.get(name)
+                if isinstance(v, torch.Tensor) and v.shape == p.shape and (
+                        v.stride() != p.stride() or v.dtype != p.dtype or v.device != p.device):
+                    state[name] = torch.empty_like(p).copy_(v)
             self._init_state(p, self.param_groups[gi], state)
 
     def _refresh_groups(self, device) -> None:
