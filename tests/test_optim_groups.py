@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from optim_cases import (
+    ADAM,
     ADAMW,
     BASIC,
     BLOCK,
@@ -315,6 +316,27 @@ def test_permuted_and_channels_last_parameters(case, backend, device):
         for v in opt.state[p].values():
             if v.dim():
                 assert v.stride() == p.stride()
+    assert_close_all(ours, theirs)
+
+
+@pytest.mark.parametrize("case", [ADAM, SGD_MOM], ids=lambda c: c.id)
+def test_parameter_layout_changed_between_steps(case, backend, device):
+    """``p.data`` replaced by a channels_last copy after a few steps (what
+    ``model.to(memory_format=torch.channels_last)`` does): the states follow the new layout and
+    the run matches torch."""
+    inputs = make_inputs([Layout((4, 3, 5, 7)), Layout((6,))], 4, case.seed + 9)
+    ours, theirs = inputs.params(device=device), inputs.params()
+    opt, ref = case.make(ours, backend=backend), case.make_torch(theirs)
+    for k, gs in enumerate(inputs.grads):
+        if k == 2:
+            for p in ours + theirs[:1]:
+                if p.dim() == 4:
+                    p.data = p.data.to(memory_format=torch.channels_last)
+        set_grads(ours, gs, k)
+        set_grads(theirs, gs, k)
+        opt.step()
+        ref.step()
+    assert ours[0].is_contiguous(memory_format=torch.channels_last)
     assert_close_all(ours, theirs)
 
 
