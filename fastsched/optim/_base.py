@@ -822,6 +822,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         _distributed.check_state_dict(self.param_groups, sd)
         super().load_state_dict(sd)
         for group in self.param_groups:
+            # keys that a checkpoint of an older torch lacks (maximize, foreach, fused,
+            # decoupled_weight_decay, ...) take this optimizer's defaults, as torch's
+            # __setstate__ fills them (AdamW: decoupled_weight_decay=True); step() needs them
+            for k, v in self.defaults.items():
+                group.setdefault(k, v)
             group.setdefault("allora_eta", None)
             group.setdefault("allora_unit", "row")
             for p in group["params"]:
