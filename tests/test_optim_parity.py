@@ -276,3 +276,22 @@ def test_adam_edge_hyperparameters(kwargs, backend, kernel_device):
     if kwargs["lr"] == 0.0:
         for a, b in zip(ours, inputs.init):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_torch_lr_scheduler_drives_fastsched(backend, kernel_device):
+    """A torch LRScheduler (it rewrites group["lr"] after every step) drives fastsched as it
+    drives torch.optim: drop-in for existing training loops."""
+    case = by_id("SGD-momentum=0.9-nesterov")
+    steps = 10 if backend == "reference" else 4
+    device = kernel_device if backend == "triton" else "cpu"
+    inputs = make_inputs([Layout(()), Layout((BLOCK + 1,))], steps, case.seed + 13)
+    ours, theirs = inputs.params(device=device), inputs.params()
+    opt, ref = case.make(ours, backend=backend), case.make_torch(theirs)
+    scheds = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=steps, eta_min=1e-3)
+              for o in (opt, ref)]
+    run(opt, ours, inputs.grads, after_step=lambda k: scheds[0].step())
+    run(ref, theirs, inputs.grads, after_step=lambda k: scheds[1].step())
+    assert opt.param_groups[0]["lr"] == ref.param_groups[0]["lr"] != case.kw["lr"]
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.cpu(), b, **TOLERANCES[torch.float32])
