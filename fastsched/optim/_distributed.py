@@ -121,15 +121,15 @@ class DistPlan:
     """Communication of one parameter set: the process group and the rows this rank counts."""
 
     group: Any
-    owned: torch.Tensor  # (n,) float64: 1 where this rank's partial sums count
+    owned: torch.Tensor  # (n,) bool: where this rank's partial sums count
     all_owned: bool
     unit_groups: list  # per tensor: the process group of its ALLoRA unit reduction, or None
 
     def reduce_rows(self, t: torch.Tensor) -> torch.Tensor:
         """Sum per-tensor rows over ranks, replicated tensors counted once (in place when
         possible; returns the result)."""
-        if not self.all_owned:
-            t.mul_(self.owned.to(t.dtype).reshape(-1, *([1] * (t.dim() - 1))))
+        if not self.all_owned:  # where, not a product: 0 * inf would be nan
+            t.copy_(torch.where(self.owned.reshape(-1, *([1] * (t.dim() - 1))), t, 0))
         dist.all_reduce(t, group=self.group)
         return t
 
@@ -146,10 +146,9 @@ def dist_plan(params, units, device) -> DistPlan | None:
         return None
     mesh = params[0].device_mesh
     rank0 = mesh.get_local_rank() == 0
-    owned = [1.0 if isinstance(p.placements[0], Shard) or rank0 else 0.0 for p in params]
+    owned = [isinstance(p.placements[0], Shard) or rank0 for p in params]
     group = mesh.get_group()
-    return DistPlan(group, torch.tensor(owned, dtype=torch.float64).to(device),
-                    all(o == 1.0 for o in owned),
+    return DistPlan(group, torch.tensor(owned).to(device), all(owned),
                     [group if _units_span_shard(p, u) else None for p, u in zip(params, units)])
 
 

@@ -1,0 +1,355 @@
+"""Worker processes of tests/test_distributed.py (one function per scenario, run on every rank).
+
+Each scenario asserts inside the workers; a failing rank writes its traceback next to the
+checkpoints and exits non-zero. Every rank trains on the same data, so FSDP2's averaged
+gradients equal the single-process gradients exactly and the runs differ only by the order of
+the (float64) norm sums.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import fastsched
+from fastsched.schedules import Cosine
+
+STEPS = 20  # steps before the checkpoint
+MORE = 5  # steps after it
+NAN_STEP = 7  # a NaN on rank 1 only at this step
+ROWS = (6, 11, 10, 4)  # layer widths: uneven shards at world size 2 and 4 (11 rows -> 3,3,3,2)
+RTOL = 1e-5
+
+
+def entry(scenario: str, rank: int, world: int, tmp: str) -> None:
+    torch.set_num_threads(1)
+    err = Path(tmp) / f"error-{scenario}-{world}-{rank}.txt"
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{tmp}/rdv-{scenario}-{world}",
+                                rank=rank, world_size=world, timeout=timedelta(seconds=60))
+        try:
+            globals()[scenario](rank, world, Path(tmp))
+        finally:
+            dist.destroy_process_group()
+    except BaseException:
+        err.write_text(traceback.format_exc())
+        sys.exit(1)
+
+
+# -- models, data, optimizers ------------------------------------------------------------------
+
+def make_model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    layers = []
+    for a, b in zip(ROWS, ROWS[1:]):
+        layers += [torch.nn.Linear(a, b), torch.nn.Tanh()]
+    return torch.nn.Sequential(*layers[:-1])
+
+
+def batch(step: int, part: int | None = None, parts: int = 1):
+    g = torch.Generator().manual_seed(1000 + step)
+    x = torch.randn(16, ROWS[0], generator=g)
+    y = torch.randn(16, ROWS[-1], generator=g)
+    if part is not None:
+        x, y = x.chunk(parts)[part], y.chunk(parts)[part]
+    return x, y
+
+
+def shard(model):
+    from torch.distributed.fsdp import fully_shard
+
+    for m in model:
+        if isinstance(m, torch.nn.Linear):
+            fully_shard(m)
+    fully_shard(model)
+    return model
+
+
+def fused(model, cls=fastsched.AdamW, **kw):
+    """Clipping (active: max norm below the gradient norms), statistics, the guard, a schedule
+    and ALLoRA row units on the first two weights."""
+    named = dict(model.named_parameters())
+    allora = [n for n in named if n.endswith("weight")][:2]
+    groups = [{"params": [named[n] for n in allora], "allora_eta": 2.0, "allora_unit": "row"},
+              {"params": [p for n, p in named.items() if n not in allora]}]
+    opts = dict(lr=2e-2, max_grad_norm=0.3, stats=True, nonfinite="skip",
+                schedule=Cosine(total_steps=40, warmup_steps=3))
+    if cls is not fastsched.SGD:
+        opts["weight_decay"] = 0.1
+    else:
+        opts["momentum"] = 0.9
+    opts.update(kw)
+    return cls(groups, **opts)
+
+
+def full(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def params_of(model):
+    return [full(p.detach()).clone() for p in model.parameters()]
+
+
+def chunk_offset(rows: int, world: int, rank: int) -> int:
+    return sum(c.numel() for c in torch.arange(rows).chunk(world)[:rank])
+
+
+def train(model, opt, steps, start=0, nan_rank=None, world=1, record=None):
+    """Train on the same batch on every rank; a NaN at NAN_STEP on rank ``nan_rank`` (or on the
+    same element of the unsharded weight when ``world`` is 1)."""
+    for s in range(start, start + steps):
+        x, y = batch(s)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        if s == NAN_STEP and nan_rank is not None:
+            g = model[0].weight.grad
+            if hasattr(g, "_local_tensor"):
+                if dist.get_rank() == nan_rank:
+                    g._local_tensor[0, 1] = float("nan")
+            else:
+                g[chunk_offset(g.shape[0], world, nan_rank), 1] = float("nan")
+        opt.step()
+        opt.zero_grad()
+        if record is not None:
+            record.append(opt.stats_dict())
+
+
+def assert_close(actual, expected, rtol=RTOL, what=""):
+    worst = 0.0
+    for i, (a, e) in enumerate(zip(actual, expected, strict=True)):
+        scale = e.abs().max().clamp_min(1e-6)
+        d = float((a - e).abs().max() / scale)
+        worst = max(worst, d)
+        assert d <= rtol, f"{what} tensor {i}: relative difference {d:.3g} > {rtol}"
+    return worst
+
+
+def compare_stats(ours, ref, rank, rtol=1e-12):
+    """Statistics of every step equal: global norms to ``rtol`` (1e-12: float64 sums in another
+    order), per-tensor ones to 1e-6 (param_norm and update_rms are float32 sums)."""
+    for k, (a, b) in enumerate(zip(ours, ref, strict=True)):
+        assert a["skipped"] == b["skipped"], (rank, k)
+        assert a["skip_count"] == b["skip_count"]
+        for key in ("grad_norm", "grad_norm_l1", "clip_coef", "nonfinite"):
+            assert abs(a[key] - b[key]) <= rtol * max(abs(b[key]), 1.0), (rank, k, key, a, b)
+        assert a["lr"] == b["lr"]
+        for (na, ta), (nb, tb) in zip(a["tensors"].items(), b["tensors"].items(), strict=True):
+            assert na == nb
+            for key in ("grad_norm", "param_norm", "update_rms"):
+                if tb[key] is None:
+                    assert ta[key] is None
+                else:
+                    assert abs(ta[key] - tb[key]) <= 1e-6 * max(abs(tb[key]), 1e-12), \
+                        (rank, k, na, key, ta[key], tb[key])
+
+
+def write_diff(tmp: Path, name: str, value: float) -> None:
+    with open(tmp / "diffs.txt", "a") as f:
+        f.write(f"{name} {value:.3g}\n")
+
+
+def dcp_state(model, opt):
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    msd, osd = get_state_dict(model, opt)
+    return {"model": msd, "optim": osd}
+
+
+def dcp_load(model, opt, path):
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    sd = dcp_state(model, opt)
+    dcp.load(sd, checkpoint_id=str(path))
+    set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+
+
+# -- scenarios ---------------------------------------------------------------------------------
+
+def fsdp_train_and_save(rank, world, tmp):
+    """FSDP2 vs single process (AdamW and SGD, 20 steps, NaN on rank 1 only), DCP checkpoints of
+    fastsched.AdamW and torch.optim.AdamW, then 5 more steps recorded for the loading runs."""
+    import torch.distributed.checkpoint as dcp
+
+    for cls in (fastsched.AdamW, fastsched.SGD):
+        model = shard(make_model())
+        opt = fused(model, cls)
+        ref_model = make_model()
+        ref = fused(ref_model, cls)
+        ours_stats, ref_stats = [], []
+        train(model, opt, STEPS, nan_rank=1, record=ours_stats)
+        train(ref_model, ref, STEPS, nan_rank=1, world=world, record=ref_stats)
+        assert ours_stats[NAN_STEP]["skipped"] and ours_stats[NAN_STEP]["nonfinite"] == 1
+        assert sum(s["skipped"] for s in ours_stats) == 1
+        assert ours_stats[0]["clip_coef"] < 1.0  # clipping is active
+        compare_stats(ours_stats, ref_stats, rank)
+        for st in opt.state.values():
+            for k, v in st.items():
+                if k != "step":
+                    assert type(v).__name__ == "DTensor", k
+        d = assert_close(params_of(model), params_of(ref_model), what=cls.__name__)
+        if rank == 0:
+            write_diff(tmp, f"fsdp2-{world}-{cls.__name__}", d)
+        if cls is fastsched.AdamW:
+            assert opt.clock.item() == STEPS - 1
+            dcp.save(dcp_state(model, opt), checkpoint_id=str(tmp / "ckpt-fastsched"))
+            train(model, opt, MORE, start=STEPS)
+            final = params_of(model)  # full_tensor() is a collective: on every rank
+            if rank == 0:
+                torch.save(final, tmp / "after-fastsched.pt")
+
+    # torch.optim.AdamW under FSDP2: the checkpoint fastsched loads
+    model = shard(make_model())
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    train(model, opt, 10)
+    dcp.save(dcp_state(model, opt), checkpoint_id=str(tmp / "ckpt-torch"))
+    train(model, opt, MORE, start=10)
+    final = params_of(model)  # full_tensor() is a collective: on every rank
+    if rank == 0:
+        torch.save(final, tmp / "after-torch.pt")
+
+
+def fsdp_load(rank, world, tmp):
+    """Load the world-size-2 checkpoints at this world size, continue, compare."""
+    model = shard(make_model(seed=123))
+    opt = fused(model)
+    dcp_load(model, opt, tmp / "ckpt-fastsched")
+    assert opt.clock.item() == STEPS - 1  # recovered from the per-parameter steps
+    assert opt.current_lr() == [2e-2 * Cosine(total_steps=40, warmup_steps=3)(STEPS - 1)] * 2
+    train(model, opt, MORE, start=STEPS)
+    d = assert_close(params_of(model), torch.load(tmp / "after-fastsched.pt"), what="resumed")
+    if rank == 0:
+        write_diff(tmp, f"dcp-2-to-{world}", d)
+
+    model = shard(make_model(seed=123))
+    opt = fastsched.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    dcp_load(model, opt, tmp / "ckpt-torch")
+    assert opt.clock.item() == 10
+    train(model, opt, MORE, start=10)
+    d = assert_close(params_of(model), torch.load(tmp / "after-torch.pt"), what="torch ckpt")
+    if rank == 0:
+        write_diff(tmp, f"torch-dcp-2-to-{world}", d)
+
+
+def ddp_and_tensor_parallel(rank, world, tmp):
+    """DDP equals one process; hand-placed DTensors (Shard(0), Shard(1), Replicate, 1-D) with
+    ALLoRA units spanning ranks; the Triton backend (interpreter) on shards; clear errors."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Partial, Replicate, Shard, distribute_tensor
+    from torch.nn.parallel import DistributedDataParallel
+
+    # DDP: each rank half of the batch, gradients averaged by DDP; nothing else communicated
+    model = DistributedDataParallel(make_model())
+    opt = fused(model.module)
+    ref_model = make_model()
+    ref = fused(ref_model)
+    ours, theirs = [], []
+    for s in range(STEPS):
+        x, y = batch(s, rank, world)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        ours.append(opt.stats_dict())
+        x, y = batch(s)
+        torch.nn.functional.mse_loss(ref_model(x), y).backward()
+        ref.step()
+        ref.zero_grad()
+        theirs.append(ref.stats_dict())
+    assert opt._plan.dist is None
+    d = assert_close(params_of(model.module), params_of(ref_model), what="DDP")
+    for a, b in zip(ours, theirs):
+        assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-6 * b["grad_norm"]
+    if rank == 0:
+        write_diff(tmp, "ddp-2", d)
+
+    mesh = init_device_mesh("cpu", (world,))
+    g = torch.Generator().manual_seed(5)
+    shapes = [((8, 6), Shard(0), "column"), ((6, 10), Shard(1), "row"),
+              ((7, 3), Replicate(), "tensor"), ((9,), Shard(0), "tensor"),
+              ((5, 4), Shard(0), "row")]
+    fulls = [torch.randn(s, generator=g) for s, _, _ in shapes]
+    grads = [[torch.randn(s, generator=g) for s, _, _ in shapes] for _ in range(STEPS)]
+    grads[NAN_STEP][2][1, 1] = float("inf")  # replicated: every rank sees it
+
+    def run(backend, dtensors, steps):
+        ps = [distribute_tensor(f.clone(), mesh, [pl]) if dtensors else f.clone()
+              for f, (_, pl, _) in zip(fulls, shapes)]
+        groups = [{"params": [p], "allora_eta": 1.5, "allora_unit": u}
+                  for p, (_, _, u) in zip(ps, shapes)]
+        o = fastsched.AdamW(groups, lr=1e-2, max_grad_norm=5.0, stats=True, backend=backend,
+                            schedule=Cosine(total_steps=30, warmup_steps=2))
+        rec = []
+        for k in range(steps):
+            for p, gr in zip(ps, grads[k]):
+                p.grad = distribute_tensor(gr.clone(), mesh, p.placements) if dtensors \
+                    else gr.clone()
+            o.step()
+            rec.append(o.stats_dict())
+        return [full(p) for p in ps], rec
+
+    sharded, rec = run("reference", True, STEPS)
+    single, rec1 = run("reference", False, STEPS)
+    assert rec[NAN_STEP]["skipped"] and rec[NAN_STEP]["nonfinite"] == 1
+    compare_stats(rec, rec1, rank)
+    d = assert_close(sharded, single, what="tensor parallel")
+    if rank == 0:
+        write_diff(tmp, "tp-2-reference", d)
+
+    # the Triton kernels (interpreted) on local shards: the per-tensor sums all-reduced between
+    # the reduce and finalize launches. ALLoRA units spanning ranks are refused there.
+    ps = [distribute_tensor(f.clone(), mesh, [pl]) for f, (_, pl, _) in zip(fulls, shapes)]
+    o = fastsched.AdamW([{"params": ps[:1], "allora_eta": 1.5, "allora_unit": "column"}],
+                        backend="triton", max_grad_norm=1.0)
+    ps[0].grad = distribute_tensor(grads[0][0].clone(), mesh, [Shard(0)])
+    before = full(ps[0]).clone()
+    try:
+        o.step()
+    except ValueError as e:
+        assert "group0.param0" in str(e) and "'column'" in str(e), e
+    else:
+        raise AssertionError("column units of a Shard(0) parameter ran on the Triton backend")
+    assert torch.equal(full(ps[0]), before)
+
+    def triton_run(dtensors):
+        ps = [distribute_tensor(f.clone(), mesh, [pl]) if dtensors else f.clone()
+              for f, (_, pl, _) in zip(fulls, shapes)]
+        o = fastsched.AdamW([{"params": ps[:4]}, {"params": ps[4:], "allora_eta": 1.5}],
+                            lr=1e-2, max_grad_norm=5.0, stats=True, backend="triton")
+        rec = []
+        for k in range(3):
+            for p, gr in zip(ps, grads[k]):
+                p.grad = distribute_tensor(gr.clone(), mesh, p.placements) if dtensors \
+                    else gr.clone()
+            o.step()
+            rec.append(o.stats_dict())
+        return [full(p) for p in ps], rec
+
+    (a, ra), (b, rb) = triton_run(True), triton_run(False)
+    # the kernels sum each 2048-element block in float32 before the float64 sums: the shards'
+    # blocks are not the whole tensor's, so the norms agree to float32 rounding
+    compare_stats(ra, rb, rank, rtol=1e-6)
+    d = assert_close(a, b, what="triton")
+    if rank == 0:
+        write_diff(tmp, "tp-2-triton", d)
+
+    # unsupported layouts: errors naming the parameter, at construction
+    named = [("w", distribute_tensor(torch.ones(4, 4), mesh, [Shard(0)]))]
+    mesh2 = init_device_mesh("cpu", (1, world))
+    cases = [
+        ([("w2d", distribute_tensor(torch.ones(4, 4), mesh2, [Replicate(), Shard(0)]))],
+         "2-D mesh"),
+        ([("part", torch.distributed.tensor.DTensor.from_local(torch.ones(2), mesh, [Partial()]))],
+         "Partial"),
+        (named + [("plain", torch.nn.Parameter(torch.ones(3)))], "plain tensor"),
+    ]
+    for params, msg in cases:
+        try:
+            fastsched.AdamW(params)
+        except ValueError as e:
+            assert msg in str(e) and params[-1][0] in str(e), e
+        else:
+            raise AssertionError(f"no error for {msg}")
