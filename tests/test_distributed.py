@@ -5,7 +5,13 @@ the scenarios themselves are in dist_worker.py."""
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
+import re
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import dist_worker
 import pytest
@@ -16,12 +22,23 @@ import fastsched
 LIMIT_S = 150  # per scenario; a hung collective fails after init_process_group's 60 s timeout
 
 
-def spawn(scenario: str, world: int, tmp, limit: float = LIMIT_S) -> None:
+def spawn(scenario: str, world: int, tmp, limit: float = LIMIT_S, interpret: bool = True) -> None:
+    """Run ``dist_worker.<scenario>`` on ``world`` ranks. ``interpret``: the ranks run Triton
+    kernels on CPU tensors under the interpreter (decided when they import triton: the variable
+    is set for the children only), else compiled on the GPU."""
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=dist_worker.entry, args=(scenario, r, world, str(tmp)))
              for r in range(world)]
-    for p in procs:
-        p.start()
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1" if interpret else "0"
+    try:
+        for p in procs:
+            p.start()
+    finally:
+        if saved is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
     deadline = time.monotonic() + limit
     try:
         for p in procs:
@@ -63,7 +80,39 @@ def test_dcp_checkpoint_reshards(trained, world):
 
 
 def test_ddp_tensor_parallel_triton_and_errors(tmp_path):
+    """DDP equals one process; Shard(0) / Shard(1) / Replicate DTensors on a 1-D mesh with ALLoRA
+    column, row and tensor units spanning ranks equal one process; the Triton kernels on shards;
+    2-D meshes, Partial placements and plain tensors mixed in are refused, naming the parameter."""
     spawn("ddp_and_tensor_parallel", 2, tmp_path)
+
+
+@pytest.mark.gpu
+def test_fsdp2_nccl_fused_kernels_without_host_sync(tmp_path):
+    """NCCL, world size 1, one GPU: the Triton step on DTensor shards (reduce, all-reduce,
+    finalize, update) runs under torch.cuda.set_sync_debug_mode("error") after a warm-up, and
+    equals the unsharded run."""
+    spawn("nccl_no_sync", 1, tmp_path, interpret=False)
+
+
+def test_fsdp2_cpu_example_runs_under_torchrun(tmp_path):
+    """examples/fsdp2_cpu.py as the README runs it (torchrun, 2 ranks, gloo): it trains and
+    reloads its DCP checkpoint with the schedule clock recovered."""
+    example = Path(__file__).resolve().parent.parent / "examples" / "fsdp2_cpu.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(example)]
+    env = dict(os.environ, TMPDIR=str(tmp_path), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=LIMIT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, out
+    losses = [float(v) for v in re.findall(r"loss (\S+)", out)]
+    assert len(losses) == 4 and losses[-1] < 0.05 * losses[0], out
+    assert "schedule clock 60" in out, out
 
 
 # -- checkpoints that do not match (one process) -----------------------------------------------
