@@ -22,6 +22,14 @@ communicated. Not supported, with an error naming the parameter raised at constr
 of more than one dimension (FSDP2 + TP on a 2-D mesh, HSDP), ``Partial`` placements, DTensor
 parameters on different meshes in one optimizer, and plain tensors mixed with DTensors.
 Every rank must step the same parameters (the ones with a gradient), as FSDP2 guarantees.
+
+Checkpoints: states are DTensors (``zeros_like(p)``), so torch.distributed.checkpoint saves and
+reshards them. ``get_optimizer_state_dict`` keeps only ``state`` and ``param_groups``: the
+``"fastsched"`` entry (schedule and clock) is dropped there and the clock is recovered from the
+per-parameter steps on load. Groups without ALLoRA leave the ALLoRA keys out of the state dict,
+since a DCP load asks the checkpoint for every key of the state dict it loads into (a
+torch.optim checkpoint has none of them); ``flatten_optimizer_state_dict=True`` is therefore not
+supported (torch's unflatten asks for every key of the live groups).
 """
 
 from __future__ import annotations

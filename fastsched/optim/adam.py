@@ -52,6 +52,25 @@ class Adam(FusedOptimizer):
     of that gradient). ``step()`` costs one finalize launch plus one update launch per parameter
     dtype; tables are cached while parameters and gradient tensors stay the same.
 
+    Distributed training: under FSDP2 (``fully_shard``) or 1-D tensor parallelism the
+    parameters are DTensors; the step updates their local shards in place (one launch for all
+    of them on CUDA) and makes global what needs it with one all-reduce per step of the (n, 4)
+    float64 per-tensor gradient sums (32 n bytes for n tensors, on the device, no host sync):
+    the clipping norm, the statistics and the non-finite guard (every rank skips together) cover
+    all shards of all ranks; ``stats=True`` adds one all-reduce of the (n, 2) update sums so that
+    per-tensor statistics are those of whole tensors. States are DTensors placed like their
+    parameters, so ``torch.distributed.checkpoint`` saves and reshards them
+    (``get_state_dict`` / ``set_state_dict``; torch.optim checkpoints load too; the schedule
+    clock is recovered from the per-parameter steps, the schedule is the one given here).
+    ALLoRA row units of FSDP2 (dim-0-sharded) parameters lie on one rank and cost nothing;
+    units spanning ranks (columns or whole tensors of dim-0-sharded parameters) are summed by
+    one all-reduce per tensor per step on the reference backend and refused (``ValueError``) by
+    the Triton backend. Under DDP nothing is communicated. Refused at construction with a
+    ``ValueError`` naming the parameter: meshes of more than one dimension, ``Partial``
+    placements, parameters on different meshes, DTensors mixed with plain tensors.
+    ``StateDictOptions(flatten_optimizer_state_dict=True)`` is not supported (torch's unflatten
+    asks for the ALLoRA keys that the state dict leaves out when ALLoRA is off).
+
     Example::
 
         opt = fastsched.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1,
