@@ -340,8 +340,11 @@ def ddp_and_tensor_parallel(rank, world, tmp):
 
     # unsupported layouts: errors naming the parameter, at construction
     named = [("w", distribute_tensor(torch.ones(4, 4), mesh, [Shard(0)]))]
-    mesh2 = init_device_mesh("cpu", (1, world))
+    mesh2 = init_device_mesh("cpu", (1, world), mesh_dim_names=("one", "all"))
+    own = init_device_mesh("cpu", (world, 1), mesh_dim_names=("all", "one"))["one"]
     cases = [
+        (named + [("mine", distribute_tensor(torch.ones(4), own, [Shard(0)]))],
+         "one optimizer must have all parameters on one mesh"),
         ([("w2d", distribute_tensor(torch.ones(4, 4), mesh2, [Replicate(), Shard(0)]))],
          "2-D mesh"),
         ([("part", torch.distributed.tensor.DTensor.from_local(torch.ones(2), mesh, [Partial()]))],

@@ -87,7 +87,9 @@ def check_params(params, names, gi: int, mesh: Any) -> Any:
             raise ValueError(f"{_name(names, i, gi)}: DTensor on a {m.ndim}-D mesh {m}; fastsched "
                              "supports 1-D meshes only (FSDP2 or tensor parallel, not both / "
                              "not HSDP)")
-        if mesh is not None and m != mesh:
+        # the same ranks in the same order (the reductions run on the first mesh's group)
+        if mesh is not None and (m.device_type != mesh.device_type
+                                 or m.mesh.tolist() != mesh.mesh.tolist()):
             raise ValueError(f"{_name(names, i, gi)}: DTensor on mesh {m} while other parameters "
                              f"are on {mesh}; one optimizer must have all parameters on one "
                              "mesh")
