@@ -1,0 +1,18 @@
+"""Tools that build, predict or choose learning-rate schedules.
+
+* :func:`refine`: a schedule refined from the gradient norms of a previous run (Defazio et al.,
+  arXiv 2310.07831), as a :class:`~fastsched.schedules.Table` the optimizers evaluate on the
+  device.
+"""
+
+from ._refine import (
+    closed_form_schedule,
+    median_filter,
+    plot_refined,
+    refine,
+    refine_curve,
+    simplify,
+)
+
+__all__ = ["refine", "refine_curve", "closed_form_schedule", "median_filter", "simplify",
+           "plot_refined"]
