@@ -2,9 +2,13 @@
 
 * :func:`refine`: a schedule refined from the gradient norms of a previous run (Defazio et al.,
   arXiv 2310.07831), as a :class:`~fastsched.schedules.Table` the optimizers evaluate on the
-  device.
+  device;
+* :mod:`~fastsched.tools.lawfit`: fit the scaling law with learning-rate annealing (Tissue et
+  al., arXiv 2408.11029) to loss curves, predict the loss curve of any schedule, rank candidates;
+* :mod:`~fastsched.tools.toy`: a tiny synthetic training task for the examples and tests.
 """
 
+from . import lawfit
 from ._refine import (
     closed_form_schedule,
     median_filter,
@@ -15,4 +19,4 @@ from ._refine import (
 )
 
 __all__ = ["refine", "refine_curve", "closed_form_schedule", "median_filter", "simplify",
-           "plot_refined"]
+           "plot_refined", "lawfit"]
