@@ -158,7 +158,11 @@ def dist_plan(params, units, device) -> DistPlan | None:
     rank0 = mesh.get_local_rank() == 0
     owned = [isinstance(p.placements[0], Shard) or rank0 for p in params]
     group = mesh.get_group()
-    return DistPlan(group, torch.tensor(owned).to(device), all(owned),
+    mask = torch.tensor(owned)
+    # pinned and non-blocking: a pageable copy would synchronise the stream
+    mask = (mask.pin_memory().to(device, non_blocking=True) if torch.device(device).type == "cuda"
+            else mask.to(device))
+    return DistPlan(group, mask, all(owned),
                     [group if _units_span_shard(p, u) else None for p, u in zip(params, units)])
 
 
