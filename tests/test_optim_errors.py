@@ -276,3 +276,36 @@ def test_empty_parameter_list():
 def test_non_tensor_parameter():
     with pytest.raises(TypeError, match="optimizer can only optimize Tensors"):
         fastsched.SGD([torch.zeros(2), 3.0], lr=0.1)
+
+
+def test_parameters_split_across_devices_after_construction_are_refused():
+    a = torch.nn.Parameter(torch.randn(5))
+    b = torch.nn.Parameter(torch.randn(3))
+    opt = fastsched.AdamW([a, b], lr=1e-2)
+    a.grad, b.grad = torch.randn(5), torch.randn(3)
+    opt.step()
+    # as if part of the model had been moved (a meta tensor stands in for another device)
+    moved = torch.nn.Parameter(torch.empty(3, device="meta"))
+    moved.grad = torch.empty(3, device="meta")
+    opt.param_groups[0]["params"][1] = moved
+    before = a.detach().clone()
+    with pytest.raises(RuntimeError, match="one device"):
+        opt.step()
+    assert torch.equal(a.detach(), before)
+
+
+@pytest.mark.gpu
+def test_model_moved_to_cuda_after_construction_runs_the_kernels():
+    model = torch.nn.Linear(8, 4)
+    opt = fastsched.AdamW(model.parameters(), lr=1e-2)
+    ref = torch.optim.AdamW([p.detach().clone().cuda().requires_grad_() for p in
+                             model.parameters()], lr=1e-2)
+    model.cuda()
+    for p, q in zip(model.parameters(), ref.param_groups[0]["params"]):
+        g = torch.randn_like(p)
+        p.grad, q.grad = g, g.clone()
+    opt.step()
+    ref.step()
+    assert opt.backend == "triton"
+    for p, q in zip(model.parameters(), ref.param_groups[0]["params"]):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
