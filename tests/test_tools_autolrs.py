@@ -180,6 +180,35 @@ def test_stages_double_and_the_schedule_records_the_choices():
     assert opt.param_groups[0]["lr"] == stages[-1].lr
 
 
+def test_learning_rate_changes_and_restores_keep_the_optimizer_tables():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 1)
+    opt = fastsched.AdamW(model.parameters(), lr=1e-2, stats=True)
+    x, y = torch.randn(32, 6), torch.randn(32, 1)
+
+    def step():
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        opt.zero_grad(set_to_none=False)  # the same gradient tensors every step
+        loss.backward()
+        opt.step()
+        return loss.detach()
+    ctl = AutoLRS(model, opt, step, min_lr=1e-3, max_lr=0.1, tau=30, n_trials=3)
+    ctl.run_stage()  # saved with an empty state: restored by load_state_dict
+    plan = opt._plan
+    applied = []
+    inner = ctl.train_step
+
+    def watched():
+        loss = inner()
+        applied.append((opt.param_groups[0]["lr"], opt.stats_dict()["lr"][0]))
+        return loss
+    ctl.train_step = watched
+    stage = ctl.run_stage()  # state present at save: every restore is in place
+    assert opt._plan is plan  # no table rebuilt for new learning rates or restores
+    assert {lr for lr, _ in stage.trials} | {stage.lr} == {g for g, _ in applied}
+    assert all(g == pytest.approx(a, rel=1e-12) for g, a in applied)  # applied at that step
+
+
 def test_validation_stage_forecasts_the_validation_loss():
     model, opt, step = _tiny(fastsched.SGD)
     calls = []

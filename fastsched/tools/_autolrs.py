@@ -13,12 +13,14 @@ Training runs in stages of :math:`\\tau` steps, each at one constant learning ra
 3. restores the checkpoint and trains :math:`\\tau` steps at the trial LR with the lowest
    forecast.
 
-After each stage :math:`(\\tau', \\tau)` double until :math:`\\tau = \\tau_{max}`.
+After each stage :math:`(\\tau', \\tau)` double while :math:`\\tau' < \\tau_{max}/10`; then, with a
+validation loss, the forecasts use it instead of the training loss.
 
 The optimizer's learning rate is changed between steps through ``param_groups[i]["lr"]``; a
 fastsched optimizer picks the new value up at its next step without recompiling anything, and
-the in-memory checkpoints are restored in place (same tensor storage), so tables built for the
-parameters, and CUDA graphs captured over them, stay valid.
+the in-memory checkpoints are restored in place (same tensor storage), so the device tables it
+built over the parameters and their states are kept (see :class:`Checkpoint` for the one
+exception).
 """
 
 from __future__ import annotations
@@ -44,8 +46,9 @@ def _quadratic_smooth(x: np.ndarray, y: np.ndarray, at: np.ndarray) -> np.ndarra
 
     Stands in for the reference's ``scipy.interpolate.UnivariateSpline(x, y, k=2)`` with its
     default smoothing ``s = len(x)``: that spline adds knots only while the sum of squared
-    residuals exceeds ``len(x)``, i.e. a mean squared residual of 1, which loss series (residuals
-    of 1e-3 to 1e-1) never reach, so it is the single quadratic piece computed here.
+    residuals exceeds ``len(x)``, i.e. a mean squared residual of 1, which a loss series with
+    residuals below 1 never reaches, so it is the single quadratic piece computed here (a
+    series noisier than that, e.g. a diverging trial, would get a bendier spline there).
     """
     if x.size < 3:
         return np.full(at.shape, float(np.mean(y)))
@@ -222,7 +225,7 @@ class Checkpoint:
     ``save()`` clones the model's ``state_dict()`` tensors, every optimizer state tensor, the
     group hyperparameters and (for fastsched optimizers) the schedule clock. ``restore()``
     copies them back into the live tensors, so parameter and state addresses do not change (a
-    fastsched optimizer keeps its device tables; captured CUDA graphs stay valid). When the
+    fastsched optimizer keeps its device tables). When the
     optimizer's state no longer has the saved structure (e.g. it was empty at ``save()`` and
     the trial created it), ``restore()`` falls back to ``optimizer.load_state_dict`` of a deep
     copy taken at ``save()``.
@@ -417,7 +420,9 @@ class AutoLRS:
 
     def propose(self, tried: list[tuple[float, float]]) -> float:
         """The next learning rate: uniform in log space for the first trial, then the minimum
-        of :math:`\\mu - \\kappa\\sigma` of the Gaussian process over ``candidates`` points of
+        of the lower confidence bound :math:`\\mu - \\kappa\\sigma` (Srinivas et al., arXiv
+        0912.3995; AutoLRS, arXiv 2105.10762, Section 4.1) of the Gaussian process over
+        ``candidates`` points of
         the log range, excluding learning rates already tried (ties: the candidate farthest
         from the trials)."""
         if not tried:
@@ -446,7 +451,8 @@ class AutoLRS:
                 out.append(loss.detach() if isinstance(loss, torch.Tensor) else loss)
             elif (i + 1) % record_every == 0:
                 out.append(self.val_loss())
-        if out and isinstance(out[0], torch.Tensor):
+        if out and all(isinstance(o, torch.Tensor) and o.device == out[0].device for o in out):
+            # one device-to-host copy per trial, not one synchronisation per step
             return torch.stack([o.reshape(()).to(torch.float64) for o in out]).cpu().tolist()
         return [float(o) for o in out]
 

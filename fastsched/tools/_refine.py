@@ -34,7 +34,9 @@ NORMS = ("l2", "l1")
 
 def median_filter(x, size: int) -> np.ndarray:
     """Running median of odd width ``size`` with the ``'nearest'`` boundary (edge values
-    repeated), as ``scipy.ndimage.median_filter(x, size, mode='nearest')`` for 1-D input.
+    repeated), as ``scipy.ndimage.median_filter(x, size, mode='nearest')`` computes it for 1-D
+    input: the filter the code of Defazio et al. (arXiv 2310.07831, ``visual.py``) smooths
+    gradient norms with, here without SciPy.
 
     Computed in chunks of windows (numpy partition), about 0.4 s for 12,000 points of width
     1,001 on one core.
@@ -267,8 +269,9 @@ def refine(grad_norms, *, norm: str = "l2", total_steps: int | None = None,
 
 def simplify(x, y, tol: float) -> np.ndarray:
     """Indices of the points to keep so that the polyline through them stays within ``tol``
-    (vertically) of every point of ``(x, y)``; ``x`` increasing. Douglas-Peucker: split each
-    chord at its worst point until none exceeds ``tol``; the two ends are always kept."""
+    (vertically) of every point of ``(x, y)``; ``x`` increasing. Douglas and Peucker's
+    algorithm (Cartographica 10(2), 1973) with the vertical distance: split each chord at its
+    worst point until none exceeds ``tol``; the two ends are always kept."""
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
     n = x.size

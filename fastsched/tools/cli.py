@@ -413,11 +413,11 @@ def _cmd_predict(args, argv=None) -> int:
     from . import lawfit
 
     prog = "fastsched lawfit predict"
-    law, curves = _law(prog, args)
-    scheds = _schedules(prog, args)
+    scheds = _schedules(prog, args)  # cheap checks first, the fit after
     if len(scheds) != 1:
         _fail(prog, "--schedule", f"predict takes one schedule, got {len(scheds)} (use "
                                   "'lawfit rank' for several)")
+    law, curves = _law(prog, args)
     (name, sched), = scheds.items()
     pred = law.predict(sched, args.peak_lr, args.total_steps)
     lrs = lawfit.schedule_lrs(sched, args.peak_lr, args.total_steps)
@@ -445,8 +445,8 @@ def _cmd_rank(args, argv=None) -> int:
     from . import lawfit
 
     prog = "fastsched lawfit rank"
-    law, curves = _law(prog, args)
     scheds = _schedules(prog, args)
+    law, curves = _law(prog, args)
     ranked = lawfit.rank(law, scheds, args.peak_lr, args.total_steps)
     _print_law(law)
     width = max(len(n) for n, _ in ranked)

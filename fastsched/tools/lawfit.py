@@ -123,9 +123,10 @@ def law(s1, s2, L0: float, A: float, alpha: float, C: float) -> np.ndarray:
 
 
 def huber(r, delta: float = HUBER_DELTA):
-    """Huber loss :math:`\\tfrac12 r^2` for :math:`|r| \\le \\delta`, else
-    :math:`\\delta(|r| - \\tfrac12\\delta)` (numpy or torch, elementwise), the objective of the
-    fit on log-loss residuals (Tissue et al., arXiv 2408.11029; delta 1e-3)."""
+    """Huber loss (Huber, Ann. Math. Statist. 35(1), 1964) :math:`\\tfrac12 r^2` for
+    :math:`|r| \\le \\delta`, else :math:`\\delta(|r| - \\tfrac12\\delta)` (numpy or torch,
+    elementwise): the objective of the fit on log-loss residuals in Tissue et al.
+    (arXiv 2408.11029), delta 1e-3."""
     if isinstance(r, torch.Tensor):
         a = r.abs()
         return torch.where(a <= delta, 0.5 * r * r, delta * (a - 0.5 * delta))
