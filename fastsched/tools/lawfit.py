@@ -230,7 +230,8 @@ class LawFit:
 
     ``objective`` is the mean Huber loss of the log residuals at the solution, ``rmse_log`` the
     root-mean-square log residual (about the relative error of the fitted points), ``n_points``
-    the number of loss values fitted.
+    the number of loss values fitted, ``starts`` the L-BFGS runs that finished and ``history``
+    one ``(grid objective, final objective, [L0, A, alpha, C])`` per run.
     """
 
     L0: float
@@ -325,7 +326,11 @@ def fit(curves: Sequence, *, peak_lr: float | None = None, lam: float = LAMBDA,
         curves: :class:`Curve` objects or ``(lr array or Schedule, loss[, steps])`` tuples.
         peak_lr: multiplies schedules given in ``curves``.
         lam: annealing momentum :math:`\\lambda` (0.999 in the paper, for runs of 10^4-10^5
-            steps; shorter runs want a shorter memory, e.g. 0.99 for ~1000 steps).
+            steps). Shorter runs want a shorter memory: ``1 - 20 / steps`` keeps the paper's
+            ratio (0.999 = 1 - 20/20,000). On the 600-step toy runs of
+            :func:`fastsched.tools.toy.lawfit_experiment` (three seeds) the WSD final loss was
+            predicted within 0.0-0.5% at ``1 - 10/steps``, 0.4-1.0% at ``1 - 20/steps`` and
+            1.1-1.4% at ``1 - 40/steps``.
         skip: fraction of each curve's steps left out at the start (the first steps of training
             follow the initialisation, not the law).
         exclude_warmup: see :func:`areas`.
@@ -406,8 +411,8 @@ def fit(curves: Sequence, *, peak_lr: float | None = None, lam: float = LAMBDA,
             val = float(objective(u))
         if not math.isfinite(val):
             continue
+        val *= delta * delta  # back to the mean Huber loss
         history.append((obj0, val, np.exp(u.detach().numpy()).tolist()))
-        val *= delta * delta
         if best is None or val < best[0]:
             best = (val, u.detach().clone())
     if best is None:
