@@ -163,3 +163,16 @@ def test_predicts_a_real_training_run():
     assert abs(r["relative_error"]) < 0.5 * naive
     assert r["law"].rmse_log < 0.03  # the fitted runs follow the law
     assert pred == r["predicted"][-1]
+
+
+def test_toy_runs_agree_between_torch_and_fastsched_adam():
+    from fastsched.tools.toy import train
+
+    sched = Cosine(40, warmup_steps=5)
+    a = train(sched, 40, 1e-2, eval_every=10, optimizer="adam")
+    b = train(sched, 40, 1e-2, eval_every=10, optimizer="fastsched")
+    np.testing.assert_array_equal(a["steps"], [9, 19, 29, 39])
+    np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-4)
+    assert a["lr"][0] == 0.0 and a["lr"][5] == pytest.approx(1e-2)
+    with pytest.raises(ValueError, match="optimizer"):
+        train(sched, 5, 1e-2, optimizer="sgd")
