@@ -10,6 +10,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from .tools.cli import add_subcommands as add_tool_subcommands
+
 __all__ = ["main", "build_parser"]
 
 
@@ -152,7 +154,8 @@ def _model_spec(text: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="fastsched", description="fastsched: fused optimizer steps with on-device "
                 "learning-rate schedules")
-    sub = p.add_subparsers(dest="command", metavar="{bench,profile,demo}", parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", metavar="{bench,profile,demo,refine,lawfit}",
+                           parser_class=_Parser)
     sub.required = True
 
     b = sub.add_parser("bench", help="time fastsched against torch's optimizers",
@@ -241,6 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run fastsched.demo.main(outdir).")
     d.add_argument("--out", type=Path, default=Path("demo_out"), metavar="DIR")
     d.set_defaults(func=_cmd_demo)
+    add_tool_subcommands(sub)  # refine, lawfit
     return p
 
 

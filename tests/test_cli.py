@@ -134,3 +134,24 @@ def test_demo_missing_module(monkeypatch, capsys):
     assert main(["demo"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "demo" in err
+
+
+def test_schedule_tools_are_subcommands(tmp_path, capsys):
+    """refine and lawfit are reachable from the main command; bad input: one line, exit 2."""
+    missing = tmp_path / "missing.csv"
+    for argv in (["refine", str(missing)], ["lawfit", "fit", str(missing)]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "Traceback" not in err
+    log = tmp_path / "norms.csv"
+    log.write_text("step,grad_norm\n" + "".join(f"{i},{1.0 + 0.01 * i}\n" for i in range(200)))
+    out = tmp_path / "sched.json"
+    assert main(["refine", str(log), "--out", str(out)]) == 0
+    import json
+
+    from fastsched.schedules import Table, from_dict
+
+    sched = from_dict(json.loads(out.read_text()))
+    assert isinstance(sched, Table) and sched(0) == pytest.approx(1.0)
