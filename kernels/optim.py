@@ -218,10 +218,11 @@ def _finalize_kernel(tensors_ptr, groups_ptr, scal_ptr, sched_ptr, n_seg, clock_
         if HISTORY:
             pos = tl.load(hist_pos_ptr + one)
             slot = pos % hist_len
-            tl.store(hist_ptr + slot * 4 + 0, clock.to(tl.float64))
-            tl.store(hist_ptr + slot * 4 + 1, gnorm)
-            tl.store(hist_ptr + slot * 4 + 2, lr0)
-            tl.store(hist_ptr + slot * 4 + 3, skipped)
+            tl.store(hist_ptr + slot * 5 + 0, clock.to(tl.float64))
+            tl.store(hist_ptr + slot * 5 + 1, gnorm)
+            tl.store(hist_ptr + slot * 5 + 2, lr0)
+            tl.store(hist_ptr + slot * 5 + 3, skipped)
+            tl.store(hist_ptr + slot * 5 + 4, gl1)
             tl.store(hist_pos_ptr + one, pos + 1)
 
 

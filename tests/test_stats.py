@@ -215,7 +215,8 @@ def test_history_ring_buffer_wraps_in_order(backend, kernel_device):
     params = _leaves([(20,), (3, 4)], 0, kernel_device)
     opt = fastsched.AdamW(params, lr=0.5, backend=backend, block_size=BLOCK, history=3,
                           schedule=LinearWarmup(4, start_factor=0.25))
-    assert opt.grad_norm_history() == {"step": [], "grad_norm": [], "lr": [], "skipped": []}
+    assert opt.grad_norm_history() == {"step": [], "grad_norm": [], "grad_norm_l1": [], "lr": [],
+                                       "skipped": []}
     expect = []
     clock = 0
     for k in range(6):
@@ -229,12 +230,14 @@ def test_history_ring_buffer_wraps_in_order(backend, kernel_device):
         opt.step()
         norm = math.sqrt(sum(float(torch.where(g.isfinite(), g, 0).double().pow(2).sum())
                              for g in grads))
-        expect.append((clock, norm, 0.5 * _warmup(clock), bad))
+        l1 = sum(float(torch.where(g.isfinite(), g, 0).double().abs().sum()) for g in grads)
+        expect.append((clock, norm, 0.5 * _warmup(clock), bad, l1))
         clock += 0 if bad else 1
         h = opt.grad_norm_history()
         last = expect[-3:]
         assert h["step"] == [e[0] for e in last]
         assert h["grad_norm"] == pytest.approx([e[1] for e in last], rel=1e-6)
+        assert h["grad_norm_l1"] == pytest.approx([e[4] for e in last], rel=1e-6)
         assert h["lr"] == pytest.approx([e[2] for e in last], rel=1e-12)
         assert h["skipped"] == [e[3] for e in last]
     # the same buffer through stats_dict; the clock: steps 0, 1, 2, 3 (skipped), 3, 4

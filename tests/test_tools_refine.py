@@ -203,3 +203,18 @@ def test_l1_needs_l1_norms():
         refine(np.ones(10), norm="l3")
     with pytest.raises(ValueError, match="total_steps"):
         refine(np.ones(10), total_steps=1)
+
+
+def test_refine_l1_from_an_optimizer_history():
+    """The ring buffer keeps L1 norms too, so the Adam-type refinement reads an optimizer."""
+    p = torch.nn.Parameter(torch.zeros(8))
+    opt = fastsched.AdamW([p], lr=1e-2, history=50)
+    for k in range(30):
+        p.grad = torch.full((8,), 1.0 + 0.1 * k)
+        opt.step()
+    h = opt.grad_norm_history()
+    assert h["grad_norm_l1"] == pytest.approx([8 * (1.0 + 0.1 * k) for k in range(30)])
+    a = fastsched.tools.refine(opt, norm="l1")
+    b = fastsched.tools.refine(h["grad_norm_l1"], norm="l1")
+    steps = torch.arange(0, 30)
+    assert torch.allclose(a.evaluate(steps), b.evaluate(steps))

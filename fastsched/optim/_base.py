@@ -364,7 +364,7 @@ class FusedOptimizer(torch.optim.Optimizer):
             self._dev_stats = {
                 "global": torch.zeros(GSTATS, dtype=torch.float64, device=device),
                 "lr": torch.zeros(len(self.param_groups), dtype=torch.float64, device=device),
-                "history": torch.zeros((n_hist, 4), dtype=torch.float64, device=device),
+                "history": torch.zeros((n_hist, 5), dtype=torch.float64, device=device),
                 "history_pos": torch.zeros(1, dtype=torch.int64, device=device),
                 "cfg": _h2d(torch.tensor([self.max_grad_norm or 0.0, 0.0],
                                          dtype=torch.float64), device),
@@ -685,7 +685,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         if self._history_len:
             slot = st["history_pos"] % self._history_len
             st["history"][slot] = torch.stack([clock.to(torch.float64).reshape(()),
-                                               out["grad_norm"], lr0, skipped])
+                                               out["grad_norm"], lr0, skipped,
+                                               out["grad_norm_l1"]])
             st["history_pos"] += 1
 
     def _run_reference(self, plan: _Plan, grad_mul, active, scales):  # pragma: no cover
@@ -781,15 +782,16 @@ class FusedOptimizer(torch.optim.Optimizer):
         idx = [(pos - k + i) % n for i in range(k)]
         rows = hist[idx]
         return {"step": rows[:, 0].long().tolist(), "grad_norm": rows[:, 1].tolist(),
-                "lr": rows[:, 2].tolist(), "skipped": (rows[:, 3] > 0).tolist()}
+                "grad_norm_l1": rows[:, 4].tolist(), "lr": rows[:, 2].tolist(),
+                "skipped": (rows[:, 3] > 0).tolist()}
 
     def grad_norm_history(self) -> dict[str, list]:
-        """The ring buffer of the last ``history`` steps (oldest first): steps, global gradient
-        norms, learning rates of group 0 and skip flags. Synchronises once."""
+        """The ring buffer of the last ``history`` steps (oldest first): steps, global L2 and L1
+        gradient norms, learning rates of group 0 and skip flags. Synchronises once."""
         if not self._history_len:
             raise RuntimeError("no ring buffer: construct the optimizer with history=N")
         if self._dev_stats is None:
-            return {"step": [], "grad_norm": [], "lr": [], "skipped": []}
+            return {"step": [], "grad_norm": [], "grad_norm_l1": [], "lr": [], "skipped": []}
         return self._history_host(self._dev_stats["history"].cpu(),
                                   int(self._dev_stats["history_pos"].item()))
 

@@ -223,8 +223,7 @@ def refine(grad_norms, *, norm: str = "l2", total_steps: int | None = None,
         grad_norms: per-step gradient norms of a previous run: a list, array or tensor; the
             dict of ``optimizer.grad_norm_history()``; or a fastsched optimizer built with
             ``history=N`` (its ring buffer is read; skipped steps are dropped). The history holds
-            global L2 norms; for ``norm='l1'`` pass L1 norms as a sequence (or a dict with a
-            ``"grad_norm_l1"`` entry).
+            global L2 and L1 norms (``"grad_norm"``, ``"grad_norm_l1"``).
         norm: ``'l2'`` (``w = G^-2``) or ``'l1'`` (``w = G^-1``).
         total_steps: length of the new run; the schedule spans steps ``0 .. total_steps - 1``
             (the last step has lr 0, as :math:`\\eta_T = 0` in the paper) and holds 0 after.
