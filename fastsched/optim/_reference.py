@@ -86,6 +86,14 @@ def allora_scales(p: torch.Tensor, unit: str, eta: float, reduce=None) -> torch.
     return (1.0 / torch.sqrt(n + inv)).expand_as(v).reshape(p.shape)
 
 
+def _step_scalars(schedule: Schedule, clock: torch.Tensor, grad_mul, active):
+    """(gradient multiplier, active flag, step increment, schedule value) as device tensors."""
+    one = torch.ones((), dtype=torch.float64, device=clock.device)
+    gm = one if grad_mul is None else grad_mul.to(torch.float64)
+    act = torch.ones((), dtype=torch.bool, device=clock.device) if active is None else active
+    return gm, act, act.to(torch.float64), schedule.evaluate(clock.reshape(1))[0]
+
+
 def adam_reference(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, group_index,
                    groups: list[GroupHyper], schedule: Schedule, clock: torch.Tensor,
                    grad_mul: torch.Tensor | None = None,
@@ -98,12 +106,8 @@ def adam_reference(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps,
     tensors in place, advances ``steps`` and ``clock``, and returns per tensor
     (sum of new p^2, sum of u^2) with u the unscaled update m_hat / (sqrt(v_hat) + eps).
     """
-    one = torch.ones((), dtype=torch.float64, device=clock.device)
-    gm = one if grad_mul is None else grad_mul.to(torch.float64)
-    act = torch.ones((), dtype=torch.bool, device=clock.device) if active is None else active
-    inc = act.to(torch.float64)
+    gm, act, inc, factor = _step_scalars(schedule, clock, grad_mul, active)
     ustat = []
-    factor = schedule.evaluate(clock.reshape(1))[0]
     for i, p in enumerate(params):
         lr0, b1, b2, eps, wd, maximize, _, decoupled = groups[group_index[i]][:8]
         lr = factor * lr0
@@ -155,12 +159,8 @@ def sgd_reference(params, grads, momentum_buffers, steps, group_index, groups: l
     ``d_p`` into the buffer, as torch does. ``scales`` as in :func:`adam_reference`; returns per
     tensor (sum of new p^2, sum of d^2).
     """
-    one = torch.ones((), dtype=torch.float64, device=clock.device)
-    gm = one if grad_mul is None else grad_mul.to(torch.float64)
-    act = torch.ones((), dtype=torch.bool, device=clock.device) if active is None else active
-    inc = act.to(torch.float64)
+    gm, act, inc, factor = _step_scalars(schedule, clock, grad_mul, active)
     ustat = []
-    factor = schedule.evaluate(clock.reshape(1))[0]
     for i, p in enumerate(params):
         lr0, momentum, dampening, _, wd, maximize, nesterov, _ = groups[group_index[i]][:8]
         lr = (factor * lr0).to(torch.float32)
