@@ -492,5 +492,5 @@ def test_schedules_are_hashable_values():
 
 
 def test_base_class_is_abstract():
-    with pytest.raises(NotImplementedError):
-        Schedule().segments()
+    with pytest.raises(TypeError, match="abstract"):
+        Schedule()

@@ -3,6 +3,7 @@ gradient statistics, global-norm clipping, the non-finite guard, GradScaler supp
 
 from __future__ import annotations
 
+import abc
 import math
 import operator
 import os
@@ -112,7 +113,7 @@ class _Plan:
     dist: Any = None
 
 
-class FusedOptimizer(torch.optim.Optimizer):
+class FusedOptimizer(torch.optim.Optimizer, metaclass=abc.ABCMeta):
     """Base class of the fused optimizers (see :class:`fastsched.Adam` for the user-facing docs).
 
     A step is: [statistics pass over g -> per-tensor reduce] -> finalize -> update, all launched
@@ -237,14 +238,17 @@ class FusedOptimizer(torch.optim.Optimizer):
         if unit not in ALLORA_UNITS:
             raise ValueError(f"allora_unit must be one of {list(ALLORA_UNITS)}, got {unit!r}")
 
-    def _validate_group(self, group: dict[str, Any]) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _validate_group(self, group: dict[str, Any]) -> None:
+        """Raise ValueError (worded like torch) for invalid hyperparameters of a group."""
 
-    def _group_hyper(self, group: dict[str, Any]) -> tuple[float, ...]:  # pragma: no cover
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _group_hyper(self, group: dict[str, Any]) -> tuple[float, ...]:
+        """The group's row of the device hyperparameter table (see kernels.optim)."""
 
+    @abc.abstractmethod
     def _init_state(self, p: torch.Tensor, group: dict[str, Any], state: dict) -> None:
-        raise NotImplementedError  # pragma: no cover - abstract
+        """Create the parameter's state tensors that do not exist yet."""
 
     def _full_hyper(self, group) -> tuple[float, ...]:
         eta = group.get("allora_eta")
@@ -689,8 +693,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                                                out["grad_norm_l1"]])
             st["history_pos"] += 1
 
-    def _run_reference(self, plan: _Plan, grad_mul, active, scales):  # pragma: no cover
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _run_reference(self, plan: _Plan, grad_mul, active, scales):
+        """The step through the PyTorch reference; returns per-tensor (sum p^2, sum u^2)."""
 
     # -- statistics ---------------------------------------------------------------------------
     @property

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 import numbers
@@ -70,7 +71,7 @@ def check_step(step) -> int:
 
 # -- the base class -----------------------------------------------------------------------------
 
-class Schedule:
+class Schedule(abc.ABC):
     """A learning-rate schedule: a map from a 0-based integer step to a multiplier of the base LR.
 
     Subclasses are frozen dataclasses that validate their parameters in ``__post_init__`` and
@@ -89,9 +90,9 @@ class Schedule:
 
     kind: ClassVar[str] = "schedule"
 
-    # subclasses override
-    def segments(self) -> list[Segment]:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def segments(self) -> list[Segment]:
+        """The segment table of this schedule (first segment starts at step 0)."""
 
     def phase_boundaries(self) -> list[float]:
         """Steps at which a new phase starts (for plots), excluding 0."""
