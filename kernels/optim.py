@@ -53,9 +53,9 @@ GSTATS = 8
 KIND_ADAM = 0
 KIND_SGD = 1
 
-_TC: tl.constexpr = 12
-_GC: tl.constexpr = 10
-_SC: tl.constexpr = 12
+_TC = tl.constexpr(12)  # a constexpr object: compiled Triton refuses other globals
+_GC = tl.constexpr(10)
+_SC = tl.constexpr(12)
 
 
 # -- statistics pass ----------------------------------------------------------------------------

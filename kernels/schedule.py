@@ -13,8 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-_NCOL: tl.constexpr = 8
-_PI: tl.constexpr = 3.141592653589793
+_NCOL = tl.constexpr(8)  # a constexpr object: compiled Triton refuses other globals
+_PI = tl.constexpr(3.141592653589793)
 
 
 @triton.jit
