@@ -6,7 +6,8 @@
 #   3. the full benchmark, bounded by --time-limit (JSON/Markdown/PNG under $out);
 #   4. the whole test suite natively on the GPU (kernels compiled, not interpreted).
 # Usage: OUT=/some/dir bash bench/gpu_check.sh   (default out: bench/results)
-# Budget: about 1 + 2 + 5 + 3 minutes; set BENCH_LIMIT / TEST_LIMIT (seconds) to change.
+# Budget: about 1 + 2.5 + 5 + 2 minutes (device time is 15 min a session, start included);
+# set BENCH_LIMIT / TEST_LIMIT (seconds) to change.
 set -uo pipefail
 out="${OUT:-bench/results}"
 mkdir -p "$out"
@@ -19,7 +20,7 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
 } 2>&1 | tee "$out/gpu-device.txt"
 timeout 150 python3 -m pytest tests -m gpu -q -p no:cacheprovider 2>&1 \
   | tee "$out/gpu-tests-marked.log" | tail -15
-timeout $(( ${BENCH_LIMIT:-300} + 60 )) fastsched bench --out "$out" --no-progress \
-  --time-limit "${BENCH_LIMIT:-300}" 2>&1 | tee "$out/gpu-bench.log" | tail -40
-timeout "${TEST_LIMIT:-180}" python3 -m pytest tests -q -x -p no:cacheprovider -m "not gpu" \
+timeout $(( ${BENCH_LIMIT:-240} + 60 )) fastsched bench --out "$out" --no-progress \
+  --time-limit "${BENCH_LIMIT:-240}" 2>&1 | tee "$out/gpu-bench.log" | tail -40
+timeout "${TEST_LIMIT:-120}" python3 -m pytest tests -q -x -p no:cacheprovider -m "not gpu" \
   2>&1 | tee "$out/gpu-tests-all.log" | tail -8
