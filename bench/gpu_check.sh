@@ -20,7 +20,10 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
 } 2>&1 | tee "$out/gpu-device.txt"
 timeout 150 python3 -m pytest tests -m gpu -q -p no:cacheprovider 2>&1 \
   | tee "$out/gpu-tests-marked.log" | tail -15
-timeout $(( ${BENCH_LIMIT:-240} + 60 )) fastsched bench --out "$out" --no-progress \
+# --quick (fewer timed steps, smaller compile budget: ~2.5 min by estimate) so that every shape
+# set fits; FULL=1 for the full step counts
+quick=(--quick); [ -n "${FULL:-}" ] && quick=()
+timeout $(( ${BENCH_LIMIT:-240} + 60 )) fastsched bench --out "$out" "${quick[@]}" \
   --time-limit "${BENCH_LIMIT:-240}" 2>&1 | tee "$out/gpu-bench.log" | tail -40
 timeout "${TEST_LIMIT:-120}" python3 -m pytest tests -q -x -p no:cacheprovider -m "not gpu" \
   2>&1 | tee "$out/gpu-tests-all.log" | tail -8
