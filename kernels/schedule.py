@@ -47,7 +47,8 @@ def schedule_value(seg_ptr, n_seg, t, SEG_BLOCK: tl.constexpr):
     dv = v0 - v1
 
     lin = v0 + (v1 - v0) * p
-    cosv = v1 + dv * _pow(0.5 * (1.0 + tl.cos(_PI * p)), a)
+    cosv = v1 + dv * _pow(0.5 * (1.0 + tl.cos(p * _PI)), a)  # tensor first: the interpreter
+    # turns constexpr * tensor into a constexpr
     poly = v1 + dv * _pow(1.0 - p, a)
     powd = v1 + dv * (1.0 - _pow(p, a))
     geo = tl.where(v0 == 0.0, v0, v0 * _pow(v1 / v0, p))  # v0 = 0: a schedule scaled by 0
