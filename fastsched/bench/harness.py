@@ -15,6 +15,7 @@ dtype, configuration) / this contender's.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib
 import json
@@ -401,6 +402,19 @@ def cpu_threads(dev: Device, threads: int | None) -> int | None:
     return None if dev.is_cuda else 1
 
 
+@contextlib.contextmanager
+def torch_threads(dev: Device, threads: int | None):
+    """Run the block with :func:`cpu_threads` torch threads, restoring the count after."""
+    n = cpu_threads(dev, threads)
+    before = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_bench(opts: BenchOptions, on_entry: Callable[[dict], None] | None = None,
               on_group: Callable[[dict], None] | None = None) -> dict[str, Any]:
     """Run the benchmark described by ``opts``; return the results (see :data:`SCHEMA`).
@@ -409,10 +423,6 @@ def run_bench(opts: BenchOptions, on_entry: Callable[[dict], None] | None = None
     (shape set, dtype) with the results so far (``meta["complete"]`` False until the end).
     """
     dev = Device(opts.device)
-    threads = cpu_threads(dev, opts.threads)
-    before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
     # the objects alive now (torch, dynamo, ...) outlive the run: freezing them makes the
     # collection after each contender 0.3 s cheaper (measured on a 2-core CPU)
     try:
@@ -421,10 +431,10 @@ def run_bench(opts: BenchOptions, on_entry: Callable[[dict], None] | None = None
         pass
     gc.freeze()
     try:
-        return _run_bench(opts, dev, on_entry, on_group)
+        with torch_threads(dev, opts.threads):
+            return _run_bench(opts, dev, on_entry, on_group)
     finally:
         gc.unfreeze()
-        torch.set_num_threads(before)
 
 
 def _run_bench(opts: BenchOptions, dev: Device, on_entry, on_group) -> dict[str, Any]:

@@ -24,7 +24,7 @@ import torch
 
 from .contenders import CONFIGS, CONTENDERS, Setup, params_of
 from .device import Device, copy_bandwidth, environment, quantiles, slug
-from .harness import CPU_DEFAULT_SCALE, DTYPES, cpu_threads
+from .harness import CPU_DEFAULT_SCALE, DTYPES, torch_threads
 from .shapes import ShapeSet, get_shape_set
 
 __all__ = ["ProfileOptions", "run_profile", "load_model_params", "ModelSpecError",
@@ -215,14 +215,8 @@ def _analyse(prof, dev: Device, n: int, params, config: str, copy_gbps: float,
 
 def run_profile(opts: ProfileOptions) -> dict[str, Any]:
     dev = Device(opts.device)
-    threads = cpu_threads(dev, opts.threads)
-    before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
+    with torch_threads(dev, opts.threads):
         return _run_profile(opts, dev)
-    finally:
-        torch.set_num_threads(before)
 
 
 def _run_profile(opts: ProfileOptions, dev: Device) -> dict[str, Any]:
