@@ -352,7 +352,3 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     return args.func(args, argv)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())

@@ -99,9 +99,9 @@ def test_bad_input_one_line_exit_2(argv, arg, expected, capsys, target_module):
     assert arg in err and expected in err, err
 
 
-def test_bad_input_from_the_console_script():
-    # the installed entry point, a fresh process: still one line and status 2
-    r = subprocess.run([sys.executable, "-m", "fastsched.bench", "--scale", "-1"],
+def test_bad_input_from_a_fresh_process():
+    # python -m fastsched is the fastsched command: still one line and status 2
+    r = subprocess.run([sys.executable, "-m", "fastsched", "bench", "--scale", "-1"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and "--scale" in r.stderr and "Traceback" not in r.stderr

@@ -1,8 +1,9 @@
 """Benchmark and profiling harness: fastsched against torch's optimizers, side by side.
 
-``fastsched bench`` (or ``python -m fastsched.bench``) times every contender of every
-configuration on real models' parameter shapes and reports GB/s against the copy bandwidth
-measured in the same run; ``fastsched profile`` runs steps under torch.profiler.
+``fastsched bench`` times every contender of every configuration on real models' parameter
+shapes and reports GB/s against the copy bandwidth measured in the same run; ``fastsched
+profile`` runs steps under torch.profiler. Their ``--help`` lists the shape sets
+(:data:`SHAPE_SETS`), configurations (:data:`CONFIGS`) and contenders (:data:`CONTENDERS`).
 """
 
 from .contenders import CONFIGS, CONTENDERS, contenders_for
