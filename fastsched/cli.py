@@ -1,49 +1,193 @@
-"""The ``fastsched`` command: ``bench``, ``profile`` and ``demo``.
+"""The ``fastsched`` command: ``bench``, ``profile``, ``demo``, ``refine`` and ``lawfit``.
 
-Bad arguments end with one line on stderr naming the argument and what it expects, and exit
-status 2 (no traceback).
+``fastsched <command> [options]`` is the way to start every command (``python -m fastsched`` runs
+the same program where the console script is not on ``PATH``); ``fastsched <command> --help``
+lists the shape sets, configurations, contenders and schedule kinds from their registries.
+
+Every subcommand follows one convention, through the parser class and the argument types defined
+here (``fastsched.tools.cli`` registers ``refine`` and ``lawfit`` with them): bad input ends with
+one line on stderr, ``fastsched <command>: error: argument NAME: what was wrong; what is
+expected``, and exit status 2 (``SystemExit(2)``, no traceback). A command that ran and failed
+returns 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import shutil
 import sys
+import textwrap
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import NoReturn
 
-from .tools.cli import add_subcommands as add_tool_subcommands
+__all__ = ["main", "build_parser", "Parser", "fail", "positive_float", "int_at_least",
+           "positive_int", "fraction", "one_of", "list_of", "directory", "described",
+           "name_subcommands"]
 
-__all__ = ["main", "build_parser"]
+
+# -- the convention: one parser class, one way to fail ------------------------------------------
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but an error is one line (no usage block) and exits with status 2."""
+class _Formatter(argparse.HelpFormatter):
+    """Descriptions are wrapped; a text of several lines (the generated lists) is kept as is;
+    names such as torch-fused-graph are not split at their hyphens."""
 
-    def error(self, message: str):
-        sys.stderr.write(f"{self.prog}: error: {' '.join(message.split())}\n")
+    def _split_lines(self, text, width):
+        return textwrap.wrap(_one_line(text), width, break_on_hyphens=False)
+
+    def _fill_text(self, text, width, indent):
+        if "\n" in text:
+            return "".join(indent + line for line in text.splitlines(keepends=True))
+        return textwrap.fill(_one_line(text), width, initial_indent=indent,
+                             subsequent_indent=indent, break_on_hyphens=False)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but an error is one line (no usage block) and exits with status 2; its
+    subcommand parsers are of this class too."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
+
+    def add_subparsers(self, **kwargs):
+        kwargs.setdefault("parser_class", Parser)
+        return super().add_subparsers(**kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        sys.stderr.write(f"{self.prog}: error: {_one_line(message)}\n")
         sys.exit(2)
 
 
-def _fail(prog: str, message: str) -> int:
-    sys.stderr.write(f"{prog}: error: {' '.join(message.split())}\n")
-    return 2
+def fail(prog: str, arg: str, message: str) -> NoReturn:
+    """Bad input found after parsing: one line naming ``arg``, then ``SystemExit(2)``."""
+    sys.stderr.write(f"{prog}: error: argument {arg}: {_one_line(message)}\n")
+    raise SystemExit(2)
 
 
-# -- argument types: each raises ArgumentTypeError with what is expected ------------------------
+def name_subcommands(subparsers) -> None:
+    """Name the registered subcommands in usage and in the 'required'/'invalid choice' errors."""
+    subparsers.metavar = "{" + ",".join(subparsers.choices) + "}"
 
-def _sets(text: str) -> list[str]:
-    from .bench.shapes import ShapeError, parse_set_names
 
+# -- argument types: each raises ArgumentTypeError saying what is expected ---------------------
+
+def _number(text: str) -> float:
     try:
-        return parse_set_names(text)
-    except ShapeError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+        return float(text)
+    except ValueError:
+        return math.nan
 
 
-def _set(text: str) -> str:
-    names = _sets(text)
-    if len(names) != 1:
-        raise argparse.ArgumentTypeError(f"expected one shape set name, got {text!r}")
-    return names[0]
+def positive_float(text: str) -> float:
+    v = _number(text)
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return v
+
+
+def fraction(text: str) -> float:
+    v = _number(text)
+    if not 0.0 <= v < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
+    return v
+
+
+def int_at_least(lo: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            v = lo - 1
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {text!r}")
+        return v
+    parse.__name__ = f"integer >= {lo}"
+    return parse
+
+
+positive_int = int_at_least(1)
+
+
+def one_of(choices: Iterable[str], what: str,
+           aliases: dict[str, str] | None = None) -> Callable[[str], str]:
+    """One name out of ``choices`` (``aliases`` map other spellings onto them)."""
+    choices = list(choices)
+    aliases = aliases or {}
+
+    def parse(text: str) -> str:
+        name = aliases.get(text.strip(), text.strip())
+        if name not in choices:
+            if "," in text:
+                raise argparse.ArgumentTypeError(f"expected one {what}, got {text!r}; one of "
+                                                 f"{', '.join(choices)}")
+            raise argparse.ArgumentTypeError(f"unknown {what} {text!r}; expected one of "
+                                             f"{', '.join(choices)}")
+        return name
+    parse.__name__ = what
+    return parse
+
+
+def list_of(choices: Iterable[str], what: str, aliases: dict[str, str] | None = None,
+            everything: str | None = None) -> Callable[[str], list[str]]:
+    """A comma-separated list of names out of ``choices``, duplicates dropped; ``everything``
+    (e.g. ``"all"``) stands for all of them."""
+    choices = list(choices)
+    aliases = aliases or {}
+    expected = f"a comma-separated list of {', '.join(choices)}" + (
+        f" (or {everything})" if everything else "")
+
+    def parse(text: str) -> list[str]:
+        items = [aliases.get(t.strip(), t.strip()) for t in text.split(",") if t.strip()]
+        if everything is not None and items == [everything]:
+            return list(choices)
+        bad = [t for t in items if t not in choices]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {what} {bad[0]!r}; expected {expected}")
+        if not items:
+            raise argparse.ArgumentTypeError(f"no {what} in {text!r}; expected {expected}")
+        return list(dict.fromkeys(items))
+    parse.__name__ = what
+    return parse
+
+
+def directory(text: str) -> Path:
+    """An output directory: created when needed, so it must not be an existing file."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} is a file; expected a directory (created "
+                                         "when missing)")
+    return path
+
+
+def described(title: str, entries: Iterable[tuple[str, str]], width: int | None = None) -> str:
+    """A help-text section: ``title``, then one wrapped paragraph per ``(name, text)`` (as wide
+    as argparse's own help by default)."""
+    entries = list(entries)
+    if width is None:
+        width = max(60, min(100, shutil.get_terminal_size().columns - 2))
+    pad = max(len(n) for n, _ in entries) + 2
+    lines = textwrap.wrap(title, width, break_on_hyphens=False)
+    for name, text in entries:
+        lines += textwrap.wrap(_one_line(text), width, initial_indent=f"  {name:<{pad}}",
+                               subsequent_indent=" " * (pad + 2), break_on_hyphens=False)
+    return "\n".join(lines)
+
+
+def _device(text: str) -> str:
+    import torch
+
+    if text not in ("cpu", "cuda") and not (text.startswith("cuda:") and text[5:].isdigit()):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    if text.startswith("cuda") and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text} requested but no CUDA device is available; "
+                                         "expected cpu")
+    return text
 
 
 def _shapes(text: str):
@@ -55,91 +199,6 @@ def _shapes(text: str):
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def _choices_list(text: str, choices, what: str) -> list[str]:
-    items = [t.strip() for t in text.split(",") if t.strip()]
-    bad = [t for t in items if t not in choices]
-    if not items or bad:
-        raise argparse.ArgumentTypeError(
-            f"{'unknown ' + what + ' ' + repr(bad[0]) if bad else 'empty list'}; expected a "
-            f"comma-separated list of {', '.join(choices)}")
-    return list(dict.fromkeys(items))
-
-
-def _dtypes(text: str) -> list[str]:
-    from .bench.harness import _DTYPE_ALIASES, DTYPES
-
-    items = [_DTYPE_ALIASES.get(t.strip(), t.strip()) for t in text.split(",")]
-    return _choices_list(",".join(items), list(DTYPES), "dtype")
-
-
-def _dtype(text: str) -> str:
-    items = _dtypes(text)
-    if len(items) != 1:
-        raise argparse.ArgumentTypeError(f"expected one dtype, got {text!r}")
-    return items[0]
-
-
-def _configs(text: str) -> list[str]:
-    from .bench.contenders import CONFIGS
-
-    return _choices_list(text, list(CONFIGS), "configuration")
-
-
-def _contenders(text: str) -> list[str]:
-    from .bench.contenders import CONTENDERS
-
-    return _choices_list(text, list(CONTENDERS), "contender")
-
-
-def _single(text: str, choices, what: str) -> str:
-    if text not in choices:
-        raise argparse.ArgumentTypeError(f"unknown {what} {text!r}; expected one of "
-                                         f"{', '.join(choices)}")
-    return text
-
-
-def _config(text: str) -> str:
-    from .bench.contenders import CONFIGS
-
-    return _single(text, list(CONFIGS), "configuration")
-
-
-def _contender(text: str) -> str:
-    from .bench.contenders import CONTENDERS
-
-    return _single(text, list(CONTENDERS), "contender")
-
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        v = float("nan")
-    if not v > 0 or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return v
-
-
-def _positive_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        v = 0
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected an integer > 0, got {text!r}")
-    return v
-
-
-def _device(text: str) -> str:
-    import torch
-
-    if text not in ("cpu", "cuda") and not text.startswith("cuda:"):
-        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
-    if text.startswith("cuda") and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text} requested but no CUDA device is available")
-    return text
-
-
 def _model_spec(text: str) -> str:
     mod, sep, attr = text.partition(":")
     if not sep or not mod or not attr:
@@ -149,62 +208,94 @@ def _model_spec(text: str) -> str:
     return text
 
 
+# -- help generated from the registries ---------------------------------------------------------
+
+def _registries_help(sets_flag: str, configs_flag: str, contenders_flag: str) -> str:
+    """The shape sets, configurations and contenders as the benchmark defines them."""
+    from .bench.contenders import CONFIGS, CONTENDERS, DEFAULT_CONFIGS, contenders_for
+    from .bench.shapes import SHAPE_SETS
+
+    runs_in = {k: [c for c in CONFIGS if k in {x.key for x in contenders_for(c)}]
+               for k in CONTENDERS}
+    return "\n\n".join((
+        described(f"shape sets ({sets_flag}; full size, before --scale):", (
+            (s.name, f"{s.tensors:,} tensors, {s.params:,} parameters. {s.description}")
+            for s in SHAPE_SETS.values())),
+        described(f"configurations ({configs_flag}; the benchmark's default: "
+                  f"{', '.join(DEFAULT_CONFIGS)}):", (
+            (c.key, f"{c.title}. {c.description}. Bytes: {c.elements} elements per parameter "
+                    f"({c.bytes_note})") for c in CONFIGS.values())),
+        described(f"contenders ({contenders_flag}):", (
+            (c.key, c.description + (f" (configurations: {', '.join(runs_in[c.key])})"
+                                     if runs_in[c.key] else "")) for c in CONTENDERS.values())),
+    ))
+
+
 # -- the parser ---------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="fastsched", description="fastsched: fused optimizer steps with on-device "
-                "learning-rate schedules")
-    sub = p.add_subparsers(dest="command", metavar="{bench,profile,demo,refine,lawfit}",
-                           parser_class=_Parser)
-    sub.required = True
+    from .bench.contenders import CONFIGS, CONTENDERS, DEFAULT_CONFIGS
+    from .bench.harness import _DTYPE_ALIASES, CPU_DEFAULT_SCALE, DTYPES
+    from .bench.shapes import SHAPE_SETS
+    from .tools.cli import add_subcommands as add_tool_subcommands
+
+    sets, configs = ", ".join(SHAPE_SETS), ", ".join(CONFIGS)
+    dtypes = ", ".join(DTYPES)
+    p = Parser(prog="fastsched", description="fastsched: fused optimizer steps with on-device "
+               "learning-rate schedules. 'fastsched COMMAND --help' describes each command.")
+    sub = p.add_subparsers(dest="command", required=True)
 
     b = sub.add_parser("bench", help="time fastsched against torch's optimizers",
                        description="Time every contender of every configuration on the shape "
                        "sets, report GB/s against the copy bandwidth measured in the same run, "
                        "and write JSON, Markdown and a bar chart under --out. Without arguments: "
-                       "the full shape sets on a GPU, a scaled run on the CPU.")
-    b.add_argument("--sets", type=_sets, default=None, metavar="NAMES",
-                   help="comma-separated shape sets: gpt2, llama-1b, lora-7b, many-small or all "
-                   "(default: all, unless --shapes is given)")
+                       "the full shape sets on a GPU, a scaled run on the CPU.",
+                       epilog=_registries_help("--sets", "--configs", "--contenders"))
+    b.add_argument("--sets", type=list_of(SHAPE_SETS, "shape set", everything="all"),
+                   default=None, metavar="NAMES",
+                   help=f"comma-separated shape sets: {sets} or all (default: all, unless "
+                   "--shapes is given)")
     b.add_argument("--shapes", type=_shapes, default=None, metavar="LIST",
                    help='a shape set of your own, e.g. "1024x1024,4096,3x3"')
-    b.add_argument("--dtypes", type=_dtypes, default=None, metavar="LIST",
-                   help="comma-separated: fp32, bf16, fp16 (default: fp32,bf16 on a GPU, fp32 "
-                   "on the CPU)")
-    b.add_argument("--configs", type=_configs, default=None, metavar="LIST",
-                   help="comma-separated: adamw, adamw-clip, allora, sgd "
-                   "(default: adamw,adamw-clip,allora)")
-    b.add_argument("--contenders", type=_contenders, default=None, metavar="LIST",
-                   help="only these contenders (torch-forloop, torch-foreach, torch-fused, "
-                   "torch-fused-graph, torch-compile, fastsched, fastsched-graph)")
-    b.add_argument("--scale", type=_positive_float, default=None,
+    b.add_argument("--dtypes", type=list_of(DTYPES, "dtype", _DTYPE_ALIASES), default=None,
+                   metavar="LIST", help=f"comma-separated: {dtypes} (default: fp32,bf16 on a "
+                   "GPU, fp32 on the CPU)")
+    b.add_argument("--configs", type=list_of(CONFIGS, "configuration"),
+                   default=list(DEFAULT_CONFIGS), metavar="LIST",
+                   help=f"comma-separated configurations: {configs} (default: "
+                   f"{','.join(DEFAULT_CONFIGS)})")
+    b.add_argument("--contenders", type=list_of(CONTENDERS, "contender"), default=None,
+                   metavar="LIST", help=f"only these contenders: {', '.join(CONTENDERS)} "
+                   "(default: every one that runs the configuration)")
+    b.add_argument("--scale", type=positive_float, default=None,
                    help="multiply every tensor's element count (tensor count kept, >= 1 "
-                   "element); default 1 on a GPU, 0.01 on the CPU")
+                   f"element); default 1 on a GPU, {CPU_DEFAULT_SCALE:g} on the CPU")
     b.add_argument("--quick", action="store_true",
                    help="fewer timed steps per contender and a smaller compile budget")
     b.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="include torch.compile (default: on a GPU yes, on the CPU no)")
-    b.add_argument("--compile-budget", type=_positive_float, default=None, metavar="SECONDS",
+    b.add_argument("--compile-budget", type=positive_float, default=None, metavar="SECONDS",
                    help="skip further torch.compile contenders once their compile time would "
                    "exceed this total (default 150; 60 with --quick)")
-    b.add_argument("--compile-max-tensors", type=_positive_int, default=512, metavar="N",
+    b.add_argument("--compile-max-tensors", type=positive_int, default=512, metavar="N",
                    help="skip torch.compile for shape sets with more tensors (default 512)")
-    b.add_argument("--time-limit", type=_positive_float, default=None, metavar="SECONDS",
+    b.add_argument("--time-limit", type=positive_float, default=None, metavar="SECONDS",
                    help="start no new contender after this many seconds (the rest is recorded "
                    "as skipped)")
     b.add_argument("--device", type=_device, default=None,
-                   help="cpu or cuda (default: cuda when available)")
-    b.add_argument("--out", type=Path, default=Path("bench/results"), metavar="DIR",
+                   help="cpu, cuda or cuda:N (default: cuda when available)")
+    b.add_argument("--out", type=directory, default=Path("bench/results"), metavar="DIR",
                    help="where results are written (default bench/results)")
     b.add_argument("--no-save", action="store_true", help="print only, write no files")
     b.add_argument("--no-plot", action="store_true", help="no PNG chart")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
-    b.add_argument("--copy-mib", type=_positive_int, default=None, metavar="MIB",
+    b.add_argument("--copy-mib", type=positive_int, default=None, metavar="MIB",
                    help="size of the copy that measures the bandwidth ceiling "
                    "(default 1024 on a GPU, 64 on the CPU)")
-    b.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+    b.add_argument("--threads", type=positive_int, default=None, metavar="N",
                    help="torch CPU threads (default: 1 on the CPU, unchanged on a GPU)")
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--seed", type=int_at_least(0), default=0, metavar="N",
+                   help="seed of the parameters and gradients (default 0)")
     b.add_argument("--readme", type=Path, default=None, metavar="RESULTS.json",
                    help="print the README performance section generated from a results file")
     b.add_argument("--report", type=Path, default=None, metavar="RESULTS.json",
@@ -214,37 +305,47 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("profile", help="profile N optimizer steps under torch.profiler",
                         description="Run N steps of one contender under torch.profiler: "
                         "per-kernel time, launches and host synchronisations per step, GB/s "
-                        "against the copy bandwidth; writes a Chrome trace under --out.")
+                        "against the copy bandwidth; writes a Chrome trace under --out.",
+                        epilog=_registries_help("--set", "--config", "--contender"))
     what = pr.add_mutually_exclusive_group()
-    what.add_argument("--set", type=_set, default=None, metavar="NAME",
-                      help="shape set (default gpt2): gpt2, llama-1b, lora-7b, many-small")
+    what.add_argument("--set", type=one_of(SHAPE_SETS, "shape set"), default=None,
+                      metavar="NAME", help=f"shape set: {sets} (default gpt2)")
     what.add_argument("--shapes", type=_shapes, default=None, metavar="LIST",
                       help='a shape set of your own, e.g. "1024x1024,4096,3x3"')
     what.add_argument("--model", type=_model_spec, default=None, metavar="MODULE:CALLABLE",
                       help="a callable returning (model, loss_fn) (loss_fn(model) -> scalar "
                       "loss) or an iterable of parameters")
-    pr.add_argument("--dtype", type=_dtype, default="fp32", help="fp32, bf16 or fp16")
-    pr.add_argument("--config", type=_config, default="adamw",
-                    help="adamw, adamw-clip, allora or sgd (default adamw)")
-    pr.add_argument("--contender", type=_contender, default="fastsched",
-                    help="which implementation (default fastsched)")
-    pr.add_argument("--steps", type=_positive_int, default=10, help="profiled steps")
-    pr.add_argument("--warmup", type=int, default=3, help="steps before profiling")
-    pr.add_argument("--scale", type=_positive_float, default=None,
-                    help="as for bench (default 1 on a GPU, 0.01 on the CPU)")
-    pr.add_argument("--device", type=_device, default=None)
-    pr.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+    pr.add_argument("--dtype", type=one_of(DTYPES, "dtype", _DTYPE_ALIASES), default="fp32",
+                    help=f"{dtypes} (default fp32)")
+    pr.add_argument("--config", type=one_of(CONFIGS, "configuration"), default="adamw",
+                    help=f"{configs} (default adamw)")
+    pr.add_argument("--contender", type=one_of(CONTENDERS, "contender"), default="fastsched",
+                    help=f"{', '.join(CONTENDERS)} (default fastsched)")
+    pr.add_argument("--steps", type=positive_int, default=10, metavar="N",
+                    help="profiled steps (default 10)")
+    pr.add_argument("--warmup", type=int_at_least(0), default=3, metavar="N",
+                    help="steps before profiling (default 3)")
+    pr.add_argument("--scale", type=positive_float, default=None,
+                    help=f"as for bench (default 1 on a GPU, {CPU_DEFAULT_SCALE:g} on the CPU)")
+    pr.add_argument("--device", type=_device, default=None,
+                    help="cpu, cuda or cuda:N (default: cuda when available)")
+    pr.add_argument("--threads", type=positive_int, default=None, metavar="N",
                     help="torch CPU threads (default: 1 on the CPU, unchanged on a GPU)")
-    pr.add_argument("--top", type=int, default=15, help="kernels listed (0: all)")
-    pr.add_argument("--out", type=Path, default=Path("bench/results"), metavar="DIR")
+    pr.add_argument("--top", type=int_at_least(0), default=15, metavar="N",
+                    help="kernels listed (default 15; 0: all)")
+    pr.add_argument("--out", type=directory, default=Path("bench/results"), metavar="DIR",
+                    help="where the summary and the trace are written (default bench/results)")
     pr.add_argument("--no-save", action="store_true", help="print only, write no files")
     pr.set_defaults(func=_cmd_profile)
 
     d = sub.add_parser("demo", help="run the demo and write its outputs",
-                       description="Run fastsched.demo.main(outdir).")
-    d.add_argument("--out", type=Path, default=Path("demo_out"), metavar="DIR")
+                       description="Plot the main schedules into DIR/schedules.png and train a "
+                       "small model with AdamW and a WSD schedule (fastsched.demo.main).")
+    d.add_argument("--out", type=directory, default=Path("demo_out"), metavar="DIR",
+                   help="where the plot is written (default demo_out)")
     d.set_defaults(func=_cmd_demo)
     add_tool_subcommands(sub)  # refine, lawfit
+    name_subcommands(sub)
     return p
 
 
@@ -256,17 +357,14 @@ def _load(prog: str, flag: str, path: Path):
     try:
         return load_results(path)
     except (OSError, ValueError) as e:
-        _fail(prog, f"argument {flag}: cannot read {path} ({type(e).__name__}: {e}); expected a "
-                    "results JSON written by fastsched bench")
-        return None
+        fail(prog, flag, f"cannot read {path} ({type(e).__name__}: {e}); expected a results "
+                         "JSON written by fastsched bench")
 
 
 def _cmd_bench(args, argv) -> int:
     prog = "fastsched bench"
     if args.readme is not None:
         res = _load(prog, "--readme", args.readme)
-        if res is None:
-            return 2
         from .bench.report import render_readme
 
         png = args.readme.with_suffix(".png")
@@ -275,8 +373,6 @@ def _cmd_bench(args, argv) -> int:
         return 0
     if args.report is not None:
         res = _load(prog, "--report", args.report)
-        if res is None:
-            return 2
         from .bench.harness import save_results
         from .bench.report import print_table
 
@@ -290,9 +386,7 @@ def _cmd_bench(args, argv) -> int:
 
     sets = args.sets if args.sets is not None else ([] if args.shapes is not None
                                                     else list(SHAPE_SETS))
-    opts = BenchOptions(sets=sets, custom=args.shapes,
-                        dtypes=args.dtypes,
-                        configs=args.configs or ["adamw", "adamw-clip", "allora"],
+    opts = BenchOptions(sets=sets, custom=args.shapes, dtypes=args.dtypes, configs=args.configs,
                         contenders=args.contenders, scale=args.scale, quick=args.quick,
                         compile=args.compile, compile_budget_s=args.compile_budget,
                         compile_max_tensors=args.compile_max_tensors, device=args.device,
@@ -318,21 +412,20 @@ def _cmd_profile(args, argv) -> int:
 
     opts = ProfileOptions(set=args.set or "gpt2", custom=args.shapes, model=args.model,
                           dtype=args.dtype, config=args.config, contender=args.contender,
-                          steps=args.steps, warmup=max(0, args.warmup), scale=args.scale,
+                          steps=args.steps, warmup=args.warmup, scale=args.scale,
                           device=args.device, out=None if args.no_save else args.out,
-                          top=max(0, args.top), threads=args.threads,
-                          argv=["fastsched", *argv])
+                          top=args.top, threads=args.threads, argv=["fastsched", *argv])
     try:
         res = run_profile(opts)
     except ModelSpecError as e:
-        return _fail("fastsched profile", f"argument --model: {e}")
+        fail("fastsched profile", "--model", str(e))
     except Exception as e:  # noqa: BLE001 - the contender itself failed: say so in one line
         from .bench.contenders import Skipped, Unavailable
 
         kind = ("not available" if isinstance(e, Unavailable | Skipped)
                 else type(e).__name__)
         sys.stderr.write(f"fastsched profile: {args.contender} ({args.config}) {kind}: "
-                         f"{' '.join(str(e).split())}\n")
+                         f"{_one_line(e)}\n")
         return 1
     print_profile(res)
     return 0
@@ -344,11 +437,17 @@ def _cmd_demo(args, argv) -> int:
     except ImportError as e:
         sys.stderr.write(f"fastsched demo: not available in this installation ({e})\n")
         return 1
-    rc = demo.main(args.out)
+    try:
+        rc = demo.main(args.out)
+    except OSError as e:
+        fail("fastsched demo", "--out", f"cannot write under {args.out} ({type(e).__name__}: "
+                                        f"{e})")
     return rc if isinstance(rc, int) else 0
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``fastsched`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status of a
+    command that ran (0, or 1 when it failed), raises ``SystemExit(2)`` on bad input."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     return args.func(args, argv)

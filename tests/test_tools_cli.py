@@ -1,15 +1,16 @@
-"""The refine and lawfit subcommands (fastsched.tools.cli), on a parser built here."""
+"""The refine and lawfit subcommands (defined in fastsched.tools.cli), started as ``fastsched``
+starts them."""
 
-import argparse
 import importlib.util
 import json
 
 import numpy as np
 import pytest
 
-from fastsched.schedules import WSD, Constant, Cosine, from_dict
+from fastsched.cli import main
+from fastsched.schedules import REGISTRY, WSD, Constant, Cosine, from_dict
 from fastsched.tools import lawfit, refine
-from fastsched.tools.cli import add_subcommands, parse_schedule
+from fastsched.tools.cli import parse_schedule
 
 T, PEAK = 4000, 1e-3
 TRUE = {"L0": 2.0, "A": 0.5, "alpha": 0.5, "C": 2.0}
@@ -17,11 +18,7 @@ HAS_MPL = importlib.util.find_spec("matplotlib") is not None
 
 
 def _run(argv):
-    parser = argparse.ArgumentParser(prog="fastsched")
-    sub = parser.add_subparsers(dest="command")
-    assert add_subcommands(sub) is None
-    args = parser.parse_args(argv)
-    return args.func(args, argv)
+    return main(argv)
 
 
 def _fails(argv, capsys, *words):
@@ -136,10 +133,15 @@ def test_predict_bad_arguments(runs, tmp_path, capsys):
            "argument --law", "missing")
     _fails(["lawfit", "predict", "--law", str(tmp_path / "none.json"), "--schedule", "cosine",
             *base], capsys, "argument --law", "cannot read")
-    with pytest.raises(SystemExit) as e:  # argparse's own checks: exit status 2 as well
-        _run(["lawfit", "predict", "--runs", *runs, "--schedule", "cosine", "--peak-lr", "-1",
-              "--total-steps", "100"])
-    assert e.value.code == 2
+    # the argument types' checks: the same one line and exit status 2
+    _fails(["lawfit", "predict", "--runs", *runs, "--schedule", "cosine", "--peak-lr", "-1",
+            "--total-steps", "100"], capsys, "fastsched lawfit predict: error: argument "
+           "--peak-lr: expected a finite number > 0, got '-1'")
+    _fails(["lawfit", "rank", "--runs", *runs, "--schedule", "cosine", "--lam", "1",
+            *base], capsys, "fastsched lawfit rank: error: argument --lam:", "[0, 1)")
+    _fails(["lawfit", "rank", "--runs", *runs, "--schedule", "cosine", "--schedule", "cosinus",
+            *base], capsys, "fastsched lawfit rank: error: argument --schedule:",
+           ", ".join(sorted(REGISTRY)))
 
 
 def test_schedule_specs(tmp_path):
@@ -196,3 +198,16 @@ def test_refine_bad_input(tmp_path, capsys, content, argv, words):
     if content is not None:
         path.write_text(content)
     _fails(["refine", str(path), *argv], capsys, "fastsched refine", *words)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--norm", "l3"], ["argument --norm: unknown norm 'l3'; expected one of l2, l1"]),
+    (["--tol", "-0.001"], ["argument --tol:", "[0, 1)"]),
+    (["--total-steps", "1"], ["argument --total-steps:", ">= 2"]),
+    (["--total-steps", "many"], ["argument --total-steps:", ">= 2"]),
+])
+def test_refine_bad_arguments(tmp_path, capsys, argv, words):
+    log = tmp_path / "norms.csv"
+    log.write_text("step,grad_norm\n0,1\n1,2\n")
+    line = _fails(["refine", str(log), *argv], capsys, *words)
+    assert line.startswith("fastsched refine: error: ")

@@ -3,7 +3,8 @@
 ``add_subcommands(subparsers)`` registers them on an ``argparse`` subparsers object; each sets
 ``func(args, argv=None) -> int``. Bad input (an unreadable file, an empty or non-finite curve,
 mismatched lengths, too few points to fit, a bad schedule) ends with one line on stderr naming
-the argument, and exit status 2 (``SystemExit(2)``, no traceback).
+the argument, and exit status 2 (``SystemExit(2)``, no traceback): the convention of every
+``fastsched`` command, through the parser class and argument types of :mod:`fastsched.cli`.
 
 Input logs are CSV (a header row naming the columns) or JSON (``{"step": [...], "lr": [...],
 "loss": [...]}``, or a list of such records). ``lawfit`` reads ``step``, ``lr`` and ``loss``:
@@ -20,15 +21,15 @@ Schedules are given as ``KIND[:key=value,...]`` with a kind of ``fastsched.sched
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
+
+from ..cli import described, fail, fraction, int_at_least, name_subcommands, one_of, positive_float
 
 __all__ = ["add_subcommands", "read_log", "read_curve", "parse_schedule"]
 
@@ -39,45 +40,6 @@ class InputError(ValueError):
     def __init__(self, arg: str, message: str):
         super().__init__(message)
         self.arg = arg
-
-
-def _fail(prog: str, arg: str, message: str):
-    sys.stderr.write(f"{prog}: error: argument {arg}: {' '.join(str(message).split())}\n")
-    raise SystemExit(2)
-
-
-# -- argument types -----------------------------------------------------------------------------
-
-def _positive_float(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        v = math.nan
-    if not (v > 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
-    return v
-
-
-def _int_at_least(lo: int):
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            v = lo - 1
-        if v < lo:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {text!r}")
-        return v
-    return parse
-
-
-def _fraction(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        v = math.nan
-    if not 0.0 <= v < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1), got {text!r}")
-    return v
 
 
 # -- reading logs -------------------------------------------------------------------------------
@@ -267,18 +229,18 @@ def _cmd_refine(args, argv=None) -> int:
     try:
         cols = read_log(args.log, "LOG")
     except InputError as e:
-        _fail(prog, e.arg, str(e))
+        fail(prog, e.arg, str(e))
     column = args.column or ("grad_norm_l1" if args.norm == "l1" else "grad_norm")
     if column not in cols:
         if set(cols) == {"value"}:
             column = "value"
         else:
-            _fail(prog, "--column", f"{args.log} has no {column!r} column (columns: "
-                                    f"{', '.join(sorted(cols))})")
+            fail(prog, "--column", f"{args.log} has no {column!r} column (columns: "
+                                   f"{', '.join(sorted(cols))})")
     norms = cols[column]
     if "step" in cols:
         if np.any(~np.isfinite(cols["step"])):
-            _fail(prog, "LOG", f"{args.log}: step must be a number on every row")
+            fail(prog, "LOG", f"{args.log}: step must be a number on every row")
         src = {"step": cols["step"].tolist(), "grad_norm": norms.tolist()}
         if args.norm == "l1":
             src["grad_norm_l1"] = src.pop("grad_norm")
@@ -288,7 +250,7 @@ def _cmd_refine(args, argv=None) -> int:
         curve = refine_curve(src, norm=args.norm)
         sched = refine(src, norm=args.norm, total_steps=args.total_steps, tol=args.tol)
     except ValueError as e:
-        _fail(prog, "LOG", f"{args.log}: {e}")
+        fail(prog, "LOG", f"{args.log}: {e}")
     total = int(sched.steps[-1]) + 1
     usable = int(np.sum(np.isfinite(norms) & (norms > 0)))
     peak_at = int(round(float(curve["progress"][int(np.argmax(curve["schedule"]))]) * (total - 1)))
@@ -308,7 +270,7 @@ def _cmd_refine(args, argv=None) -> int:
             else:
                 args.out.write_text(json.dumps(sched.to_dict()))
         except OSError as e:
-            _fail(prog, "--out", f"cannot write {args.out} ({type(e).__name__}: {e})")
+            fail(prog, "--out", f"cannot write {args.out} ({type(e).__name__}: {e})")
         print(f"wrote {args.out}")
     if args.plot is not None:
         from ._refine import plot_refined
@@ -317,9 +279,9 @@ def _cmd_refine(args, argv=None) -> int:
             plot_refined(src, str(args.plot), norm=args.norm, total_steps=args.total_steps,
                          tol=args.tol)
         except ImportError:
-            _fail(prog, "--plot", "matplotlib is not installed (pip install 'fastsched[plot]')")
+            fail(prog, "--plot", "matplotlib is not installed (pip install 'fastsched[plot]')")
         except OSError as e:
-            _fail(prog, "--plot", f"cannot write {args.plot} ({type(e).__name__}: {e})")
+            fail(prog, "--plot", f"cannot write {args.plot} ({type(e).__name__}: {e})")
         print(f"wrote {args.plot}")
     return 0
 
@@ -332,7 +294,7 @@ def _curves(prog: str, paths, arg: str):
         try:
             curves.append(read_curve(p, arg))
         except InputError as e:
-            _fail(prog, e.arg, str(e))
+            fail(prog, e.arg, str(e))
     return curves
 
 
@@ -342,7 +304,7 @@ def _fit(prog: str, curves, args, arg: str):
     try:
         return lawfit.fit(curves, lam=args.lam, skip=args.skip)
     except ValueError as e:
-        _fail(prog, arg, str(e))
+        fail(prog, arg, str(e))
 
 
 def _law(prog: str, args):
@@ -353,10 +315,10 @@ def _law(prog: str, args):
         try:
             return LawFit.from_dict(json.loads(args.law.read_text())), []
         except OSError as e:
-            _fail(prog, "--law", f"cannot read {args.law} ({type(e).__name__}: {e})")
+            fail(prog, "--law", f"cannot read {args.law} ({type(e).__name__}: {e})")
         except (ValueError, TypeError, AttributeError) as e:
-            _fail(prog, "--law", f"{args.law} is not a fitted law written by 'fastsched lawfit "
-                                 f"fit --out' ({e})")
+            fail(prog, "--law", f"{args.law} is not a fitted law written by 'fastsched lawfit "
+                                f"fit --out' ({e})")
     curves = _curves(prog, args.runs, "--runs")
     return _fit(prog, curves, args, "--runs"), curves
 
@@ -372,7 +334,7 @@ def _schedules(prog: str, args):
         try:
             out[spec] = parse_schedule(spec, args.total_steps)
         except InputError as e:
-            _fail(prog, e.arg, str(e))
+            fail(prog, e.arg, str(e))
     return out
 
 
@@ -380,9 +342,9 @@ def _plot(prog, fn, path) -> None:
     try:
         fn()
     except ImportError:
-        _fail(prog, "--plot", "matplotlib is not installed (pip install 'fastsched[plot]')")
+        fail(prog, "--plot", "matplotlib is not installed (pip install 'fastsched[plot]')")
     except OSError as e:
-        _fail(prog, "--plot", f"cannot write {path} ({type(e).__name__}: {e})")
+        fail(prog, "--plot", f"cannot write {path} ({type(e).__name__}: {e})")
     print(f"wrote {path}")
 
 
@@ -402,7 +364,7 @@ def _cmd_fit(args, argv=None) -> int:
         try:
             args.out.write_text(json.dumps(law.to_dict(), indent=1))
         except OSError as e:
-            _fail(prog, "--out", f"cannot write {args.out} ({type(e).__name__}: {e})")
+            fail(prog, "--out", f"cannot write {args.out} ({type(e).__name__}: {e})")
         print(f"wrote {args.out}")
     if args.plot is not None:
         _plot(prog, lambda: lawfit.plot(law, str(args.plot), curves=curves), args.plot)
@@ -415,8 +377,8 @@ def _cmd_predict(args, argv=None) -> int:
     prog = "fastsched lawfit predict"
     scheds = _schedules(prog, args)  # cheap checks first, the fit after
     if len(scheds) != 1:
-        _fail(prog, "--schedule", f"predict takes one schedule, got {len(scheds)} (use "
-                                  "'lawfit rank' for several)")
+        fail(prog, "--schedule", f"predict takes one schedule, got {len(scheds)} (use "
+                                 "'lawfit rank' for several)")
     law, curves = _law(prog, args)
     (name, sched), = scheds.items()
     pred = law.predict(sched, args.peak_lr, args.total_steps)
@@ -432,7 +394,7 @@ def _cmd_predict(args, argv=None) -> int:
             args.out.write_text("step,lr,predicted_loss\n" + "".join(
                 f"{i},{lr:.8g},{p:.8g}\n" for i, (lr, p) in enumerate(zip(lrs, pred))))
         except OSError as e:
-            _fail(prog, "--out", f"cannot write {args.out} ({type(e).__name__}: {e})")
+            fail(prog, "--out", f"cannot write {args.out} ({type(e).__name__}: {e})")
         print(f"wrote {args.out}")
     if args.plot is not None:
         _plot(prog, lambda: lawfit.plot(law, str(args.plot), curves=curves,
@@ -462,6 +424,29 @@ def _cmd_rank(args, argv=None) -> int:
 
 # -- registration -------------------------------------------------------------------------------
 
+def _spec_value(v) -> str:
+    """A default as it is written in ``KIND:key=value``."""
+    return v if isinstance(v, str) else json.dumps(v)
+
+
+def _schedule_kinds_help() -> str:
+    """The kinds of ``fastsched.schedules.REGISTRY`` and their fields, for ``--schedule``."""
+    from ..schedules import REGISTRY
+
+    def show(f) -> str:
+        if f.default is not dataclasses.MISSING:
+            return f"{f.name}={_spec_value(f.default)}"
+        if f.default_factory is not dataclasses.MISSING:
+            return f"{f.name}={_spec_value(f.default_factory())}"
+        return f.name
+
+    return described(
+        "schedule kinds for --schedule KIND[:field=value,...] (fastsched.schedules; a field "
+        "shown without a value is required, total_steps defaults to --total-steps):",
+        ((kind, f"{cls.__name__}({', '.join(show(f) for f in dataclasses.fields(cls))})")
+         for kind, cls in sorted(REGISTRY.items())))
+
+
 def add_subcommands(subparsers) -> None:
     """Register ``refine`` and ``lawfit`` (``fit``, ``predict``, ``rank``) on ``subparsers``
     (the object ``ArgumentParser.add_subparsers()`` returns). Each parser's ``func(args, argv)``
@@ -476,12 +461,12 @@ def add_subcommands(subparsers) -> None:
     r.add_argument("log", type=Path, metavar="LOG",
                    help="CSV or JSON with a grad_norm column (grad_norm_l1 with --norm l1) and "
                    "optionally step; or bare numbers")
-    r.add_argument("--norm", choices=("l2", "l1"), default="l2",
+    r.add_argument("--norm", type=one_of(("l2", "l1"), "norm"), default="l2", metavar="{l2,l1}",
                    help="l2: SGD-type, w = G^-2 (default); l1: Adam-type, w = G^-1 of L1 norms")
     r.add_argument("--column", default=None, help="the column holding the norms")
-    r.add_argument("--total-steps", type=_int_at_least(2), default=None, metavar="N",
+    r.add_argument("--total-steps", type=int_at_least(2), default=None, metavar="N",
                    help="length of the new run (default: the logged run's)")
-    r.add_argument("--tol", type=_fraction, default=1e-3,
+    r.add_argument("--tol", type=fraction, default=1e-3,
                    help="largest deviation of the device table's linear interpolation from the "
                    "refined curve, as a fraction of its peak (default 1e-3; 0 keeps every "
                    "point)")
@@ -491,20 +476,22 @@ def add_subcommands(subparsers) -> None:
                    help="plot norms, smoothed norms and the schedule")
     r.set_defaults(func=_cmd_refine)
 
+    from ..schedules import REGISTRY
+
+    kinds = ", ".join(sorted(REGISTRY))
     lf = subparsers.add_parser(
         "lawfit", help="fit the LR-annealing scaling law to loss curves; predict and rank "
         "schedules",
         description="L(s) = L0 + A*S1^-alpha - C*S2 (Tissue et al., arXiv 2408.11029): fit it "
         "to step,lr,loss logs, predict the loss curve of a schedule, rank schedules by "
         "predicted final loss.")
-    sub = lf.add_subparsers(dest="lawfit_command", metavar="{fit,predict,rank}")
-    sub.required = True
+    sub = lf.add_subparsers(dest="lawfit_command", required=True)
 
     def fit_options(p):
-        p.add_argument("--lam", type=_fraction, default=0.999,
+        p.add_argument("--lam", type=fraction, default=0.999,
                        help="annealing momentum lambda (default 0.999, the paper's, for runs of "
                        "1e4-1e5 steps; about 1 - 20/steps for shorter runs)")
-        p.add_argument("--skip", type=_fraction, default=0.05,
+        p.add_argument("--skip", type=fraction, default=0.05,
                        help="fraction of each run's first steps left out of the fit "
                        "(default 0.05)")
 
@@ -524,7 +511,8 @@ def add_subcommands(subparsers) -> None:
             ("predict", "predict the loss curve of one schedule", _cmd_predict),
             ("rank", "rank schedules by predicted final loss", _cmd_rank)):
         p = sub.add_parser(name, help=helptext, description=helptext[0].upper() + helptext[1:]
-                           + " from a fitted law (--law) or runs fitted first (--runs).")
+                           + " from a fitted law (--law) or runs fitted first (--runs).",
+                           epilog=_schedule_kinds_help())
         src = p.add_mutually_exclusive_group(required=True)
         src.add_argument("--law", type=Path, default=None, metavar="LAW.json",
                          help="a law written by 'lawfit fit --out'")
@@ -532,12 +520,12 @@ def add_subcommands(subparsers) -> None:
                          help="fit these step,lr,loss logs first")
         fit_options(p)
         p.add_argument("--schedule", action="append", required=True, metavar="SPEC",
-                       help="KIND[:key=value,...] (e.g. cosine, wsd:decay_fraction=0.2), a "
-                       "JSON object or @file.json" + ("; repeat for several" if name == "rank"
-                                                       else ""))
-        p.add_argument("--peak-lr", type=_positive_float, required=True, metavar="LR",
+                       help=f"KIND[:key=value,...] with KIND one of {kinds} (fields below; e.g. "
+                       "cosine, wsd:decay_fraction=0.2), a JSON object (Schedule.to_dict()) or "
+                       "@file.json" + ("; repeat for several" if name == "rank" else ""))
+        p.add_argument("--peak-lr", type=positive_float, required=True, metavar="LR",
                        help="the learning rate the schedule multiplies")
-        p.add_argument("--total-steps", type=_int_at_least(1), required=True, metavar="N",
+        p.add_argument("--total-steps", type=int_at_least(1), required=True, metavar="N",
                        help="steps to predict (also the schedules' total_steps by default)")
         if name == "predict":
             p.add_argument("--out", type=Path, default=None, metavar="CSV",
@@ -545,3 +533,4 @@ def add_subcommands(subparsers) -> None:
         p.add_argument("--plot", type=Path, default=None, metavar="PNG",
                        help="plot the fitted runs and the prediction(s)")
         p.set_defaults(func=fn)
+    name_subcommands(sub)
