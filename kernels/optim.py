@@ -1,17 +1,8 @@
 """Multi-tensor optimizer kernels: the passes of one fused optimizer step.
 
-Layout (built once by ``fastsched.optim._base`` and cached while the parameter set is unchanged):
-
-* ``tensors`` int64 ``(n, TCOLS)``: per tensor the addresses of p, g, state1 (exp_avg or
-  momentum_buffer), state2 (exp_avg_sq), state3 (max_exp_avg_sq; 0 when unused), the fp32 ``step``
-  tensor, numel, the parameter-group index, and for ALLoRA units (unit length, unit stride,
-  element stride, number of units).
-* ``groups`` float64 ``(G, GCOLS)``: per parameter group the hyperparameters (``G_*``).
-* ``scal`` float32 ``(n, SCOLS)``: per-tensor scalars of this step written by the finalize launch
-  and read by the update (scheduled lr, bias corrections, gradient multiplier = clip coefficient
-  / grad scale, active flag, 1/eta^2 for ALLoRA).
-* ``blocks`` int64 ``(n_blocks, 2)``: (tensor index, element offset) of each update program; for
-  ALLoRA tensors (tensor index, first unit).
+Layout: every table, column and code is declared once in ``fastsched.kernels.layout`` (imported
+here as ``L``; module attributes are constants to compiled Triton and to the interpreter) and
+built by ``fastsched.optim._tables``.
 
 Passes of a step:
 
@@ -33,29 +24,15 @@ Passes of a step:
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
+from . import layout as L
 from .schedule import schedule_value
 
-TCOLS = 12
-GCOLS = 10
-SCOLS = 12
-# tensors table columns
-T_P, T_G, T_S1, T_S2, T_S3, T_STEP, T_NUMEL, T_GROUP, T_ULEN, T_USTRIDE, T_ESTRIDE, T_NUNITS = \
-    range(12)
-# groups table: lr, beta1|momentum, beta2|dampening, eps, weight_decay, maximize,
-# amsgrad|nesterov, decoupled|has_momentum, 1/eta^2 (ALLoRA; 0 = off), reserved
-# global statistics (float64): grad_norm, grad_norm_l1, clip_coef, skipped, skip_count,
-# nonfinite_count, lr of group 0, 1/grad_scale
-GSTATS = 8
-
-KIND_ADAM = 0
-KIND_SGD = 1
-
-_TC = tl.constexpr(12)  # a constexpr object: compiled Triton refuses other globals
-_GC = tl.constexpr(10)
-_SC = tl.constexpr(12)
+KIND_ADAM = L.KIND_ADAM
+KIND_SGD = L.KIND_SGD
 
 
 # -- statistics pass ----------------------------------------------------------------------------
@@ -64,11 +41,11 @@ _SC = tl.constexpr(12)
 def _grad_stats_kernel(tensors_ptr, blocks_ptr, part_ptr, DTYPE: tl.constexpr,
                        BLOCK: tl.constexpr, ALIGNED: tl.constexpr, MASK_BAD: tl.constexpr):
     pid = tl.program_id(0)
-    tidx = tl.load(blocks_ptr + 2 * pid)
-    start = tl.multiple_of(tl.load(blocks_ptr + 2 * pid + 1), BLOCK)
-    numel = tl.load(tensors_ptr + tidx * _TC + 6)
+    tidx = tl.load(blocks_ptr + pid * L.B_COLS + L.B_TENSOR)
+    start = tl.multiple_of(tl.load(blocks_ptr + pid * L.B_COLS + L.B_START), BLOCK)
+    numel = tl.load(tensors_ptr + tidx * L.T_COLS + L.T_NUMEL)
     offs = start + tl.arange(0, BLOCK)
-    g_ptr = tl.load(tensors_ptr + tidx * _TC + 1).to(tl.pointer_type(DTYPE))
+    g_ptr = tl.load(tensors_ptr + tidx * L.T_COLS + L.T_G).to(tl.pointer_type(DTYPE))
     if ALIGNED:
         g_ptr = tl.multiple_of(g_ptr, 16)
     g = tl.load(g_ptr + offs, mask=offs < numel, other=0.0).to(tl.float32)
@@ -76,9 +53,9 @@ def _grad_stats_kernel(tensors_ptr, blocks_ptr, part_ptr, DTYPE: tl.constexpr,
     ok = g  # nonfinite="ignore": the norms are non-finite, as clip_grad_norm_'s
     if MASK_BAD:  # guard on: non-finite elements are counted and left out of the norms
         ok = tl.where(bad, 0.0, g)
-    tl.store(part_ptr + pid * 4 + 0, tl.sum(ok * ok, 0))
-    tl.store(part_ptr + pid * 4 + 1, tl.sum(tl.abs(ok), 0))
-    tl.store(part_ptr + pid * 4 + 2, tl.sum(bad.to(tl.float32), 0))
+    tl.store(part_ptr + pid * L.PART_COLS + L.PART_SQ, tl.sum(ok * ok, 0))
+    tl.store(part_ptr + pid * L.PART_COLS + L.PART_ABS, tl.sum(tl.abs(ok), 0))
+    tl.store(part_ptr + pid * L.PART_COLS + L.PART_NONFINITE, tl.sum(bad.to(tl.float32), 0))
 
 
 @triton.jit
@@ -92,12 +69,13 @@ def _reduce_kernel(first_ptr, part_ptr, tstat_ptr, BLOCK_R: tl.constexpr):
     for s in range(b0, b1, BLOCK_R):
         i = s + tl.arange(0, BLOCK_R)
         m = i < b1
-        sq += tl.load(part_ptr + i * 4 + 0, mask=m, other=0.0).to(tl.float64)
-        ab += tl.load(part_ptr + i * 4 + 1, mask=m, other=0.0).to(tl.float64)
-        nf += tl.load(part_ptr + i * 4 + 2, mask=m, other=0.0).to(tl.float64)
-    tl.store(tstat_ptr + t * 4 + 0, tl.sum(sq, 0))
-    tl.store(tstat_ptr + t * 4 + 1, tl.sum(ab, 0))
-    tl.store(tstat_ptr + t * 4 + 2, tl.sum(nf, 0))
+        row = part_ptr + i * L.PART_COLS
+        sq += tl.load(row + L.PART_SQ, mask=m, other=0.0).to(tl.float64)
+        ab += tl.load(row + L.PART_ABS, mask=m, other=0.0).to(tl.float64)
+        nf += tl.load(row + L.PART_NONFINITE, mask=m, other=0.0).to(tl.float64)
+    tl.store(tstat_ptr + t * L.TS_COLS + L.TS_SQ, tl.sum(sq, 0))
+    tl.store(tstat_ptr + t * L.TS_COLS + L.TS_ABS, tl.sum(ab, 0))
+    tl.store(tstat_ptr + t * L.TS_COLS + L.TS_NONFINITE, tl.sum(nf, 0))
 
 
 # -- finalize -----------------------------------------------------------------------------------
@@ -124,19 +102,21 @@ def _finalize_kernel(tensors_ptr, groups_ptr, scal_ptr, sched_ptr, n_seg, clock_
         for t0 in range(0, n_tensors, BLOCK_T):
             idx = t0 + tl.arange(0, BLOCK_T)
             m = idx < n_tensors
-            sq = tl.load(tstat_ptr + idx * 4 + 0, mask=m, other=0.0)
-            gl1 += tl.sum(tl.load(tstat_ptr + idx * 4 + 1, mask=m, other=0.0), 0)
-            nonfinite += tl.sum(tl.load(tstat_ptr + idx * 4 + 2, mask=m, other=0.0), 0)
+            ts = tstat_ptr + idx * L.TS_COLS
+            sq = tl.load(ts + L.TS_SQ, mask=m, other=0.0)
+            gl1 += tl.sum(tl.load(ts + L.TS_ABS, mask=m, other=0.0), 0)
+            nonfinite += tl.sum(tl.load(ts + L.TS_NONFINITE, mask=m, other=0.0), 0)
             gnorm += tl.sum(sq, 0)
-            tl.store(tstat_ptr + idx * 4 + 3, tl.sqrt(sq) * inv_scale, mask=m)
-            tl.store(ustat_ptr + idx * 2 + 0, tl.zeros([BLOCK_T], tl.float32), mask=m)
-            tl.store(ustat_ptr + idx * 2 + 1, tl.zeros([BLOCK_T], tl.float32), mask=m)
+            tl.store(ts + L.TS_NORM, tl.sqrt(sq) * inv_scale, mask=m)
+            us = ustat_ptr + idx * L.US_COLS
+            tl.store(us + L.US_PARAM_SQ, tl.zeros([BLOCK_T], tl.float32), mask=m)
+            tl.store(us + L.US_UPDATE_SQ, tl.zeros([BLOCK_T], tl.float32), mask=m)
         gnorm = tl.sqrt(gnorm) * inv_scale
         gl1 = gl1 * inv_scale
         if CLIP:
             # torch.nn.utils.clip_grad_norm_: max_norm / (norm + 1e-6), clamped at 1, applied
             # by multiplication even when it is 1 (no branch on a device value)
-            max_norm = tl.load(cfg_ptr + one)
+            max_norm = tl.load(cfg_ptr + L.CFG_MAX_GRAD_NORM + one)
             # (a nan norm gives a nan coefficient, as torch.clamp; tl.minimum may drop nan)
             coef = max_norm / (gnorm + 1e-6)
             grad_mul = tl.where(coef > 1.0, 1.0, coef)
@@ -150,52 +130,55 @@ def _finalize_kernel(tensors_ptr, groups_ptr, scal_ptr, sched_ptr, n_seg, clock_
     for t0 in range(0, n_tensors, BLOCK_T):
         idx = t0 + tl.arange(0, BLOCK_T)
         m = idx < n_tensors
-        row = tensors_ptr + idx * _TC
-        grp = tl.load(row + 7, mask=m, other=0)
-        gp = groups_ptr + grp * _GC
-        lr = tl.load(gp + 0, mask=m, other=0.0) * factor
-        c1 = tl.load(gp + 1, mask=m, other=0.0)
-        c2 = tl.load(gp + 2, mask=m, other=0.0)
-        eps = tl.load(gp + 3, mask=m, other=0.0)
-        wd = tl.load(gp + 4, mask=m, other=0.0)
-        maximize = tl.load(gp + 5, mask=m, other=0.0)
-        flag = tl.load(gp + 6, mask=m, other=0.0)
-        decoupled = tl.load(gp + 7, mask=m, other=0.0)
-        inv_eta2 = tl.load(gp + 8, mask=m, other=0.0)
-        step_ptr = tl.load(row + 5, mask=m, other=0).to(tl.pointer_type(tl.float32))
+        row = tensors_ptr + idx * L.T_COLS
+        grp = tl.load(row + L.T_GROUP, mask=m, other=0)
+        gp = groups_ptr + grp * L.G_COLS
+        lr = tl.load(gp + L.G_LR, mask=m, other=0.0) * factor
+        wd = tl.load(gp + L.G_WEIGHT_DECAY, mask=m, other=0.0)
+        maximize = tl.load(gp + L.G_MAXIMIZE, mask=m, other=0.0)
+        inv_eta2 = tl.load(gp + L.G_INV_ETA2, mask=m, other=0.0)
+        step_ptr = tl.load(row + L.T_STEP, mask=m, other=0).to(tl.pointer_type(tl.float32))
         step = tl.load(step_ptr, mask=m, other=0.0).to(tl.float64)
         new_step = step + active
         sign = tl.where(maximize != 0.0, -1.0, 1.0)
-        out = scal_ptr + idx * _SC
-        if KIND == 0:
+        out = scal_ptr + idx * L.S_COLS
+        if KIND == L.KIND_ADAM:
+            b1 = tl.load(gp + L.G_ADAM_BETA1, mask=m, other=0.0)
+            b2 = tl.load(gp + L.G_ADAM_BETA2, mask=m, other=0.0)
+            decoupled = tl.load(gp + L.G_ADAM_DECOUPLED, mask=m, other=0.0)
             # torch.optim.Adam(W): bias corrections from the per-tensor step after increment
-            bc1 = 1.0 - tl.exp(new_step * tl.log(c1))
-            bc2 = 1.0 - tl.exp(new_step * tl.log(c2))
-            tl.store(out + 0, (lr / bc1).to(tl.float32), mask=m)
-            tl.store(out + 1, tl.sqrt(bc2).to(tl.float32), mask=m)
-            tl.store(out + 2, tl.where(decoupled != 0.0, 1.0 - lr * wd, 1.0).to(tl.float32),
+            bc1 = 1.0 - tl.exp(new_step * tl.log(b1))
+            bc2 = 1.0 - tl.exp(new_step * tl.log(b2))
+            tl.store(out + L.S_ADAM_STEP_SIZE, (lr / bc1).to(tl.float32), mask=m)
+            tl.store(out + L.S_ADAM_BC2_SQRT, tl.sqrt(bc2).to(tl.float32), mask=m)
+            tl.store(out + L.S_ADAM_DECAY_MUL,
+                     tl.where(decoupled != 0.0, 1.0 - lr * wd, 1.0).to(tl.float32), mask=m)
+            tl.store(out + L.S_ADAM_L2, tl.where(decoupled != 0.0, 0.0, wd).to(tl.float32),
                      mask=m)
-            tl.store(out + 3, tl.where(decoupled != 0.0, 0.0, wd).to(tl.float32), mask=m)
             # 1 - beta in float64, rounded once: fp32 1 - fp32(0.999) is 1.3e-5 off, a bias on v
             # that grew to 4e-4 relative error against torch.optim.Adam after 50 steps
-            tl.store(out + 4, (1.0 - c1).to(tl.float32), mask=m)
-            tl.store(out + 5, (1.0 - c2).to(tl.float32), mask=m)
-            tl.store(out + 6, eps.to(tl.float32), mask=m)
-            tl.store(out + 11, bc1.to(tl.float32), mask=m)
+            tl.store(out + L.S_ADAM_OMB1, (1.0 - b1).to(tl.float32), mask=m)
+            tl.store(out + L.S_ADAM_OMB2, (1.0 - b2).to(tl.float32), mask=m)
+            tl.store(out + L.S_ADAM_EPS,
+                     tl.load(gp + L.G_ADAM_EPS, mask=m, other=0.0).to(tl.float32), mask=m)
+            tl.store(out + L.S_ADAM_BC1, bc1.to(tl.float32), mask=m)
         else:
             # torch.optim.SGD: the first step copies d_p into the momentum buffer
             first = step == 0.0
-            tl.store(out + 0, lr.to(tl.float32), mask=m)
-            tl.store(out + 1, tl.where(first, 0.0, c1).to(tl.float32), mask=m)
-            tl.store(out + 2, tl.where(first, 1.0, 1.0 - c2).to(tl.float32), mask=m)
-            tl.store(out + 3, wd.to(tl.float32), mask=m)
-            tl.store(out + 4, flag.to(tl.float32), mask=m)
-            tl.store(out + 5, c1.to(tl.float32), mask=m)
-            tl.store(out + 11, tl.full([BLOCK_T], 1.0, tl.float32), mask=m)
-        tl.store(out + 7, (sign * grad_mul).to(tl.float32), mask=m)
-        tl.store(out + 8, active.to(tl.float32) + tl.zeros([BLOCK_T], tl.float32), mask=m)
-        tl.store(out + 9, lr.to(tl.float32), mask=m)
-        tl.store(out + 10, inv_eta2.to(tl.float32), mask=m)
+            mom = tl.load(gp + L.G_SGD_MOMENTUM, mask=m, other=0.0)
+            damp = tl.load(gp + L.G_SGD_DAMPENING, mask=m, other=0.0)
+            tl.store(out + L.S_SGD_MOM_A, tl.where(first, 0.0, mom).to(tl.float32), mask=m)
+            tl.store(out + L.S_SGD_MOM_B, tl.where(first, 1.0, 1.0 - damp).to(tl.float32),
+                     mask=m)
+            tl.store(out + L.S_SGD_WEIGHT_DECAY, wd.to(tl.float32), mask=m)
+            tl.store(out + L.S_SGD_NESTEROV,
+                     tl.load(gp + L.G_SGD_NESTEROV, mask=m, other=0.0).to(tl.float32), mask=m)
+            tl.store(out + L.S_SGD_MOMENTUM, mom.to(tl.float32), mask=m)
+        tl.store(out + L.S_GRAD_MUL, (sign * grad_mul).to(tl.float32), mask=m)
+        tl.store(out + L.S_ACTIVE, active.to(tl.float32) + tl.zeros([BLOCK_T], tl.float32),
+                 mask=m)
+        tl.store(out + L.S_LR, lr.to(tl.float32), mask=m)
+        tl.store(out + L.S_INV_ETA2, inv_eta2.to(tl.float32), mask=m)
         tl.store(step_ptr, new_step.to(tl.float32), mask=m)
     tl.store(clock_ptr + one, clock + active.to(tl.int64))
     if STATS:
@@ -203,26 +186,29 @@ def _finalize_kernel(tensors_ptr, groups_ptr, scal_ptr, sched_ptr, n_seg, clock_
         for g0 in range(0, n_groups, BLOCK_T):
             gi = g0 + tl.arange(0, BLOCK_T)
             gm = gi < n_groups
-            tl.store(lr_out_ptr + gi, tl.load(groups_ptr + gi * _GC, mask=gm, other=0.0) * factor,
+            tl.store(lr_out_ptr + gi,
+                     tl.load(groups_ptr + gi * L.G_COLS + L.G_LR, mask=gm, other=0.0) * factor,
                      mask=gm)
-        lr0 = tl.load(groups_ptr + one * _GC) * factor
+        lr0 = tl.load(groups_ptr + L.G_LR + one) * factor
         skipped = 1.0 - active
-        tl.store(gstat_ptr + 0 + one, gnorm)
-        tl.store(gstat_ptr + 1 + one, gl1)
-        tl.store(gstat_ptr + 2 + one, clip_coef)
-        tl.store(gstat_ptr + 3 + one, skipped)
-        tl.store(gstat_ptr + 4 + one, tl.load(gstat_ptr + 4 + one) + skipped)
-        tl.store(gstat_ptr + 5 + one, nonfinite)
-        tl.store(gstat_ptr + 6 + one, lr0)
-        tl.store(gstat_ptr + 7 + one, inv_scale)
+        tl.store(gstat_ptr + L.STAT_GRAD_NORM + one, gnorm)
+        tl.store(gstat_ptr + L.STAT_GRAD_NORM_L1 + one, gl1)
+        tl.store(gstat_ptr + L.STAT_CLIP_COEF + one, clip_coef)
+        tl.store(gstat_ptr + L.STAT_SKIPPED + one, skipped)
+        tl.store(gstat_ptr + L.STAT_SKIP_COUNT + one,
+                 tl.load(gstat_ptr + L.STAT_SKIP_COUNT + one) + skipped)
+        tl.store(gstat_ptr + L.STAT_NONFINITE + one, nonfinite)
+        tl.store(gstat_ptr + L.STAT_LR0 + one, lr0)
+        tl.store(gstat_ptr + L.STAT_INV_SCALE + one, inv_scale)
         if HISTORY:
             pos = tl.load(hist_pos_ptr + one)
             slot = pos % hist_len
-            tl.store(hist_ptr + slot * 5 + 0, clock.to(tl.float64))
-            tl.store(hist_ptr + slot * 5 + 1, gnorm)
-            tl.store(hist_ptr + slot * 5 + 2, lr0)
-            tl.store(hist_ptr + slot * 5 + 3, skipped)
-            tl.store(hist_ptr + slot * 5 + 4, gl1)
+            h = hist_ptr + slot * L.H_COLS
+            tl.store(h + L.H_STEP, clock.to(tl.float64))
+            tl.store(h + L.H_GRAD_NORM, gnorm)
+            tl.store(h + L.H_LR, lr0)
+            tl.store(h + L.H_SKIPPED, skipped)
+            tl.store(h + L.H_GRAD_NORM_L1, gl1)
             tl.store(hist_pos_ptr + one, pos + 1)
 
 
@@ -245,7 +231,7 @@ def _to_storage(x, DTYPE: tl.constexpr):
 
 @triton.jit
 def _ptr(tensors_ptr, tidx, col, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
-    p = tl.load(tensors_ptr + tidx * _TC + col).to(tl.pointer_type(DTYPE))
+    p = tl.load(tensors_ptr + tidx * L.T_COLS + col).to(tl.pointer_type(DTYPE))
     if ALIGNED:
         p = tl.multiple_of(p, 16)
     return p
@@ -262,22 +248,22 @@ def _apply(tensors_ptr, scal_ptr, ustat_ptr, tidx, offs, mask, g_scale, KIND: tl
     decay, lerp for the first moment, correctly rounded sqrt and division; SGD follows
     ``torch.optim.SGD``.
     """
-    sc = scal_ptr + tidx * _SC
-    grad_mul = tl.load(sc + 7)
-    p_ptr = _ptr(tensors_ptr, tidx, 0, DTYPE, ALIGNED)
-    g_ptr = _ptr(tensors_ptr, tidx, 1, DTYPE, ALIGNED)
+    sc = scal_ptr + tidx * L.S_COLS
+    grad_mul = tl.load(sc + L.S_GRAD_MUL)
+    p_ptr = _ptr(tensors_ptr, tidx, L.T_P, DTYPE, ALIGNED)
+    g_ptr = _ptr(tensors_ptr, tidx, L.T_G, DTYPE, ALIGNED)
     p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * grad_mul * g_scale
-    if KIND == 0:
-        step_size = tl.load(sc + 0)
-        bc2_sqrt = tl.load(sc + 1)
-        decay_mul = tl.load(sc + 2)
-        l2_wd = tl.load(sc + 3)
-        omb1 = tl.load(sc + 4)  # 1 - beta1
-        omb2 = tl.load(sc + 5)  # 1 - beta2
-        eps = tl.load(sc + 6)
-        m_ptr = _ptr(tensors_ptr, tidx, 2, DTYPE, ALIGNED)
-        v_ptr = _ptr(tensors_ptr, tidx, 3, DTYPE, ALIGNED)
+    if KIND == L.KIND_ADAM:
+        step_size = tl.load(sc + L.S_ADAM_STEP_SIZE)
+        bc2_sqrt = tl.load(sc + L.S_ADAM_BC2_SQRT)
+        decay_mul = tl.load(sc + L.S_ADAM_DECAY_MUL)
+        l2_wd = tl.load(sc + L.S_ADAM_L2)
+        omb1 = tl.load(sc + L.S_ADAM_OMB1)  # 1 - beta1
+        omb2 = tl.load(sc + L.S_ADAM_OMB2)  # 1 - beta2
+        eps = tl.load(sc + L.S_ADAM_EPS)
+        m_ptr = _ptr(tensors_ptr, tidx, L.T_S1, DTYPE, ALIGNED)
+        v_ptr = _ptr(tensors_ptr, tidx, L.T_S2, DTYPE, ALIGNED)
         m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         p = p * decay_mul  # AdamW: p * (1 - lr * wd); Adam: 1
@@ -287,7 +273,7 @@ def _apply(tensors_ptr, scal_ptr, ustat_ptr, tidx, offs, mask, g_scale, KIND: tl
         v = (1.0 - omb2) * v + omb2 * g * g
         vv = v
         if FLAG:  # amsgrad for the groups that have a max_exp_avg_sq (address != 0)
-            vmax_addr = tl.load(tensors_ptr + tidx * _TC + 4)
+            vmax_addr = tl.load(tensors_ptr + tidx * L.T_COLS + L.T_S3)
             has_max = vmax_addr != 0
             vmax_ptr = vmax_addr.to(tl.pointer_type(DTYPE))
             mmask = tl.where(has_max, mask, False)
@@ -301,17 +287,17 @@ def _apply(tensors_ptr, scal_ptr, ustat_ptr, tidx, offs, mask, g_scale, KIND: tl
         tl.store(m_ptr + offs, _to_storage(m, DTYPE), mask=mask)
         tl.store(v_ptr + offs, _to_storage(v, DTYPE), mask=mask)
         if STATS:
-            u = u / tl.load(sc + 11)  # the unscaled Adam update m_hat / (sqrt(v_hat) + eps)
+            u = u / tl.load(sc + L.S_ADAM_BC1)  # the unscaled update m_hat / (sqrt(v_hat) + eps)
     else:
-        lr = tl.load(sc + 0)
-        mom_a = tl.load(sc + 1)
-        mom_b = tl.load(sc + 2)
-        wd = tl.load(sc + 3)
-        nesterov = tl.load(sc + 4)
-        momentum = tl.load(sc + 5)
+        lr = tl.load(sc + L.S_LR)
+        mom_a = tl.load(sc + L.S_SGD_MOM_A)
+        mom_b = tl.load(sc + L.S_SGD_MOM_B)
+        wd = tl.load(sc + L.S_SGD_WEIGHT_DECAY)
+        nesterov = tl.load(sc + L.S_SGD_NESTEROV)
+        momentum = tl.load(sc + L.S_SGD_MOMENTUM)
         d = g + wd * p
         if FLAG:  # groups without momentum have no buffer (address 0): d passes through
-            buf_addr = tl.load(tensors_ptr + tidx * _TC + 2)
+            buf_addr = tl.load(tensors_ptr + tidx * L.T_COLS + L.T_S1)
             has_buf = buf_addr != 0
             buf_ptr = buf_addr.to(tl.pointer_type(DTYPE))
             bmask = tl.where(has_buf, mask, False)
@@ -325,8 +311,9 @@ def _apply(tensors_ptr, scal_ptr, ustat_ptr, tidx, offs, mask, g_scale, KIND: tl
     if STATS:
         # per-tensor parameter norm and update RMS: float atomics (order-dependent in the last
         # bits; these are reported, never fed back into the arithmetic)
-        tl.atomic_add(ustat_ptr + tidx * 2 + 0, tl.sum(tl.where(mask, p * p, 0.0)))
-        tl.atomic_add(ustat_ptr + tidx * 2 + 1, tl.sum(tl.where(mask, u * u, 0.0)))
+        us = ustat_ptr + tidx * L.US_COLS
+        tl.atomic_add(us + L.US_PARAM_SQ, tl.sum(tl.where(mask, p * p, 0.0)))
+        tl.atomic_add(us + L.US_UPDATE_SQ, tl.sum(tl.where(mask, u * u, 0.0)))
 
 
 @triton.jit
@@ -334,10 +321,10 @@ def _update_kernel(tensors_ptr, blocks_ptr, scal_ptr, ustat_ptr, KIND: tl.conste
                    DTYPE: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
                    FLAG: tl.constexpr, STATS: tl.constexpr):
     pid = tl.program_id(0)
-    tidx = tl.load(blocks_ptr + 2 * pid)
-    start = tl.multiple_of(tl.load(blocks_ptr + 2 * pid + 1), BLOCK)
-    numel = tl.load(tensors_ptr + tidx * _TC + 6)
-    active = tl.load(scal_ptr + tidx * _SC + 8)
+    tidx = tl.load(blocks_ptr + pid * L.B_COLS + L.B_TENSOR)
+    start = tl.multiple_of(tl.load(blocks_ptr + pid * L.B_COLS + L.B_START), BLOCK)
+    numel = tl.load(tensors_ptr + tidx * L.T_COLS + L.T_NUMEL)
+    active = tl.load(scal_ptr + tidx * L.S_COLS + L.S_ACTIVE)
     # a skipped step touches nothing: fold the flag into the bound (a scalar-and-block `&` is
     # not supported by the interpreter)
     lim = tl.where(active != 0.0, numel, 0)
@@ -354,19 +341,19 @@ def _units_update_kernel(tensors_ptr, blocks_ptr, scal_ptr, ustat_ptr, KIND: tl.
     of one tensor; pass 1 reduces ||theta_unit||^2, pass 2 scales the unit's gradient by
     1 / sqrt(||theta_unit||^2 + 1/eta^2) and applies the update."""
     pid = tl.program_id(0)
-    tidx = tl.load(blocks_ptr + 2 * pid)
-    u0 = tl.load(blocks_ptr + 2 * pid + 1)
-    row = tensors_ptr + tidx * _TC
-    unit_len = tl.load(row + 8)
-    unit_stride = tl.load(row + 9)
-    elem_stride = tl.load(row + 10)
-    n_units = tl.load(row + 11)
-    active = tl.load(scal_ptr + tidx * _SC + 8)
-    inv_eta2 = tl.load(scal_ptr + tidx * _SC + 10)
+    tidx = tl.load(blocks_ptr + pid * L.B_COLS + L.B_TENSOR)
+    u0 = tl.load(blocks_ptr + pid * L.B_COLS + L.B_START)
+    row = tensors_ptr + tidx * L.T_COLS
+    unit_len = tl.load(row + L.T_ULEN)
+    unit_stride = tl.load(row + L.T_USTRIDE)
+    elem_stride = tl.load(row + L.T_ESTRIDE)
+    n_units = tl.load(row + L.T_NUNITS)
+    active = tl.load(scal_ptr + tidx * L.S_COLS + L.S_ACTIVE)
+    inv_eta2 = tl.load(scal_ptr + tidx * L.S_COLS + L.S_INV_ETA2)
     units = u0 + tl.arange(0, UNITS)
     umask = units < tl.where(active != 0.0, n_units, 0)
     base = units * unit_stride
-    p_ptr = _ptr(tensors_ptr, tidx, 0, DTYPE, False)
+    p_ptr = _ptr(tensors_ptr, tidx, L.T_P, DTYPE, False)
     acc = tl.zeros([UNITS], dtype=tl.float32)
     for k0 in range(0, unit_len, CHUNK):
         k = k0 + tl.arange(0, CHUNK)
@@ -384,14 +371,27 @@ def _units_update_kernel(tensors_ptr, blocks_ptr, scal_ptr, ustat_ptr, KIND: tl.
 
 
 # -- launchers ----------------------------------------------------------------------------------
+# Plain functions: check nothing the host path already checked, build the grid, launch. Storage
+# dtypes arrive as torch dtypes.
 
-def launch_grad_stats(tensors, blocks, part, n_blocks: int, dtype, block: int,
+_TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def tl_dtype(dtype: torch.dtype):
+    """The Triton type of a storage dtype (float32, bfloat16, float16)."""
+    try:
+        return _TL_DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"dtype must be one of {list(_TL_DTYPES)}, got {dtype}") from None
+
+
+def launch_grad_stats(tensors, blocks, part, n_blocks: int, dtype: torch.dtype, block: int,
                       aligned: bool, mask_bad: bool = True) -> None:
     """Statistics pass over the gradients of one dtype bucket (``part``: its rows of partials);
     ``mask_bad``: leave non-finite elements out of the sums (they are counted either way)."""
     if n_blocks:
-        _grad_stats_kernel[(n_blocks,)](tensors, blocks, part, DTYPE=dtype, BLOCK=block,
-                                        ALIGNED=aligned, MASK_BAD=mask_bad)
+        _grad_stats_kernel[(n_blocks,)](tensors, blocks, part, DTYPE=tl_dtype(dtype),
+                                        BLOCK=block, ALIGNED=aligned, MASK_BAD=mask_bad)
 
 
 def launch_reduce(first, part, tstat, n_tensors: int, block_r: int = 256) -> None:
@@ -405,7 +405,8 @@ def launch_finalize(tensors, groups, scal, sched_table, clock, n_tensors: int, k
                     history: bool, block_t: int = 128, seg_block: int = 64) -> None:
     """One program: schedule, norms, clip coefficient, skip flag, per-tensor scalars, counters.
 
-    Tensors that a disabled feature does not read may be any tensor (they are never touched).
+    ``stats``: the statistics pass ran (``tstat`` holds its sums). Tensors that a disabled
+    feature does not read may be any tensor (they are never touched).
     """
     scaler = grad_scale is not None
     dummy = scal
@@ -419,19 +420,21 @@ def launch_finalize(tensors, groups, scal, sched_table, clock, n_tensors: int, k
         BLOCK_T=block_t, SEG_BLOCK=seg_block)
 
 
-def launch_update(kind: int, tensors, blocks, scal, ustat, n_blocks: int, dtype, block: int,
-                  aligned: bool, flag: bool, stats: bool) -> None:
-    """The update pass over every block of one dtype bucket (``flag``: amsgrad / momentum)."""
+def launch_update(kind: int, tensors, blocks, scal, ustat, n_blocks: int, dtype: torch.dtype,
+                  block: int, aligned: bool, flag: bool, stats: bool) -> None:
+    """The update pass over every block of one dtype bucket (``flag``: amsgrad / momentum;
+    ``stats``: per-tensor sums of p^2 and u^2 into ``ustat``)."""
     if n_blocks:
         _update_kernel[(n_blocks,)](tensors, blocks, scal, ustat if stats else scal, KIND=kind,
-                                    DTYPE=dtype, BLOCK=block, ALIGNED=aligned, FLAG=flag,
-                                    STATS=stats)
+                                    DTYPE=tl_dtype(dtype), BLOCK=block, ALIGNED=aligned,
+                                    FLAG=flag, STATS=stats)
 
 
-def launch_units_update(kind: int, tensors, blocks, scal, ustat, n_blocks: int, dtype,
-                        units: int, chunk: int, flag: bool, stats: bool) -> None:
+def launch_units_update(kind: int, tensors, blocks, scal, ustat, n_blocks: int,
+                        dtype: torch.dtype, units: int, chunk: int, flag: bool,
+                        stats: bool) -> None:
     """The ALLoRA update over the unit tiles of one (dtype, unit-length class) bucket."""
     if n_blocks:
         _units_update_kernel[(n_blocks,)](tensors, blocks, scal, ustat if stats else scal,
-                                          KIND=kind, DTYPE=dtype, UNITS=units, CHUNK=chunk,
-                                          FLAG=flag, STATS=stats)
+                                          KIND=kind, DTYPE=tl_dtype(dtype), UNITS=units,
+                                          CHUNK=chunk, FLAG=flag, STATS=stats)

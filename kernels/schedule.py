@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-_NCOL = tl.constexpr(8)  # a constexpr object: compiled Triton refuses other globals
+from . import layout as L  # module attributes: constants to compiled Triton and the interpreter
+
 _PI = tl.constexpr(3.141592653589793)
 
 
@@ -28,18 +29,19 @@ def schedule_value(seg_ptr, n_seg, t, SEG_BLOCK: tl.constexpr):
     count = tl.zeros(t.shape, dtype=tl.int32)
     for s0 in range(0, n_seg, SEG_BLOCK):
         rows = s0 + tl.arange(0, SEG_BLOCK)
-        starts = tl.load(seg_ptr + rows * _NCOL, mask=rows < n_seg, other=float("inf"))
+        starts = tl.load(seg_ptr + rows * L.SEG_COLS + L.SEG_START, mask=rows < n_seg,
+                         other=float("inf"))
         count += tl.sum((starts[None, :] <= t[:, None]).to(tl.int32), axis=1)
     idx = tl.maximum(count - 1, 0)
-    base = seg_ptr + idx * _NCOL
-    start = tl.load(base + 0)
-    length = tl.load(base + 1)
-    shape = tl.load(base + 2)
-    v0 = tl.load(base + 3)
-    v1 = tl.load(base + 4)
-    a = tl.load(base + 5)
-    b = tl.load(base + 6)
-    c = tl.load(base + 7)
+    base = seg_ptr + idx * L.SEG_COLS
+    start = tl.load(base + L.SEG_START)
+    length = tl.load(base + L.SEG_LENGTH)
+    shape = tl.load(base + L.SEG_SHAPE)
+    v0 = tl.load(base + L.SEG_V0)
+    v1 = tl.load(base + L.SEG_V1)
+    a = tl.load(base + L.SEG_A)
+    b = tl.load(base + L.SEG_B)
+    c = tl.load(base + L.SEG_C)
 
     x = tl.maximum(t - start, 0.0)
     p = tl.minimum(tl.maximum(x / length, 0.0), 1.0)
@@ -63,16 +65,16 @@ def schedule_value(seg_ptr, n_seg, t, SEG_BLOCK: tl.constexpr):
     inv_sqrt_cd = v0 + (v1 - v0) * hp / tl.where(h1 == 0.0, 1.0, h1)
 
     out = v0
-    out = tl.where(shape == 1.0, lin, out)
-    out = tl.where(shape == 2.0, cosv, out)
-    out = tl.where(shape == 3.0, poly, out)
-    out = tl.where(shape == 4.0, powd, out)
-    out = tl.where(shape == 5.0, geo, out)
-    out = tl.where(shape == 6.0, exp_rate, out)
-    out = tl.where(shape == 7.0, inv_sqrt, out)
-    out = tl.where(shape == 8.0, rex, out)
-    out = tl.where(shape == 9.0, power, out)
-    out = tl.where(shape == 10.0, inv_sqrt_cd, out)
+    out = tl.where(shape == L.SHAPE_LINEAR, lin, out)
+    out = tl.where(shape == L.SHAPE_COSINE, cosv, out)
+    out = tl.where(shape == L.SHAPE_POLY, poly, out)
+    out = tl.where(shape == L.SHAPE_POW_DECAY, powd, out)
+    out = tl.where(shape == L.SHAPE_GEOMETRIC, geo, out)
+    out = tl.where(shape == L.SHAPE_EXP_RATE, exp_rate, out)
+    out = tl.where(shape == L.SHAPE_INV_SQRT, inv_sqrt, out)
+    out = tl.where(shape == L.SHAPE_REX, rex, out)
+    out = tl.where(shape == L.SHAPE_POWER, power, out)
+    out = tl.where(shape == L.SHAPE_INV_SQRT_CD, inv_sqrt_cd, out)
     return out
 
 
@@ -88,14 +90,14 @@ def _schedule_eval_kernel(seg_ptr, n_seg, steps_ptr, out_ptr, n_steps,
 
 def evaluate_schedule(table: torch.Tensor, steps: torch.Tensor, block: int | None = None,
                       seg_block: int = 64) -> torch.Tensor:
-    """Evaluate a ``(n, 8)`` float64 segment table at integer ``steps`` with the Triton kernel.
+    """Evaluate a ``(n, SEG_COLS)`` float64 segment table at ``steps`` with the Triton kernel.
 
     Returns a float64 tensor of ``steps``' shape. ``table`` and ``steps`` must be on the same
     device (CUDA, or CPU under ``TRITON_INTERPRET=1``). Negative steps evaluate as step 0 (no
     check: it would synchronise with the host).
     """
-    if table.dtype != torch.float64 or table.dim() != 2 or table.shape[1] != 8:
-        raise ValueError(f"table must be a float64 (n, 8) tensor, got {table.dtype} "
+    if table.dtype != torch.float64 or table.dim() != 2 or table.shape[1] != L.SEG_COLS:
+        raise ValueError(f"table must be a float64 (n, {L.SEG_COLS}) tensor, got {table.dtype} "
                          f"{tuple(table.shape)}")
     if table.device != steps.device:
         raise ValueError(f"table and steps must share a device, got {table.device} and "

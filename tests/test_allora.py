@@ -15,7 +15,7 @@ import torch
 from optim_oracle import allora_scale64, rel_err
 
 import fastsched
-from fastsched.optim._base import _UNIT_CLASSES
+from fastsched.optim._tables import UNIT_CLASSES
 
 BLOCK = 256
 RTOL = 1e-5
@@ -106,17 +106,15 @@ def test_allora_equals_torch_on_prescaled_gradients(backend, kernel_device, unit
 def _assert_tile_classes(opt):
     """Each ALLoRA tensor sits in the launch of its unit-length class (short rows: many units
     per program; long: one 256-wide chunk loop per unit)."""
-    plan = opt._plan
     seen = 0
-    for b in plan.buckets:
-        if not b.units:
+    for b in opt.launches():
+        if b["pass"] != "units":
             continue
-        k = next(i for i, (_, nu, ch) in enumerate(_UNIT_CLASSES)
-                 if (nu, ch) == (b.units, b.chunk))
-        lo = 0 if k == 0 else _UNIT_CLASSES[k - 1][0]
-        hi = _UNIT_CLASSES[k][0]
-        for row in plan.host_rows[b.lo:b.hi]:
-            ulen = row[8]
+        k = next(i for i, (_, nu, ch) in enumerate(UNIT_CLASSES)
+                 if (nu, ch) == (b["units_per_program"], b["chunk"]))
+        lo = 0 if k == 0 else UNIT_CLASSES[k - 1][0]
+        hi = UNIT_CLASSES[k][0]
+        for ulen in b["unit_length"]:
             assert (ulen == 0 or ulen > lo) and (hi is None or ulen <= hi), (ulen, b)
             seen += 1
     assert seen == 8

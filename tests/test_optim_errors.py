@@ -235,7 +235,7 @@ def test_hyperparameter_made_invalid_between_steps(case, key, value, match):
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
     """backend="triton" on CPU tensors without TRITON_INTERPRET=1 is refused at step()."""
     opt, params, grads = _trained(ADAMW, steps=1)
-    opt._backend_choice = "triton"
+    opt.backend = "triton"
     for p, g in zip(params, grads):
         p.grad = g
     monkeypatch.setenv("TRITON_INTERPRET", "0")

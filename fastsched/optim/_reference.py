@@ -1,8 +1,9 @@
-"""Plain PyTorch implementation of the fused step: the CPU backend and the oracle for the kernels.
+"""Plain PyTorch executor of the fused step: the CPU backend and the oracle for the kernels.
 
-It follows the same passes as the Triton backend (finalize: schedule and per-tensor scalars in
-float64 from device tensors; update: fp32 arithmetic, one rounding to the storage dtype), with the
-same formulas, so the two agree to fp32 rounding. It never reads a device value on the host, so it
+It runs the passes of the Triton backend on the same buffers of a :class:`~._tables.Plan`
+(statistics into ``tstat``, finalize into ``scal`` / ``gstat`` / ``lr`` / ``history``, update
+reading ``scal`` and summing into ``ustat``), with the same formulas, so the two agree to fp32
+rounding and one statistics view decodes both. It never reads a device value on the host, so it
 is also sync-free on CUDA tensors (just slow: several kernels per tensor).
 """
 
@@ -12,58 +13,118 @@ import math
 
 import torch
 
-from ..schedules import Schedule
+from ..kernels import layout as L
 
-__all__ = ["adam_reference", "sgd_reference", "grad_statistics", "allora_scales", "GroupHyper"]
-
-#: per group: (lr, c1, c2, eps, weight_decay, maximize, flag, decoupled) as in the kernel's table
-GroupHyper = tuple[float, float, float, float, float, float, float, float]
+__all__ = ["grad_sums", "finalize", "adam_update", "sgd_update", "allora_scales"]
 
 
-def grad_statistics(grads, *, max_grad_norm: float | None, guard: bool,
-                    grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None,
-                    reduce=None):
-    """Global-norm clipping coefficient, skip flag and gradient statistics, on the device.
-
-    As ``torch.nn.utils.clip_grad_norm_``: ``coef = min(max_norm / (norm + 1e-6), 1)`` with the
-    L2 norm of all gradients (unscaled by ``1 / grad_scale`` first); non-finite elements are
-    counted, and left out of the norms when ``guard`` is on (else the norms and the coefficient
-    are non-finite, as torch's). Returns ``(grad_mul, active, stats)``: the multiplier of
-    every gradient (coefficient / grad scale), a 0-d bool (False: skip the step) and a dict of
-    0-d / per-tensor float64 tensors. ``reduce`` (or None) sums the (n, 3) per-tensor
-    (sum g^2, sum |g|, non-finite count) of local shards over ranks before anything is derived.
-    """
-    dev = grads[0].device
-    inv_scale = (torch.ones((), dtype=torch.float64, device=dev) if grad_scale is None
-                 else 1.0 / grad_scale.reshape(()).to(torch.float64))
+def grad_sums(grads, tstat: torch.Tensor, *, guard: bool, reduce=None) -> None:
+    """The statistics pass: per tensor (sum g^2, sum |g|, non-finite count) in float64 into
+    ``tstat``; non-finite elements are left out of the sums when ``guard`` is on (else the sums
+    are non-finite, as ``clip_grad_norm_``'s). ``reduce`` (or None) sums the rows of local
+    shards over ranks."""
     sq, ab, nf = [], [], []
     for g in grads:
-        g32 = g.to(torch.float64)
-        bad = ~torch.isfinite(g32)
-        ok = torch.where(bad, 0.0, g32) if guard else g32
+        g64 = g.to(torch.float64)
+        bad = ~torch.isfinite(g64)
+        ok = torch.where(bad, 0.0, g64) if guard else g64
         sq.append((ok * ok).sum())
         ab.append(ok.abs().sum())
         nf.append(bad.sum().to(torch.float64))
     sums = torch.stack([torch.stack(sq), torch.stack(ab), torch.stack(nf)], 1)
     if reduce is not None:
         sums = reduce(sums)
-    sq, ab, nf = sums.unbind(1)
-    gnorm = sq.sum().sqrt() * inv_scale
-    nonfinite = nf.sum()
-    one = torch.ones((), dtype=torch.float64, device=dev)
-    coef = one if max_grad_norm is None else torch.clamp(max_grad_norm / (gnorm + 1e-6), max=1.0)
+    tstat[:, L.TS_SQ], tstat[:, L.TS_ABS], tstat[:, L.TS_NONFINITE] = sums.unbind(1)
+
+
+def finalize(plan, buffers, schedule_table: torch.Tensor, *, stats_pass: bool, clip: bool,
+             guard: bool, grad_scale=None, found_inf=None) -> None:
+    """The finalize pass: schedule, global norms, clip coefficient, skip flag and every
+    per-tensor scalar in float64, rounded once into ``plan.scal``; advances the counters."""
+    from ..schedules._core import evaluate_table
+
+    dev = plan.scal.device
+    f64 = torch.float64
+    clock = buffers.clock
+    t0 = clock.to(f64).reshape(())  # the step's clock value, for the ring buffer
+    factor = evaluate_table(schedule_table, clock.reshape(1))[0]
+    inv_scale = (torch.ones((), dtype=f64, device=dev) if grad_scale is None
+                 else 1.0 / grad_scale.reshape(()).to(f64))
+    coef = torch.ones((), dtype=f64, device=dev)
     active = torch.ones((), dtype=torch.bool, device=dev)
-    if guard:
-        active = nonfinite == 0
+    ts = plan.tstat
+    if stats_pass:
+        gnorm = ts[:, L.TS_SQ].sum().sqrt() * inv_scale
+        nonfinite = ts[:, L.TS_NONFINITE].sum()
+        ts[:, L.TS_NORM] = ts[:, L.TS_SQ].sqrt() * inv_scale
+        if clip:  # clip_grad_norm_: max_norm / (norm + 1e-6), clamped at 1
+            coef = torch.clamp(buffers.config[L.CFG_MAX_GRAD_NORM] / (gnorm + 1e-6), max=1.0)
+        if guard:
+            active = nonfinite == 0
     if found_inf is not None:
         active = active & (found_inf.reshape(()) == 0)
-    stats = {"grad_norm": gnorm, "grad_norm_l1": ab.sum() * inv_scale, "clip_coef": coef,
-             "nonfinite": nonfinite, "inv_scale": inv_scale,
-             "tensor_norms": sq.sqrt() * inv_scale}
-    return coef * inv_scale, active, stats
+    rows = buffers.groups[plan.group_rows]  # device tables only: no host round trip
+    step = torch.stack(plan.steps).to(f64)
+    new_step = step + active.to(f64)
+    lr = rows[:, L.G_LR] * factor
+    sign = torch.where(rows[:, L.G_MAXIMIZE] != 0, -1.0, 1.0).to(f64)
+    out = torch.zeros((len(plan), L.S_COLS), dtype=f64, device=dev)
+    if plan.kind == L.KIND_ADAM:
+        b1, b2 = rows[:, L.G_ADAM_BETA1], rows[:, L.G_ADAM_BETA2]
+        wd, dec = rows[:, L.G_WEIGHT_DECAY], rows[:, L.G_ADAM_DECOUPLED] != 0
+        bc1 = 1.0 - torch.pow(b1, new_step)
+        bc2 = 1.0 - torch.pow(b2, new_step)
+        out[:, L.S_ADAM_STEP_SIZE] = lr / bc1
+        out[:, L.S_ADAM_BC2_SQRT] = bc2.sqrt()
+        out[:, L.S_ADAM_DECAY_MUL] = torch.where(dec, 1.0 - lr * wd, 1.0)
+        out[:, L.S_ADAM_L2] = torch.where(dec, 0.0, wd)
+        # 1 - beta in float64, rounded once (fp32 1 - fp32(0.999) is 1.3e-5 off)
+        out[:, L.S_ADAM_OMB1] = 1.0 - b1
+        out[:, L.S_ADAM_OMB2] = 1.0 - b2
+        out[:, L.S_ADAM_EPS] = rows[:, L.G_ADAM_EPS]
+        out[:, L.S_ADAM_BC1] = bc1
+    else:  # torch.optim.SGD: the first step copies d_p into the momentum buffer
+        first = step == 0
+        mom = rows[:, L.G_SGD_MOMENTUM]
+        out[:, L.S_SGD_MOM_A] = torch.where(first, 0.0, mom)
+        out[:, L.S_SGD_MOM_B] = torch.where(first, 1.0, 1.0 - rows[:, L.G_SGD_DAMPENING])
+        out[:, L.S_SGD_WEIGHT_DECAY] = rows[:, L.G_WEIGHT_DECAY]
+        out[:, L.S_SGD_NESTEROV] = rows[:, L.G_SGD_NESTEROV]
+        out[:, L.S_SGD_MOMENTUM] = mom
+    out[:, L.S_GRAD_MUL] = sign * coef * inv_scale
+    out[:, L.S_ACTIVE] = active.to(f64)
+    out[:, L.S_LR] = lr
+    out[:, L.S_INV_ETA2] = rows[:, L.G_INV_ETA2]
+    plan.scal.copy_(out)
+    for s, v in zip(plan.steps, new_step.to(torch.float32).unbind()):
+        s.copy_(v)
+    clock.add_(active.to(clock.dtype))
+    if stats_pass:
+        g = buffers.gstat
+        lr_all = buffers.groups[:, L.G_LR] * factor
+        skipped = (~active).to(f64)
+        g[L.STAT_GRAD_NORM] = gnorm
+        g[L.STAT_GRAD_NORM_L1] = ts[:, L.TS_ABS].sum() * inv_scale
+        g[L.STAT_CLIP_COEF] = coef
+        g[L.STAT_SKIPPED] = skipped
+        g[L.STAT_SKIP_COUNT] += skipped
+        g[L.STAT_NONFINITE] = nonfinite
+        g[L.STAT_LR0] = lr_all[0]
+        g[L.STAT_INV_SCALE] = inv_scale
+        buffers.lr.copy_(lr_all)
+        if buffers.history_len:
+            slot = buffers.history_pos % buffers.history_len
+            row = torch.zeros(L.H_COLS, dtype=f64, device=dev)
+            row[L.H_STEP] = t0
+            row[L.H_GRAD_NORM] = g[L.STAT_GRAD_NORM]
+            row[L.H_LR] = lr_all[0]
+            row[L.H_SKIPPED] = skipped
+            row[L.H_GRAD_NORM_L1] = g[L.STAT_GRAD_NORM_L1]
+            buffers.history[slot] = row
+            buffers.history_pos += 1
 
 
-def allora_scales(p: torch.Tensor, unit: str, eta: float, reduce=None) -> torch.Tensor:
+def allora_scales(p: torch.Tensor, unit: str, inv_eta2: float, reduce=None) -> torch.Tensor:
     """ALLoRA gradient multiplier ``1 / sqrt(||theta_unit||^2 + 1 / eta^2)`` shaped like ``p``.
 
     Units are the rows or columns of ``p.reshape(p.shape[0], -1)`` or the whole tensor (always
@@ -72,115 +133,90 @@ def allora_scales(p: torch.Tensor, unit: str, eta: float, reduce=None) -> torch.
     is called on every rank, also for an empty shard.
     """
     p32 = p.to(torch.float32)
-    inv = 1.0 / float(eta) ** 2
     if p.dim() < 2 or unit == "tensor":
         n = (p32 * p32).sum()
         if reduce is not None:
             n = reduce(n.reshape(1)).reshape(())
-        return (1.0 / torch.sqrt(n + inv)).expand_as(p32)
+        return (1.0 / torch.sqrt(n + inv_eta2)).expand_as(p32)
     cols = math.prod(p.shape[1:])
     v = p32.reshape(p.shape[0], cols)
     n = (v * v).sum(1 if unit == "row" else 0, keepdim=True)
     if reduce is not None:
         n = reduce(n)
-    return (1.0 / torch.sqrt(n + inv)).expand_as(v).reshape(p.shape)
+    return (1.0 / torch.sqrt(n + inv_eta2)).expand_as(v).reshape(p.shape)
 
 
-def _step_scalars(schedule: Schedule, clock: torch.Tensor, grad_mul, active):
-    """(gradient multiplier, active flag, step increment, schedule value) as device tensors."""
-    one = torch.ones((), dtype=torch.float64, device=clock.device)
-    gm = one if grad_mul is None else grad_mul.to(torch.float64)
-    act = torch.ones((), dtype=torch.bool, device=clock.device) if active is None else active
-    return gm, act, act.to(torch.float64), schedule.evaluate(clock.reshape(1))[0]
+def _scales(plan, inv_eta2s):
+    out = []
+    for i, (p, unit) in enumerate(zip(plan.local_params, plan.units)):
+        if unit is None:
+            out.append(None)
+            continue
+        red = None if plan.dist is None else (lambda t, i=i: plan.dist.reduce_units(i, t))
+        out.append(allora_scales(p, unit, inv_eta2s[plan.group_index[i]], red))
+    return out
 
 
-def adam_reference(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, group_index,
-                   groups: list[GroupHyper], schedule: Schedule, clock: torch.Tensor,
-                   grad_mul: torch.Tensor | None = None,
-                   active: torch.Tensor | None = None, scales=None) -> torch.Tensor:
-    """Adam / AdamW step for every tensor, as ``torch.optim.Adam(W)`` with ``fused=True``.
-
-    ``max_exp_avg_sqs[i]`` is None where amsgrad is off. ``grad_mul`` (a 0-d float64 tensor,
-    clip coefficient times 1 / grad scale) multiplies every gradient; ``active`` (0-d bool tensor)
-    gates the whole step; ``scales[i]`` (ALLoRA, or None) multiplies gradient ``i``. Updates
-    tensors in place, advances ``steps`` and ``clock``, and returns per tensor
-    (sum of new p^2, sum of u^2) with u the unscaled update m_hat / (sqrt(v_hat) + eps).
-    """
-    gm, act, inc, factor = _step_scalars(schedule, clock, grad_mul, active)
+def adam_update(plan, grads, inv_eta2s, *, stats: bool) -> None:
+    """Adam / AdamW update of every tensor from ``plan.scal``, as ``torch.optim.Adam(W)`` with
+    ``fused=True``: fp32 arithmetic, one rounding to the storage dtype; on a skipped step
+    nothing changes. With ``stats`` the per-tensor (sum of new p^2, sum of u^2) go to
+    ``plan.ustat``, u the unscaled update m_hat / (sqrt(v_hat) + eps)."""
+    sc = plan.scal
+    act = sc[0, L.S_ACTIVE] != 0
+    scales = _scales(plan, inv_eta2s)
     ustat = []
-    for i, p in enumerate(params):
-        lr0, b1, b2, eps, wd, maximize, _, decoupled = groups[group_index[i]][:8]
-        lr = factor * lr0
-        new_step = steps[i].to(torch.float64) + inc
-        bc1 = 1.0 - torch.pow(torch.tensor(b1, dtype=torch.float64), new_step)
-        bc2 = 1.0 - torch.pow(torch.tensor(b2, dtype=torch.float64), new_step)
-        step_size = (lr / bc1).to(torch.float32)
-        bc2_sqrt = bc2.sqrt().to(torch.float32)
-        sign = -1.0 if maximize else 1.0
-        g = grads[i].to(torch.float32) * (sign * gm).to(torch.float32)
-        if scales is not None and scales[i] is not None:
+    for i, p in enumerate(plan.local_params):
+        s = sc[i]
+        m_t, v_t, vmax_t = plan.states[i]
+        g = grads[i].to(torch.float32) * s[L.S_GRAD_MUL]
+        if scales[i] is not None:
             g = g * scales[i]
-        p32 = p.to(torch.float32)
-        if decoupled:
-            p32 = p32 * (1.0 - lr * wd).to(torch.float32)
-        else:
-            g = g + torch.tensor(wd, dtype=torch.float32) * p32
-        # 1 - beta rounded once from float64, as the kernel (fp32 1 - 0.999 is 1.3e-5 off)
-        omb1 = torch.tensor(1.0 - b1, dtype=torch.float32)
-        omb2 = torch.tensor(1.0 - b2, dtype=torch.float32)
-        m = exp_avgs[i].to(torch.float32)
+        p32 = p.to(torch.float32) * s[L.S_ADAM_DECAY_MUL]  # AdamW: p * (1 - lr * wd)
+        g = g + s[L.S_ADAM_L2] * p32  # Adam: L2 penalty in the gradient
+        omb1, omb2 = s[L.S_ADAM_OMB1], s[L.S_ADAM_OMB2]
+        m = m_t.to(torch.float32)
         # torch's lerp: from the nearer end (beta1 = 0: m = g exactly)
-        m = m + omb1 * (g - m) if 1.0 - b1 < 0.5 else g - (g - m) * (1.0 - omb1)
-        v = (1.0 - omb2) * exp_avg_sqs[i].to(torch.float32) + omb2 * g * g
+        m = torch.where(omb1 < 0.5, m + omb1 * (g - m), g - (g - m) * (1.0 - omb1))
+        v = (1.0 - omb2) * v_t.to(torch.float32) + omb2 * g * g
         vv = v
-        if max_exp_avg_sqs[i] is not None:
-            vmax = torch.maximum(max_exp_avg_sqs[i].to(torch.float32), v)
-            max_exp_avg_sqs[i].copy_(torch.where(act, vmax, max_exp_avg_sqs[i]))
-            vv = vmax
-        denom = vv.sqrt() / bc2_sqrt + torch.tensor(eps, dtype=torch.float32)
-        u = m / denom
-        p32 = p32 - step_size * u
-        ustat.append(torch.stack([(p32.double() ** 2).sum(),
-                                  ((u.double() / bc1) ** 2).sum()]))
+        if vmax_t is not None:
+            vv = torch.maximum(vmax_t.to(torch.float32), v)
+            vmax_t.copy_(torch.where(act, vv.to(vmax_t.dtype), vmax_t))
+        u = m / (vv.sqrt() / s[L.S_ADAM_BC2_SQRT] + s[L.S_ADAM_EPS])
+        p32 = p32 - s[L.S_ADAM_STEP_SIZE] * u
+        if stats:
+            ustat.append(torch.stack([(p32.double() ** 2).sum(),
+                                      ((u.double() / s[L.S_ADAM_BC1].double()) ** 2).sum()]))
         p.copy_(torch.where(act, p32.to(p.dtype), p))
-        exp_avgs[i].copy_(torch.where(act, m.to(p.dtype), exp_avgs[i]))
-        exp_avg_sqs[i].copy_(torch.where(act, v.to(p.dtype), exp_avg_sqs[i]))
-        steps[i].copy_(new_step)
-    clock.add_(act.to(clock.dtype))
-    return torch.stack(ustat)
+        m_t.copy_(torch.where(act, m.to(m_t.dtype), m_t))
+        v_t.copy_(torch.where(act, v.to(v_t.dtype), v_t))
+    if stats:
+        plan.ustat.copy_(torch.stack(ustat))
 
 
-def sgd_reference(params, grads, momentum_buffers, steps, group_index, groups: list[GroupHyper],
-                  schedule: Schedule, clock: torch.Tensor, grad_mul: torch.Tensor | None = None,
-                  active: torch.Tensor | None = None, scales=None) -> torch.Tensor:
-    """SGD step as ``torch.optim.SGD`` (momentum, dampening, nesterov, weight decay, maximize).
-
-    ``momentum_buffers[i]`` is None where the group has no momentum; the first step copies
-    ``d_p`` into the buffer, as torch does. ``scales`` as in :func:`adam_reference`; returns per
-    tensor (sum of new p^2, sum of d^2).
-    """
-    gm, act, inc, factor = _step_scalars(schedule, clock, grad_mul, active)
+def sgd_update(plan, grads, inv_eta2s, *, stats: bool) -> None:
+    """SGD update as ``torch.optim.SGD`` (momentum, dampening, nesterov, weight decay,
+    maximize) from ``plan.scal``; with ``stats`` (sum of new p^2, sum of d^2) per tensor."""
+    sc = plan.scal
+    act = sc[0, L.S_ACTIVE] != 0
+    scales = _scales(plan, inv_eta2s)
     ustat = []
-    for i, p in enumerate(params):
-        lr0, momentum, dampening, _, wd, maximize, nesterov, _ = groups[group_index[i]][:8]
-        lr = (factor * lr0).to(torch.float32)
-        sign = -1.0 if maximize else 1.0
+    for i, p in enumerate(plan.local_params):
+        s = sc[i]
         p32 = p.to(torch.float32)
-        d = grads[i].to(torch.float32) * (sign * gm).to(torch.float32)
-        if scales is not None and scales[i] is not None:
+        d = grads[i].to(torch.float32) * s[L.S_GRAD_MUL]
+        if scales[i] is not None:
             d = d * scales[i]
-        d = d + torch.tensor(wd, dtype=torch.float32) * p32
-        buf = momentum_buffers[i]
+        d = d + s[L.S_SGD_WEIGHT_DECAY] * p32
+        buf = plan.states[i][0]
         if buf is not None:
-            first = steps[i] == 0
-            a = torch.where(first, 0.0, momentum).to(torch.float32)
-            b = torch.where(first, 1.0, 1.0 - dampening).to(torch.float32)
-            nb = a * buf.to(torch.float32) + b * d
+            nb = s[L.S_SGD_MOM_A] * buf.to(torch.float32) + s[L.S_SGD_MOM_B] * d
             buf.copy_(torch.where(act, nb.to(buf.dtype), buf))
-            d = d + torch.tensor(momentum, dtype=torch.float32) * nb if nesterov else nb
-        p32 = p32 - lr * d
-        ustat.append(torch.stack([(p32.double() ** 2).sum(), (d.double() ** 2).sum()]))
+            d = torch.where(s[L.S_SGD_NESTEROV] != 0, d + s[L.S_SGD_MOMENTUM] * nb, nb)
+        p32 = p32 - s[L.S_LR] * d
+        if stats:
+            ustat.append(torch.stack([(p32.double() ** 2).sum(), (d.double() ** 2).sum()]))
         p.copy_(torch.where(act, p32.to(p.dtype), p))
-        steps[i].copy_(steps[i].to(torch.float64) + inc)
-    clock.add_(act.to(clock.dtype))
-    return torch.stack(ustat)
+    if stats:
+        plan.ustat.copy_(torch.stack(ustat))

@@ -6,11 +6,11 @@ from typing import Any
 
 import torch
 
-from ..kernels.optim import KIND_ADAM
+from ..kernels.layout import KIND_ADAM
 from ..schedules import Schedule
-from ._base import DEFAULT_BLOCK, FusedOptimizer
-from ._distributed import local
-from ._reference import adam_reference
+from ._base import FusedOptimizer
+from ._tables import DEFAULT_BLOCK
+from .functional import adam
 
 __all__ = ["Adam", "AdamW"]
 
@@ -116,12 +116,6 @@ class Adam(FusedOptimizer):
         if not isinstance(wd, int | float) or not wd >= 0.0:
             raise ValueError(f"Invalid weight_decay value: {wd}")
 
-    def _group_hyper(self, group):
-        b1, b2 = (float(b) for b in group["betas"])
-        return (self._check_lr(group["lr"]), b1, b2, float(group["eps"]),
-                float(group["weight_decay"]), float(bool(group["maximize"])),
-                float(bool(group["amsgrad"])), float(bool(group["decoupled_weight_decay"])))
-
     def _init_state(self, p, group, state) -> None:
         for name in ("exp_avg", "exp_avg_sq"):
             if name not in state:
@@ -129,19 +123,17 @@ class Adam(FusedOptimizer):
         if group["amsgrad"] and "max_exp_avg_sq" not in state:
             state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
-    def _state_tensor(self, p, name, group):
-        if name == "max_exp_avg_sq" and not group["amsgrad"]:
-            return None
-        return self.state[p].get(name)
+    def _has_states(self, group) -> tuple[bool, ...]:
+        return (True, True, bool(group["amsgrad"]))
 
-    def _run_reference(self, plan, grad_mul, active, scales):
-        st = [self.state[p] for p in plan.params]
-        return adam_reference(plan.local_params, plan.local_grads,
-                       [local(s["exp_avg"]) for s in st], [local(s["exp_avg_sq"]) for s in st],
-                       [local(s.get("max_exp_avg_sq")) if self._group_key[gi][6] else None
-                        for s, gi in zip(st, plan.group_index)],
-                       [s["step"] for s in st], plan.group_index, list(self._group_key),
-                       self.schedule, self._clock, grad_mul, active, scales)
+    def _run(self, plan, buffers, **step) -> None:
+        gs = self.param_groups
+        adam(plan, buffers, lr=[self._check_lr(g["lr"]) for g in gs],
+             betas=[tuple(float(b) for b in g["betas"]) for g in gs],
+             eps=[g["eps"] for g in gs], weight_decay=[g["weight_decay"] for g in gs],
+             amsgrad=[g["amsgrad"] for g in gs], maximize=[g["maximize"] for g in gs],
+             decoupled_weight_decay=[g["decoupled_weight_decay"] for g in gs],
+             allora_eta=[g.get("allora_eta") for g in gs], schedule=self.schedule, **step)
 
 
 class AdamW(Adam):

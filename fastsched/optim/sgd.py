@@ -6,11 +6,11 @@ from typing import Any
 
 import torch
 
-from ..kernels.optim import KIND_SGD
+from ..kernels.layout import KIND_SGD
 from ..schedules import Schedule
-from ._base import DEFAULT_BLOCK, FusedOptimizer
-from ._distributed import local
-from ._reference import sgd_reference
+from ._base import FusedOptimizer
+from ._tables import DEFAULT_BLOCK
+from .functional import sgd
 
 __all__ = ["SGD"]
 
@@ -64,28 +64,22 @@ class SGD(FusedOptimizer):
         if group["nesterov"] and (mom <= 0 or damp != 0):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
 
-    def _group_hyper(self, group):
-        return (self._check_lr(group["lr"]), float(group["momentum"]),
-                float(group["dampening"]), 0.0, float(group["weight_decay"]),
-                float(bool(group["maximize"])), float(bool(group["nesterov"])),
-                float(group["momentum"] != 0))
-
     def _init_state(self, p, group, state) -> None:
         if group["momentum"] != 0 and state.get("momentum_buffer") is None:
             state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             # a buffer loaded from torch would carry history; a fresh one starts at step 0
             state["step"].zero_()
 
-    def _state_tensor(self, p, name, group):
-        return self.state[p].get(name) if group["momentum"] != 0 else None
+    def _has_states(self, group) -> tuple[bool, ...]:
+        return (group["momentum"] != 0,)
 
-    def _run_reference(self, plan, grad_mul, active, scales):
-        st = [self.state[p] for p in plan.params]
-        return sgd_reference(plan.local_params, plan.local_grads,
-                      [local(s.get("momentum_buffer")) if self._group_key[gi][7] else None
-                       for s, gi in zip(st, plan.group_index)],
-                      [s["step"] for s in st], plan.group_index, list(self._group_key),
-                      self.schedule, self._clock, grad_mul, active, scales)
+    def _run(self, plan, buffers, **step) -> None:
+        gs = self.param_groups
+        sgd(plan, buffers, lr=[self._check_lr(g["lr"]) for g in gs],
+            momentum=[g["momentum"] for g in gs], dampening=[g["dampening"] for g in gs],
+            weight_decay=[g["weight_decay"] for g in gs], nesterov=[g["nesterov"] for g in gs],
+            maximize=[g["maximize"] for g in gs], allora_eta=[g.get("allora_eta") for g in gs],
+            schedule=self.schedule, **step)
 
     def _upgrade_state(self, p, group, st) -> None:
         if "step" not in st:

@@ -41,26 +41,31 @@ from enum import IntEnum
 
 import torch
 
+from ..kernels import layout as L
+
 __all__ = ["Shape", "Segment", "COLUMNS", "segments_to_table", "evaluate_table", "evaluate_rows"]
 
 
 class Shape(IntEnum):
-    """Shape codes stored in column 2 of a segment table (the Triton kernel uses the same codes)."""
+    """Shape codes stored in column ``SEG_SHAPE`` of a segment table; the values are declared
+    once in ``fastsched.kernels.layout`` (``SHAPE_*``), which the Triton evaluator reads too."""
 
-    CONST = 0
-    LINEAR = 1
-    COSINE = 2
-    POLY = 3
-    POW_DECAY = 4
-    GEOMETRIC = 5
-    EXP_RATE = 6
-    INV_SQRT = 7
-    REX = 8
-    POWER = 9
-    INV_SQRT_CD = 10
+    CONST = L.SHAPE_CONST
+    LINEAR = L.SHAPE_LINEAR
+    COSINE = L.SHAPE_COSINE
+    POLY = L.SHAPE_POLY
+    POW_DECAY = L.SHAPE_POW_DECAY
+    GEOMETRIC = L.SHAPE_GEOMETRIC
+    EXP_RATE = L.SHAPE_EXP_RATE
+    INV_SQRT = L.SHAPE_INV_SQRT
+    REX = L.SHAPE_REX
+    POWER = L.SHAPE_POWER
+    INV_SQRT_CD = L.SHAPE_INV_SQRT_CD
 
 
-COLUMNS = ("start", "length", "shape", "v0", "v1", "a", "b", "c")
+COLUMNS = L.SEG_NAMES
+# the columns in the order the evaluators unpack them
+_COLS = (L.SEG_START, L.SEG_LENGTH, L.SEG_SHAPE, L.SEG_V0, L.SEG_V1, L.SEG_A, L.SEG_B, L.SEG_C)
 
 
 @dataclass(frozen=True)
@@ -85,8 +90,11 @@ class Segment:
                        self.a, self.b, self.c)
 
     def as_row(self) -> tuple[float, ...]:
-        return (float(self.start), float(self.length), float(int(self.shape)), float(self.v0),
-                float(self.v1), float(self.a), float(self.b), float(self.c))
+        row = [0.0] * L.SEG_COLS
+        for col, v in zip(_COLS, (self.start, self.length, int(self.shape), self.v0, self.v1,
+                                  self.a, self.b, self.c)):
+            row[col] = float(v)
+        return tuple(row)
 
 
 def segments_to_table(segments: list[Segment], device=None) -> torch.Tensor:
@@ -113,11 +121,11 @@ def evaluate_table(table: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
     """
     t = steps.to(torch.float64)
     table = table.to(device=t.device, dtype=torch.float64)
-    starts = table[:, 0].contiguous()
+    starts = table[:, L.SEG_START].contiguous()
     idx = torch.searchsorted(starts, t.reshape(-1), right=True).reshape(t.shape) - 1
     idx = idx.clamp_(min=0)
-    row = table[idx]  # (..., 8)
-    start, length, shape, v0, v1, a, b, c = row.unbind(-1)
+    row = table[idx]  # (..., SEG_COLS)
+    start, length, shape, v0, v1, a, b, c = (row[..., col] for col in _COLS)
     x = (t - start).clamp(min=0.0)
     p = (x / length).clamp(0.0, 1.0)
     p = torch.where(torch.isnan(p), torch.zeros_like(p), p)
@@ -168,7 +176,7 @@ def evaluate_rows(rows: list[tuple[float, ...]], starts: list[float], t: float) 
     The plain-Python twin of :func:`evaluate_table` (same formulas, same clamping), for the host.
     """
     i = max(bisect_right(starts, t) - 1, 0)
-    start, length, shape, v0, v1, a, b, c = rows[i]
+    start, length, shape, v0, v1, a, b, c = (rows[i][col] for col in _COLS)
     x = max(t - start, 0.0)
     p = x / length if length != 0 else (math.nan if x == 0 else math.inf)
     p = 0.0 if math.isnan(p) else min(max(p, 0.0), 1.0)

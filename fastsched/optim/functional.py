@@ -1,0 +1,231 @@
+"""The functional fused step: one function per optimizer kind, every backend behind it.
+
+As torch's ``torch.optim.adam.adam`` / ``sgd.sgd``, hyperparameters are keyword arguments (here a
+number for every parameter group or a sequence with one value per group) and the features of
+the step are keywords too; the tensors come as a :class:`~fastsched.optim._tables.Plan` (the
+cached tables of the table builder) and its :class:`~fastsched.optim._tables.StepBuffers` (clock,
+statistics), not as lists rebuilt every call. Both backends fill the same buffers, so
+:func:`fastsched.optim._stats.stats_tensors` decodes them whichever ran.
+
+Passes: with the statistics pass (see :class:`StepOptions`) a pass over the gradients and a
+per-tensor reduce, then the finalize pass (schedule, clip coefficient, skip flag, per-tensor
+scalars in float64) and one update launch per (dtype, update variant) bucket.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..kernels import layout as L
+from . import _reference
+
+__all__ = ["StepOptions", "NONFINITE", "adam", "sgd", "run_step"]
+
+NONFINITE = ("skip", "raise", "ignore")
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    """The options of a fused step other than the hyperparameters, validated on construction.
+
+    * ``max_grad_norm``: clip by the global L2 norm (``clip_grad_norm_``); None: no clipping.
+    * ``stats``: per-tensor parameter norms and update RMS from the update pass (two float
+      atomics per block) on top of the global statistics.
+    * ``nonfinite``: ``"skip"`` | ``"raise"`` | ``"ignore"``, or None: ``"skip"`` when
+      clipping, ``stats`` or ``history`` is on, else ``"ignore"`` (torch semantics).
+    * ``history``: length of the device ring buffer of global norms (0: none).
+
+    The statistics pass (one more read of every gradient: 4 B / fp32 parameter, two launches)
+    runs when clipping, ``stats``, ``history`` or the guard (``nonfinite`` other than
+    ``"ignore"``) is on; without it a step is the finalize launch and the update launches.
+    """
+
+    max_grad_norm: float | None = None
+    stats: bool = False
+    nonfinite: str | None = None
+    history: int = 0
+
+    def __post_init__(self):
+        m = self.max_grad_norm
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int | float)
+                              or not math.isfinite(m) or m <= 0):
+            raise ValueError(f"max_grad_norm must be a finite number > 0 or None, got {m!r}")
+        if m is not None:
+            object.__setattr__(self, "max_grad_norm", float(m))
+        if not isinstance(self.stats, bool):
+            raise ValueError(f"stats must be a bool, got {self.stats!r}")
+        if self.nonfinite is not None and self.nonfinite not in NONFINITE:
+            raise ValueError(f"nonfinite must be one of {list(NONFINITE)} or None, got "
+                             f"{self.nonfinite!r}")
+        h = self.history
+        if isinstance(h, bool) or not isinstance(h, int) or h < 0:
+            raise ValueError(f"history must be an integer >= 0 (0: no ring buffer), got {h!r}")
+
+    @property
+    def mode(self) -> str:
+        """The non-finite mode in effect (``nonfinite=None`` resolved)."""
+        if self.nonfinite is not None:
+            return self.nonfinite
+        return "skip" if (self.max_grad_norm is not None or self.stats or self.history) \
+            else "ignore"
+
+    @property
+    def guard(self) -> bool:
+        return self.mode != "ignore"
+
+    @property
+    def stats_pass(self) -> bool:
+        """Whether the statistics pass runs (global norms, clip coefficient, guard)."""
+        return self.max_grad_norm is not None or self.stats or self.history > 0 or self.guard
+
+
+def _per_group(name: str, value, n: int) -> list:
+    if isinstance(value, Sequence) and not isinstance(value, str):
+        if len(value) != n:
+            raise ValueError(f"{name} has {len(value)} values for {n} parameter groups")
+        return list(value)
+    return [value] * n
+
+
+def _n_groups(*values) -> int:
+    lens = {len(v) for v in values if isinstance(v, Sequence) and not isinstance(v, str)}
+    if len(lens) > 1:
+        raise ValueError(f"per-group hyperparameters of different lengths: {sorted(lens)}")
+    return lens.pop() if lens else 1
+
+
+def _rows(n: int, common: dict, kind_cols: dict) -> tuple:
+    cols = {**common, **kind_cols}
+    per = {c: _per_group(name, v, n) for c, (name, v) in cols.items()}
+    rows = []
+    for gi in range(n):
+        r = [0.0] * L.G_COLS
+        for c, vals in per.items():
+            r[c] = float(vals[gi])
+        rows.append(tuple(r))
+    return tuple(rows)
+
+
+def _common(lr, weight_decay, maximize, allora_eta, n):
+    etas = _per_group("allora_eta", allora_eta, n)
+    return {L.G_LR: ("lr", lr), L.G_WEIGHT_DECAY: ("weight_decay", weight_decay),
+            L.G_MAXIMIZE: ("maximize", [float(bool(m)) for m in _per_group("maximize",
+                                                                             maximize, n)]),
+            L.G_INV_ETA2: ("allora_eta", [0.0 if e is None else 1.0 / float(e) ** 2
+                                          for e in etas])}
+
+
+def adam(plan, buffers, *, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False,
+         maximize=False, decoupled_weight_decay=False, allora_eta=None, schedule,
+         options: StepOptions = StepOptions(), grads=None, grad_scale=None, found_inf=None,
+         backend: str = "triton") -> None:
+    """One Adam / AdamW step (torch.optim.Adam(W), ``fused=True`` semantics) over ``plan``.
+
+    Each hyperparameter is a number or one value per parameter group (``betas``: a pair or a
+    sequence of pairs). ``grads`` (this step's gradients in row order) is needed by the
+    reference backend only; ``grad_scale`` / ``found_inf`` are torch.amp.GradScaler's.
+    """
+    n = _n_groups(lr, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay,
+                  allora_eta, betas if betas and isinstance(betas[0], Sequence) else ())
+    pairs = _per_group("betas", betas, n) if betas and isinstance(betas[0], Sequence) \
+        else [betas] * n
+    rows = _rows(n, _common(lr, weight_decay, maximize, allora_eta, n), {
+        L.G_ADAM_BETA1: ("betas", [float(b[0]) for b in pairs]),
+        L.G_ADAM_BETA2: ("betas", [float(b[1]) for b in pairs]),
+        L.G_ADAM_EPS: ("eps", eps),
+        L.G_ADAM_AMSGRAD: ("amsgrad", [float(bool(a)) for a in _per_group("amsgrad", amsgrad,
+                                                                          n)]),
+        L.G_ADAM_DECOUPLED: ("decoupled_weight_decay",
+                             [float(bool(d)) for d in _per_group("decoupled_weight_decay",
+                                                                 decoupled_weight_decay, n)])})
+    run_step(plan, buffers, rows, schedule=schedule, options=options, grads=grads,
+             grad_scale=grad_scale, found_inf=found_inf, backend=backend)
+
+
+def sgd(plan, buffers, *, lr, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+        maximize=False, allora_eta=None, schedule, options: StepOptions = StepOptions(),
+        grads=None, grad_scale=None, found_inf=None, backend: str = "triton") -> None:
+    """One SGD step (torch.optim.SGD semantics: momentum, dampening, nesterov, weight decay,
+    maximize; the first step copies d_p into the buffer) over ``plan``; see :func:`adam`."""
+    n = _n_groups(lr, momentum, dampening, weight_decay, nesterov, maximize, allora_eta)
+    rows = _rows(n, _common(lr, weight_decay, maximize, allora_eta, n), {
+        L.G_SGD_MOMENTUM: ("momentum", momentum),
+        L.G_SGD_DAMPENING: ("dampening", dampening),
+        L.G_SGD_NESTEROV: ("nesterov", [float(bool(x)) for x in _per_group("nesterov",
+                                                                           nesterov, n)])})
+    run_step(plan, buffers, rows, schedule=schedule, options=options, grads=grads,
+             grad_scale=grad_scale, found_inf=found_inf, backend=backend)
+
+
+def _scaler(grad_scale, found_inf):
+    if grad_scale is not None:
+        gs = grad_scale.reshape(-1)
+        return gs, (found_inf.reshape(-1) if found_inf is not None else torch.zeros_like(gs))
+    if found_inf is not None:
+        # after an explicit scaler.unscale_(opt), GradScaler.step sets grad_scale = None but
+        # found_inf still decides the skip
+        fi = found_inf.reshape(-1)
+        return torch.ones_like(fi), fi
+    return None, None
+
+
+def run_step(plan, buffers, rows: tuple, *, schedule, options: StepOptions, grads=None,
+             grad_scale=None, found_inf=None, backend: str = "triton") -> None:
+    """The passes of one step for group rows ``rows`` (``G_COLS`` floats per group)."""
+    groups = buffers.refresh_groups(rows)
+    cfg = buffers.refresh_config(options.max_grad_norm)
+    table = schedule.table(plan.device)
+    gs, fi = _scaler(grad_scale, found_inf)
+    if backend == "triton":
+        _run_triton(plan, buffers, groups, cfg, table, options, gs, fi)
+        return
+    if grads is None:
+        raise ValueError("grads: the reference backend needs this step's gradients")
+    reduce = plan.dist.reduce_rows if plan.dist is not None else None
+    if options.stats_pass:
+        _reference.grad_sums(grads, plan.tstat, guard=options.guard, reduce=reduce)
+    _reference.finalize(plan, buffers, table, stats_pass=options.stats_pass,
+                        clip=options.max_grad_norm is not None, guard=options.guard,
+                        grad_scale=gs, found_inf=fi)
+    update = _reference.adam_update if plan.kind == L.KIND_ADAM else _reference.sgd_update
+    update(plan, grads, [r[L.G_INV_ETA2] for r in rows], stats=options.stats)
+    if plan.dist is not None and options.stats:  # whole-tensor norms
+        plan.dist.reduce_rows(plan.ustat)
+
+
+def _run_triton(plan, buffers, groups, cfg, table, options: StepOptions, gs, fi) -> None:
+    from ..kernels.optim import (
+        launch_finalize,
+        launch_grad_stats,
+        launch_reduce,
+        launch_units_update,
+        launch_update,
+    )
+
+    if options.stats_pass:
+        for b in plan.stat_buckets:
+            launch_grad_stats(plan.tensors, b.blocks, plan.partials[b.block_offset:],
+                              b.n_blocks, b.dtype, plan.block, b.aligned, options.guard)
+        launch_reduce(plan.first_block, plan.partials, plan.tstat, len(plan))
+        if plan.dist is not None:  # distributed: global per-tensor sums (one all-reduce)
+            plan.dist.reduce_rows(plan.tstat)
+    launch_finalize(
+        plan.tensors, groups, plan.scal, table, buffers.clock, len(plan), plan.kind, cfg=cfg,
+        tstat=plan.tstat, ustat=plan.ustat, gstat=buffers.gstat, lr_out=buffers.lr,
+        hist=buffers.history, hist_pos=buffers.history_pos, hist_len=buffers.history_len,
+        grad_scale=gs, found_inf=fi, stats=options.stats_pass,
+        clip=options.max_grad_norm is not None, guard=options.guard,
+        history=buffers.history_len > 0)
+    for b in plan.buckets:
+        if b.units:
+            launch_units_update(plan.kind, plan.tensors, b.blocks, plan.scal, plan.ustat,
+                                b.n_blocks, b.dtype, b.units, b.chunk, b.flag, options.stats)
+        else:
+            launch_update(plan.kind, plan.tensors, b.blocks, plan.scal, plan.ustat, b.n_blocks,
+                          b.dtype, plan.block, b.aligned, b.flag, options.stats)
+    if plan.dist is not None and options.stats:  # whole-tensor norms (stats=True)
+        plan.dist.reduce_rows(plan.ustat)
