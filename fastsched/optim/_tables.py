@@ -333,11 +333,13 @@ class TableBuilder:
                               dtype=torch.float32 if backend == "triton" else torch.float64),
             dist=_distributed.dist_plan(params, units, device), host_rows=rows,
             keep=[t for e in entries for t in (e.step, *e.states) if t is not None])
-        if backend != "triton":
+        if backend == "reference":
+            return plan
+        plan.tensors = h2d(torch.tensor(rows, dtype=torch.int64), device)
+        if backend != "triton":  # the compiled CPU executor walks the tensors table itself
             return plan
         if plan.dist is not None and names_of is not None:
             _distributed.check_units(params, units, names_of)
-        plan.tensors = h2d(torch.tensor(rows, dtype=torch.int64), device)
         flat = (torch.tensor([r[L.T_NUMEL] for r in rows], dtype=torch.int64)
                 + self.block - 1) // self.block
         self._update_buckets(plan, rows, cls, info, flat)

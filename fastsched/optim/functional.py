@@ -183,6 +183,11 @@ def run_step(plan, buffers, rows: tuple, *, schedule, options: StepOptions, grad
     if backend == "triton":
         _run_triton(plan, buffers, groups, cfg, table, options, gs, fi)
         return
+    if backend == "cpu":
+        from . import _cpu
+
+        _cpu.run_step(plan, buffers, rows, table, options, gs, fi)
+        return
     if grads is None:
         raise ValueError("grads: the reference backend needs this step's gradients")
     reduce = plan.dist.reduce_rows if plan.dist is not None else None
