@@ -1,12 +1,49 @@
 """The kernels compile for an H100 target (no GPU needed): the interpreter never compiles them,
-so this is what catches code that only the real compiler rejects (e.g. non-constexpr globals)."""
+so this is what catches code that only the real compiler rejects (e.g. non-constexpr globals).
 
+The compile check derives its signatures from the launches of the real host path; the tests
+below check that this derivation reaches every kernel and every specialisation that matters.
+They run in process under the interpreter (conftest sets ``TRITON_INTERPRET=1``): the launches
+are recorded, never run, and the recorder works the same on interpreted kernels.
+"""
+
+import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+from fastsched.kernels import layout as L
+from fastsched.kernels import optim as ko
+from fastsched.kernels import schedule as ks
+
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_compile_check():
+    spec = importlib.util.spec_from_file_location("compile_check",
+                                                  ROOT / "bench" / "compile_check.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses resolve the module's annotations through it
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def cc():
+    return _load_compile_check()
+
+
+@pytest.fixture(scope="module")
+def derived(cc):
+    vs, n_cfg = cc.variants()
+    return vs, n_cfg
+
+
+def _by_kernel(vs, name):
+    return [v for v in vs if v.name == name]
 
 
 def test_every_kernel_compiles_for_sm90():
@@ -15,3 +52,92 @@ def test_every_kernel_compiles_for_sm90():
                        capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert "0 failed" in r.stdout
+
+
+def test_derived_signatures_cover_every_kernel(cc, derived):
+    vs, n_cfg = derived
+    # found independently of compile_check.kernels(): every jit kernel the modules define
+    want = {name for m in (ko, ks) for name, v in vars(m).items()
+            if name.endswith("_kernel") and hasattr(v, "arg_names") and hasattr(v, "run")}
+    assert {"_grad_stats_kernel", "_reduce_kernel", "_finalize_kernel", "_update_kernel",
+            "_units_update_kernel", "_schedule_eval_kernel"} <= want
+    assert {v.name for v in vs} == want
+    assert n_cfg == len(cc.configs()) + 1
+    # every runtime argument typed, every constexpr given a value
+    for v in vs:
+        assert set(v.signature) | set(v.constexprs) == set(v.fn.arg_names), v.name
+        assert not set(v.signature) & set(v.constexprs), v.name
+    # the recorder was removed: the kernels launch again after the enumeration
+    for f in cc.kernels():
+        assert "run" not in vars(f), cc.kernel_name(f)
+
+
+def test_derived_variants_span_every_specialisation(derived):
+    vs, _ = derived
+    import triton.language as tl
+
+    dtypes = {str(d) for d in (tl.float32, tl.bfloat16, tl.float16)}
+    for name in ("_update_kernel", "_units_update_kernel"):
+        got = _by_kernel(vs, name)
+        assert {v.constexprs["KIND"] for v in got} == {L.KIND_ADAM, L.KIND_SGD}, name
+        assert {str(v.constexprs["DTYPE"]) for v in got} == dtypes, name
+        for flag in ("FLAG", "STATS"):
+            assert {v.constexprs[flag] for v in got} == {False, True}, (name, flag)
+    upd = _by_kernel(vs, "_update_kernel")
+    assert {v.constexprs["ALIGNED"] for v in upd} == {False, True}
+    # 2 kinds x 3 dtypes x aligned x flag x stats
+    assert len(upd) == 48
+    units = _by_kernel(vs, "_units_update_kernel")
+    from fastsched.optim._tables import UNIT_CLASSES
+
+    assert {(v.constexprs["UNITS"], v.constexprs["CHUNK"]) for v in units} == \
+        {(nu, chunk) for _, nu, chunk in UNIT_CLASSES}
+    stats = _by_kernel(vs, "_grad_stats_kernel")
+    assert {str(v.constexprs["DTYPE"]) for v in stats} == dtypes
+    assert {(v.constexprs["ALIGNED"], v.constexprs["MASK_BAD"]) for v in stats} == \
+        {(a, m) for a in (False, True) for m in (False, True)}
+    fin = _by_kernel(vs, "_finalize_kernel")
+    for flag in ("STATS", "CLIP", "GUARD", "SCALER", "HISTORY"):
+        assert {v.constexprs[flag] for v in fin} == {False, True}, flag
+    # clipping, the guard and the ring buffer need the statistics pass
+    assert all(v.constexprs["STATS"] for v in fin
+               if v.constexprs["CLIP"] or v.constexprs["GUARD"] or v.constexprs["HISTORY"])
+
+
+def test_signatures_follow_the_launch_arguments(derived):
+    """Types come from what the launchers pass, e.g. finalize gets the fp32 scal buffer in place
+    of the float64 tstat when the statistics pass is off."""
+    vs, _ = derived
+    fin = _by_kernel(vs, "_finalize_kernel")
+    assert {v.signature["tstat_ptr"] for v in fin if v.constexprs["STATS"]} == {"*fp64"}
+    assert {v.signature["tstat_ptr"] for v in fin if not v.constexprs["STATS"]} == {"*fp32"}
+    assert {v.signature["n_tensors"] for v in fin} == {"i32"}
+    (ev,) = _by_kernel(vs, "_schedule_eval_kernel")
+    assert ev.signature == {"seg_ptr": "*fp64", "n_seg": "i32", "steps_ptr": "*i64",
+                            "out_ptr": "*fp64", "n_steps": "i32"}
+    assert ev.constexprs["BLOCK"] == 256
+
+
+def test_quick_picks_the_variant_with_most_features(cc, derived):
+    vs, _ = derived
+    quick = {v.name: v for v in cc.pick_quick(vs)}
+    assert set(quick) == {v.name for v in vs}
+    u = quick["_update_kernel"].constexprs
+    assert (u["ALIGNED"], u["FLAG"], u["STATS"], str(u["DTYPE"])) == (True, True, True, "bf16")
+    f = quick["_finalize_kernel"].constexprs
+    assert all(f[k] for k in ("STATS", "CLIP", "GUARD", "SCALER", "HISTORY"))
+
+
+def test_signature_typing(cc):
+    """The typing rules themselves: pointers by dtype, scalars by Python type and range."""
+    fn = ks._schedule_eval_kernel
+    v = cc._variant(fn, (torch.zeros(2, 8, dtype=torch.float64), 3,
+                         torch.zeros(4, dtype=torch.int32), torch.zeros(4), 2**40),
+                    {"BLOCK": 64, "SEG_BLOCK": 16}, "test")
+    assert v.signature == {"seg_ptr": "*fp64", "n_seg": "i32", "steps_ptr": "*i32",
+                           "out_ptr": "*fp32", "n_steps": "i64"}
+    assert v.constexprs == {"BLOCK": 64, "SEG_BLOCK": 16}
+    assert cc._scalar_type(True) == "i1" and cc._scalar_type(0.5) == "fp32"
+    with pytest.raises(TypeError, match="complex"):
+        cc._variant(fn, (torch.zeros(2, 8, dtype=torch.complex64), 3, torch.zeros(4),
+                         torch.zeros(4), 4), {"BLOCK": 64, "SEG_BLOCK": 16}, "test")
