@@ -1,6 +1,8 @@
 """fastsched optimizers under FSDP2, DDP and 1-D tensor parallel on CPU (gloo), and DCP
 checkpoints across world sizes. Each test spawns its ranks (bounded in time, always torn down);
-the scenarios themselves are in dist_worker.py."""
+the scenarios themselves are in dist_worker.py. The ranks return what they measured (statistics
+of every step, full parameters, flags, error messages) and the tests compare it here, for every
+rank."""
 
 from __future__ import annotations
 
@@ -16,16 +18,21 @@ from pathlib import Path
 import dist_worker
 import pytest
 import torch
+from dist_worker import NAN_STEP, STEPS
 
 import fastsched
+from fastsched.schedules import Cosine
 
 LIMIT_S = 150  # per scenario; a hung collective fails after init_process_group's 60 s timeout
+RTOL = 1e-5  # parameters against the one-process run, relative to each tensor's largest entry
 
 
-def spawn(scenario: str, world: int, tmp, limit: float = LIMIT_S, interpret: bool = True) -> None:
-    """Run ``dist_worker.<scenario>`` on ``world`` ranks. ``interpret``: the ranks run Triton
-    kernels on CPU tensors under the interpreter (decided when they import triton: the variable
-    is set for the children only), else compiled on the GPU."""
+def spawn(scenario: str, world: int, tmp, limit: float = LIMIT_S,
+          interpret: bool = True) -> list:
+    """Run ``dist_worker.<scenario>`` on ``world`` ranks and return each rank's result (what the
+    scenario function returned), in rank order. ``interpret``: the ranks run Triton kernels on
+    CPU tensors under the interpreter (decided when they import triton: the variable is set for
+    the children only), else compiled on the GPU."""
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=dist_worker.entry, args=(scenario, r, world, str(tmp)))
              for r in range(world)]
@@ -56,34 +63,168 @@ def spawn(scenario: str, world: int, tmp, limit: float = LIMIT_S, interpret: boo
     assert not errors, "\n".join(errors)
     assert not hung, f"{scenario}: ranks still running after {limit} s (killed)"
     assert [p.exitcode for p in procs] == [0] * world
+    return [torch.load(dist_worker.result_path(tmp, scenario, world, r), weights_only=True)
+            for r in range(world)]
 
+
+# -- comparisons -------------------------------------------------------------------------------
+
+def assert_close(actual, expected, rtol=RTOL, what=""):
+    """Every tensor within ``rtol`` of its twin, relative to the twin's largest entry."""
+    assert len(actual) == len(expected), what
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        assert a.shape == e.shape, f"{what} tensor {i}: shape {tuple(a.shape)} != {tuple(e.shape)}"
+        d = float((a - e).abs().max() / e.abs().max().clamp_min(1e-6))
+        assert d <= rtol, f"{what} tensor {i}: relative difference {d:.3g} > {rtol}"
+
+
+def assert_equal(actual, expected, what=""):
+    assert len(actual) == len(expected), what
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        assert torch.equal(a, e), f"{what} tensor {i} differs"
+
+
+def compare_stats(ours, ref, what, rtol=1e-12):
+    """Statistics of every step equal: global norms to ``rtol`` (1e-12: float64 sums in another
+    order), per-tensor ones to 1e-6 (param_norm and update_rms are float32 sums)."""
+    assert len(ours) == len(ref), what
+    for k, (a, b) in enumerate(zip(ours, ref)):
+        assert a["skipped"] == b["skipped"], (what, k)
+        assert a["skip_count"] == b["skip_count"], (what, k)
+        for key in ("grad_norm", "grad_norm_l1", "clip_coef", "nonfinite"):
+            assert abs(a[key] - b[key]) <= rtol * max(abs(b[key]), 1.0), (what, k, key, a, b)
+        assert a["lr"] == b["lr"], (what, k)
+        assert len(a["tensors"]) == len(b["tensors"]), (what, k)
+        for (na, ta), (nb, tb) in zip(a["tensors"].items(), b["tensors"].items()):
+            assert na == nb, (what, k)
+            for key in ("grad_norm", "param_norm", "update_rms"):
+                if tb[key] is None:
+                    assert ta[key] is None, (what, k, na, key)
+                else:
+                    assert abs(ta[key] - tb[key]) <= 1e-6 * max(abs(tb[key]), 1e-12), \
+                        (what, k, na, key, ta[key], tb[key])
+
+
+# -- FSDP2 and DCP (world size 2, then 1 and 4) ------------------------------------------------
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """World size 2: FSDP2 against one process, then DCP checkpoints (fastsched and torch)."""
+    """World size 2: FSDP2 against one process, then DCP checkpoints (fastsched and torch).
+    The checkpoint directory and every rank's result."""
     tmp = tmp_path_factory.mktemp("fsdp2")
-    spawn("fsdp_train_and_save", 2, tmp)
-    return tmp
+    return tmp, spawn("fsdp_train_and_save", 2, tmp)
 
 
-def test_fsdp2_equals_single_process(trained):
+@pytest.mark.parametrize("cls", ["AdamW", "SGD"])
+def test_fsdp2_equals_single_process(trained, cls):
     """20 steps of AdamW and SGD with clipping, statistics, the guard (a NaN on rank 1 only:
     every rank skips), a schedule and ALLoRA rows: parameters within 1e-5, norms equal."""
-    assert (trained / "after-fastsched.pt").exists() and (trained / "after-torch.pt").exists()
+    tmp, ranks = trained
+    assert (tmp / "after-fastsched.pt").exists() and (tmp / "after-torch.pt").exists()
+    assert len(ranks) == 2
+    for rank, res in enumerate(ranks):
+        r, what = res[cls], f"FSDP2 {cls} rank {rank}"
+        stats = r["stats"]
+        assert len(stats) == STEPS, what
+        assert stats[NAN_STEP]["skipped"] and stats[NAN_STEP]["nonfinite"] == 1, what
+        assert sum(s["skipped"] for s in stats) == 1, what
+        assert stats[0]["clip_coef"] < 1.0, what  # clipping is active
+        compare_stats(stats, r["ref_stats"], what)
+        assert r["state_types"], what
+        wrong = [(i, k, t) for i, k, t in r["state_types"] if t != "DTensor"]
+        assert not wrong, f"{what}: optimizer state that is not a DTensor: {wrong}"
+        assert r["distributed"] and not r["ref_distributed"], what
+        assert_close(r["params"], r["ref_params"], what=what)
+        if cls == "AdamW":
+            assert r["clock"] == STEPS - 1, what
+    # the ranks agree with each other: the same statistics (all-reduced) and full parameters
+    for rank, res in enumerate(ranks[1:], 1):
+        what = f"FSDP2 {cls} rank {rank} vs rank 0"
+        compare_stats(res[cls]["stats"], ranks[0][cls]["stats"], what)
+        assert_equal(res[cls]["params"], ranks[0][cls]["params"], what)
 
 
 @pytest.mark.parametrize("world", [1, 4])
 def test_dcp_checkpoint_reshards(trained, world):
     """The world-size-2 checkpoints (fastsched.AdamW and torch.optim.AdamW) load at another
     world size; 5 more steps equal the uninterrupted run."""
-    spawn("fsdp_load", world, trained)
+    tmp, _ = trained
+    ranks = spawn("fsdp_load", world, tmp)
+    assert len(ranks) == world
+    after = torch.load(tmp / "after-fastsched.pt", weights_only=True)
+    after_torch = torch.load(tmp / "after-torch.pt", weights_only=True)
+    lr = [2e-2 * Cosine(total_steps=40, warmup_steps=3)(STEPS - 1)] * 2
+    for rank, r in enumerate(ranks):
+        what = f"DCP 2 -> {world} rank {rank}"
+        assert r["clock"] == STEPS - 1, what  # recovered from the per-parameter steps
+        assert r["lr"] == lr, what
+        assert_close(r["params"], after, what=f"{what}: resumed fastsched.AdamW")
+        assert r["torch_clock"] == 10, what
+        assert_close(r["torch_params"], after_torch, what=f"{what}: torch.optim.AdamW checkpoint")
+
+
+# -- DDP and tensor parallel (world size 2) ----------------------------------------------------
+
+REFUSED = {  # parameter name -> what the error says (at construction, naming the parameter)
+    "mine": "one optimizer must have all parameters on one mesh",
+    "w2d": "2-D mesh",
+    "part": "Partial",
+    "plain": "plain tensor",
+}
 
 
 def test_ddp_tensor_parallel_triton_and_errors(tmp_path):
     """DDP equals one process; Shard(0) / Shard(1) / Replicate DTensors on a 1-D mesh with ALLoRA
     column, row and tensor units spanning ranks equal one process; the Triton kernels on shards;
     2-D meshes, Partial placements and plain tensors mixed in are refused, naming the parameter."""
-    spawn("ddp_and_tensor_parallel", 2, tmp_path)
+    ranks = spawn("ddp_and_tensor_parallel", 2, tmp_path)
+    assert len(ranks) == 2
+    for rank, r in enumerate(ranks):
+        # DDP: gradients averaged by DDP, nothing else communicated
+        ddp, what = r["ddp"], f"DDP rank {rank}"
+        assert not ddp["distributed"], what
+        assert_close(ddp["params"], ddp["ref_params"], what=what)
+        assert len(ddp["stats"]) == len(ddp["ref_stats"]) == STEPS, what
+        for k, (a, b) in enumerate(zip(ddp["stats"], ddp["ref_stats"])):
+            assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-6 * b["grad_norm"], (what, k)
+
+        # tensor parallel, reference backend, ALLoRA units spanning ranks
+        tp, single, what = r["tp"], r["tp_single"], f"tensor parallel rank {rank}"
+        assert tp["distributed"] and not single["distributed"], what
+        assert len(tp["stats"]) == STEPS, what
+        assert tp["stats"][NAN_STEP]["skipped"] and tp["stats"][NAN_STEP]["nonfinite"] == 1, what
+        compare_stats(tp["stats"], single["stats"], what)
+        assert_close(tp["params"], single["params"], what=what)
+
+        # Triton: column units of a Shard(0) parameter refused at the step, parameter untouched
+        err = r["column_units_error"]
+        assert err is not None, f"rank {rank}: column units of a Shard(0) parameter ran on the " \
+            "Triton backend"
+        assert "group0.param0" in err and "'column'" in err, err
+        assert r["column_units_unchanged"], f"rank {rank}: the refused step changed the parameter"
+
+        # Triton on shards: the kernels sum each 2048-element block in float32 before the
+        # float64 sums; the shards' blocks are not the whole tensor's, so the norms agree to
+        # float32 rounding
+        tri, single, what = r["triton"], r["triton_single"], f"triton rank {rank}"
+        assert tri["distributed"] and not single["distributed"], what
+        assert {"reduce", "finalize"} <= set(tri["passes"]), (what, tri["passes"])
+        compare_stats(tri["stats"], single["stats"], what, rtol=1e-6)
+        assert_close(tri["params"], single["params"], what=what)
+
+        # unsupported layouts
+        assert r["refused"].keys() == REFUSED.keys(), rank
+        for name, msg in REFUSED.items():
+            err = r["refused"][name]
+            assert err is not None, f"rank {rank}: no error for {msg} ({name})"
+            assert msg in err and name in err, (rank, name, err)
+
+    # the ranks agree with each other
+    for key in ("tp", "triton"):
+        what = f"{key} rank 1 vs rank 0"
+        compare_stats(ranks[1][key]["stats"], ranks[0][key]["stats"], what)
+        assert_equal(ranks[1][key]["params"], ranks[0][key]["params"], what)
+    assert_equal(ranks[1]["ddp"]["params"], ranks[0]["ddp"]["params"], "DDP rank 1 vs rank 0")
 
 
 @pytest.mark.gpu
@@ -91,8 +232,17 @@ def test_fsdp2_nccl_fused_kernels_without_host_sync(tmp_path):
     """NCCL, world size 1, one GPU: the Triton step on DTensor shards (reduce, all-reduce,
     finalize, update) runs under torch.cuda.set_sync_debug_mode("error") after a warm-up, and
     equals the unsharded run."""
-    spawn("nccl_no_sync", 1, tmp_path, interpret=False)
+    (r,) = spawn("nccl_no_sync", 1, tmp_path, interpret=False)
+    assert r["backend"] == "triton"
+    assert r["distributed"]
+    assert r["exp_avg_type"] == "DTensor"
+    a, b = r["stats"], r["ref_stats"]
+    assert a["skip_count"] == 0 and a["clip_coef"] < 1.0
+    assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-6 * b["grad_norm"]
+    assert_close(r["params"], r["ref_params"], what="nccl")
 
+
+# -- the example ------------------------------------------------------------------------------
 
 def test_fsdp2_cpu_example_runs_under_torchrun(tmp_path):
     """examples/fsdp2_cpu.py as the README runs it (torchrun, 2 ranks, gloo): it trains and
