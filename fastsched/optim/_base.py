@@ -25,9 +25,11 @@ from .functional import NONFINITE, StepOptions
 
 __all__ = ["FusedOptimizer", "BACKENDS", "NONFINITE", "ALLORA_UNITS", "StepOptions"]
 
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "triton", "cpu", "reference")
 ALLORA_UNITS = ("row", "column", "tensor")
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+#: float64 parameters: the CPU backends only (the Triton kernels have no float64 variant)
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _dense(t: torch.Tensor) -> bool:
@@ -137,9 +139,18 @@ class FusedOptimizer(StatsMixin, CheckpointMixin, torch.optim.Optimizer,
                 raise ValueError(f"params[{i}]: complex parameters are not supported by "
                                  "fastsched optimizers (view them as real with "
                                  "torch.view_as_real)")
-            if p.dtype not in _FLOAT_DTYPES:
-                raise ValueError(f"params[{i}]: dtype must be one of float32, bfloat16, "
-                                 f"float16, got {p.dtype}")
+            from ._tables import _DTYPES as table_dtypes  # float64 once the builder sorts it
+
+            if p.dtype not in _FLOAT_DTYPES or (p.dtype not in _TRITON_DTYPES
+                                                and p.dtype not in table_dtypes):
+                names = ", ".join(str(d).removeprefix("torch.") for d in _FLOAT_DTYPES
+                                  if d in _TRITON_DTYPES or d in table_dtypes)
+                raise ValueError(f"params[{i}]: dtype must be one of {names}, got {p.dtype}")
+            if p.dtype not in _TRITON_DTYPES and (self._backend_choice == "triton" or (
+                    self._backend_choice == "auto" and local(p).device.type == "cuda")):
+                raise ValueError(f"params[{i}]: dtype {p.dtype} is not supported by the Triton "
+                                 "backend (float32, bfloat16, float16); float64 parameters need "
+                                 "backend='cpu' or 'reference' on CPU tensors")
             if p.is_sparse:
                 raise ValueError(f"params[{i}]: sparse parameters are not supported")
             if not _dense(p):
@@ -224,11 +235,17 @@ class FusedOptimizer(StatsMixin, CheckpointMixin, torch.optim.Optimizer,
     # -- backend ------------------------------------------------------------------------------
     @property
     def backend(self) -> str:
-        """The backend that runs the step: ``"triton"`` or ``"reference"``."""
+        """The backend that runs the step: ``"triton"`` (CUDA tensors), ``"cpu"`` (the compiled
+        CPU executor, ``fastsched._cpu_ext``) or ``"reference"`` (plain PyTorch; ``"auto"`` on
+        CPU when the extension is not built or ``FASTSCHED_NO_EXT=1`` is set)."""
         if self._backend_choice != "auto":
             return self._backend_choice
         dev = self._device
-        return "triton" if dev is not None and dev.type == "cuda" else "reference"
+        if dev is not None and dev.type == "cuda":
+            return "triton"
+        from . import _cpu
+
+        return "cpu" if _cpu.available() else "reference"
 
     @backend.setter
     def backend(self, value: str) -> None:
@@ -238,11 +255,27 @@ class FusedOptimizer(StatsMixin, CheckpointMixin, torch.optim.Optimizer,
         self._tables.invalidate()
 
     def _check_backend(self) -> str:
+        from . import _cpu
+
         b = self.backend
-        if b == "triton" and self._device is not None and self._device.type != "cuda" \
+        dev = self._device
+        if b == "triton" and dev is not None and dev.type != "cuda" \
                 and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before "
-                             "triton is imported; use backend='reference' (the default on CPU)")
+                             "triton is imported; use backend='cpu' or 'reference' on CPU")
+        if b == "triton" and any(p.dtype not in _TRITON_DTYPES
+                                 for g in self.param_groups for p in g["params"]):
+            raise ValueError("backend='triton': float64 parameters are not supported by the "
+                             "Triton kernels; use backend='cpu' or 'reference' on CPU tensors")
+        if b == "cpu":
+            if dev is not None and dev.type != "cpu":
+                raise ValueError(f"backend='cpu' runs on CPU tensors, the parameters are on "
+                                 f"{dev}; use backend='auto' or 'triton'")
+            if not _cpu.available():
+                raise ValueError(f"backend='cpu' is not available: {_cpu.reason()}; "
+                                 f"{_cpu.HOW}, or use backend='reference'")
+        if b == "reference" and self._backend_choice == "auto":
+            _cpu.warn_fallback()
         return b
 
     @property

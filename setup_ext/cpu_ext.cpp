@@ -1,0 +1,616 @@
+// fastsched._cpu_ext: the compiled CPU executor of the fused optimizer step.
+//
+// A plain CPython extension (no torch headers): every function takes integer addresses and
+// sizes, and walks the tables of fastsched.optim._tables (column names generated from
+// kernels/layout.py into generated/layout.h). See fastsched/optim/_cpu.py for the Python side.
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <omp.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "kernels.h"
+#include "layout.h"
+
+namespace {
+
+using namespace fs;
+
+// -- the tables --------------------------------------------------------------------------------
+
+struct Row {  // one row of the tensors table
+    const int64_t* r;
+    template <class T>
+    T* ptr(int64_t col) const { return reinterpret_cast<T*>(r[col]); }
+    int64_t operator[](int64_t col) const { return r[col]; }
+};
+
+inline Row row(const int64_t* tensors, int64_t i) { return Row{tensors + i * L::T_COLS}; }
+
+struct Blk {  // a block of one tensor: elements [start, start + len)
+    int64_t t, start, len;
+};
+
+std::vector<Blk> flat_blocks(const int64_t* tensors, int64_t n) {
+    std::vector<Blk> out;
+    for (int64_t i = 0; i < n; i++) {
+        int64_t numel = row(tensors, i)[L::T_NUMEL];
+        for (int64_t s = 0; s < numel; s += BLK) out.push_back({i, s, numel - s < BLK ? numel - s : BLK});
+    }
+    return out;
+}
+
+bool check_dtypes(const int64_t* dtypes, int64_t n) {
+    for (int64_t i = 0; i < n; i++)
+        if (dtypes[i] < F32 || dtypes[i] > F64) {
+            PyErr_Format(PyExc_ValueError, "row %lld: unknown dtype code %lld", (long long)i,
+                         (long long)dtypes[i]);
+            return false;
+        }
+    return true;
+}
+
+// -- statistics pass ---------------------------------------------------------------------------
+
+template <class E>
+void grad_sums_any(const void* g, int64_t n, bool guard, double* out) {
+    auto* gp = static_cast<const typename E::T*>(g);
+    if (guard)
+        grad_sums<E, true>(gp, n, out);
+    else
+        grad_sums<E, false>(gp, n, out);
+}
+
+PyObject* py_grad_stats(PyObject*, PyObject* args) {
+    long long ta, da, n, tsa;
+    int guard, nt;
+    if (!PyArg_ParseTuple(args, "LLLLii", &ta, &da, &n, &tsa, &guard, &nt)) return nullptr;
+    auto* tensors = reinterpret_cast<const int64_t*>(ta);
+    auto* dtypes = reinterpret_cast<const int64_t*>(da);
+    auto* tstat = reinterpret_cast<double*>(tsa);
+    if (!check_dtypes(dtypes, n)) return nullptr;
+    Py_BEGIN_ALLOW_THREADS
+    std::vector<Blk> blocks = flat_blocks(tensors, n);
+    const int64_t nb = static_cast<int64_t>(blocks.size());
+    std::vector<double> part(3 * (nb + 1));
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t b = 0; b < nb; b++) {
+        const Blk& k = blocks[b];
+        Row r = row(tensors, k.t);
+        double* out = &part[3 * b];
+        switch (dtypes[k.t]) {
+            case F32: grad_sums_any<TF32>(r.ptr<float>(L::T_G) + k.start, k.len, guard, out); break;
+            case BF16: grad_sums_any<TBF16>(r.ptr<uint16_t>(L::T_G) + k.start, k.len, guard, out); break;
+            case F16: grad_sums_any<TF16>(r.ptr<_Float16>(L::T_G) + k.start, k.len, guard, out); break;
+            default: grad_sums_any<TF64>(r.ptr<double>(L::T_G) + k.start, k.len, guard, out); break;
+        }
+    }
+    // per tensor, in block order
+    for (int64_t i = 0; i < n; i++) {
+        double* ts = tstat + i * L::TS_COLS;
+        ts[L::TS_SQ] = ts[L::TS_ABS] = ts[L::TS_NONFINITE] = 0.0;
+    }
+    for (int64_t b = 0; b < nb; b++) {
+        double* ts = tstat + blocks[b].t * L::TS_COLS;
+        ts[L::TS_SQ] += part[3 * b];
+        ts[L::TS_ABS] += part[3 * b + 1];
+        ts[L::TS_NONFINITE] += part[3 * b + 2];
+    }
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+// -- finalize: _reference.finalize, float64, one thread ----------------------------------------
+
+PyObject* py_finalize(PyObject*, PyObject* args) {
+    long long kind, ta, n, ga, n_groups, sa, scha, nseg, ca, cfga, tsa, gsta, lra, ha, hpa, hlen;
+    long long gsa, fia;
+    int stats, clip, guard;
+    if (!PyArg_ParseTuple(args, "LLLLLLLLLLLLLLLLLLiii", &kind, &ta, &n, &ga, &n_groups, &sa,
+                          &scha, &nseg, &ca, &cfga, &tsa, &gsta, &lra, &ha, &hpa, &hlen, &gsa,
+                          &fia, &stats, &clip, &guard))
+        return nullptr;
+    auto* tensors = reinterpret_cast<const int64_t*>(ta);
+    auto* groups = reinterpret_cast<const double*>(ga);
+    auto* scal = reinterpret_cast<float*>(sa);
+    auto* sched = reinterpret_cast<const double*>(scha);
+    auto* clock = reinterpret_cast<int64_t*>(ca);
+    auto* cfg = reinterpret_cast<const double*>(cfga);
+    auto* tstat = reinterpret_cast<double*>(tsa);
+    auto* gstat = reinterpret_cast<double*>(gsta);
+    auto* lr_out = reinterpret_cast<double*>(lra);
+    auto* hist = reinterpret_cast<double*>(ha);
+    auto* hist_pos = reinterpret_cast<int64_t*>(hpa);
+    auto* grad_scale = reinterpret_cast<const float*>(gsa);
+    auto* found_inf = reinterpret_cast<const float*>(fia);
+    if (nseg < 1) {
+        PyErr_SetString(PyExc_ValueError, "finalize: empty schedule table");
+        return nullptr;
+    }
+    const double t0 = static_cast<double>(*clock);
+    const double factor = schedule_value(sched, nseg, t0);
+    const double inv_scale = grad_scale ? 1.0 / static_cast<double>(*grad_scale) : 1.0;
+    double coef = 1.0, gnorm = 0.0, gl1 = 0.0, nonfinite = 0.0;
+    bool active = true;
+    if (stats) {
+        double sq = 0.0;
+        for (int64_t i = 0; i < n; i++) {
+            double* ts = tstat + i * L::TS_COLS;
+            sq += ts[L::TS_SQ];
+            gl1 += ts[L::TS_ABS];
+            nonfinite += ts[L::TS_NONFINITE];
+            ts[L::TS_NORM] = std::sqrt(ts[L::TS_SQ]) * inv_scale;
+        }
+        gnorm = std::sqrt(sq) * inv_scale;
+        gl1 = gl1 * inv_scale;
+        if (clip) {  // clip_grad_norm_: max_norm / (norm + 1e-6), clamped at 1 (nan stays nan)
+            double c = cfg[L::CFG_MAX_GRAD_NORM] / (gnorm + 1e-6);
+            coef = c > 1.0 ? 1.0 : c;
+        }
+        if (guard) active = nonfinite == 0.0;
+    }
+    if (found_inf) active = active && (*found_inf == 0.0f);
+    const double act = active ? 1.0 : 0.0;
+    for (int64_t i = 0; i < n; i++) {
+        Row r = row(tensors, i);
+        const double* g = groups + r[L::T_GROUP] * L::G_COLS;
+        float* step_ptr = r.ptr<float>(L::T_STEP);
+        const double step = *step_ptr;
+        const double new_step = step + act;
+        const double lr = g[L::G_LR] * factor;
+        const double sign = g[L::G_MAXIMIZE] != 0.0 ? -1.0 : 1.0;
+        double out[L::S_COLS] = {0};
+        if (kind == L::KIND_ADAM) {
+            const double b1 = g[L::G_ADAM_BETA1], b2 = g[L::G_ADAM_BETA2];
+            const double wd = g[L::G_WEIGHT_DECAY];
+            const bool dec = g[L::G_ADAM_DECOUPLED] != 0.0;
+            const double bc1 = 1.0 - std::pow(b1, new_step);
+            const double bc2 = 1.0 - std::pow(b2, new_step);
+            out[L::S_ADAM_STEP_SIZE] = lr / bc1;
+            out[L::S_ADAM_BC2_SQRT] = std::sqrt(bc2);
+            out[L::S_ADAM_DECAY_MUL] = dec ? 1.0 - lr * wd : 1.0;
+            out[L::S_ADAM_L2] = dec ? 0.0 : wd;
+            out[L::S_ADAM_OMB1] = 1.0 - b1;  // 1 - beta in float64, rounded once
+            out[L::S_ADAM_OMB2] = 1.0 - b2;
+            out[L::S_ADAM_EPS] = g[L::G_ADAM_EPS];
+            out[L::S_ADAM_BC1] = bc1;
+        } else {  // torch.optim.SGD: the first step copies d_p into the momentum buffer
+            const bool first = step == 0.0;
+            const double mom = g[L::G_SGD_MOMENTUM];
+            out[L::S_SGD_MOM_A] = first ? 0.0 : mom;
+            out[L::S_SGD_MOM_B] = first ? 1.0 : 1.0 - g[L::G_SGD_DAMPENING];
+            out[L::S_SGD_WEIGHT_DECAY] = g[L::G_WEIGHT_DECAY];
+            out[L::S_SGD_NESTEROV] = g[L::G_SGD_NESTEROV];
+            out[L::S_SGD_MOMENTUM] = mom;
+        }
+        out[L::S_GRAD_MUL] = sign * coef * inv_scale;
+        out[L::S_ACTIVE] = act;
+        out[L::S_LR] = lr;
+        out[L::S_INV_ETA2] = g[L::G_INV_ETA2];
+        float* sc = scal + i * L::S_COLS;
+        for (int64_t c = 0; c < L::S_COLS; c++) sc[c] = static_cast<float>(out[c]);
+        *step_ptr = static_cast<float>(new_step);
+    }
+    *clock += active ? 1 : 0;
+    if (stats) {
+        const double skipped = 1.0 - act;
+        for (int64_t k = 0; k < n_groups; k++) lr_out[k] = groups[k * L::G_COLS + L::G_LR] * factor;
+        const double lr0 = groups[L::G_LR] * factor;
+        gstat[L::STAT_GRAD_NORM] = gnorm;
+        gstat[L::STAT_GRAD_NORM_L1] = gl1;
+        gstat[L::STAT_CLIP_COEF] = coef;
+        gstat[L::STAT_SKIPPED] = skipped;
+        gstat[L::STAT_SKIP_COUNT] += skipped;
+        gstat[L::STAT_NONFINITE] = nonfinite;
+        gstat[L::STAT_LR0] = lr0;
+        gstat[L::STAT_INV_SCALE] = inv_scale;
+        if (hlen > 0) {
+            const int64_t pos = *hist_pos;
+            double* h = hist + (pos % hlen) * L::H_COLS;
+            h[L::H_STEP] = t0;
+            h[L::H_GRAD_NORM] = gnorm;
+            h[L::H_LR] = lr0;
+            h[L::H_SKIPPED] = skipped;
+            h[L::H_GRAD_NORM_L1] = gl1;
+            *hist_pos = pos + 1;
+        }
+    }
+    Py_RETURN_NONE;
+}
+
+// -- ALLoRA unit sums of squares ---------------------------------------------------------------
+// Units with contiguous elements (rows, the tensor: T_ESTRIDE == 1) are summed by one thread
+// each (or, when longer than a block, in block pieces combined in order); column units
+// (T_USTRIDE == 1, T_ESTRIDE == columns) by ranges of columns, row after row.
+
+constexpr int64_t COLW = 256;  // columns per work item of column units
+
+struct UItem {
+    int64_t t, a, b;  // tensor; units [a, b) (whole), or unit a and its elements [b, b + BLK)
+    int kind;         // 0: whole contiguous units, 1: a piece of a long unit, 2: column range
+};
+
+template <class E>
+void unit_item(const UItem& it, Row r, double* usums, double* part) {
+    const auto* p = r.ptr<const typename E::T>(L::T_P);
+    const int64_t ulen = r[L::T_ULEN], ustride = r[L::T_USTRIDE];
+    if (it.kind == 0) {
+        for (int64_t u = it.a; u < it.b; u++) usums[u] = sum_sq<E>(p + u * ustride, ulen);
+    } else if (it.kind == 1) {
+        const int64_t len = ulen - it.b < BLK ? ulen - it.b : BLK;
+        *part = sum_sq<E>(p + it.a * ustride + it.b, len);
+    } else {
+        const int64_t cols = r[L::T_ESTRIDE], rows = ulen, w = it.b - it.a;
+        double acc[COLW] = {0};
+        for (int64_t i = 0; i < rows; i++) {
+            const auto* q = p + i * cols + it.a;
+            for (int64_t c = 0; c < w; c++) {
+                const double x = E::ld(q[c]);
+                acc[c] += x * x;
+            }
+        }
+        for (int64_t c = 0; c < w; c++) usums[it.a + c] = acc[c];
+    }
+}
+
+// all ALLoRA sums into usums[uoff[i] + unit]; returns false (error set) on a bad geometry
+bool unit_sums(const int64_t* tensors, const int64_t* dtypes, int64_t n, const int64_t* uoff,
+               double* usums, int nt) {
+    std::vector<UItem> items;
+    std::vector<int64_t> first_piece;  // per long unit: its first item (pieces are consecutive)
+    for (int64_t i = 0; i < n; i++) {
+        if (uoff[i] < 0) continue;
+        Row r = row(tensors, i);
+        const int64_t ulen = r[L::T_ULEN], nu = r[L::T_NUNITS];
+        const int64_t ustride = r[L::T_USTRIDE], estride = r[L::T_ESTRIDE];
+        if (r[L::T_NUMEL] == 0 || nu == 0) continue;
+        if (estride == 1) {
+            if (ulen <= BLK) {
+                const int64_t per = BLK / (ulen > 0 ? ulen : 1);
+                for (int64_t u = 0; u < nu; u += per) items.push_back({i, u, u + per < nu ? u + per : nu, 0});
+            } else {
+                for (int64_t u = 0; u < nu; u++)
+                    for (int64_t s = 0; s < ulen; s += BLK) items.push_back({i, u, s, 1});
+            }
+        } else if (ustride == 1 && estride == nu) {
+            for (int64_t c = 0; c < nu; c += COLW) items.push_back({i, c, c + COLW < nu ? c + COLW : nu, 2});
+        } else {
+            PyErr_Format(PyExc_ValueError, "row %lld: unsupported ALLoRA unit geometry (len %lld, "
+                         "unit stride %lld, element stride %lld)", (long long)i, (long long)ulen,
+                         (long long)ustride, (long long)estride);
+            return false;
+        }
+    }
+    const int64_t ni = static_cast<int64_t>(items.size());
+    std::vector<double> part(ni + 1, 0.0);
+    Py_BEGIN_ALLOW_THREADS
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+    for (int64_t k = 0; k < ni; k++) {
+        const UItem& it = items[k];
+        Row r = row(tensors, it.t);
+        double* us = usums + uoff[it.t];
+        switch (dtypes[it.t]) {
+            case F32: unit_item<TF32>(it, r, us, &part[k]); break;
+            case BF16: unit_item<TBF16>(it, r, us, &part[k]); break;
+            case F16: unit_item<TF16>(it, r, us, &part[k]); break;
+            default: unit_item<TF64>(it, r, us, &part[k]); break;
+        }
+    }
+    // long units: pieces in element order
+    for (int64_t k = 0; k < ni; k++) {
+        const UItem& it = items[k];
+        if (it.kind != 1) continue;
+        double* u = usums + uoff[it.t] + it.a;
+        if (it.b == 0) *u = 0.0;
+        *u += part[k];
+    }
+    Py_END_ALLOW_THREADS
+    return true;
+}
+
+PyObject* py_unit_sums(PyObject*, PyObject* args) {
+    long long ta, da, n, ua, sa;
+    int nt;
+    if (!PyArg_ParseTuple(args, "LLLLLi", &ta, &da, &n, &ua, &sa, &nt)) return nullptr;
+    auto* dtypes = reinterpret_cast<const int64_t*>(da);
+    if (!check_dtypes(dtypes, n)) return nullptr;
+    if (!unit_sums(reinterpret_cast<const int64_t*>(ta), dtypes, n,
+                   reinterpret_cast<const int64_t*>(ua), reinterpret_cast<double*>(sa), nt))
+        return nullptr;
+    Py_RETURN_NONE;
+}
+
+// -- update pass -------------------------------------------------------------------------------
+
+template <class E, bool STATS, bool SVEC>
+void adam_call(const AdamScal& s, Row r, int64_t off, int64_t len, const float* gs, double* ap,
+               double* au) {
+    using T = typename E::T;
+    T* p = r.ptr<T>(L::T_P) + off;
+    const T* g = r.ptr<const T>(L::T_G) + off;
+    T* m = r.ptr<T>(L::T_S1) + off;
+    T* v = r.ptr<T>(L::T_S2) + off;
+    if (r[L::T_S3])
+        adam_span<E, true, STATS, SVEC>(s, p, g, m, v, r.ptr<T>(L::T_S3) + off, len, gs, ap, au);
+    else
+        adam_span<E, false, STATS, SVEC>(s, p, g, m, v, nullptr, len, gs, ap, au);
+}
+
+template <class E, bool STATS, bool SVEC>
+void sgd_call(const SgdScal& s, Row r, int64_t off, int64_t len, const float* gs, double* ap,
+              double* au) {
+    using T = typename E::T;
+    T* p = r.ptr<T>(L::T_P) + off;
+    const T* g = r.ptr<const T>(L::T_G) + off;
+    if (r[L::T_S1])
+        sgd_span<E, true, STATS, SVEC>(s, p, g, r.ptr<T>(L::T_S1) + off, len, gs, ap, au);
+    else
+        sgd_span<E, false, STATS, SVEC>(s, p, g, nullptr, len, gs, ap, au);
+}
+
+struct Scal {
+    AdamScal adam;
+    SgdScal sgd;
+};
+
+Scal read_scal(const float* sc, int64_t kind) {
+    Scal s{};
+    if (kind == L::KIND_ADAM) {
+        AdamScal& a = s.adam;
+        a.gmul = sc[L::S_GRAD_MUL];
+        a.step_size = sc[L::S_ADAM_STEP_SIZE];
+        a.bc2s = sc[L::S_ADAM_BC2_SQRT];
+        a.decay = sc[L::S_ADAM_DECAY_MUL];
+        a.l2 = sc[L::S_ADAM_L2];
+        a.omb1 = sc[L::S_ADAM_OMB1];
+        a.omb1c = 1.0f - a.omb1;
+        a.omb2 = sc[L::S_ADAM_OMB2];
+        a.omb2c = 1.0f - a.omb2;
+        a.eps = sc[L::S_ADAM_EPS];
+        a.lo = a.omb1 < 0.5f;
+    } else {
+        SgdScal& g = s.sgd;
+        g.gmul = sc[L::S_GRAD_MUL];
+        g.lr = sc[L::S_LR];
+        g.mom_a = sc[L::S_SGD_MOM_A];
+        g.mom_b = sc[L::S_SGD_MOM_B];
+        g.wd = sc[L::S_SGD_WEIGHT_DECAY];
+        g.momentum = sc[L::S_SGD_MOMENTUM];
+        g.nesterov = sc[L::S_SGD_NESTEROV] != 0.0f;
+    }
+    return s;
+}
+
+// one span of tensor row r: the elements [off, off + len), gradient multiplier gs (SVEC: one
+// per element)
+template <class E, bool STATS>
+void span(int64_t kind, const Scal& s, Row r, int64_t off, int64_t len, const float* gs,
+          bool svec, double* ap, double* au) {
+    if (kind == L::KIND_ADAM) {
+        if (svec)
+            adam_call<E, STATS, true>(s.adam, r, off, len, gs, ap, au);
+        else
+            adam_call<E, STATS, false>(s.adam, r, off, len, gs, ap, au);
+    } else {
+        if (svec)
+            sgd_call<E, STATS, true>(s.sgd, r, off, len, gs, ap, au);
+        else
+            sgd_call<E, STATS, false>(s.sgd, r, off, len, gs, ap, au);
+    }
+}
+
+// a block [start, start + len) of tensor row r, split where the ALLoRA multiplier changes
+template <class E, bool STATS>
+void block(int64_t kind, const Scal& s, Row r, int64_t start, int64_t len, const float* scales,
+           double* ap, double* au) {
+    static const float one = 1.0f;
+    if (!scales) {
+        span<E, STATS>(kind, s, r, start, len, &one, false, ap, au);
+        return;
+    }
+    const int64_t end = start + len;
+    if (r[L::T_ESTRIDE] == 1) {  // rows or the tensor: one multiplier per unit
+        const int64_t ulen = r[L::T_NUNITS] == 1 ? r[L::T_NUMEL] : r[L::T_ULEN];
+        for (int64_t pos = start; pos < end;) {
+            const int64_t u = pos / ulen, stop = (u + 1) * ulen < end ? (u + 1) * ulen : end;
+            span<E, STATS>(kind, s, r, pos, stop - pos, scales + u, false, ap, au);
+            pos = stop;
+        }
+    } else {  // columns: one multiplier per element of a row
+        const int64_t cols = r[L::T_ESTRIDE];
+        for (int64_t pos = start; pos < end;) {
+            const int64_t row0 = pos / cols, stop = (row0 + 1) * cols < end ? (row0 + 1) * cols : end;
+            const float* gs = scales + (pos - row0 * cols);
+            // gs[i] of the span is the multiplier of element off + i
+            span<E, STATS>(kind, s, r, pos, stop - pos, gs, true, ap, au);
+            pos = stop;
+        }
+    }
+}
+
+// a skipped step with statistics: the reference reports the statistics of the update it did
+// not apply, so run it on copies
+template <class E>
+void dry_block(int64_t kind, const Scal& s, Row r, int64_t start, int64_t len,
+               const float* scales, double* ap, double* au) {
+    using T = typename E::T;
+    std::vector<T> buf(4 * len);
+    int64_t fake[L::T_COLS];
+    for (int64_t c = 0; c < L::T_COLS; c++) fake[c] = r[c];
+    const int64_t cols[] = {L::T_P, L::T_S1, L::T_S2, L::T_S3};
+    for (int k = 0; k < 4; k++) {
+        if (!r[cols[k]]) continue;
+        T* dst = buf.data() + k * len;
+        std::memcpy(dst, r.ptr<T>(cols[k]) + start, len * sizeof(T));
+        fake[cols[k]] = reinterpret_cast<int64_t>(dst - start);
+    }
+    block<E, true>(kind, s, Row{fake}, start, len, scales, ap, au);
+}
+
+PyObject* py_update(PyObject*, PyObject* args) {
+    long long kind, ta, da, n, sa, usa, ua, sumsa;
+    int ready, stats, nt;
+    if (!PyArg_ParseTuple(args, "LLLLLLLLiii", &kind, &ta, &da, &n, &sa, &usa, &ua, &sumsa,
+                          &ready, &stats, &nt))
+        return nullptr;
+    auto* tensors = reinterpret_cast<const int64_t*>(ta);
+    auto* dtypes = reinterpret_cast<const int64_t*>(da);
+    auto* scal = reinterpret_cast<const float*>(sa);
+    auto* ustat = reinterpret_cast<double*>(usa);
+    auto* uoff = reinterpret_cast<const int64_t*>(ua);
+    auto* usums = reinterpret_cast<double*>(sumsa);
+    if (!check_dtypes(dtypes, n)) return nullptr;
+    if (n == 0) Py_RETURN_NONE;
+    const bool active = scal[L::S_ACTIVE] != 0.0f;
+    if (!active && !stats) Py_RETURN_NONE;  // a skipped step touches nothing
+    // ALLoRA: unit sums (unless given, summed over ranks), then the multipliers
+    int64_t total = 0;
+    bool allora = false;
+    for (int64_t i = 0; i < n; i++)
+        if (uoff[i] >= 0) {
+            allora = true;
+            const int64_t end = uoff[i] + row(tensors, i)[L::T_NUNITS];
+            total = end > total ? end : total;
+        }
+    if (allora && !ready && !unit_sums(tensors, dtypes, n, uoff, usums, nt)) return nullptr;
+    std::vector<float> scales(total + 1);
+    for (int64_t i = 0; i < n; i++) {
+        if (uoff[i] < 0) continue;
+        const float inv_eta2 = scal[i * L::S_COLS + L::S_INV_ETA2];
+        for (int64_t u = 0; u < row(tensors, i)[L::T_NUNITS]; u++) {
+            const float nsq = static_cast<float>(usums[uoff[i] + u]);
+            scales[uoff[i] + u] = 1.0f / std::sqrt(nsq + inv_eta2);
+        }
+    }
+    Py_BEGIN_ALLOW_THREADS
+    std::vector<Blk> blocks = flat_blocks(tensors, n);
+    const int64_t nb = static_cast<int64_t>(blocks.size());
+    std::vector<double> part(stats ? 2 * nb + 2 : 2, 0.0);
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t b = 0; b < nb; b++) {
+        const Blk& k = blocks[b];
+        Row r = row(tensors, k.t);
+        const Scal s = read_scal(scal + k.t * L::S_COLS, kind);
+        const float* sc = uoff[k.t] >= 0 ? scales.data() + uoff[k.t] : nullptr;
+        if (stats) {
+            double ap[W] = {0}, au[W] = {0};
+            if (!active) {
+                switch (dtypes[k.t]) {
+                    case F32: dry_block<TF32>(kind, s, r, k.start, k.len, sc, ap, au); break;
+                    case BF16: dry_block<TBF16>(kind, s, r, k.start, k.len, sc, ap, au); break;
+                    case F16: dry_block<TF16>(kind, s, r, k.start, k.len, sc, ap, au); break;
+                    default: dry_block<TF64>(kind, s, r, k.start, k.len, sc, ap, au); break;
+                }
+            } else {
+                switch (dtypes[k.t]) {
+                    case F32: block<TF32, true>(kind, s, r, k.start, k.len, sc, ap, au); break;
+                    case BF16: block<TBF16, true>(kind, s, r, k.start, k.len, sc, ap, au); break;
+                    case F16: block<TF16, true>(kind, s, r, k.start, k.len, sc, ap, au); break;
+                    default: block<TF64, true>(kind, s, r, k.start, k.len, sc, ap, au); break;
+                }
+            }
+            double sp = 0.0, su = 0.0;
+            for (int j = 0; j < W; j++) {
+                sp += ap[j];
+                su += au[j];
+            }
+            part[2 * b] = sp;
+            part[2 * b + 1] = su;
+        } else {
+            switch (dtypes[k.t]) {
+                case F32: block<TF32, false>(kind, s, r, k.start, k.len, sc, nullptr, nullptr); break;
+                case BF16: block<TBF16, false>(kind, s, r, k.start, k.len, sc, nullptr, nullptr); break;
+                case F16: block<TF16, false>(kind, s, r, k.start, k.len, sc, nullptr, nullptr); break;
+                default: block<TF64, false>(kind, s, r, k.start, k.len, sc, nullptr, nullptr); break;
+            }
+        }
+    }
+    if (stats) {
+        for (int64_t i = 0; i < n; i++) {
+            double* us = ustat + i * L::US_COLS;
+            us[L::US_PARAM_SQ] = us[L::US_UPDATE_SQ] = 0.0;
+        }
+        for (int64_t b = 0; b < nb; b++) {
+            double* us = ustat + blocks[b].t * L::US_COLS;
+            us[L::US_PARAM_SQ] += part[2 * b];
+            us[L::US_UPDATE_SQ] += part[2 * b + 1];
+        }
+        if (kind == L::KIND_ADAM)  // the unscaled update m_hat / (sqrt(v_hat) + eps): u / bc1
+            for (int64_t i = 0; i < n; i++) {
+                const double bc1 = scal[i * L::S_COLS + L::S_ADAM_BC1];
+                ustat[i * L::US_COLS + L::US_UPDATE_SQ] /= bc1 * bc1;
+            }
+    }
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+PyObject* py_dtype_codes(PyObject*, PyObject*) {
+    return Py_BuildValue("{s:i,s:i,s:i,s:i}", "float32", (int)F32, "bfloat16", (int)BF16,
+                         "float16", (int)F16, "float64", (int)F64);
+}
+
+PyObject* py_block(PyObject*, PyObject*) { return PyLong_FromLongLong(BLK); }
+
+PyObject* py_layout(PyObject*, PyObject*) {
+    PyObject* d = PyDict_New();
+    if (!d) return nullptr;
+    for (const auto& c : layout::ALL) {
+        PyObject* v = PyLong_FromLongLong(c.value);
+        if (!v || PyDict_SetItemString(d, c.name, v) < 0) {
+            Py_XDECREF(v);
+            Py_DECREF(d);
+            return nullptr;
+        }
+        Py_DECREF(v);
+    }
+    return d;
+}
+
+// stream ceiling: in place, 4 reads and 3 writes of 32-bit words per element, no arithmetic
+PyObject* py_stream(PyObject*, PyObject* args) {
+    unsigned long long pa, ga, ma, va;
+    long long n;
+    int nthreads;
+    if (!PyArg_ParseTuple(args, "KKKKLi", &pa, &ga, &ma, &va, &n, &nthreads)) return nullptr;
+    auto* p = reinterpret_cast<uint32_t*>(pa);
+    auto* g = reinterpret_cast<const uint32_t*>(ga);
+    auto* m = reinterpret_cast<uint32_t*>(ma);
+    auto* v = reinterpret_cast<uint32_t*>(va);
+    Py_BEGIN_ALLOW_THREADS
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (long long i = 0; i < n; i++) {
+        uint32_t a = p[i], b = g[i], c = m[i], d = v[i];
+        p[i] = c;
+        m[i] = d;
+        v[i] = a ^ b;
+    }
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+PyMethodDef methods[] = {
+    {"layout", py_layout, METH_NOARGS, "The layout constants this module was compiled with."},
+    {"dtype_codes", py_dtype_codes, METH_NOARGS, "Storage dtype codes of the dtypes column."},
+    {"block", py_block, METH_NOARGS, "Elements per block of the statistics and update passes."},
+    {"grad_stats", py_grad_stats, METH_VARARGS,
+     "grad_stats(tensors, dtypes, n, tstat, guard, nthreads): the statistics pass."},
+    {"finalize", py_finalize, METH_VARARGS,
+     "finalize(kind, tensors, n, groups, n_groups, scal, sched, n_seg, clock, config, tstat, "
+     "gstat, lr, history, history_pos, history_len, grad_scale, found_inf, stats, clip, guard)"},
+    {"unit_sums", py_unit_sums, METH_VARARGS,
+     "unit_sums(tensors, dtypes, n, uoff, usums, nthreads): ALLoRA sums of squares per unit."},
+    {"update", py_update, METH_VARARGS,
+     "update(kind, tensors, dtypes, n, scal, ustat, uoff, usums, sums_ready, stats, nthreads)"},
+    {"stream", py_stream, METH_VARARGS,
+     "stream(p, g, m, v, n, nthreads): bandwidth ceiling, 4 reads + 3 writes per element."},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef module = {PyModuleDef_HEAD_INIT, "_cpu_ext",
+                      "Compiled CPU executor of the fastsched fused step.", -1, methods};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit__cpu_ext(void) { return PyModule_Create(&module); }

@@ -1,0 +1,280 @@
+// The passes of the fused step on CPU: element types, schedule evaluation, statistics, update.
+// Formulas follow fastsched/optim/_reference.py (the oracle) operation by operation in fp32
+// (no FMA contraction: built with -ffp-contract=off), finalize in float64.
+#pragma once
+
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "layout.h"
+
+namespace fs {
+
+namespace L = layout;
+
+//: elements per block of the statistics and update passes: partial sums are per block and
+//: combined in block order, so results do not depend on the thread count
+constexpr int64_t BLK = 8192;
+//: accumulation lanes of a block's sums (fixed: the summation order is part of the result)
+constexpr int W = 16;
+//: elements per chunk of the update loop when statistics are gathered
+constexpr int64_t CH = 512;
+
+enum Dtype : int64_t { F32 = 0, BF16 = 1, F16 = 2, F64 = 3 };
+
+inline float bits_to_float(uint32_t b) {
+    float f;
+    std::memcpy(&f, &b, 4);
+    return f;
+}
+inline uint32_t float_to_bits(float f) {
+    uint32_t b;
+    std::memcpy(&b, &f, 4);
+    return b;
+}
+
+// storage types: ld converts to the fp32 of the arithmetic, st rounds to nearest even, ldd is
+// the float64 value of the statistics pass (the reference sums g.to(float64))
+struct TF32 {
+    using T = float;
+    static float ld(T x) { return x; }
+    static T st(float x) { return x; }
+    static double ldd(T x) { return x; }
+};
+struct TBF16 {
+    using T = uint16_t;
+    static float ld(T x) { return bits_to_float(static_cast<uint32_t>(x) << 16); }
+    static T st(float x) {  // torch's round_to_nearest_even (NaN -> 0x7FC0)
+        uint32_t b = float_to_bits(x);
+        uint32_t r = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
+        return x != x ? static_cast<T>(0x7FC0) : static_cast<T>(r);
+    }
+    static double ldd(T x) { return ld(x); }
+};
+struct TF16 {
+    using T = _Float16;
+    static float ld(T x) { return static_cast<float>(x); }
+    static T st(float x) { return static_cast<T>(x); }  // IEEE conversion: nearest even
+    static double ldd(T x) { return static_cast<float>(x); }
+};
+struct TF64 {  // float64 parameters: fp32 arithmetic as the reference (p.to(float32))
+    using T = double;
+    static float ld(T x) { return static_cast<float>(x); }
+    static T st(float x) { return x; }
+    static double ldd(T x) { return x; }
+};
+
+// -- schedule: fastsched.schedules._core.evaluate_table for one step, float64 ------------------
+
+inline double pw(double b, double e) { return std::exp(e * std::log(b)); }
+inline double nan_min(double a, double b) {  // torch.minimum: nan if either is nan
+    return (a != a || b != b) ? NAN : (a < b ? a : b);
+}
+
+inline double schedule_value(const double* tab, int64_t nseg, double t) {
+    int64_t idx = 0;  // searchsorted(starts, t, right=True) - 1, clamped at 0
+    for (int64_t k = 0; k < nseg; k++)
+        if (tab[k * L::SEG_COLS + L::SEG_START] <= t) idx = k + 1;
+    idx = idx > 0 ? idx - 1 : 0;
+    const double* r = tab + idx * L::SEG_COLS;
+    double start = r[L::SEG_START], length = r[L::SEG_LENGTH], shape = r[L::SEG_SHAPE];
+    double v0 = r[L::SEG_V0], v1 = r[L::SEG_V1], a = r[L::SEG_A], b = r[L::SEG_B];
+    double c = r[L::SEG_C];
+    double x = t - start;
+    x = x < 0.0 ? 0.0 : x;
+    double p = x / length;
+    p = (p != p) ? 0.0 : (p < 0.0 ? 0.0 : (p > 1.0 ? 1.0 : p));
+    double dv = v0 - v1;
+    auto is = [&](int64_t code) { return shape == static_cast<double>(code); };
+    if (is(L::SHAPE_LINEAR)) return v0 + (v1 - v0) * p;
+    if (is(L::SHAPE_COSINE)) return v1 + dv * pw(0.5 * (1.0 + std::cos(M_PI * p)), a);
+    if (is(L::SHAPE_POLY)) return v1 + dv * pw(1.0 - p, a);
+    if (is(L::SHAPE_POW_DECAY)) return v1 + dv * (1.0 - pw(p, a));
+    if (is(L::SHAPE_GEOMETRIC)) return v0 == 0 ? v0 : v0 * pw(v1 / v0, p);
+    if (is(L::SHAPE_EXP_RATE)) {
+        double e = x / b;
+        if (c != 0) e = std::floor(e);
+        return v1 + dv * pw(a, e);
+    }
+    if (is(L::SHAPE_INV_SQRT)) return v1 + dv / std::sqrt(1.0 + x / a);
+    if (is(L::SHAPE_REX)) return v1 + dv * (1.0 - p) / (1.0 - a * p);
+    if (is(L::SHAPE_POWER)) return nan_min(v0, v1 * pw((x + a) * c, b));
+    if (is(L::SHAPE_INV_SQRT_CD)) {
+        double h1 = 1.0 / std::sqrt(1.0 + a) - 1.0;
+        double hp = 1.0 / std::sqrt(1.0 + a * p) - 1.0;
+        return v0 + (v1 - v0) * hp / (h1 == 0 ? 1.0 : h1);
+    }
+    return v0;  // SHAPE_CONST (and unknown codes, as evaluate_table)
+}
+
+// -- statistics pass: (sum g^2, sum |g|, non-finite count) of one block, float64 ---------------
+
+template <class E, bool GUARD>
+void grad_sums(const typename E::T* __restrict g, int64_t n, double out[3]) {
+    double sq[W] = {0}, ab[W] = {0}, nf[W] = {0};
+    int64_t i = 0;
+    for (; i + W <= n; i += W) {
+        for (int j = 0; j < W; j++) {
+            double x = E::ldd(g[i + j]);
+            bool bad = !(std::fabs(x) <= DBL_MAX);
+            double ok = (GUARD && bad) ? 0.0 : x;
+            sq[j] += ok * ok;
+            ab[j] += std::fabs(ok);
+            nf[j] += bad ? 1.0 : 0.0;
+        }
+    }
+    for (int j = 0; i + j < n; j++) {
+        double x = E::ldd(g[i + j]);
+        bool bad = !(std::fabs(x) <= DBL_MAX);
+        double ok = (GUARD && bad) ? 0.0 : x;
+        sq[j] += ok * ok;
+        ab[j] += std::fabs(ok);
+        nf[j] += bad ? 1.0 : 0.0;
+    }
+    double s0 = 0, s1 = 0, s2 = 0;
+    for (int j = 0; j < W; j++) {
+        s0 += sq[j];
+        s1 += ab[j];
+        s2 += nf[j];
+    }
+    out[0] = s0;
+    out[1] = s1;
+    out[2] = s2;
+}
+
+// sum of p^2 (ALLoRA unit norms), float64, lanes in a fixed order
+template <class E>
+double sum_sq(const typename E::T* __restrict p, int64_t n) {
+    double acc[W] = {0};
+    int64_t i = 0;
+    for (; i + W <= n; i += W)
+        for (int j = 0; j < W; j++) {
+            double x = E::ld(p[i + j]);
+            acc[j] += x * x;
+        }
+    for (int j = 0; i + j < n; j++) {
+        double x = E::ld(p[i + j]);
+        acc[j] += x * x;
+    }
+    double s = 0;
+    for (int j = 0; j < W; j++) s += acc[j];
+    return s;
+}
+
+// lane sums of x^2 and y^2 (the update statistics of one chunk)
+inline void acc_stats(const float* x, const float* y, int64_t n, double* ax, double* ay) {
+    int64_t i = 0;
+    for (; i + W <= n; i += W)
+        for (int j = 0; j < W; j++) {
+            double a = x[i + j], b = y[i + j];
+            ax[j] += a * a;
+            ay[j] += b * b;
+        }
+    for (int j = 0; i + j < n; j++) {
+        double a = x[i + j], b = y[i + j];
+        ax[j] += a * a;
+        ay[j] += b * b;
+    }
+}
+
+// -- update pass -------------------------------------------------------------------------------
+
+struct AdamScal {
+    float gmul, step_size, bc2s, decay, l2, omb1, omb1c, omb2, omb2c, eps;
+    bool lo;  // lerp from the start (1 - beta1 < 0.5), as torch's lerp
+};
+
+struct SgdScal {
+    float gmul, lr, mom_a, mom_b, wd, momentum;
+    bool nesterov;
+};
+
+// One contiguous span of one tensor. SVEC: the gradient multiplier of ALLoRA column units (one
+// per element: gs[i]), else gs[0] for the whole span (1.0 without ALLoRA: exact). STATS: the new
+// p and the unscaled update u go to lanes ap / au.
+template <class E, bool AMS, bool STATS, bool SVEC>
+void adam_span(const AdamScal& s, typename E::T* __restrict p, const typename E::T* __restrict g,
+               typename E::T* __restrict m, typename E::T* __restrict v,
+               typename E::T* __restrict vm, int64_t n, const float* __restrict gs, double* ap,
+               double* au) {
+    const float gmul = s.gmul, step_size = s.step_size, bc2s = s.bc2s, decay = s.decay;
+    const float l2 = s.l2, omb1 = s.omb1, omb1c = s.omb1c, omb2 = s.omb2, omb2c = s.omb2c;
+    const float eps = s.eps;
+    const bool lo = s.lo;
+    const float g0 = gs[0];
+    float pn[STATS ? CH : 1], un[STATS ? CH : 1];
+    for (int64_t c0 = 0; c0 < n; c0 += CH) {
+        const int64_t cn = n - c0 < CH ? n - c0 : CH;
+        for (int64_t k = 0; k < cn; k++) {
+            const int64_t i = c0 + k;
+            float pf = E::ld(p[i]);
+            float gf = E::ld(g[i]) * gmul;
+            gf = gf * (SVEC ? gs[i] : g0);
+            pf = pf * decay;      // AdamW: p * (1 - lr * wd); Adam: 1
+            gf = gf + l2 * pf;    // Adam: L2 penalty in the gradient; AdamW: 0
+            float mf = E::ld(m[i]);
+            float vf = E::ld(v[i]);
+            const float d = gf - mf;
+            const float m_lo = mf + omb1 * d;
+            const float m_hi = gf - d * omb1c;
+            mf = lo ? m_lo : m_hi;
+            vf = omb2c * vf + omb2 * gf * gf;
+            float vv = vf;
+            if (AMS) {
+                const float a = E::ld(vm[i]);
+                float r = a > vf ? a : vf;
+                r = (a != a) ? a : r;  // torch.maximum: nan if either is nan
+                vv = r;
+                vm[i] = E::st(r);
+            }
+            const float u = mf / (std::sqrt(vv) / bc2s + eps);
+            pf = pf - step_size * u;
+            p[i] = E::st(pf);
+            m[i] = E::st(mf);
+            v[i] = E::st(vf);
+            if (STATS) {
+                pn[k] = pf;
+                un[k] = u;
+            }
+        }
+        if (STATS) acc_stats(pn, un, cn, ap, au);
+    }
+}
+
+template <class E, bool MOM, bool STATS, bool SVEC>
+void sgd_span(const SgdScal& s, typename E::T* __restrict p, const typename E::T* __restrict g,
+              typename E::T* __restrict buf, int64_t n, const float* __restrict gs, double* ap,
+              double* au) {
+    const float gmul = s.gmul, lr = s.lr, mom_a = s.mom_a, mom_b = s.mom_b, wd = s.wd;
+    const float momentum = s.momentum;
+    const bool nesterov = s.nesterov;
+    const float g0 = gs[0];
+    float pn[STATS ? CH : 1], un[STATS ? CH : 1];
+    for (int64_t c0 = 0; c0 < n; c0 += CH) {
+        const int64_t cn = n - c0 < CH ? n - c0 : CH;
+        for (int64_t k = 0; k < cn; k++) {
+            const int64_t i = c0 + k;
+            float pf = E::ld(p[i]);
+            float d = E::ld(g[i]) * gmul;
+            d = d * (SVEC ? gs[i] : g0);
+            d = d + wd * pf;
+            if (MOM) {
+                const float b = mom_a * E::ld(buf[i]) + mom_b * d;
+                buf[i] = E::st(b);
+                const float dn = d + momentum * b;
+                d = nesterov ? dn : b;
+            }
+            pf = pf - lr * d;
+            p[i] = E::st(pf);
+            if (STATS) {
+                pn[k] = pf;
+                un[k] = d;
+            }
+        }
+        if (STATS) acc_stats(pn, un, cn, ap, au);
+    }
+}
+
+}  // namespace fs
