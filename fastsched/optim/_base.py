@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 import math
 import os
+from itertools import chain
 from typing import Any, ClassVar
 
 import torch
@@ -21,7 +22,7 @@ from ._checkpoint import CheckpointMixin
 from ._distributed import local
 from ._stats import StatsMixin
 from ._tables import DEFAULT_BLOCK, Entry, StepBuffers, TableBuilder
-from .functional import NONFINITE, StepOptions
+from .functional import NONFINITE, StepOptions, run_step
 
 __all__ = ["FusedOptimizer", "BACKENDS", "NONFINITE", "ALLORA_UNITS", "StepOptions"]
 
@@ -77,6 +78,8 @@ class FusedOptimizer(StatsMixin, CheckpointMixin, torch.optim.Optimizer,
         self._device: torch.device | None = None
         self._buffers: StepBuffers | None = None
         self._struct: tuple | None = None
+        self._rows: tuple | None = None
+        self._etas: tuple | None = None
         self._ran_stats = False  # the last step ran the statistics pass
         self._ran_tensor_stats = False  # ... and the per-tensor update statistics
         self._mesh = None  # distributed: None (no group yet), False (plain tensors) or a mesh
@@ -209,8 +212,30 @@ class FusedOptimizer(StatsMixin, CheckpointMixin, torch.optim.Optimizer,
         return tuple(out + [None] * (3 - len(out)))
 
     @abc.abstractmethod
-    def _run(self, plan, buffers, *, options, grads, grad_scale, found_inf, backend) -> None:
-        """Call the kind's functional step with the groups' hyperparameters."""
+    def _group_row(self, group: dict[str, Any]) -> tuple[float, ...]:
+        """The group's row of the groups table (``functional.adam_row`` / ``sgd_row``)."""
+
+    def _checked_groups(self) -> tuple[tuple, tuple]:
+        """(rows of the groups table, table structure of each group), validated whenever a
+        value changed: before anything is modified, and O(groups) when nothing did."""
+        groups = self.param_groups
+        # the raw eta too: the table holds 1/eta^2, so eta = -1 would pass for 1
+        etas = tuple(g.get("allora_eta") for g in groups)
+        try:
+            rows = tuple(map(self._group_row, groups))
+            struct = tuple(map(self._group_struct, groups))
+        except Exception:  # a value the validation below explains
+            rows = struct = None
+        if rows is None or rows != self._rows or struct != self._struct or etas != self._etas:
+            for g in groups:
+                self._validate_group(g)
+                self._validate_allora(g)
+            rows = tuple(map(self._group_row, groups))
+            struct = tuple(map(self._group_struct, groups))
+            if struct != self._struct:
+                self._tables.invalidate()
+            self._rows, self._struct, self._etas = rows, struct, etas
+        return rows, struct
 
     @staticmethod
     def _unit(group) -> str | None:
@@ -306,19 +331,32 @@ class FusedOptimizer(StatsMixin, CheckpointMixin, torch.optim.Optimizer,
                     self._tables.invalidate()
                 return
 
+    def _flat_params(self) -> list[torch.Tensor]:
+        """Every parameter of every group, in order (a C-level chain: about 15 ns a parameter,
+        cheaper than checking a cached list element by element)."""
+        return list(chain.from_iterable([g["params"] for g in self.param_groups]))
+
     def _prepare(self, backend: str):
         """(plan, this step's flat gradient list) or (None, None) when no tensor has one."""
-        flat = [p for g in self.param_groups for p in g["params"]]
-        grads = [p.grad for p in flat]
-        struct = tuple(map(self._group_struct, self.param_groups))
-        if struct != self._struct:
-            self._tables.invalidate()
-            self._struct = struct
-        key = self._tables.key(flat, grads, self.state)
+        flat = self._flat_params()
+        key, grads = self._tables.key(flat, self.state, bool(self._mesh))
         plan = self._tables.cached(key)
         if plan is not None and plan.backend == backend:
             return plan, grads
         return self._build(flat, grads, backend)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As ``torch.optim.Optimizer.zero_grad``; ``set_to_none=True`` (the default) sets every
+        gradient to None in one loop over a cached parameter list (torch's loop checks and
+        branches per parameter: 0.26 us a parameter against 0.17 here, 2000 tensors on a
+        2-core Xeon)."""
+        if not set_to_none:
+            return super().zero_grad(False)
+        if not hasattr(self, "_zero_grad_profile_name"):
+            self._patch_step_function()
+        with torch.autograd.profiler.record_function(self._zero_grad_profile_name):
+            for p in self._flat_params():
+                p.grad = None
 
     def _build(self, flat, grads, backend: str):
         entries, order, copied = [], [], False
@@ -359,7 +397,7 @@ class FusedOptimizer(StatsMixin, CheckpointMixin, torch.optim.Optimizer,
                        self.state[p]["step"], self._unit(self.param_groups[gi]))
                  for p, g, gi in entries]
         # the states exist now: the key must see them (a gradient copy is never reused)
-        key = None if copied else self._tables.key(flat, grads, self.state)
+        key = None if copied else self._tables.key(flat, self.state, bool(self._mesh))[0]
         plan = self._tables.build(built, order, key, backend, lambda p: names[id(p)])
         return plan, grads
 
@@ -394,18 +432,16 @@ class FusedOptimizer(StatsMixin, CheckpointMixin, torch.optim.Optimizer,
                 loss = closure()
         self._follow_device()
         backend = self._check_backend()
-        for g in self.param_groups:  # before anything is modified
-            self._validate_group(g)
-            self._validate_allora(g)
+        rows, _ = self._checked_groups()
         plan, grads = self._prepare(backend)
         if plan is None:
             return loss
         buffers = self._step_buffers()
         options = self._options
-        self._run(plan, buffers, options=options,
-                  grads=plan.grads_in_order(grads) if backend != "triton" else None,
-                  grad_scale=getattr(self, "grad_scale", None),
-                  found_inf=getattr(self, "found_inf", None), backend=backend)
+        run_step(plan, buffers, rows, schedule=self.schedule, options=options,
+                 grads=plan.grads_in_order(grads) if backend != "triton" else None,
+                 grad_scale=getattr(self, "grad_scale", None),
+                 found_inf=getattr(self, "found_inf", None), backend=backend)
         self._ran_stats = options.stats_pass
         self._ran_tensor_stats = options.stats
         return loss

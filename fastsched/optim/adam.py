@@ -10,7 +10,7 @@ from ..kernels.layout import KIND_ADAM
 from ..schedules import Schedule
 from ._base import FusedOptimizer
 from ._tables import DEFAULT_BLOCK
-from .functional import adam
+from .functional import adam_row
 
 __all__ = ["Adam", "AdamW"]
 
@@ -126,14 +126,11 @@ class Adam(FusedOptimizer):
     def _has_states(self, group) -> tuple[bool, ...]:
         return (True, True, bool(group["amsgrad"]))
 
-    def _run(self, plan, buffers, **step) -> None:
-        gs = self.param_groups
-        adam(plan, buffers, lr=[self._check_lr(g["lr"]) for g in gs],
-             betas=[tuple(float(b) for b in g["betas"]) for g in gs],
-             eps=[g["eps"] for g in gs], weight_decay=[g["weight_decay"] for g in gs],
-             amsgrad=[g["amsgrad"] for g in gs], maximize=[g["maximize"] for g in gs],
-             decoupled_weight_decay=[g["decoupled_weight_decay"] for g in gs],
-             allora_eta=[g.get("allora_eta") for g in gs], schedule=self.schedule, **step)
+    def _group_row(self, group) -> tuple[float, ...]:
+        b1, b2 = group["betas"]
+        return adam_row(self._check_lr(group["lr"]), b1, b2, group["eps"],
+                        group["weight_decay"], group["amsgrad"], group["maximize"],
+                        group["decoupled_weight_decay"], group.get("allora_eta"))
 
 
 class AdamW(Adam):

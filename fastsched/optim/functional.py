@@ -23,7 +23,7 @@ import torch
 from ..kernels import layout as L
 from . import _reference
 
-__all__ = ["StepOptions", "NONFINITE", "adam", "sgd", "run_step"]
+__all__ = ["StepOptions", "NONFINITE", "adam", "sgd", "adam_row", "sgd_row", "run_step"]
 
 NONFINITE = ("skip", "raise", "ignore")
 
@@ -91,32 +91,43 @@ def _per_group(name: str, value, n: int) -> list:
     return [value] * n
 
 
-def _n_groups(*values) -> int:
-    lens = {len(v) for v in values if isinstance(v, Sequence) and not isinstance(v, str)}
-    if len(lens) > 1:
-        raise ValueError(f"per-group hyperparameters of different lengths: {sorted(lens)}")
-    return lens.pop() if lens else 1
+def _n_groups(**values) -> int:
+    lens = {k: len(v) for k, v in values.items()
+            if isinstance(v, Sequence) and not isinstance(v, str)}
+    if len(set(lens.values())) > 1:
+        raise ValueError(f"per-group hyperparameters of different lengths: {lens}")
+    return next(iter(lens.values()), 1)
 
 
-def _rows(n: int, common: dict, kind_cols: dict) -> tuple:
-    cols = {**common, **kind_cols}
-    per = {c: _per_group(name, v, n) for c, (name, v) in cols.items()}
-    rows = []
-    for gi in range(n):
-        r = [0.0] * L.G_COLS
-        for c, vals in per.items():
-            r[c] = float(vals[gi])
-        rows.append(tuple(r))
-    return tuple(rows)
+def _row(lr, weight_decay, maximize, allora_eta) -> list[float]:
+    r = [0.0] * L.G_COLS
+    r[L.G_LR] = float(lr)
+    r[L.G_WEIGHT_DECAY] = float(weight_decay)
+    r[L.G_MAXIMIZE] = float(bool(maximize))
+    r[L.G_INV_ETA2] = 0.0 if allora_eta is None else 1.0 / float(allora_eta) ** 2
+    return r
 
 
-def _common(lr, weight_decay, maximize, allora_eta, n):
-    etas = _per_group("allora_eta", allora_eta, n)
-    return {L.G_LR: ("lr", lr), L.G_WEIGHT_DECAY: ("weight_decay", weight_decay),
-            L.G_MAXIMIZE: ("maximize", [float(bool(m)) for m in _per_group("maximize",
-                                                                             maximize, n)]),
-            L.G_INV_ETA2: ("allora_eta", [0.0 if e is None else 1.0 / float(e) ** 2
-                                          for e in etas])}
+def adam_row(lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay,
+             allora_eta) -> tuple[float, ...]:
+    """One parameter group's row of the groups table for Adam / AdamW."""
+    r = _row(lr, weight_decay, maximize, allora_eta)
+    r[L.G_ADAM_BETA1] = float(beta1)
+    r[L.G_ADAM_BETA2] = float(beta2)
+    r[L.G_ADAM_EPS] = float(eps)
+    r[L.G_ADAM_AMSGRAD] = float(bool(amsgrad))
+    r[L.G_ADAM_DECOUPLED] = float(bool(decoupled_weight_decay))
+    return tuple(r)
+
+
+def sgd_row(lr, momentum, dampening, weight_decay, nesterov, maximize,
+            allora_eta) -> tuple[float, ...]:
+    """One parameter group's row of the groups table for SGD."""
+    r = _row(lr, weight_decay, maximize, allora_eta)
+    r[L.G_SGD_MOMENTUM] = float(momentum)
+    r[L.G_SGD_DAMPENING] = float(dampening)
+    r[L.G_SGD_NESTEROV] = float(bool(nesterov))
+    return tuple(r)
 
 
 def adam(plan, buffers, *, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False,
@@ -129,19 +140,16 @@ def adam(plan, buffers, *, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, a
     sequence of pairs). ``grads`` (this step's gradients in row order) is needed by the
     reference backend only; ``grad_scale`` / ``found_inf`` are torch.amp.GradScaler's.
     """
-    n = _n_groups(lr, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay,
-                  allora_eta, betas if betas and isinstance(betas[0], Sequence) else ())
-    pairs = _per_group("betas", betas, n) if betas and isinstance(betas[0], Sequence) \
-        else [betas] * n
-    rows = _rows(n, _common(lr, weight_decay, maximize, allora_eta, n), {
-        L.G_ADAM_BETA1: ("betas", [float(b[0]) for b in pairs]),
-        L.G_ADAM_BETA2: ("betas", [float(b[1]) for b in pairs]),
-        L.G_ADAM_EPS: ("eps", eps),
-        L.G_ADAM_AMSGRAD: ("amsgrad", [float(bool(a)) for a in _per_group("amsgrad", amsgrad,
-                                                                          n)]),
-        L.G_ADAM_DECOUPLED: ("decoupled_weight_decay",
-                             [float(bool(d)) for d in _per_group("decoupled_weight_decay",
-                                                                 decoupled_weight_decay, n)])})
+    per_group_betas = bool(betas) and isinstance(betas[0], Sequence)
+    kw = dict(lr=lr, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
+              decoupled_weight_decay=decoupled_weight_decay, allora_eta=allora_eta)
+    n = _n_groups(**kw, **({"betas": betas} if per_group_betas else {}))
+    cols = {k: _per_group(k, v, n) for k, v in kw.items()}
+    pairs = _per_group("betas", betas, n) if per_group_betas else [betas] * n
+    rows = tuple(adam_row(cols["lr"][i], pairs[i][0], pairs[i][1], cols["eps"][i],
+                          cols["weight_decay"][i], cols["amsgrad"][i], cols["maximize"][i],
+                          cols["decoupled_weight_decay"][i], cols["allora_eta"][i])
+                 for i in range(n))
     run_step(plan, buffers, rows, schedule=schedule, options=options, grads=grads,
              grad_scale=grad_scale, found_inf=found_inf, backend=backend)
 
@@ -151,12 +159,11 @@ def sgd(plan, buffers, *, lr, momentum=0.0, dampening=0.0, weight_decay=0.0, nes
         grads=None, grad_scale=None, found_inf=None, backend: str = "triton") -> None:
     """One SGD step (torch.optim.SGD semantics: momentum, dampening, nesterov, weight decay,
     maximize; the first step copies d_p into the buffer) over ``plan``; see :func:`adam`."""
-    n = _n_groups(lr, momentum, dampening, weight_decay, nesterov, maximize, allora_eta)
-    rows = _rows(n, _common(lr, weight_decay, maximize, allora_eta, n), {
-        L.G_SGD_MOMENTUM: ("momentum", momentum),
-        L.G_SGD_DAMPENING: ("dampening", dampening),
-        L.G_SGD_NESTEROV: ("nesterov", [float(bool(x)) for x in _per_group("nesterov",
-                                                                           nesterov, n)])})
+    kw = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+              nesterov=nesterov, maximize=maximize, allora_eta=allora_eta)
+    n = _n_groups(**kw)
+    cols = {k: _per_group(k, v, n) for k, v in kw.items()}
+    rows = tuple(sgd_row(*(cols[k][i] for k in kw)) for i in range(n))
     run_step(plan, buffers, rows, schedule=schedule, options=options, grads=grads,
              grad_scale=grad_scale, found_inf=found_inf, backend=backend)
 

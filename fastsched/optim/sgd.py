@@ -10,7 +10,7 @@ from ..kernels.layout import KIND_SGD
 from ..schedules import Schedule
 from ._base import FusedOptimizer
 from ._tables import DEFAULT_BLOCK
-from .functional import sgd
+from .functional import sgd_row
 
 __all__ = ["SGD"]
 
@@ -73,13 +73,10 @@ class SGD(FusedOptimizer):
     def _has_states(self, group) -> tuple[bool, ...]:
         return (group["momentum"] != 0,)
 
-    def _run(self, plan, buffers, **step) -> None:
-        gs = self.param_groups
-        sgd(plan, buffers, lr=[self._check_lr(g["lr"]) for g in gs],
-            momentum=[g["momentum"] for g in gs], dampening=[g["dampening"] for g in gs],
-            weight_decay=[g["weight_decay"] for g in gs], nesterov=[g["nesterov"] for g in gs],
-            maximize=[g["maximize"] for g in gs], allora_eta=[g.get("allora_eta") for g in gs],
-            schedule=self.schedule, **step)
+    def _group_row(self, group) -> tuple[float, ...]:
+        return sgd_row(self._check_lr(group["lr"]), group["momentum"], group["dampening"],
+                       group["weight_decay"], group["nesterov"], group["maximize"],
+                       group.get("allora_eta"))
 
     def _upgrade_state(self, p, group, st) -> None:
         if "step" not in st:
