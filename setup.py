@@ -26,8 +26,9 @@ class BuildExt(build_ext):
         gen_layout.write(os.path.join(HERE, "setup_ext", "generated", "layout.h"))
         cc = self.compiler
         arch = os.environ.get("FASTSCHED_CPU_ARCH", "native")
+        # no FMA contraction and no fast-math: the reference's fp32 operations, one by one
         flags = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off", "-fno-math-errno",
-                 "-fvisibility=hidden"]
+                 "-fno-trapping-math", "-fvisibility=hidden"]
         if arch:
             flags.append(f"-march={arch}")
         if cc.compiler_type == "msvc":
