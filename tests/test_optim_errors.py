@@ -122,10 +122,28 @@ def test_complex_parameters_rejected(cls):
         cls([torch.zeros(3), torch.zeros(3, dtype=torch.complex64)], lr=0.1)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.int32])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.complex64, torch.uint8])
 def test_unsupported_dtypes_rejected(dtype):
-    with pytest.raises(ValueError, match="dtype must be one of"):
+    with pytest.raises(ValueError, match="dtype must be one of float32, bfloat16, float16, "
+                                         "float64|complex"):
         fastsched.AdamW([torch.zeros(3, dtype=dtype)])
+
+
+def test_float64_parameters_need_a_cpu_backend():
+    """float64 parameters run on the CPU backends; the Triton kernels refuse them by name,
+    at construction or at the step that would build Triton tables."""
+    p = torch.zeros(3, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(ValueError, match="float64 is not supported by the Triton backend"):
+        fastsched.AdamW([p], backend="triton")
+    opt = fastsched.AdamW([p], backend="reference")
+    p.grad = torch.ones_like(p)
+    opt.step()
+    assert p.dtype == torch.float64 and (p < 0).all()
+    opt.backend = "triton"
+    before = p.detach().clone()
+    with pytest.raises(ValueError, match="float64 parameters are not supported by the Triton"):
+        opt.step()
+    assert torch.equal(p.detach(), before)
 
 
 def test_mixed_devices_rejected():

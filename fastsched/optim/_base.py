@@ -142,12 +142,8 @@ class FusedOptimizer(StatsMixin, CheckpointMixin, torch.optim.Optimizer,
                 raise ValueError(f"params[{i}]: complex parameters are not supported by "
                                  "fastsched optimizers (view them as real with "
                                  "torch.view_as_real)")
-            from ._tables import _DTYPES as table_dtypes  # float64 once the builder sorts it
-
-            if p.dtype not in _FLOAT_DTYPES or (p.dtype not in _TRITON_DTYPES
-                                                and p.dtype not in table_dtypes):
-                names = ", ".join(str(d).removeprefix("torch.") for d in _FLOAT_DTYPES
-                                  if d in _TRITON_DTYPES or d in table_dtypes)
+            if p.dtype not in _FLOAT_DTYPES:
+                names = ", ".join(str(d).removeprefix("torch.") for d in _FLOAT_DTYPES)
                 raise ValueError(f"params[{i}]: dtype must be one of {names}, got {p.dtype}")
             if p.dtype not in _TRITON_DTYPES and (self._backend_choice == "triton" or (
                     self._backend_choice == "auto" and local(p).device.type == "cuda")):
@@ -288,10 +284,6 @@ class FusedOptimizer(StatsMixin, CheckpointMixin, torch.optim.Optimizer,
                 and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("backend='triton' on CPU tensors needs TRITON_INTERPRET=1 set before "
                              "triton is imported; use backend='cpu' or 'reference' on CPU")
-        if b == "triton" and any(p.dtype not in _TRITON_DTYPES
-                                 for g in self.param_groups for p in g["params"]):
-            raise ValueError("backend='triton': float64 parameters are not supported by the "
-                             "Triton kernels; use backend='cpu' or 'reference' on CPU tensors")
         if b == "cpu":
             if dev is not None and dev.type != "cpu":
                 raise ValueError(f"backend='cpu' runs on CPU tensors, the parameters are on "
@@ -340,7 +332,7 @@ class FusedOptimizer(StatsMixin, CheckpointMixin, torch.optim.Optimizer,
         """(plan, this step's flat gradient list) or (None, None) when no tensor has one."""
         flat = self._flat_params()
         key, grads = self._tables.key(flat, self.state, bool(self._mesh))
-        plan = self._tables.cached(key)
+        plan = self._tables.cached(key) or self._tables.repoint(key, grads)
         if plan is not None and plan.backend == backend:
             return plan, grads
         return self._build(flat, grads, backend)
@@ -385,6 +377,10 @@ class FusedOptimizer(StatsMixin, CheckpointMixin, torch.optim.Optimizer,
                 entries.append((p, g, gi))
         if not entries:
             return None, None
+        if backend == "triton" and any(p.dtype not in _TRITON_DTYPES for p, _, _ in entries):
+            # (checked when the tables are built: a backend or device change rebuilds them)
+            raise ValueError("backend='triton': float64 parameters are not supported by the "
+                             "Triton kernels; use backend='cpu' or 'reference' on CPU tensors")
         devices = {local(p).device for p, _, _ in entries}
         if len(devices) > 1 or devices != {self._device}:
             raise RuntimeError(f"fastsched optimizers need all parameters on one device; they "
@@ -439,7 +435,7 @@ class FusedOptimizer(StatsMixin, CheckpointMixin, torch.optim.Optimizer,
         buffers = self._step_buffers()
         options = self._options
         run_step(plan, buffers, rows, schedule=self.schedule, options=options,
-                 grads=plan.grads_in_order(grads) if backend != "triton" else None,
+                 grads=plan.grads_in_order(grads) if backend == "reference" else None,
                  grad_scale=getattr(self, "grad_scale", None),
                  found_inf=getattr(self, "found_inf", None), backend=backend)
         self._ran_stats = options.stats_pass

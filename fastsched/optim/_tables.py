@@ -28,9 +28,12 @@ DEFAULT_BLOCK = 2048
 #: ALLoRA tiles (longest unit, units per program, elements per chunk) by unit length: short rows
 #: (LoRA B, out x r) would leave most lanes of a 256-wide chunk idle
 UNIT_CLASSES = ((16, 128, 16), (128, 16, 128), (None, 8, 256))
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+#: storage dtypes in launch order (float64: the CPU backends only)
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 _GRAD = operator.attrgetter("grad")
 _DATA_PTR = torch.Tensor.data_ptr
+_IS_CONTIGUOUS = torch.Tensor.is_contiguous
+_STRIDE = torch.Tensor.stride
 #: the state column whose presence selects the FLAG variant of the update (amsgrad / momentum)
 _FLAG_COL = {L.KIND_ADAM: L.T_S3, L.KIND_SGD: L.T_S1}
 
@@ -88,6 +91,7 @@ class Bucket:
     n_blocks: int
     aligned: bool
     flag: bool
+    static_aligned: bool = True  # the parameter and state addresses (the gradients change)
     units: int = 0  # ALLoRA tile: units per program (0: flat blocks)
     chunk: int = 0
     block_offset: int = 0  # first row of this bucket in the statistics partials
@@ -116,7 +120,9 @@ class Plan:
     ustat: torch.Tensor  # (n, US_COLS)
     dist: Any = None  # the communication plan of DTensor shards (see _distributed.py)
     tensors: torch.Tensor | None = None  # (n, T_COLS) int64: Triton backend only
-    host_rows: list[list[int]] = field(default_factory=list)
+    host_rows: list[list[int]] = field(default_factory=list)  # T_G: at build time (see gcol)
+    gcol: list[int] = field(default_factory=list)  # the gradient addresses now, in row order
+    strides: list | None = None  # the parameters' strides in row order; None: all contiguous
     buckets: list[Bucket] = field(default_factory=list)  # update launches
     stat_buckets: list[Bucket] = field(default_factory=list)  # statistics pass (all tensors)
     first_block: torch.Tensor | None = None
@@ -285,22 +291,52 @@ class TableBuilder:
     def _patch_grads(self, plan: Plan, entries: list[Entry], order: list[int]) -> None:
         """Same parameters and states, gradients at new addresses: rewrite the gradient column
         only (one small host-to-device copy) and re-check the alignment of each launch."""
+        g_at = {pos: local(e.grad).data_ptr() for e, pos in zip(entries, order)}
+        self._set_gcol(plan, [g_at[pos] for pos in plan.order])
+
+    def _set_gcol(self, plan: Plan, gcol: list[int]) -> None:
+        plan.gcol = gcol
         if plan.tensors is None:
             return
-        g_at = {pos: local(e.grad).data_ptr() for e, pos in zip(entries, order)}
-        gcol = [g_at[pos] for pos in plan.order]
-        for r, a in zip(plan.host_rows, gcol):
-            r[L.T_G] = a
         plan.tensors[:, L.T_G].copy_(h2d(torch.tensor(gcol, dtype=torch.int64), plan.device))
-        for b in plan.buckets:
-            if not b.units:
-                b.aligned = self._aligned(plan.host_rows[b.lo:b.hi])
-        for b in plan.stat_buckets:
-            b.aligned = all(r[L.T_G] % 16 == 0 for r in plan.host_rows[b.lo:b.hi])
+        # 16-byte alignment hints: almost always every gradient is aligned (allocators give
+        # 64 / 512 bytes); only then is no per-launch check needed
+        all_ok = not any(map((15).__and__, gcol))
+        for b in plan.buckets + plan.stat_buckets:
+            if b.units:
+                continue
+            b.aligned = b.static_aligned and (all_ok or not any(
+                a & 15 for a in gcol[b.lo:b.hi]))
+
+    def repoint(self, key: tuple, grads: list) -> Plan | None:
+        """The cached plan for a step whose only change is where the gradients are (new
+        gradient objects at new addresses: the gradient column is rewritten), or None.
+
+        torch's ``.grad`` setter already guarantees each gradient's dtype, device and shape;
+        what is checked here is what it does not: the strides (the kernels walk a gradient
+        with its parameter's layout) and which parameters have a gradient. C-level loops:
+        about 0.1 us a tensor.
+        """
+        plan, last = self.plan, self._key
+        if plan is None or last is None or key[0] is None or plan.dist is not None \
+                or key[1] != last[1] or key[3] != last[3] or len(key[2]) != len(last[2]) \
+                or not all(map(operator.is_, key[2], last[2])):
+            return None
+        gk, lk = key[0], last[0]
+        if (gk.count(0) or lk.count(0)) and [a == 0 for a in gk] != [a == 0 for a in lk]:
+            return None
+        mine = list(map(grads.__getitem__, plan.order))
+        if plan.strides is None:  # every parameter contiguous
+            if not all(map(_IS_CONTIGUOUS, mine)):
+                return None
+        elif list(map(_STRIDE, mine)) != plan.strides:
+            return None
+        self._set_gcol(plan, list(map(gk.__getitem__, plan.order)))
+        self._key = key
+        return plan
 
     @staticmethod
-    def _aligned(rows) -> bool:
-        cols = (L.T_P, L.T_G) + L.T_STATES
+    def _aligned(rows, cols) -> bool:
         return all(r[c] % 16 == 0 for r in rows for c in cols if r[c])
 
     def _build(self, entries: list[Entry], order: list[int], backend: str, names_of) -> Plan:
@@ -346,6 +382,8 @@ class TableBuilder:
             ustat=torch.zeros((n, L.US_COLS), device=device,
                               dtype=torch.float32 if backend == "triton" else torch.float64),
             dist=_distributed.dist_plan(params, units, device), host_rows=rows,
+            gcol=[r[L.T_G] for r in rows],
+            strides=None if all(map(_IS_CONTIGUOUS, params)) else [p.stride() for p in params],
             keep=[t for e in entries for t in (e.step, *e.states) if t is not None])
         if backend == "reference":
             return plan
@@ -386,12 +424,14 @@ class TableBuilder:
             flag = any(r[_FLAG_COL[self.kind]] != 0 for r in rows[lo:hi])
             if c < 0:
                 blocks = _block_table(flat[lo:hi], lo, self.block, plan.device)
+                static = self._aligned(rows[lo:hi], (L.T_P,) + L.T_STATES)
                 plan.buckets.append(Bucket(dtype, lo, hi, blocks, blocks.shape[0],
-                                           self._aligned(rows[lo:hi]), flag))
+                                           static and self._aligned(rows[lo:hi], (L.T_G,)),
+                                           flag, static_aligned=static))
             else:
                 _, nu, chunk = UNIT_CLASSES[c]
                 tiles = torch.tensor([(ui[3] + nu - 1) // nu for ui in info[lo:hi]],
                                      dtype=torch.int64)
                 blocks = _block_table(tiles, lo, nu, plan.device)
                 plan.buckets.append(Bucket(dtype, lo, hi, blocks, blocks.shape[0], False, flag,
-                                           nu, chunk))
+                                           units=nu, chunk=chunk))
