@@ -325,29 +325,27 @@ PyObject* py_unit_sums(PyObject*, PyObject* args) {
 // -- update pass -------------------------------------------------------------------------------
 
 template <class E, bool STATS, bool SVEC>
-void adam_call(const AdamScal& s, Row r, int64_t off, int64_t len, const float* gs, double* ap,
-               double* au) {
+void adam_call(const AdamScal& s, Row r, int64_t off, int64_t len, const float* gs, Lanes* ls) {
     using T = typename E::T;
     T* p = r.ptr<T>(L::T_P) + off;
     const T* g = r.ptr<const T>(L::T_G) + off;
     T* m = r.ptr<T>(L::T_S1) + off;
     T* v = r.ptr<T>(L::T_S2) + off;
     if (r[L::T_S3])
-        adam_span<E, true, STATS, SVEC>(s, p, g, m, v, r.ptr<T>(L::T_S3) + off, len, gs, ap, au);
+        adam_span<E, true, STATS, SVEC>(s, p, g, m, v, r.ptr<T>(L::T_S3) + off, len, gs, ls);
     else
-        adam_span<E, false, STATS, SVEC>(s, p, g, m, v, nullptr, len, gs, ap, au);
+        adam_span<E, false, STATS, SVEC>(s, p, g, m, v, nullptr, len, gs, ls);
 }
 
 template <class E, bool STATS, bool SVEC>
-void sgd_call(const SgdScal& s, Row r, int64_t off, int64_t len, const float* gs, double* ap,
-              double* au) {
+void sgd_call(const SgdScal& s, Row r, int64_t off, int64_t len, const float* gs, Lanes* ls) {
     using T = typename E::T;
     T* p = r.ptr<T>(L::T_P) + off;
     const T* g = r.ptr<const T>(L::T_G) + off;
     if (r[L::T_S1])
-        sgd_span<E, true, STATS, SVEC>(s, p, g, r.ptr<T>(L::T_S1) + off, len, gs, ap, au);
+        sgd_span<E, true, STATS, SVEC>(s, p, g, r.ptr<T>(L::T_S1) + off, len, gs, ls);
     else
-        sgd_span<E, false, STATS, SVEC>(s, p, g, nullptr, len, gs, ap, au);
+        sgd_span<E, false, STATS, SVEC>(s, p, g, nullptr, len, gs, ls);
 }
 
 struct Scal {
@@ -387,27 +385,27 @@ Scal read_scal(const float* sc, int64_t kind) {
 // per element)
 template <class E, bool STATS>
 void span(int64_t kind, const Scal& s, Row r, int64_t off, int64_t len, const float* gs,
-          bool svec, double* ap, double* au) {
+          bool svec, Lanes* ls) {
     if (kind == L::KIND_ADAM) {
         if (svec)
-            adam_call<E, STATS, true>(s.adam, r, off, len, gs, ap, au);
+            adam_call<E, STATS, true>(s.adam, r, off, len, gs, ls);
         else
-            adam_call<E, STATS, false>(s.adam, r, off, len, gs, ap, au);
+            adam_call<E, STATS, false>(s.adam, r, off, len, gs, ls);
     } else {
         if (svec)
-            sgd_call<E, STATS, true>(s.sgd, r, off, len, gs, ap, au);
+            sgd_call<E, STATS, true>(s.sgd, r, off, len, gs, ls);
         else
-            sgd_call<E, STATS, false>(s.sgd, r, off, len, gs, ap, au);
+            sgd_call<E, STATS, false>(s.sgd, r, off, len, gs, ls);
     }
 }
 
 // a block [start, start + len) of tensor row r, split where the ALLoRA multiplier changes
 template <class E, bool STATS>
 void block(int64_t kind, const Scal& s, Row r, int64_t start, int64_t len, const float* scales,
-           double* ap, double* au) {
+           Lanes* ls) {
     static const float one = 1.0f;
     if (!scales) {
-        span<E, STATS>(kind, s, r, start, len, &one, false, ap, au);
+        span<E, STATS>(kind, s, r, start, len, &one, false, ls);
         return;
     }
     const int64_t end = start + len;
@@ -415,7 +413,7 @@ void block(int64_t kind, const Scal& s, Row r, int64_t start, int64_t len, const
         const int64_t ulen = r[L::T_NUNITS] == 1 ? r[L::T_NUMEL] : r[L::T_ULEN];
         for (int64_t pos = start; pos < end;) {
             const int64_t u = pos / ulen, stop = (u + 1) * ulen < end ? (u + 1) * ulen : end;
-            span<E, STATS>(kind, s, r, pos, stop - pos, scales + u, false, ap, au);
+            span<E, STATS>(kind, s, r, pos, stop - pos, scales + u, false, ls);
             pos = stop;
         }
     } else {  // columns: one multiplier per element of a row
@@ -424,7 +422,7 @@ void block(int64_t kind, const Scal& s, Row r, int64_t start, int64_t len, const
             const int64_t row0 = pos / cols, stop = (row0 + 1) * cols < end ? (row0 + 1) * cols : end;
             const float* gs = scales + (pos - row0 * cols);
             // gs[i] of the span is the multiplier of element off + i
-            span<E, STATS>(kind, s, r, pos, stop - pos, gs, true, ap, au);
+            span<E, STATS>(kind, s, r, pos, stop - pos, gs, true, ls);
             pos = stop;
         }
     }
@@ -434,7 +432,7 @@ void block(int64_t kind, const Scal& s, Row r, int64_t start, int64_t len, const
 // not apply, so run it on copies
 template <class E>
 void dry_block(int64_t kind, const Scal& s, Row r, int64_t start, int64_t len,
-               const float* scales, double* ap, double* au) {
+               const float* scales, Lanes* ls) {
     using T = typename E::T;
     std::vector<T> buf(4 * len);
     int64_t fake[L::T_COLS];
@@ -446,7 +444,7 @@ void dry_block(int64_t kind, const Scal& s, Row r, int64_t start, int64_t len,
         std::memcpy(dst, r.ptr<T>(cols[k]) + start, len * sizeof(T));
         fake[cols[k]] = reinterpret_cast<int64_t>(dst - start);
     }
-    block<E, true>(kind, s, Row{fake}, start, len, scales, ap, au);
+    block<E, true>(kind, s, Row{fake}, start, len, scales, ls);
 }
 
 PyObject* py_update(PyObject*, PyObject* args) {
@@ -495,35 +493,30 @@ PyObject* py_update(PyObject*, PyObject* args) {
         const Scal s = read_scal(scal + k.t * L::S_COLS, kind);
         const float* sc = uoff[k.t] >= 0 ? scales.data() + uoff[k.t] : nullptr;
         if (stats) {
-            double ap[W] = {0}, au[W] = {0};
+            Lanes ls{};
             if (!active) {
                 switch (dtypes[k.t]) {
-                    case F32: dry_block<TF32>(kind, s, r, k.start, k.len, sc, ap, au); break;
-                    case BF16: dry_block<TBF16>(kind, s, r, k.start, k.len, sc, ap, au); break;
-                    case F16: dry_block<TF16>(kind, s, r, k.start, k.len, sc, ap, au); break;
-                    default: dry_block<TF64>(kind, s, r, k.start, k.len, sc, ap, au); break;
+                    case F32: dry_block<TF32>(kind, s, r, k.start, k.len, sc, &ls); break;
+                    case BF16: dry_block<TBF16>(kind, s, r, k.start, k.len, sc, &ls); break;
+                    case F16: dry_block<TF16>(kind, s, r, k.start, k.len, sc, &ls); break;
+                    default: dry_block<TF64>(kind, s, r, k.start, k.len, sc, &ls); break;
                 }
             } else {
                 switch (dtypes[k.t]) {
-                    case F32: block<TF32, true>(kind, s, r, k.start, k.len, sc, ap, au); break;
-                    case BF16: block<TBF16, true>(kind, s, r, k.start, k.len, sc, ap, au); break;
-                    case F16: block<TF16, true>(kind, s, r, k.start, k.len, sc, ap, au); break;
-                    default: block<TF64, true>(kind, s, r, k.start, k.len, sc, ap, au); break;
+                    case F32: block<TF32, true>(kind, s, r, k.start, k.len, sc, &ls); break;
+                    case BF16: block<TBF16, true>(kind, s, r, k.start, k.len, sc, &ls); break;
+                    case F16: block<TF16, true>(kind, s, r, k.start, k.len, sc, &ls); break;
+                    default: block<TF64, true>(kind, s, r, k.start, k.len, sc, &ls); break;
                 }
             }
-            double sp = 0.0, su = 0.0;
-            for (int j = 0; j < W; j++) {
-                sp += ap[j];
-                su += au[j];
-            }
-            part[2 * b] = sp;
-            part[2 * b + 1] = su;
+            part[2 * b] = lane_sum(ls.p0, ls.p1);
+            part[2 * b + 1] = lane_sum(ls.u0, ls.u1);
         } else {
             switch (dtypes[k.t]) {
-                case F32: block<TF32, false>(kind, s, r, k.start, k.len, sc, nullptr, nullptr); break;
-                case BF16: block<TBF16, false>(kind, s, r, k.start, k.len, sc, nullptr, nullptr); break;
-                case F16: block<TF16, false>(kind, s, r, k.start, k.len, sc, nullptr, nullptr); break;
-                default: block<TF64, false>(kind, s, r, k.start, k.len, sc, nullptr, nullptr); break;
+                case F32: block<TF32, false>(kind, s, r, k.start, k.len, sc, nullptr); break;
+                case BF16: block<TBF16, false>(kind, s, r, k.start, k.len, sc, nullptr); break;
+                case F16: block<TF16, false>(kind, s, r, k.start, k.len, sc, nullptr); break;
+                default: block<TF64, false>(kind, s, r, k.start, k.len, sc, nullptr); break;
             }
         }
     }

@@ -10,6 +10,10 @@
 
 #include "layout.h"
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace fs {
 
 namespace L = layout;
@@ -19,8 +23,6 @@ namespace L = layout;
 constexpr int64_t BLK = 8192;
 //: accumulation lanes of a block's sums (fixed: the summation order is part of the result)
 constexpr int W = 16;
-//: elements per chunk of the update loop when statistics are gathered
-constexpr int64_t CH = 512;
 
 enum Dtype : int64_t { F32 = 0, BF16 = 1, F16 = 2, F64 = 3 };
 
@@ -37,13 +39,32 @@ inline uint32_t float_to_bits(float f) {
 
 // storage types: ld converts to the fp32 of the arithmetic, st rounds to nearest even, ldd is
 // the float64 value of the statistics pass (the reference sums g.to(float64))
+// GCC / Clang vector extensions (the lane order, and so every sum, is the same whatever
+// instructions the target has)
+typedef double v8d __attribute__((vector_size(64)));
+typedef int64_t v8l __attribute__((vector_size(64)));
+typedef float v8f __attribute__((vector_size(32)));
+typedef uint32_t v8u __attribute__((vector_size(32)));
+typedef uint16_t v8h __attribute__((vector_size(16)));
+
 struct TF32 {
+    static constexpr bool NARROW = true;  // its values square exactly in float64
     using T = float;
     static float ld(T x) { return x; }
     static T st(float x) { return x; }
     static double ldd(T x) { return x; }
+    static v8d ld8d(const T* p) {  // ldd of p[0..8)
+#if defined(__AVX512F__)  // GCC lowers the generic conversion in two halves
+        return (v8d)_mm512_cvtps_pd(_mm256_loadu_ps(p));
+#else
+        v8f f;
+        std::memcpy(&f, p, sizeof f);
+        return __builtin_convertvector(f, v8d);
+#endif
+    }
 };
 struct TBF16 {
+    static constexpr bool NARROW = true;  // its values square exactly in float64
     using T = uint16_t;
     static float ld(T x) { return bits_to_float(static_cast<uint32_t>(x) << 16); }
     static T st(float x) {  // torch's round_to_nearest_even (NaN -> 0x7FC0)
@@ -52,18 +73,44 @@ struct TBF16 {
         return x != x ? static_cast<T>(0x7FC0) : static_cast<T>(r);
     }
     static double ldd(T x) { return ld(x); }
+    static v8d ld8d(const T* p) {
+#if defined(__AVX512F__)
+        const __m256i u = _mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
+        return (v8d)_mm512_cvtps_pd(_mm256_castsi256_ps(u));
+#else
+        v8h h;
+        std::memcpy(&h, p, sizeof h);
+        const v8u u = __builtin_convertvector(h, v8u) << 16;
+        v8f f;
+        std::memcpy(&f, &u, sizeof f);
+        return __builtin_convertvector(f, v8d);
+#endif
+    }
 };
 struct TF16 {
+    static constexpr bool NARROW = true;  // its values square exactly in float64
     using T = _Float16;
     static float ld(T x) { return static_cast<float>(x); }
     static T st(float x) { return static_cast<T>(x); }  // IEEE conversion: nearest even
     static double ldd(T x) { return static_cast<float>(x); }
+    static v8d ld8d(const T* p) {
+        v8d d;
+        for (int j = 0; j < 8; j++) d[j] = ldd(p[j]);
+        return d;
+    }
 };
 struct TF64 {  // float64 parameters: fp32 arithmetic as the reference (p.to(float32))
+    static constexpr bool NARROW = false;
     using T = double;
     static float ld(T x) { return static_cast<float>(x); }
     static T st(float x) { return x; }
     static double ldd(T x) { return x; }
+    static v8d ld8d(const T* p) {
+        v8d d;
+        std::memcpy(&d, p, sizeof d);
+        return d;
+    }
 };
 
 // -- schedule: fastsched.schedules._core.evaluate_table for one step, float64 ------------------
@@ -111,10 +158,34 @@ inline double schedule_value(const double* tab, int64_t nseg, double t) {
 
 // -- statistics pass: (sum g^2, sum |g|, non-finite count) of one block, float64 ---------------
 
-// GCC / Clang vector extensions: W = 16 lanes as two vectors of 8 doubles (the lane order, and so
-// the result, is the same whatever instructions the target has)
-typedef double v8d __attribute__((vector_size(64)));
-typedef int64_t v8l __attribute__((vector_size(64)));
+// W = 16 lanes as two vectors of 8 doubles: element i of a block goes to lane i % 16
+
+inline v8d vabs(v8d x) {  // |x| (the sign bit cleared)
+    const v8l m = (v8l)x & 0x7FFFFFFFFFFFFFFFLL;
+    return (v8d)m;
+}
+
+// acc + x * x where the product is exact (x a float32 value: 24-bit significands give a 48-bit
+// product, within float64's 53 bits), so one fused multiply-add rounds exactly as the multiply
+// and the add do one after the other: the same bits, one instruction fewer
+inline v8d add_sq_exact(v8d acc, v8d x) {
+#if defined(__AVX512F__)
+    return (v8d)_mm512_fmadd_pd((__m512d)x, (__m512d)x, (__m512d)acc);
+#elif defined(__FMA__)
+    v8d r;
+    for (int j = 0; j < 8; j++) r[j] = __builtin_fma(x[j], x[j], acc[j]);
+    return r;
+#else
+    return acc + x * x;
+#endif
+}
+
+inline double lane_sum(v8d a, v8d b) {  // lanes 0..15 in order
+    double s = 0;
+    for (int j = 0; j < 8; j++) s += a[j];
+    for (int j = 0; j < 8; j++) s += b[j];
+    return s;
+}
 
 template <bool GUARD>
 inline void sums8(v8d x, v8d& sq, v8d& ab, v8d& nf) {
@@ -128,8 +199,10 @@ inline void sums8(v8d x, v8d& sq, v8d& ab, v8d& nf) {
     nf += fin ? zero : one;
 }
 
+// the exact pass, element by element: used for a block with a non-finite value (or, float64,
+// a square that overflows)
 template <class E, bool GUARD>
-void grad_sums(const typename E::T* __restrict g, int64_t n, double out[3]) {
+void grad_sums_exact(const typename E::T* __restrict g, int64_t n, double out[3]) {
     v8d sq[2] = {}, ab[2] = {}, nf[2] = {};
     double tmp[W];
     for (int64_t i = 0; i < n; i += W) {
@@ -157,6 +230,47 @@ void grad_sums(const typename E::T* __restrict g, int64_t n, double out[3]) {
     out[2] = s2;
 }
 
+// A block's (sum g^2, sum |g|, non-finite count). First without the finiteness test: when both
+// sums come out finite every element was finite (a float32 square cannot overflow a float64 sum
+// of 8192), so the count is 0 and the guard (which zeroes non-finite values) changed nothing: the
+// sums are those of the exact pass, bit for bit. Otherwise the block is summed again exactly.
+template <class E, bool GUARD>
+void grad_sums(const typename E::T* __restrict g, int64_t n, double out[3]) {
+    v8d sq0 = {}, sq1 = {}, ab0 = {}, ab1 = {};
+    int64_t i = 0;
+    for (; i + W <= n; i += W) {
+        const v8d x0 = E::ld8d(g + i), x1 = E::ld8d(g + i + 8);
+        if (E::NARROW) {
+            sq0 = add_sq_exact(sq0, x0);
+            sq1 = add_sq_exact(sq1, x1);
+        } else {
+            sq0 += x0 * x0;
+            sq1 += x1 * x1;
+        }
+        ab0 += vabs(x0);
+        ab1 += vabs(x1);
+    }
+    if (i < n) {  // the last partial group, zero padded (a zero adds nothing: lanes start at +0)
+        double t[W] = {0};
+        for (int j = 0; i + j < n; j++) t[j] = E::ldd(g[i + j]);
+        v8d x0, x1;
+        std::memcpy(&x0, t, 64);
+        std::memcpy(&x1, t + 8, 64);
+        sq0 += x0 * x0;
+        sq1 += x1 * x1;
+        ab0 += vabs(x0);
+        ab1 += vabs(x1);
+    }
+    const double s0 = lane_sum(sq0, sq1), s1 = lane_sum(ab0, ab1);
+    if (std::isfinite(s0) && std::isfinite(s1)) {
+        out[0] = s0;
+        out[1] = s1;
+        out[2] = 0.0;
+        return;
+    }
+    grad_sums_exact<E, GUARD>(g, n, out);
+}
+
 // sum of p^2 (ALLoRA unit norms), float64, lanes in a fixed order
 template <class E>
 double sum_sq(const typename E::T* __restrict p, int64_t n) {
@@ -176,20 +290,43 @@ double sum_sq(const typename E::T* __restrict p, int64_t n) {
     return s;
 }
 
-// lane sums of x^2 and y^2 (the update statistics of one chunk)
-inline void acc_stats(const float* x, const float* y, int64_t n, double* ax, double* ay) {
-    int64_t i = 0;
-    for (; i + W <= n; i += W)
-        for (int j = 0; j < W; j++) {
-            double a = x[i + j], b = y[i + j];
-            ax[j] += a * a;
-            ay[j] += b * b;
-        }
-    for (int j = 0; i + j < n; j++) {
-        double a = x[i + j], b = y[i + j];
-        ax[j] += a * a;
-        ay[j] += b * b;
+// the update statistics of a block: lanes of sum p^2 and sum u^2 (lane = index in the span % 16)
+struct Lanes {
+    v8d p0, p1, u0, u1;
+};
+
+// add the squares of one group of 16 new p (x) and u (y) values, in float64
+inline void acc16(const float* x, const float* y, Lanes& s) {
+    s.p0 = add_sq_exact(s.p0, TF32::ld8d(x));
+    s.p1 = add_sq_exact(s.p1, TF32::ld8d(x + 8));
+    s.u0 = add_sq_exact(s.u0, TF32::ld8d(y));
+    s.u1 = add_sq_exact(s.u1, TF32::ld8d(y + 8));
+}
+
+// The loop of a span: one(i, p_new, u) updates element i. With STATS, groups of 16 elements whose
+// squares are added right after (while the next loads are in flight: in a separate pass over a
+// chunk they cost ~25% of a memory-bound step); the last partial group is zero padded (a zero
+// adds nothing: the lanes start at +0).
+template <bool STATS, class F>
+inline void span_loop(int64_t n, Lanes* ls, F one) {
+    if (!STATS) {
+        float a, b;
+        for (int64_t i = 0; i < n; i++) one(i, a, b);
+        return;
     }
+    Lanes s = *ls;
+    int64_t i = 0;
+    for (; i + W <= n; i += W) {
+        alignas(64) float pn[W], un[W];
+        for (int j = 0; j < W; j++) one(i + j, pn[j], un[j]);
+        acc16(pn, un, s);
+    }
+    if (i < n) {
+        alignas(64) float pn[W] = {0}, un[W] = {0};
+        for (int j = 0; i + j < n; j++) one(i + j, pn[j], un[j]);
+        acc16(pn, un, s);
+    }
+    *ls = s;
 }
 
 // -- update pass -------------------------------------------------------------------------------
@@ -206,88 +343,70 @@ struct SgdScal {
 
 // One contiguous span of one tensor. SVEC: the gradient multiplier of ALLoRA column units (one
 // per element: gs[i]), else gs[0] for the whole span (1.0 without ALLoRA: exact). STATS: the new
-// p and the unscaled update u go to lanes ap / au.
+// p and the unscaled update u go to the lanes *ls.
 template <class E, bool AMS, bool STATS, bool SVEC>
 void adam_span(const AdamScal& s, typename E::T* __restrict p, const typename E::T* __restrict g,
                typename E::T* __restrict m, typename E::T* __restrict v,
-               typename E::T* __restrict vm, int64_t n, const float* __restrict gs, double* ap,
-               double* au) {
+               typename E::T* __restrict vm, int64_t n, const float* __restrict gs, Lanes* ls) {
     const float gmul = s.gmul, step_size = s.step_size, bc2s = s.bc2s, decay = s.decay;
     const float l2 = s.l2, omb1 = s.omb1, omb1c = s.omb1c, omb2 = s.omb2, omb2c = s.omb2c;
     const float eps = s.eps;
     const bool lo = s.lo;
     const float g0 = gs[0];
-    float pn[STATS ? CH : 1], un[STATS ? CH : 1];
-    for (int64_t c0 = 0; c0 < n; c0 += CH) {
-        const int64_t cn = n - c0 < CH ? n - c0 : CH;
-        for (int64_t k = 0; k < cn; k++) {
-            const int64_t i = c0 + k;
-            float pf = E::ld(p[i]);
-            float gf = E::ld(g[i]) * gmul;
-            gf = gf * (SVEC ? gs[i] : g0);
-            pf = pf * decay;      // AdamW: p * (1 - lr * wd); Adam: 1
-            gf = gf + l2 * pf;    // Adam: L2 penalty in the gradient; AdamW: 0
-            float mf = E::ld(m[i]);
-            float vf = E::ld(v[i]);
-            const float d = gf - mf;
-            const float m_lo = mf + omb1 * d;
-            const float m_hi = gf - d * omb1c;
-            mf = lo ? m_lo : m_hi;
-            vf = omb2c * vf + omb2 * gf * gf;
-            float vv = vf;
-            if (AMS) {
-                const float a = E::ld(vm[i]);
-                float r = a > vf ? a : vf;
-                r = (a != a) ? a : r;  // torch.maximum: nan if either is nan
-                vv = r;
-                vm[i] = E::st(r);
-            }
-            const float u = mf / (std::sqrt(vv) / bc2s + eps);
-            pf = pf - step_size * u;
-            p[i] = E::st(pf);
-            m[i] = E::st(mf);
-            v[i] = E::st(vf);
-            if (STATS) {
-                pn[k] = pf;
-                un[k] = u;
-            }
+    span_loop<STATS>(n, ls, [&](int64_t i, float& p_new, float& u_out) {
+        float pf = E::ld(p[i]);
+        float gf = E::ld(g[i]) * gmul;
+        gf = gf * (SVEC ? gs[i] : g0);
+        pf = pf * decay;      // AdamW: p * (1 - lr * wd); Adam: 1
+        gf = gf + l2 * pf;    // Adam: L2 penalty in the gradient; AdamW: 0
+        float mf = E::ld(m[i]);
+        float vf = E::ld(v[i]);
+        const float d = gf - mf;
+        const float m_lo = mf + omb1 * d;
+        const float m_hi = gf - d * omb1c;
+        mf = lo ? m_lo : m_hi;
+        vf = omb2c * vf + omb2 * gf * gf;
+        float vv = vf;
+        if (AMS) {
+            const float a = E::ld(vm[i]);
+            float r = a > vf ? a : vf;
+            r = (a != a) ? a : r;  // torch.maximum: nan if either is nan
+            vv = r;
+            vm[i] = E::st(r);
         }
-        if (STATS) acc_stats(pn, un, cn, ap, au);
-    }
+        const float u = mf / (std::sqrt(vv) / bc2s + eps);
+        pf = pf - step_size * u;
+        p[i] = E::st(pf);
+        m[i] = E::st(mf);
+        v[i] = E::st(vf);
+        p_new = pf;
+        u_out = u;
+    });
 }
 
 template <class E, bool MOM, bool STATS, bool SVEC>
 void sgd_span(const SgdScal& s, typename E::T* __restrict p, const typename E::T* __restrict g,
-              typename E::T* __restrict buf, int64_t n, const float* __restrict gs, double* ap,
-              double* au) {
+              typename E::T* __restrict buf, int64_t n, const float* __restrict gs, Lanes* ls) {
     const float gmul = s.gmul, lr = s.lr, mom_a = s.mom_a, mom_b = s.mom_b, wd = s.wd;
     const float momentum = s.momentum;
     const bool nesterov = s.nesterov;
     const float g0 = gs[0];
-    float pn[STATS ? CH : 1], un[STATS ? CH : 1];
-    for (int64_t c0 = 0; c0 < n; c0 += CH) {
-        const int64_t cn = n - c0 < CH ? n - c0 : CH;
-        for (int64_t k = 0; k < cn; k++) {
-            const int64_t i = c0 + k;
-            float pf = E::ld(p[i]);
-            float d = E::ld(g[i]) * gmul;
-            d = d * (SVEC ? gs[i] : g0);
-            d = d + wd * pf;
-            if (MOM) {
-                const float b = mom_a * E::ld(buf[i]) + mom_b * d;
-                buf[i] = E::st(b);
-                const float dn = d + momentum * b;
-                d = nesterov ? dn : b;
-            }
-            pf = pf - lr * d;
-            p[i] = E::st(pf);
-            if (STATS) {
-                pn[k] = pf;
-                un[k] = d;
-            }
+    span_loop<STATS>(n, ls, [&](int64_t i, float& p_new, float& u_out) {
+        float pf = E::ld(p[i]);
+        float d = E::ld(g[i]) * gmul;
+        d = d * (SVEC ? gs[i] : g0);
+        d = d + wd * pf;
+        if (MOM) {
+            const float b = mom_a * E::ld(buf[i]) + mom_b * d;
+            buf[i] = E::st(b);
+            const float dn = d + momentum * b;
+            d = nesterov ? dn : b;
         }
-        if (STATS) acc_stats(pn, un, cn, ap, au);
-    }
+        pf = pf - lr * d;
+        p[i] = E::st(pf);
+        p_new = pf;
+        u_out = d;
+    });
 }
 
 }  // namespace fs
