@@ -84,6 +84,11 @@ class FusedOptimizer(StatsMixin, CheckpointMixin, torch.optim.Optimizer,
         self._ran_tensor_stats = False  # ... and the per-tensor update statistics
         self._mesh = None  # distributed: None (no group yet), False (plain tensors) or a mesh
         self.schedule = schedule if schedule is not None else Constant(1.0)
+        #: True: a group's lr may change between steps while a schedule (anything but the
+        #: default ``Constant(1.0)``) is set, the new value taken as the base the schedule
+        #: multiplies; False (default): such a change raises (an outside LR scheduler would
+        #: otherwise multiply with the schedule silently)
+        self.allow_lr_changes = False
         super().__init__(params, defaults)
 
     # -- options: one source, read by every backend at every step ------------------------------
@@ -227,6 +232,33 @@ class FusedOptimizer(StatsMixin, CheckpointMixin, torch.optim.Optimizer,
                 self._validate_group(g)
                 self._validate_allora(g)
             rows = tuple(map(self._group_row, groups))
+            if not self.allow_lr_changes and self.schedule != Constant(1.0):
+                # a group's lr that changed since the last step, or that differs from the
+                # "initial_lr" a torch LR scheduler recorded when it was attached: an outside
+                # scheduler and the schedule would multiply
+                from ..kernels import layout as L
+
+                old = self._rows or ()
+                for gi, (g, row) in enumerate(zip(groups, rows)):
+                    lr = row[L.G_LR]
+                    if gi < len(old) and old[gi][L.G_LR] != lr:
+                        what = f"changed between steps ({old[gi][L.G_LR]!r} -> {lr!r})"
+                    elif "initial_lr" in g and self._check_lr(g["initial_lr"]) != lr:
+                        what = (f"is {lr!r} but its 'initial_lr' is "
+                                f"{self._check_lr(g['initial_lr'])!r} (a torch LR scheduler's)")
+                    else:
+                        continue
+                    raise RuntimeError(
+                        f"{type(self).__name__}: param_groups[{gi}]['lr'] {what} while "
+                        f"schedule={self.schedule!r} is set: an outside LR scheduler (or other "
+                        "code) is changing the base lr, and the optimizer's schedule would "
+                        "multiply it. Let one of them schedule: with HF Trainer pass "
+                        "lr_scheduler_type=\"constant\" or optimizers=(opt, "
+                        "fastsched.ScheduleAdapter(opt)); with Lightning return "
+                        "fastsched.ScheduleAdapter(opt) as the lr_scheduler (or none); or drop "
+                        "schedule= and keep the outside scheduler; or set "
+                        "opt.allow_lr_changes = True to take each new lr as the base the "
+                        "schedule multiplies.")
             struct = tuple(map(self._group_struct, groups))
             if struct != self._struct:
                 self._tables.invalidate()

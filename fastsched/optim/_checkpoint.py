@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ..schedules import from_dict
+from ..schedules import Constant, from_dict
 from . import _distributed
 
 __all__ = ["CheckpointMixin"]
@@ -21,8 +21,25 @@ class CheckpointMixin:
 
         Per-parameter states use torch's names and layout, so ``torch.optim`` loads it (and
         ignores the extra entry). Reading the clock synchronises, once per checkpoint.
+
+        Learning rates are stored as a torch optimizer under an LR scheduler stores them: with
+        a schedule (anything but the default ``Constant(1.0)``) each group's ``"initial_lr"``
+        is its base lr and ``"lr"`` the lr of the next step (base x schedule(clock)), so
+        ``torch.optim`` continues at the scheduled lr and a torch scheduler resumed with
+        ``last_epoch`` finds its base. Without a schedule the groups are stored as they are.
         """
         sd = super().state_dict()
+        clock = int(self.clock.item())
+        if _scheduled(self.schedule):
+            f = self.schedule(clock)
+            for g in sd["param_groups"]:
+                base = g["lr"]
+                applied = self._check_lr(base) * f
+                if isinstance(base, torch.Tensor):
+                    g["initial_lr"] = base.clone()
+                    g["lr"] = torch.tensor(applied, dtype=base.dtype)
+                else:
+                    g["initial_lr"], g["lr"] = base, applied
         # groups without ALLoRA leave its keys out (load_state_dict restores them): a
         # torch.distributed.checkpoint load asks the checkpoint for every key of this dict and a
         # torch.optim checkpoint has none of them
@@ -30,8 +47,7 @@ class CheckpointMixin:
                                if g.get("allora_eta") is not None
                                or k not in ("allora_eta", "allora_unit")}
                               for g in sd["param_groups"]]
-        sd["fastsched"] = {"schedule": self.schedule.to_dict(),
-                           "clock": int(self.clock.item())}
+        sd["fastsched"] = {"schedule": self.schedule.to_dict(), "clock": clock}
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -39,9 +55,17 @@ class CheckpointMixin:
 
         A torch checkpoint carries no schedule clock: it is set to the largest per-parameter
         ``step`` (the number of steps taken), and the schedule given at construction is kept.
+
+        With a schedule in effect after the load (the checkpoint's, else this optimizer's; not
+        the default ``Constant(1.0)``), a group's ``"initial_lr"`` (the base lr a torch LR
+        scheduler or :meth:`state_dict` records) becomes its ``"lr"``: the schedule applies to
+        the base, not to an already scheduled lr. Without ``"initial_lr"`` (a checkpoint of an
+        earlier fastsched, or of torch without a scheduler) ``"lr"`` is the base, as before;
+        without a schedule ``"lr"`` is kept as stored (an outside scheduler drives it).
         """
         sd = dict(state_dict)
         extra = sd.pop("fastsched", None)
+        schedule = from_dict(extra["schedule"]) if extra is not None else self.schedule
         # names and shapes checked before anything is modified (ValueError naming the parameter)
         _distributed.check_state_dict(self.param_groups, sd)
         super().load_state_dict(sd)
@@ -53,12 +77,14 @@ class CheckpointMixin:
                 group.setdefault(k, v)
             group.setdefault("allora_eta", None)
             group.setdefault("allora_unit", "row")
+            if "initial_lr" in group and _scheduled(schedule):
+                group["lr"] = group["initial_lr"]
             for p in group["params"]:
                 st = self.state.get(p)
                 if st:
                     self._upgrade_state(p, group, st)
         if extra is not None:
-            self.schedule = from_dict(extra["schedule"])
+            self.schedule = schedule
             clock = int(extra["clock"])
         else:
             steps = [float(s["step"]) for s in self.state.values() if "step" in s]
@@ -66,6 +92,7 @@ class CheckpointMixin:
         self.clock.fill_(clock)
         self._tables.invalidate()
         self._struct = None
+        self._rows = None  # the loaded lr is no change between steps
 
     def _upgrade_state(self, p, group, st) -> None:
         if "step" in st:
@@ -76,3 +103,8 @@ class CheckpointMixin:
                 st[name] = v.to(device=p.device, dtype=p.dtype)
                 if st[name].stride() != p.stride():
                     st[name] = torch.empty_like(p).copy_(st[name])
+
+
+def _scheduled(schedule) -> bool:
+    """Whether the schedule multiplies the base lr (anything but the default constant 1)."""
+    return schedule != Constant(1.0)
