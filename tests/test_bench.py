@@ -305,10 +305,28 @@ def test_profile_shape_set(tmp_path, capsys):
     assert "host synchronisations per step" in out and "Chrome trace" in out
 
 
+def _cpu_backend() -> bool:
+    from fastsched.optim import _cpu
+
+    return _cpu.available()
+
+
 def test_profile_fastsched(tmp_path):
     assert main(["profile", "--device", "cpu", "--shapes", "256x64,300,7", "--config",
                  "adamw-clip", "--steps", "2", "--warmup", "0", "--out", str(tmp_path)]) == 0
-    _check_profile(tmp_path, "fastsched")
+    s = _check_profile(tmp_path, "fastsched")
+    if not _cpu_backend():  # the reference backend: aten operators
+        return
+    # the compiled backend's passes, with the bytes they must move (4-byte parameters)
+    rows = {k["name"]: k for k in s["kernels"]}
+    n = s["what"]["params"]
+    assert {"fastsched::grad_stats", "fastsched::finalize", "fastsched::update"} <= set(rows)
+    for name, elements in (("fastsched::update", 7), ("fastsched::grad_stats", 1)):
+        r = rows[name]
+        assert r["calls_per_step"] == 1 and r["bytes_per_step"] == 4 * elements * n
+        assert _finite(r["gbps"]) and _finite(r["pct_copy"]) and r["gbps"] > 0
+    assert rows["fastsched::finalize"]["bytes_per_step"] is None
+    assert s["kernel_time_per_step_s"] > 0
 
 
 def test_profile_user_model(tmp_path, monkeypatch, capsys):
@@ -329,6 +347,9 @@ def test_profile_user_model(tmp_path, monkeypatch, capsys):
         assert main(["profile", "--model", spec, "--steps", "2", "--out", str(out)]) == 0
         s = _check_profile(out, "fastsched")
         assert s["what"]["tensors"] == tensors and s["what"]["model"] == spec
+        if _cpu_backend():
+            assert any(k["name"] == "fastsched::update" and _finite(k["gbps"])
+                       for k in s["kernels"])
 
 
 # -- GPU: the paths that only run there (CUDA events, graphs, device memory, kernel profiles) ----

@@ -391,3 +391,30 @@ def test_stream_kernel():
     p, g, m, v = (x.clone() for x in t)
     _cpu.ext().stream(p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), 10, 2)
     assert torch.equal(p, t[2]) and torch.equal(m, t[3]) and torch.equal(v, t[0] ^ t[1])
+
+
+@needs_ext
+@pytest.mark.parametrize("kw, passes", [
+    ({}, ["fastsched::finalize", "fastsched::update"]),
+    ({"max_grad_norm": 1.0, "stats": True},
+     ["fastsched::grad_stats", "fastsched::finalize", "fastsched::update"]),
+])
+def test_profiler_sees_the_passes(monkeypatch, kw, passes):
+    """Each pass is a fastsched::<pass> range under a profiler, and no range object is made
+    without one (a normal step pays nothing; torch's Optimizer.step makes its own range)."""
+    p = torch.nn.Parameter(torch.randn(BLK + 5))
+    p.grad = torch.randn(BLK + 5)
+    opt = fastsched.AdamW([p], backend="cpu", **kw)
+    opt.step()
+    made = []
+    real = torch.autograd.profiler.record_function
+    monkeypatch.setattr(torch.autograd.profiler, "record_function",
+                        lambda name, *a: (name.startswith("fastsched::") and made.append(name))
+                        or real(name, *a))
+    opt.step()
+    assert made == []
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        opt.step()
+    assert made == passes
+    names = [e.name for e in prof.events() if e.name.startswith("fastsched::")]
+    assert names == passes

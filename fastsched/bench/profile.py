@@ -1,8 +1,9 @@
 """``fastsched profile``: N optimizer steps under torch.profiler, summarised.
 
-Per kernel (CUDA) or per operator (CPU, host-side): time per step, calls per step and, where the
-bytes a kernel must move are known, achieved GB/s against the copy bandwidth measured in the same
-run; launches per step; host time per step; host synchronisations inside the steps
+Per kernel (CUDA) or per operator (CPU, host-side; the compiled CPU backend's passes are the
+``fastsched::<pass>`` ranges it records under a profiler): time per step, calls per step and,
+where the bytes a kernel must move are known, achieved GB/s against the copy bandwidth measured
+in the same run; launches per step; host time per step; host synchronisations inside the steps
 (``cudaStreamSynchronize``, ``cudaDeviceSynchronize``, ``cudaEventSynchronize``,
 ``aten::item``, ``aten::_local_scalar_dense``); a Chrome trace of the profiled steps.
 """
@@ -41,7 +42,13 @@ KNOWN_BYTES = (
     (re.compile(r"_update_kernel|_units_update_kernel|fused_adam|FusedAdam|fused_sgd|FusedSgd"
                 r"|_fused_adamw?_|_fused_sgd_"), None),
     (re.compile(r"_grad_stats_kernel|LpNormFunctor|_foreach_norm"), 1),
+    # the compiled CPU backend's passes (fastsched.optim._cpu.PASS_RANGES): the update pass
+    # moves the configuration's bytes, the statistics pass reads g once, unit sums read p once
+    (re.compile(r"^fastsched::update$"), None),
+    (re.compile(r"^fastsched::(grad_stats|unit_sums)$"), 1),
 )
+#: profiler ranges that stand for CPU kernels (operators run by no aten op)
+CPU_PASS_PREFIX = "fastsched::"
 _UPDATE_ELEMENTS = {"adamw": 7, "adamw-clip": 7, "allora": 7, "sgd": 5}
 
 
@@ -176,7 +183,8 @@ def _analyse(prof, dev: Device, n: int, params, config: str, copy_gbps: float,
         if e.name.startswith("aten::") and (parent is None or parent.name == STEP_MARK
                                             or not parent.name.startswith("aten::")):
             top_ops += 1
-        if not dev.is_cuda and e.name.startswith("aten::"):
+        if not dev.is_cuda and (e.name.startswith("aten::")
+                                or e.name.startswith(CPU_PASS_PREFIX)):
             k = kernels.setdefault(e.name, {"time_s": 0.0, "calls": 0})
             k["time_s"] += e.self_cpu_time_total / 1e6
             k["calls"] += 1

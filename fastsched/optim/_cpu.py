@@ -14,6 +14,7 @@ reference backend with one warning (:func:`warn_fallback`). ``FASTSCHED_NO_EXT=1
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
@@ -34,6 +35,10 @@ HOW = ("install a C++ compiler with OpenMP (e.g. `apt-get install g++`) and rein
 _ext = None
 _reason: str | None = None
 _warned = False
+_NO_RANGE = contextlib.nullcontext()
+#: names of the profiler ranges of the passes (``fastsched profile`` counts them as the CPU
+#: "kernels": the extension runs no aten operators the profiler could see)
+PASS_RANGES = {p: f"fastsched::{p}" for p in ("grad_stats", "finalize", "unit_sums", "update")}
 
 
 def _layout_constants() -> dict[str, int]:
@@ -160,9 +165,21 @@ def _f32(t):
     return t
 
 
+def _ranges(on: bool):
+    """Profiler range per pass when a profiler records (else one shared no-op context)."""
+    if not on:
+        return lambda name: _NO_RANGE
+    return lambda name: torch.autograd.profiler.record_function(PASS_RANGES[name])
+
+
 def run_step(plan, buffers, rows: tuple, table: torch.Tensor, options, gs, fi) -> None:
-    """The passes of one step with the compiled executor (see :func:`.functional.run_step`)."""
+    """The passes of one step with the compiled executor (see :func:`.functional.run_step`).
+
+    Under a profiler each pass is a ``fastsched::<pass>`` range (:data:`PASS_RANGES`); without
+    one, the step creates no profiler objects.
+    """
     x = ext()
+    rng = _ranges(torch.autograd._profiler_enabled())
     if plan.device.type != "cpu":
         raise ValueError(f"backend='cpu' needs CPU tensors, the parameters are on {plan.device}")
     meta = _meta(plan)
@@ -170,8 +187,9 @@ def run_step(plan, buffers, rows: tuple, table: torch.Tensor, options, gs, fi) -
     n = len(plan)
     tensors = plan.tensors.data_ptr()
     if options.stats_pass:
-        x.grad_stats(tensors, meta.dtypes.data_ptr(), n, plan.tstat.data_ptr(),
-                     int(options.guard), nt)
+        with rng("grad_stats"):
+            x.grad_stats(tensors, meta.dtypes.data_ptr(), n, plan.tstat.data_ptr(),
+                         int(options.guard), nt)
         if plan.dist is not None:  # global per-tensor sums (one all-reduce), as the reference
             sums = plan.tstat[:, meta.rows3]
             sums = plan.dist.reduce_rows(sums)
@@ -180,26 +198,30 @@ def run_step(plan, buffers, rows: tuple, table: torch.Tensor, options, gs, fi) -
         table = table.to(torch.float64).contiguous()
     gs, fi = _f32(gs), _f32(fi)
     groups = buffers.groups
-    x.finalize(plan.kind, tensors, n, groups.data_ptr(), groups.shape[0],
-               plan.scal.data_ptr(), table.data_ptr(), table.shape[0],
-               buffers.clock.data_ptr(), buffers.config.data_ptr(), plan.tstat.data_ptr(),
-               buffers.gstat.data_ptr(), buffers.lr.data_ptr(), buffers.history.data_ptr(),
-               buffers.history_pos.data_ptr(), buffers.history_len, _addr(gs), _addr(fi),
-               int(options.stats_pass), int(options.max_grad_norm is not None),
-               int(options.guard))
+    with rng("finalize"):
+        x.finalize(plan.kind, tensors, n, groups.data_ptr(), groups.shape[0],
+                   plan.scal.data_ptr(), table.data_ptr(), table.shape[0],
+                   buffers.clock.data_ptr(), buffers.config.data_ptr(), plan.tstat.data_ptr(),
+                   buffers.gstat.data_ptr(), buffers.lr.data_ptr(), buffers.history.data_ptr(),
+                   buffers.history_pos.data_ptr(), buffers.history_len, _addr(gs), _addr(fi),
+                   int(options.stats_pass), int(options.max_grad_norm is not None),
+                   int(options.guard))
     ready = 0
     if meta.span:
         # unit norms of the local shards, summed over the ranks that hold parts of a unit
-        x.unit_sums(tensors, meta.dtypes.data_ptr(), n, meta.uoff.data_ptr(),
-                    meta.usums.data_ptr(), nt)
+        with rng("unit_sums"):
+            x.unit_sums(tensors, meta.dtypes.data_ptr(), n, meta.uoff.data_ptr(),
+                        meta.usums.data_ptr(), nt)
         for i, o, k, kr in meta.unit_ranges:
             s = meta.usums[o:o + k].clone() if k == kr else torch.zeros(kr, dtype=torch.float64)
             s = plan.dist.reduce_units(i, s)
             if k:
                 meta.usums[o:o + k] = s
         ready = 1
-    x.update(plan.kind, tensors, meta.dtypes.data_ptr(), n, plan.scal.data_ptr(),
-             plan.ustat.data_ptr(), meta.uoff.data_ptr(), meta.usums.data_ptr(), ready,
-             int(options.stats), nt)
+    # (ALLoRA unit sums not summed over ranks are computed inside the update call)
+    with rng("update"):
+        x.update(plan.kind, tensors, meta.dtypes.data_ptr(), n, plan.scal.data_ptr(),
+                 plan.ustat.data_ptr(), meta.uoff.data_ptr(), meta.usums.data_ptr(), ready,
+                 int(options.stats), nt)
     if plan.dist is not None and options.stats:  # whole-tensor norms
         plan.dist.reduce_rows(plan.ustat)
