@@ -77,7 +77,8 @@ def test_parse_shapes():
 def bench_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("results")
     rc = main(["bench", "--device", "cpu", "--scale", "0.01", "--sets", "gpt2",
-               "--shapes", "64x32,17,3x3", "--quick", "--no-progress", "--out", str(out)])
+               "--shapes", "64x32,17,3x3", "--quick", "--no-progress", "--threads", "1",
+               "--out", str(out)])
     assert rc == 0
     files = sorted(out.iterdir())
     js = [f for f in files if f.suffix == ".json"]
@@ -104,6 +105,10 @@ def test_run_metadata(bench_run):
                 "peak_mem_method", "dtypes", "configs", "timing", "torch_threads"):
         assert key in m, key
     assert m["scale"] == 0.01 and m["device_kind"] == "cpu"
+    # the CPU defaults: both dtypes, every configuration, the thread count given
+    assert m["dtypes"] == ["fp32", "bf16"] and m["threads"] == [1]
+    assert m["configs"] == ["adamw", "adamw-clip", "allora", "sgd"]
+    assert m["cpu"]["cores"] >= 1 and (m["cpu"]["llc_bytes"] is None or m["cpu"]["llc_bytes"] > 0)
     assert "--scale 0.01" in m["command"]
     assert _finite(res["copy"]["gbps"]) and res["copy"]["gbps"] > 0
     assert res["configs"]["adamw"]["bytes_per_param"] == {"fp32": 28, "bf16": 14, "fp16": 14}
@@ -120,9 +125,12 @@ def test_every_contender_is_recorded(bench_run):
     seen = {}
     for r in res["results"]:
         seen.setdefault((r["set"], r["dtype"], r["config"]), []).append(r["contender"])
-    for (_, _, config), keys in seen.items():
-        assert keys == [c.key for c in C.contenders_for(config)]
-    assert len(seen) == 2 * 1 * 3  # sets x dtypes (fp32 on the CPU) x configurations
+    for (_, _, config), keys in seen.items():  # the CPU run's contenders
+        assert keys == [c.key for c in C.contenders_for(config, cpu=True)]
+        assert set(keys) <= set(C.CPU_CONTENDERS) and "torch-fused" in keys
+    assert len(seen) == 2 * 2 * 4  # sets x dtypes x configurations
+    streams = [r for r in res["results"] if r["contender"] == "stream"]
+    assert len(streams) == 2 * 2 and all(r["family"] == "ceiling" for r in streams)
     for r in res["results"]:
         assert r["status"] in ("ok", "skipped", "unavailable", "error")
         if r["status"] != "ok":
@@ -131,8 +139,10 @@ def test_every_contender_is_recorded(bench_run):
             assert r["status"] == "skipped" and "CUDA" in r["reason"]
         if r["contender"] == "torch-compile":
             assert r["status"] == "skipped" and "--compile" in r["reason"]
-        if r["family"] == "torch" and not r["graph"] and r["contender"] != "torch-compile":
+        if r["family"] in ("torch", "ceiling") and not r["graph"] \
+                and r["contender"] != "torch-compile":
             assert r["status"] == "ok", r
+        assert r["threads"] == 1
 
 
 def test_values_finite_and_derived(bench_run):
@@ -151,10 +161,18 @@ def test_values_finite_and_derived(bench_run):
         gbps = r["bytes_per_param"] * r["params"] / r["b2b_s"]["median"] / 1e9
         assert r["gbps"] == pytest.approx(gbps, rel=1e-12)
         assert r["pct_copy"] == pytest.approx(100 * gbps / copy, rel=1e-12)
+    # % of stream: against the stream ceiling of the same set, dtype and thread count
+    for r in ok:
+        (ceiling,) = [p for p in ok if p["family"] == "ceiling" and
+                      (p["set"], p["dtype"], p["threads"]) == (r["set"], r["dtype"], r["threads"])]
+        assert r["pct_stream"] == pytest.approx(100 * r["gbps"] / ceiling["gbps"], rel=1e-12)
     # speedups are ratios of the recorded timings to the best torch contender's
     for r in ok:
-        peers = [p for p in ok if (p["set"], p["dtype"], p["config"]) ==
-                 (r["set"], r["dtype"], r["config"]) and p["family"] == "torch"]
+        if r["family"] == "ceiling":
+            assert r["speedup"] is None
+            continue
+        peers = [p for p in ok if (p["set"], p["dtype"], p["config"], p["threads"]) ==
+                 (r["set"], r["dtype"], r["config"], r["threads"]) and p["family"] == "torch"]
         best = min(peers, key=lambda p: p["b2b_s"]["median"])
         assert r["speedup_vs"] == best["contender"]
         assert r["speedup"] == pytest.approx(best["b2b_s"]["median"] / r["b2b_s"]["median"],
@@ -211,7 +229,8 @@ def test_derive_from_synthetic_results():
 
 def _tiny(**kw) -> BenchOptions:
     base = dict(sets=[], custom=parse_shapes("8x4,5"), scale=1.0, quick=True, out=None,
-                progress=False, plot=False, copy_mib=1, device="cpu")
+                progress=False, plot=False, copy_mib=1, device="cpu", threads=1,
+                dtypes=["fp32"])
     base.update(kw)
     return BenchOptions(**base)
 
@@ -256,8 +275,24 @@ def test_time_limit_records_the_rest_as_skipped():
     res = run_bench(_tiny(configs=["adamw"], time_limit_s=1e-9))
     assert res["results"] and all(r["status"] == "skipped" and "--time-limit" in r["reason"]
                                   for r in res["results"])
-    assert len(res["results"]) == len(C.contenders_for("adamw"))
+    assert len(res["results"]) == len(C.contenders_for("adamw", cpu=True))
     assert "## Performance" in render_readme(res)
+
+
+def test_thread_counts_are_runs_of_their_own():
+    res = run_bench(_tiny(configs=["adamw"], threads=[1, 2]))
+    by = {}
+    for r in res["results"]:
+        by.setdefault(r["threads"], []).append(r)
+    assert sorted(by) == [1, 2] and res["meta"]["threads"] == [1, 2]
+    for entries in by.values():
+        assert [r["contender"] for r in entries] == [c.key for c in
+                                                     C.contenders_for("adamw", cpu=True)]
+        for r in entries:
+            if r["status"] == "ok" and r["family"] == "fastsched":
+                assert r["speedup_vs"] == "torch-fused" and r["timing"] == "interleaved"
+    md = render_readme(res)
+    assert "| threads |" in md and "% of stream" in md
 
 
 def test_torch_allora_scaling_matches_formula():

@@ -18,7 +18,7 @@ import torch
 from .device import Device
 
 __all__ = ["Config", "Contender", "CONFIGS", "CONTENDERS", "Built", "Setup", "Unavailable",
-           "Skipped", "contenders_for", "HYPER", "CLIP_NORM", "ALLORA_ETA"]
+           "Skipped", "contenders_for", "HYPER", "CLIP_NORM", "ALLORA_ETA", "CPU_CONTENDERS"]
 
 #: hyperparameters shared by every contender
 HYPER = {"lr": 1e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
@@ -95,7 +95,7 @@ class Built:
 class Contender:
     key: str
     title: str
-    family: str  # "torch" or "fastsched"
+    family: str  # "torch", "fastsched" or "ceiling" (a bandwidth reference, not an optimizer)
     build: Callable[[Setup], Built]
     graph: bool = False
     compiles: bool = False
@@ -356,6 +356,33 @@ def _build_fastsched_graph(setup: Setup) -> Built:
     return Built(graph.replay, info={"backend": opt.backend}, keep=(opt, graph))
 
 
+# -- the ceiling: the compiled CPU extension's stream kernel -------------------------------------
+
+def _build_stream(setup: Setup) -> Built:
+    """In place, AdamW's access pattern with no arithmetic: per 32-bit word 4 reads (p, g, m, v)
+    and 3 writes (p, m, v); as many words as AdamW's parameters take bytes / 4 (a bf16 run
+    streams half as many words), so it moves AdamW's bytes in the same run."""
+    if setup.dev.is_cuda:
+        raise Skipped("the stream ceiling is a kernel of the compiled CPU backend")
+    from ..optim import _cpu
+
+    if not _cpu.available():
+        raise Unavailable(f"the compiled CPU backend is not available: {_cpu.reason()}")
+    ext = _cpu.ext()
+    nbytes = sum(p.numel() * p.element_size() for p in setup.params)
+    n = max(1, nbytes // 4)
+    bufs = [torch.zeros(n, dtype=torch.int32) for _ in range(4)]
+    addrs = [b.data_ptr() for b in bufs]
+    # the optimizer's own tensors are not needed: free what the harness gave it
+    for p in setup.params:
+        p.grad = None
+
+    def step() -> None:
+        ext.stream(*addrs, n, torch.get_num_threads())
+
+    return Built(step, info={"words": n}, keep=bufs)
+
+
 # -- the table --------------------------------------------------------------------------------
 
 CONTENDERS: dict[str, Contender] = {c.key: c for c in (
@@ -373,14 +400,23 @@ CONTENDERS: dict[str, Contender] = {c.key: c for c in (
               description="torch.compile(opt.step) with a tensor lr (torch's recipe for "
               "schedulers without recompiling); clip_grad_norm_ and LambdaLR stay eager"),
     Contender("fastsched", "fastsched", "fastsched", _build_fastsched,
-              description="fastsched optimizer (Triton on CUDA, PyTorch reference on CPU)"),
+              description="fastsched optimizer (Triton on CUDA; on the CPU the compiled backend, "
+              "or the PyTorch reference backend where the extension is not built)"),
     Contender("fastsched-graph", "fastsched, CUDA graph", "fastsched", _build_fastsched_graph,
               graph=True, description="the fastsched step captured once and replayed"),
+    Contender("stream", "stream ceiling", "ceiling", _build_stream,
+              description="CPU only: the compiled extension's in-place kernel with AdamW's "
+              "access pattern (4 reads, 3 writes of each 32-bit word, no arithmetic) on "
+              "AdamW's bytes: the bandwidth an AdamW step can reach on this machine"),
 )}
+
+#: the contenders of a CPU run unless --contenders says otherwise: torch's fastest CPU
+#: implementation (fused), fastsched (the compiled CPU backend) and the stream ceiling
+CPU_CONTENDERS = ("torch-fused", "fastsched", "stream")
 
 _BY_CONFIG = {
     "adamw": ("torch-forloop", "torch-foreach", "torch-fused", "torch-fused-graph",
-              "torch-compile", "fastsched", "fastsched-graph"),
+              "torch-compile", "fastsched", "fastsched-graph", "stream"),
     "adamw-clip": ("torch-forloop", "torch-foreach", "torch-fused", "torch-fused-graph",
                    "torch-compile", "fastsched", "fastsched-graph"),
     "allora": ("torch-fused", "torch-fused-graph", "fastsched", "fastsched-graph"),
@@ -389,8 +425,15 @@ _BY_CONFIG = {
 }
 
 
-def contenders_for(config: str) -> list[Contender]:
-    return [CONTENDERS[k] for k in _BY_CONFIG[config]]
+def contenders_for(config: str, cpu: bool | None = None) -> list[Contender]:
+    """The contenders of ``config``: every one (``cpu`` None), those of a default CPU run
+    (:data:`CPU_CONTENDERS`, ``cpu`` True) or of a default GPU run (all but the CPU ceiling)."""
+    keys = _BY_CONFIG[config]
+    if cpu is True:
+        keys = tuple(k for k in keys if k in CPU_CONTENDERS)
+    elif cpu is False:
+        keys = tuple(k for k in keys if k != "stream")
+    return [CONTENDERS[k] for k in keys]
 
 
 def params_of(shapes, dtype: torch.dtype, device: torch.device, seed: int = 0):

@@ -10,7 +10,16 @@ Timing (per contender, after a first step and a warm-up):
 Derived numbers are computed from the recorded timings by :func:`derive`, never typed:
 GB/s = bytes per parameter x parameters / back-to-back median; % of the copy bandwidth measured
 in the same run; speedup = the best torch contender's back-to-back median in the same (shape set,
-dtype, configuration) / this contender's.
+dtype, configuration, thread count) / this contender's; % of stream = GB/s / the stream
+ceiling's GB/s (CPU: the compiled extension's in-place kernel with AdamW's access pattern, timed
+in the same run).
+
+On the CPU the contenders of one configuration are built together and timed in interleaved
+rounds (one block of every contender per round, the order reversed every other round), so that
+the load of a shared machine falls on all of them alike; the default CPU run takes every thread
+count in ``threads`` (1 and 2 on a machine with 2 cores), GPT-2 and Llama-1B at scale 0.1 (their
+optimizer states exceed the last-level cache), fp32 and bf16, AdamW, clip + AdamW + schedule,
+ALLoRA + AdamW and SGD, with torch's fused optimizers, fastsched and the stream ceiling.
 """
 
 from __future__ import annotations
@@ -24,7 +33,7 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +47,7 @@ from .contenders import (
     HYPER,
     SGD_HYPER,
     Built,
+    Contender,
     Setup,
     Skipped,
     Unavailable,
@@ -48,12 +58,17 @@ from .device import Device, MemoryMeter, copy_bandwidth, environment, quantiles,
 from .shapes import SHAPE_SETS, ShapeSet, get_shape_set
 
 __all__ = ["BenchOptions", "TimingPlan", "run_bench", "derive", "save_results", "DTYPES",
-           "CPU_DEFAULT_SCALE", "SCHEMA"]
+           "CPU_DEFAULT_SCALE", "CPU_DEFAULT_SETS", "CPU_DEFAULT_CONFIGS", "SCHEMA",
+           "thread_counts"]
 
 SCHEMA = "fastsched-bench/1"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-CPU_DEFAULT_SCALE = 0.01
+#: GPT-2 small at 0.1: 12.5M parameters, 200 MB of AdamW state (p, g, m, v) against a
+#: last-level cache of tens of MB, so a step streams from memory as the full model's does
+CPU_DEFAULT_SCALE = 0.1
+CPU_DEFAULT_SETS = ("gpt2", "llama-1b")
+CPU_DEFAULT_CONFIGS = ("adamw", "adamw-clip", "allora", "sgd")
 #: torch.compile of a 148-tensor AdamW step builds C++ for minutes on a 2-core CPU
 CPU_COMPILE_REASON = ("torch.compile on a CPU generates and builds C++ for minutes; "
                       "pass --compile to include it")
@@ -85,19 +100,19 @@ class TimingPlan:
             if quick:
                 return cls(2, 0.02, 5, 0.01, 5, 25, 0.04, 0.5)
             return cls(3, 0.05, 10, 0.02, 5, 50, 0.1, 0.5)
-        # the CPU run checks the harness and shows host-side cost on scaled tensors: short
+        # the CPU run: interleaved rounds (blocks = rounds) of blocks of ~block_s
         if quick:
             return cls(1, 0.0, 2, 0.005, 2, 3, 0.01, 0.05)
-        return cls(1, 0.01, 3, 0.01, 3, 5, 0.02, 0.1)
+        return cls(2, 0.02, 7, 0.03, 3, 3, 0.02, 0.1)
 
 
 @dataclass
 class BenchOptions:
-    sets: list[str] = field(default_factory=lambda: list(SHAPE_SETS))
+    sets: list[str] | None = None  # None: every set on a GPU, CPU_DEFAULT_SETS on the CPU
     custom: ShapeSet | None = None
     dtypes: list[str] | None = None  # None: fp32 and bf16 on a GPU, fp32 on the CPU
-    configs: list[str] = field(default_factory=lambda: list(DEFAULT_CONFIGS))
-    contenders: list[str] | None = None
+    configs: list[str] | None = None  # None: DEFAULT_CONFIGS on a GPU, CPU_DEFAULT_CONFIGS
+    contenders: list[str] | None = None  # None: all on a GPU, CPU_CONTENDERS on the CPU
     scale: float | None = None  # None: 1 on a GPU, CPU_DEFAULT_SCALE on the CPU
     quick: bool = False
     compile: bool | None = None  # None: on for a GPU, off for the CPU
@@ -109,9 +124,45 @@ class BenchOptions:
     progress: bool = True
     seed: int = 0
     copy_mib: int | None = None
-    threads: int | None = None  # torch CPU threads; None: 1 on the CPU, unchanged on a GPU
+    #: torch CPU threads, one count or several (each a run of its own); None: 1 and 2 on the
+    #: CPU (as many as there are cores, at most 2), unchanged on a GPU
+    threads: int | list[int] | None = None
     time_limit_s: float | None = None  # no new contender once the run is this old
     argv: list[str] | None = None
+
+
+def _given(opts: BenchOptions, flag: str) -> bool:
+    """Whether the command line gave ``flag`` (the CLI passes its defaults as lists: a list that
+    did not come from the flag is the device's default). Without ``argv``: taken as given."""
+    return opts.argv is None or any(a == flag or a.startswith(flag + "=") for a in opts.argv)
+
+
+def _default_lists(opts: BenchOptions, dev: Device) -> BenchOptions:
+    """``opts`` with the device's defaults for the sets, configurations and contenders."""
+    import dataclasses
+
+    cpu = not dev.is_cuda
+    sets, configs = opts.sets, opts.configs
+    if sets is None or (cpu and not _given(opts, "--sets") and opts.custom is None
+                        and sets == list(SHAPE_SETS)):
+        sets = list(CPU_DEFAULT_SETS) if cpu else list(SHAPE_SETS)
+    if configs is None or (cpu and not _given(opts, "--configs")
+                           and configs == list(DEFAULT_CONFIGS)):
+        configs = list(CPU_DEFAULT_CONFIGS) if cpu else list(DEFAULT_CONFIGS)
+    return dataclasses.replace(opts, sets=sets, configs=configs)
+
+
+def thread_counts(dev: Device, threads: int | list[int] | None) -> list[int | None]:
+    """The torch thread counts of a run (None: leave torch's setting)."""
+    if isinstance(threads, int):
+        return [threads]
+    if threads:
+        return list(dict.fromkeys(threads))
+    if dev.is_cuda:
+        return [None]
+    import os
+
+    return list(range(1, min(2, os.cpu_count() or 1) + 1))
 
 
 def _shape_sets(opts: BenchOptions, scale: float) -> list[ShapeSet]:
@@ -199,18 +250,18 @@ def _measure(built: Built, dev: Device, plan: TimingPlan, meter: MemoryMeter
             "latency_s": quantiles(lat), "steps": steps}
 
 
-def _run_entry(sset: ShapeSet, dtype: str, config: str, key: str, master, dev: Device,
-               plan: TimingPlan, schedule, shared: dict, gate: _CompileGate) -> dict[str, Any]:
+def _start_entry(sset: ShapeSet, dtype: str, config: str, key: str, master, dev: Device,
+                 schedule, shared: dict, gate: _CompileGate, threads: int | None):
+    """Build one contender and run its first step: (record, built or None, meter)."""
     cont = CONTENDERS[key]
     cfg = CONFIGS[config]
     tdtype = DTYPES[dtype]
     rec: dict[str, Any] = {
         "set": sset.name, "dtype": dtype, "config": config, "contender": key,
         "title": cont.title, "family": cont.family, "graph": cont.graph,
-        "params": sset.params, "tensors": sset.tensors,
+        "params": sset.params, "tensors": sset.tensors, "threads": threads,
         "bytes_per_param": cfg.bytes_per_param(tdtype), "status": "ok", "reason": "",
     }
-    params = None
     built = None
     meter = MemoryMeter(dev)
     try:
@@ -239,29 +290,115 @@ def _run_entry(sset: ShapeSet, dtype: str, config: str, key: str, master, dev: D
                 shared["compile"]["compile_s"] = first_s
                 rec["compile_s"] = first_s
                 gate.record(first_s, sset.tensors)
-            rec.update(_measure(built, dev, plan, meter))
-        rec["peak_mem_bytes"] = meter.peak()
-        rec.update({k: v for k, v in built.info.items() if k not in rec})
-    except Unavailable as e:
-        rec.update(status="unavailable", reason=str(e))
-    except Skipped as e:
-        rec.update(status="skipped", reason=str(e))
+        built.keep = (built.keep, params)
     except Exception as e:  # noqa: BLE001 - one failing contender must not end the run
+        _failed(rec, e, cont, config, shared)
+        built = None
+    return rec, built, meter
+
+
+def _failed(rec: dict, e: BaseException, cont: Contender, config: str, shared: dict) -> None:
+    if isinstance(e, Unavailable):
+        rec.update(status="unavailable", reason=str(e))
+    elif isinstance(e, Skipped):
+        rec.update(status="skipped", reason=str(e))
+    else:
         rec.update(status="error", reason=_short(e))
         if cont.compiles and "compile_error" not in shared:
             shared.pop("compile", None)
             shared["compile_error"] = f"{config} entry: {rec['reason']}"
+
+
+def _finish(rec: dict, built: Built, meter: MemoryMeter) -> None:
+    rec["peak_mem_bytes"] = meter.peak()
+    rec.update({k: v for k, v in built.info.items() if k not in rec})
+
+
+def _run_entry(sset: ShapeSet, dtype: str, config: str, key: str, master, dev: Device,
+               plan: TimingPlan, schedule, shared: dict, gate: _CompileGate,
+               threads: int | None = None) -> dict[str, Any]:
+    rec, built, meter = _start_entry(sset, dtype, config, key, master, dev, schedule, shared,
+                                     gate, threads)
+    try:
+        if built is not None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                rec.update(_measure(built, dev, plan, meter))
+            _finish(rec, built, meter)
+    except Exception as e:  # noqa: BLE001
+        _failed(rec, e, CONTENDERS[key], config, shared)
     finally:
-        del built, params
+        del built
         _free(dev)
     return rec
 
 
-def _skipped_entry(sset: ShapeSet, dtype: str, config: str, key: str, why: str) -> dict:
+def _measure_interleaved(lives: list[tuple[dict, Built, MemoryMeter]], dev: Device,
+                         plan: TimingPlan) -> list[dict[str, Any]]:
+    """Time the contenders in interleaved rounds: each round one block of every contender (the
+    order reversed every other round), then single synchronised steps in the same way."""
+    ests = []
+    for _, built, meter in lives:
+        est = dev.time_single(built.step)
+        n, t0 = 0, time.perf_counter()
+        while n < plan.warmup_min or (time.perf_counter() - t0 < plan.warmup_s and n < 50):
+            built.step()
+            n += 1
+        dev.sync()
+        ests.append(max(min(est, (time.perf_counter() - t0) / max(n, 1)), 1e-7))
+        meter.sample()
+    per_block = [max(1, min(1000, round(plan.block_s / e))) for e in ests]
+    b2b: list[list[float]] = [[] for _ in lives]
+    lat: list[list[float]] = [[] for _ in lives]
+    order = list(range(len(lives)))
+    for r in range(plan.blocks):
+        for i in (order if r % 2 == 0 else order[::-1]):
+            b2b[i].append(dev.time_block(lives[i][1].step, per_block[i]))
+            lives[i][2].sample()
+    for r in range(plan.latency_min):
+        for i in (order if r % 2 == 0 else order[::-1]):
+            lat[i].append(dev.time_single(lives[i][1].step))
+    return [{"b2b_s": {**quantiles(b2b[i]), "steps_per_block": per_block[i]},
+             "latency_s": quantiles(lat[i]),
+             "steps": 2 + plan.warmup_min + plan.blocks * per_block[i] + plan.latency_min,
+             "timing": "interleaved"} for i in range(len(lives))]
+
+
+def _run_interleaved(sset: ShapeSet, dtype: str, config: str, keys: list[str], master,
+                     dev: Device, plan: TimingPlan, schedule, shared: dict, gate: _CompileGate,
+                     threads: int | None) -> list[dict[str, Any]]:
+    """Every contender of one configuration, built together and timed in interleaved rounds."""
+    recs, lives = [], []
+    try:
+        for key in keys:
+            rec, built, meter = _start_entry(sset, dtype, config, key, master, dev, schedule,
+                                             shared, gate, threads)
+            recs.append(rec)
+            if built is not None:
+                lives.append((rec, built, meter))
+        if lives:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                timed = _measure_interleaved(lives, dev, plan)
+            for (rec, built, meter), t in zip(lives, timed):
+                rec.update(t)
+                _finish(rec, built, meter)
+    except Exception as e:  # noqa: BLE001 - a failure while timing: the timed ones say so
+        for rec, _, _ in lives:
+            if "b2b_s" not in rec:
+                _failed(rec, e, CONTENDERS[rec["contender"]], config, shared)
+    finally:
+        del lives
+        _free(dev)
+    return recs
+
+
+def _skipped_entry(sset: ShapeSet, dtype: str, config: str, key: str, why: str,
+                   threads: int | None = None) -> dict:
     cont = CONTENDERS[key]
     return {"set": sset.name, "dtype": dtype, "config": config, "contender": key,
             "title": cont.title, "family": cont.family, "graph": cont.graph,
-            "params": sset.params, "tensors": sset.tensors,
+            "params": sset.params, "tensors": sset.tensors, "threads": threads,
             "bytes_per_param": CONFIGS[config].bytes_per_param(DTYPES[dtype]),
             "status": "skipped", "reason": why}
 
@@ -272,10 +409,14 @@ def derive(results: dict[str, Any]) -> dict[str, Any]:
     entries = results["results"]
     best: dict[tuple, dict] = {}
     best_lat: dict[tuple, dict] = {}
+    stream: dict[tuple, float] = {}
     for r in entries:
+        if r["status"] == "ok" and r["family"] == "ceiling":
+            stream[(r["set"], r["dtype"], r.get("threads"))] = (
+                r["bytes_per_param"] * r["params"] / r["b2b_s"]["median"] / 1e9)
         if r["status"] != "ok" or r["family"] != "torch":
             continue
-        k = (r["set"], r["dtype"], r["config"])
+        k = (r["set"], r["dtype"], r["config"], r.get("threads"))
         if k not in best or r["b2b_s"]["median"] < best[k]["b2b_s"]["median"]:
             best[k] = r
         if k not in best_lat or r["latency_s"]["median"] < best_lat[k]["latency_s"]["median"]:
@@ -288,8 +429,10 @@ def derive(results: dict[str, Any]) -> dict[str, Any]:
         r["gbps"] = moved / t / 1e9
         r["gbps_latency"] = moved / r["latency_s"]["median"] / 1e9
         r["pct_copy"] = 100.0 * r["gbps"] / copy
-        k = (r["set"], r["dtype"], r["config"])
-        if k in best:
+        ceiling = stream.get((r["set"], r["dtype"], r.get("threads")))
+        r["pct_stream"] = None if ceiling is None else 100.0 * r["gbps"] / ceiling
+        k = (r["set"], r["dtype"], r["config"], r.get("threads"))
+        if k in best and r["family"] != "ceiling":
             r["speedup"] = best[k]["b2b_s"]["median"] / t
             r["speedup_vs"] = best[k]["contender"]
             r["speedup_latency"] = best_lat[k]["latency_s"]["median"] / r["latency_s"]["median"]
@@ -362,6 +505,8 @@ class _LineProgress(_NoProgress):
 
 def _entry_line(rec: dict[str, Any]) -> str:
     head = f"{rec['set']} {rec['dtype']} {rec['config']} {rec['contender']}"
+    if rec.get("threads"):
+        head += f" {rec['threads']}t"
     if rec["status"] != "ok":
         return f"{head}: {rec['status']} ({rec['reason']})"
     t = rec["b2b_s"]["median"]
@@ -381,17 +526,17 @@ def _progress(enabled: bool):
     return _RichProgress()
 
 
-def _entries(opts: BenchOptions) -> list[tuple[str, str]]:
+def _entries(opts: BenchOptions, cpu: bool) -> list[tuple[str, str]]:
     out = []
     for config in opts.configs:
-        for c in contenders_for(config):
+        for c in contenders_for(config, None if opts.contenders is not None else cpu):
             if opts.contenders is None or c.key in opts.contenders:
                 out.append((config, c.key))
     return out
 
 
 def cpu_threads(dev: Device, threads: int | None) -> int | None:
-    """The torch thread count to run with: one on the CPU unless told otherwise.
+    """The torch thread count of ``fastsched profile``: one on the CPU unless told otherwise.
 
     The CPU run measures host-side cost on scaled tensors; on a small shared machine two
     intra-op threads competing with other processes made torch's fused AdamW 60x slower than
@@ -430,10 +575,11 @@ def run_bench(opts: BenchOptions, on_entry: Callable[[dict], None] | None = None
     except Exception:  # noqa: BLE001 - a torch build without dynamo
         pass
     gc.freeze()
+    before = torch.get_num_threads()
     try:
-        with torch_threads(dev, opts.threads):
-            return _run_bench(opts, dev, on_entry, on_group)
+        return _run_bench(_default_lists(opts, dev), dev, on_entry, on_group)
     finally:
+        torch.set_num_threads(before)
         gc.unfreeze()
 
 
@@ -450,25 +596,29 @@ def _run_bench(opts: BenchOptions, dev: Device, on_entry, on_group) -> dict[str,
                         "torch.compile switched off (--no-compile)",
                         budget, opts.compile_max_tensors)
     sets = _shape_sets(opts, scale)
-    # the CPU reference backend pays per tensor on the host, whatever the dtype: one dtype keeps
-    # the default CPU run near a minute
-    dtypes = opts.dtypes or (["fp32", "bf16"] if dev.is_cuda else ["fp32"])
+    dtypes = opts.dtypes or ["fp32", "bf16"]
+    counts = thread_counts(dev, opts.threads)
+    interleave = not dev.is_cuda
     schedule = Cosine(1000, warmup_steps=100, min_ratio=0.1)
     copy_mib = opts.copy_mib or (1024 if dev.is_cuda else 64)
     meta = environment(dev, opts.argv)
     meter_method = MemoryMeter(dev).method
-    entries = _entries(opts)
+    entries = _entries(opts, not dev.is_cuda)
     results: dict[str, Any] = {
         "schema": SCHEMA,
         "meta": {**meta, "scale": scale, "quick": opts.quick, "seed": opts.seed,
-                 "torch_threads": torch.get_num_threads(), "complete": False,
+                 "torch_threads": counts[0] if len(counts) == 1 and counts[0] else
+                 torch.get_num_threads(),
+                 "threads": counts, "cpu": _cpu_facts(dev), "complete": False,
                  "dtypes": dtypes, "configs": opts.configs,
                  "time_limit_s": opts.time_limit_s,
                  "compile": {"enabled": compile_on, "budget_s": budget,
                              "max_tensors": opts.compile_max_tensors},
                  "timing": {"plan": asdict(plan),
                             "b2b": "blocks of k steps, one synchronisation per block" +
-                                   (" (CUDA events)" if dev.is_cuda else " (wall clock)"),
+                                   (" (CUDA events)" if dev.is_cuda else
+                                    " (wall clock); the contenders of a configuration in "
+                                    "interleaved rounds, one block each per round"),
                             "latency": "one step, synchronised before and after (wall clock)",
                             "l2_flush": False},
                  "peak_mem_method": meter_method,
@@ -488,6 +638,7 @@ def _run_bench(opts: BenchOptions, dev: Device, on_entry, on_group) -> dict[str,
         "results": [],
     }
     started = time.perf_counter()
+    results["_t0"] = started
     time_why = f"--time-limit {opts.time_limit_s or 0:g} s reached"
 
     def over_time() -> bool:
@@ -495,47 +646,91 @@ def _run_bench(opts: BenchOptions, dev: Device, on_entry, on_group) -> dict[str,
                 and time.perf_counter() - started > opts.time_limit_s)
 
     with _progress(opts.progress) as prog:
-        prog.start(len(dtypes) * len(sets) * len(entries) + 2)
+        prog.start(len(counts) * len(dtypes) * len(sets) * len(entries) + 2)
         results["copy"] = copy_bandwidth(dev, copy_mib << 20, reps=20 if dev.is_cuda else 6)
         prog.advance(f"copy bandwidth: {results['copy']['gbps']:.4g} GB/s")
-        for dtype in dtypes:
-            for sset in sets:
-                if over_time():
-                    for config, key in entries:
-                        rec = _skipped_entry(sset, dtype, config, key, time_why)
-                        results["results"].append(rec)
-                        prog.advance(_entry_line(rec))
-                    continue
-                master = params_of(sset.shapes, DTYPES[dtype], dev.torch_device, opts.seed)
-                shared: dict[str, Any] = {}
-                if gate.enabled:
-                    _dynamo_reset()
-                for config, key in entries:
-                    if hasattr(prog, "describe"):
-                        prog.describe(f"{sset.name} {dtype} {config} {key}")
-                    if over_time():
-                        rec = _skipped_entry(sset, dtype, config, key, time_why)
-                    else:
-                        gate.time_left_s = (None if opts.time_limit_s is None else
-                                            opts.time_limit_s - (time.perf_counter() - started))
-                        rec = _run_entry(sset, dtype, config, key, master, dev, plan, schedule,
-                                         shared, gate)
-                    results["results"].append(rec)
-                    if on_entry is not None:
-                        on_entry(rec)
-                    prog.advance(_entry_line(rec))
-                shared.clear()
-                if gate.enabled:
-                    _dynamo_reset()  # compiled graphs may hold the parameters
-                del master
-                _free(dev)
-                if on_group is not None:
-                    on_group(results)
+        for nt in counts:
+            if nt is not None:
+                torch.set_num_threads(nt)
+            for dtype in dtypes:
+                for sset in sets:
+                    _run_group(sset, dtype, nt, entries, opts, dev, plan, schedule, gate,
+                               interleave, over_time, time_why, results, prog, on_entry)
+                    if on_group is not None:
+                        on_group(results)
         results["copy_end"] = copy_bandwidth(dev, copy_mib << 20, reps=20 if dev.is_cuda else 6)
         prog.advance(f"copy bandwidth at the end: {results['copy_end']['gbps']:.4g} GB/s")
+    results.pop("_t0", None)
     results["meta"]["wall_s"] = time.perf_counter() - started
     results["meta"]["complete"] = True
     return derive(results)
+
+
+def _run_group(sset, dtype, nt, entries, opts, dev, plan, schedule, gate, interleave,
+               over_time, time_why, results, prog, on_entry) -> None:
+    """Every entry of one (shape set, dtype, thread count)."""
+    def record(rec: dict) -> None:
+        results["results"].append(rec)
+        if on_entry is not None:
+            on_entry(rec)
+        prog.advance(_entry_line(rec))
+
+    if over_time():
+        for config, key in entries:
+            record(_skipped_entry(sset, dtype, config, key, time_why, nt))
+        return
+    master = params_of(sset.shapes, DTYPES[dtype], dev.torch_device, opts.seed)
+    shared: dict[str, Any] = {}
+    if gate.enabled:
+        _dynamo_reset()
+    for config in dict.fromkeys(c for c, _ in entries):
+        keys = [k for c, k in entries if c == config]
+        if hasattr(prog, "describe"):
+            prog.describe(f"{sset.name} {dtype} {config} {nt or ''}")
+        if over_time():
+            for key in keys:
+                record(_skipped_entry(sset, dtype, config, key, time_why, nt))
+            continue
+        gate.time_left_s = (None if opts.time_limit_s is None else
+                            opts.time_limit_s - (time.perf_counter() - results["_t0"]))
+        if interleave:
+            for rec in _run_interleaved(sset, dtype, config, keys, master, dev, plan, schedule,
+                                        shared, gate, nt):
+                record(rec)
+            continue
+        for key in keys:
+            if over_time():
+                record(_skipped_entry(sset, dtype, config, key, time_why, nt))
+                continue
+            record(_run_entry(sset, dtype, config, key, master, dev, plan, schedule, shared,
+                              gate, nt))
+    shared.clear()
+    if gate.enabled:
+        _dynamo_reset()  # compiled graphs may hold the parameters
+    del master
+    _free(dev)
+
+
+def _cpu_facts(dev: Device) -> dict[str, Any] | None:
+    """Cores and last-level cache of this CPU (from /sys), for the report."""
+    if dev.is_cuda:
+        return None
+    import glob
+    import os
+
+    llc = None
+    for d in sorted(glob.glob("/sys/devices/system/cpu/cpu0/cache/index*")):
+        try:
+            level = int(Path(d, "level").read_text())
+            size = Path(d, "size").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(size[-1:], 1)
+        num = int(size.rstrip("KMG")) * mult
+        if llc is None or level >= llc[0]:
+            llc = (level, num)
+    return {"cores": os.cpu_count(), "llc_level": llc[0] if llc else None,
+            "llc_bytes": llc[1] if llc else None}
 
 
 def _dynamo_reset() -> None:

@@ -47,6 +47,10 @@ def _fmt_params(n: int) -> str:
     return str(n)
 
 
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{x:.0f}%"
+
+
 def _speedup(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}x"
 
@@ -57,18 +61,22 @@ def _gbps(x: float | None) -> str:
     return f"{x / 1e3:.3g} TB/s" if x >= 1e3 else f"{x:.3g} GB/s"
 
 
+def _threads(t) -> str:
+    return "" if not t else f", {t} thread{'s' if t > 1 else ''}"
+
+
 def _groups(results: dict[str, Any]) -> list[tuple[dict, str, list[dict]]]:
-    """(shape set, dtype, entries) in run order."""
+    """(shape set, dtype and thread count as a label, entries) in run order."""
     sets = {s["name"]: s for s in results["shape_sets"]}
-    order: list[tuple[str, str]] = []
-    by: dict[tuple[str, str], list[dict]] = {}
+    order: list[tuple[str, str, Any]] = []
+    by: dict[tuple[str, str, Any], list[dict]] = {}
     for r in results["results"]:
-        k = (r["set"], r["dtype"])
+        k = (r["set"], r["dtype"], r.get("threads"))
         if k not in by:
             by[k] = []
             order.append(k)
         by[k].append(r)
-    return [(sets[s], d, by[(s, d)]) for s, d in order]
+    return [(sets[s], d + _threads(t), by[(s, d, t)]) for s, d, t in order]
 
 
 def _set_title(s: dict) -> str:
@@ -101,7 +109,8 @@ def table_rows(entries: Iterable[dict], configs: dict) -> list[list[str]]:
         rows.append([
             cfg, r["title"], _ms(b["median"]), f"{_ms(b['p10'])}-{_ms(b['p90'])}",
             _ms(lat["median"]), _gbps(r["gbps"]), f"{r['pct_copy']:.1f}%",
-            _speedup(r.get("speedup")), _fmt_bytes(r.get("peak_mem_bytes")), first,
+            _pct(r.get("pct_stream")), _speedup(r.get("speedup")),
+            _fmt_bytes(r.get("peak_mem_bytes")), first,
         ])
     return rows
 
@@ -118,7 +127,7 @@ def table_notes(entries: Iterable[dict]) -> list[str]:
 
 
 COLUMNS = ["configuration", "contender", "ms/step", "p10-p90", "sync'd ms", "GB/s", "% of copy",
-           "speedup", "peak mem", "first step"]
+           "% of stream", "speedup", "peak mem", "first step"]
 
 
 def _header_lines(results: dict[str, Any]) -> list[str]:
@@ -134,6 +143,13 @@ def _header_lines(results: dict[str, Any]) -> list[str]:
            if "copy_end" in results else ""),
         f"peak memory: {m['peak_mem_method']}",
     ]
+    cpu = m.get("cpu")
+    if cpu:
+        llc = (f"; last-level cache (L{cpu['llc_level']}) {_fmt_bytes(cpu['llc_bytes'])}"
+               if cpu.get("llc_bytes") else "")
+        lines.append(f"CPU: {cpu['cores']} cores{llc}; torch threads: "
+                     + ", ".join(str(t) for t in m.get("threads") or [m["torch_threads"]])
+                     + "; contenders of a configuration timed in interleaved rounds")
     return lines
 
 
@@ -219,8 +235,10 @@ def render_markdown(results: dict[str, Any], image: str | None = None) -> str:
               "synchronised once per block; sync'd ms: median of single steps with a "
               "synchronisation before and after (host launch time included). "
               "GB/s = bytes per parameter x parameters / back-to-back time; "
-              "speedup = the fastest torch contender's "
-              "back-to-back time in the same configuration / this one's.", ""]
+              "% of stream = GB/s / the stream ceiling's GB/s in the same set, dtype and thread "
+              "count; speedup = the fastest torch contender's "
+              "back-to-back time in the same configuration (and thread count) / this one's.",
+              ""]
     for sset, dtype, entries in _groups(results):
         lines += [f"## {_set_title(sset)}, {dtype}", ""]
         lines += _md_table(COLUMNS, table_rows(entries, results["configs"])) + [""]
@@ -246,7 +264,14 @@ def render_readme(results: dict[str, Any], source: str = "RESULTS.json",
              f"{_gbps(c['gbps'])}, is the ceiling: an optimizer step moves at least the bytes per "
              "parameter below, so % of copy = bytes x parameters / time / copy bandwidth. "
              "Time is the median of back-to-back steps; speedup is against the fastest torch "
-             "contender of the same configuration.", ""]
+             "contender of the same configuration"
+             + (" and thread count" if len(m.get("threads") or []) > 1 else "") + "."
+             + (" % of stream: GB/s against the stream ceiling (the compiled CPU extension's "
+                "in-place kernel with AdamW's access pattern, 4 reads and 3 writes per 32-bit "
+                "word, no arithmetic) measured in the same run."
+                if any(r["family"] == "ceiling" for r in results["results"]) else ""), ""]
+    if m.get("cpu"):
+        lines += [_header_lines(results)[-1] + ".", ""]
     if not m.get("complete", True):
         lines += ["**Incomplete run: the results file was written before the run ended.**", ""]
     if m.get("scale", 1.0) != 1.0:
@@ -263,31 +288,38 @@ def render_readme(results: dict[str, Any], source: str = "RESULTS.json",
     for name in dict.fromkeys(r["set"] for r in results["results"]):
         entries = [r for r in results["results"] if r["set"] == name]
         lines += [f"### {_set_title(sets[name])}", ""]
-        header = ["configuration", "contender"]
+        threads = len({e.get("threads") for e in entries}) > 1
+        stream = any(e["family"] == "ceiling" for e in entries)
+        header = ["configuration", "contender"] + (["threads"] if threads else [])
         for d in dtypes:
-            header += [f"{d} time", f"{d} % of copy", f"{d} speedup"]
+            header += [f"{d} time", f"{d} % of copy"] + ([f"{d} % of stream"] if stream
+                                                           else []) + [f"{d} speedup"]
         rows = []
-        for cfg, key in dict.fromkeys((r["config"], r["contender"]) for r in entries):
-            if not any(e["status"] == "ok" for e in entries
-                       if e["config"] == cfg and e["contender"] == key):
-                for e in entries:
-                    if e["config"] == cfg and e["contender"] == key:
-                        reasons[f"{e['title']} ({results['configs'][cfg]['title']}): "
-                                f"{e['status']}, {e['reason']}"] = None
+        width = 4 if stream else 3
+        for cfg, key, nt in dict.fromkeys((r["config"], r["contender"], r.get("threads"))
+                                          for r in entries):
+            mine = [e for e in entries if e["config"] == cfg and e["contender"] == key
+                    and e.get("threads") == nt]
+            if not any(e["status"] == "ok" for e in mine):
+                for e in mine:
+                    reasons[f"{e['title']} ({results['configs'][cfg]['title']}): "
+                            f"{e['status']}, {e['reason']}"] = None
                 continue
             row = [results["configs"][cfg]["title"], results["contenders"][key]["title"]]
+            if threads:
+                row.append(str(nt))
             for d in dtypes:
-                r = next((e for e in entries if e["config"] == cfg and e["contender"] == key
-                          and e["dtype"] == d), None)
+                r = next((e for e in mine if e["dtype"] == d), None)
                 if r is None:
-                    row += ["", "", ""]
+                    row += [""] * width
                 elif r["status"] != "ok":
-                    row += [r["status"], "", ""]
+                    row += [r["status"]] + [""] * (width - 1)
                     reasons[f"{r['title']} ({results['configs'][cfg]['title']}): "
                             f"{r['status']}, {r['reason']}"] = None
                 else:
-                    row += [fmt_time(r["b2b_s"]["median"]), f"{r['pct_copy']:.0f}%",
-                            _speedup(r.get("speedup"))]
+                    row += ([fmt_time(r["b2b_s"]["median"]), f"{r['pct_copy']:.0f}%"]
+                            + ([_pct(r.get("pct_stream"))] if stream else [])
+                            + [_speedup(r.get("speedup"))])
             rows.append(row)
         lines += _md_table(header, rows) + [""]
     if reasons:
@@ -319,7 +351,7 @@ def plot_results(results: dict[str, Any], path) -> bool:
                              figsize=(8 * len(dtypes), 1.2 + 0.28 * sum(heights)
                                       + 0.6 * len(set_names)),
                              gridspec_kw={"height_ratios": heights}, squeeze=False)
-    colors = {"torch": "#8c8c8c", "fastsched": "#d9541e"}
+    colors = {"torch": "#8c8c8c", "fastsched": "#d9541e", "ceiling": "#4c72b0"}
     copy = results["copy"]["gbps"]
     for i, name in enumerate(set_names):
         for j, dtype in enumerate(dtypes):
