@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "layout.h"
 
@@ -331,6 +332,10 @@ inline void span_loop(int64_t n, Lanes* ls, F one) {
 
 // -- update pass -------------------------------------------------------------------------------
 
+//: elements per chunk of a span of 16-bit (or float64) storage, converted to float32 around the
+//: float32 loop (a multiple of 16: the statistics lanes continue from chunk to chunk)
+constexpr int64_t NCH = 256;
+
 struct AdamScal {
     float gmul, step_size, bc2s, decay, l2, omb1, omb1c, omb2, omb2c, eps;
     bool lo;  // lerp from the start (1 - beta1 < 0.5), as torch's lerp
@@ -348,6 +353,32 @@ template <class E, bool AMS, bool STATS, bool SVEC>
 void adam_span(const AdamScal& s, typename E::T* __restrict p, const typename E::T* __restrict g,
                typename E::T* __restrict m, typename E::T* __restrict v,
                typename E::T* __restrict vm, int64_t n, const float* __restrict gs, Lanes* ls) {
+    if constexpr (!std::is_same<E, TF32>::value) {
+        // GCC does not vectorize the loop with the bf16 rounding in it: convert a chunk to
+        // float32 (exact), run the float32 loop, round back (the same values, bit for bit)
+        alignas(64) float tp[NCH], tg[NCH], tm[NCH], tv[NCH], tw[AMS ? NCH : 1];
+        for (int64_t c0 = 0; c0 < n; c0 += NCH) {
+            const int64_t cn = n - c0 < NCH ? n - c0 : NCH;
+            for (int64_t k = 0; k < cn; k++) {
+                tp[k] = E::ld(p[c0 + k]);
+                tg[k] = E::ld(g[c0 + k]);
+                tm[k] = E::ld(m[c0 + k]);
+                tv[k] = E::ld(v[c0 + k]);
+            }
+            if (AMS)
+                for (int64_t k = 0; k < cn; k++) tw[k] = E::ld(vm[c0 + k]);
+            adam_span<TF32, AMS, STATS, SVEC>(s, tp, tg, tm, tv, AMS ? tw : nullptr, cn,
+                                              SVEC ? gs + c0 : gs, ls);
+            for (int64_t k = 0; k < cn; k++) {
+                p[c0 + k] = E::st(tp[k]);
+                m[c0 + k] = E::st(tm[k]);
+                v[c0 + k] = E::st(tv[k]);
+            }
+            if (AMS)
+                for (int64_t k = 0; k < cn; k++) vm[c0 + k] = E::st(tw[k]);
+        }
+        return;
+    }
     const float gmul = s.gmul, step_size = s.step_size, bc2s = s.bc2s, decay = s.decay;
     const float l2 = s.l2, omb1 = s.omb1, omb1c = s.omb1c, omb2 = s.omb2, omb2c = s.omb2c;
     const float eps = s.eps;
@@ -387,6 +418,24 @@ void adam_span(const AdamScal& s, typename E::T* __restrict p, const typename E:
 template <class E, bool MOM, bool STATS, bool SVEC>
 void sgd_span(const SgdScal& s, typename E::T* __restrict p, const typename E::T* __restrict g,
               typename E::T* __restrict buf, int64_t n, const float* __restrict gs, Lanes* ls) {
+    if constexpr (!std::is_same<E, TF32>::value) {  // as adam_span
+        alignas(64) float tp[NCH], tg[NCH], tb[MOM ? NCH : 1];
+        for (int64_t c0 = 0; c0 < n; c0 += NCH) {
+            const int64_t cn = n - c0 < NCH ? n - c0 : NCH;
+            for (int64_t k = 0; k < cn; k++) {
+                tp[k] = E::ld(p[c0 + k]);
+                tg[k] = E::ld(g[c0 + k]);
+            }
+            if (MOM)
+                for (int64_t k = 0; k < cn; k++) tb[k] = E::ld(buf[c0 + k]);
+            sgd_span<TF32, MOM, STATS, SVEC>(s, tp, tg, MOM ? tb : nullptr, cn,
+                                             SVEC ? gs + c0 : gs, ls);
+            for (int64_t k = 0; k < cn; k++) p[c0 + k] = E::st(tp[k]);
+            if (MOM)
+                for (int64_t k = 0; k < cn; k++) buf[c0 + k] = E::st(tb[k]);
+        }
+        return;
+    }
     const float gmul = s.gmul, lr = s.lr, mom_a = s.mom_a, mom_b = s.mom_b, wd = s.wd;
     const float momentum = s.momentum;
     const bool nesterov = s.nesterov;
