@@ -7,7 +7,7 @@ evaluated by the host (``sched(t)``), by vectorised torch (``sched.evaluate(step
 held in device memory. Steps past the end hold the final value; negative steps are an error.
 """
 
-from ._base import REGISTRY, Schedule, from_dict
+from ._base import FORMAT_VERSION, REGISTRY, Schedule, from_dict
 from ._core import COLUMNS, Segment, Shape, evaluate_table, segments_to_table
 from ._named import (
     DECAY_SHAPES,
@@ -36,9 +36,9 @@ from ._plot import plot
 from ._torch import ScheduleLR
 
 __all__ = [
-    "Schedule", "from_dict", "REGISTRY", "Segment", "Shape", "COLUMNS", "evaluate_table",
-    "segments_to_table", "Constant", "LinearWarmup", "Cosine", "CosineRestarts", "LinearDecay",
-    "Polynomial", "StepDecay", "MultiStep", "Exponential", "InverseSqrt", "OneCycle", "WSD",
-    "REX", "Power", "Infinite", "Rewarm", "Table", "Join", "Scaled", "DECAY_SHAPES",
-    "WARMUP_SHAPES", "plot", "ScheduleLR",
+    "Schedule", "from_dict", "FORMAT_VERSION", "REGISTRY", "Segment", "Shape", "COLUMNS",
+    "evaluate_table", "segments_to_table", "Constant", "LinearWarmup", "Cosine", "CosineRestarts",
+    "LinearDecay", "Polynomial", "StepDecay", "MultiStep", "Exponential", "InverseSqrt",
+    "OneCycle", "WSD", "REX", "Power", "Infinite", "Rewarm", "Table", "Join", "Scaled",
+    "DECAY_SHAPES", "WARMUP_SHAPES", "plot", "ScheduleLR",
 ]

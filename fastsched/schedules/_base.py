@@ -6,15 +6,23 @@ import abc
 import dataclasses
 import math
 import numbers
+import warnings
 from typing import Any, ClassVar
 
 import torch
 
 from ._core import Segment, evaluate_rows, evaluate_table, segments_to_table
 
-__all__ = ["Schedule", "register", "from_dict", "REGISTRY"]
+__all__ = ["Schedule", "register", "from_dict", "REGISTRY", "FORMAT_VERSION"]
 
 REGISTRY: dict[str, type[Schedule]] = {}
+
+#: version of the :meth:`Schedule.to_dict` format, stored under ``"version"``. A dict without
+#: the key was saved by fastsched before version 2 and is read with the values of that time
+#: (see :attr:`Schedule.legacy_defaults`). Version 2 changed the defaults ``Power.a`` (4.6 ->
+#: 4), ``Infinite.alpha`` (8 -> 10) and the length of a ``WSD`` decay given as a fraction
+#: (rounded -> truncated, ``WSD.decay_rounding``).
+FORMAT_VERSION = 2
 
 
 def register(cls: type[Schedule]) -> type[Schedule]:
@@ -90,6 +98,10 @@ class Schedule(abc.ABC):
 
     kind: ClassVar[str] = "schedule"
 
+    #: ``{format version: {field: value}}``: the value a field absent from a dict of that
+    #: format version had when it was saved (a field added later, or whose default changed).
+    legacy_defaults: ClassVar[dict[int, dict[str, Any]]] = {}
+
     @abc.abstractmethod
     def segments(self) -> list[Segment]:
         """The segment table of this schedule (first segment starts at step 0)."""
@@ -151,7 +163,8 @@ class Schedule(abc.ABC):
 
     # serialisation ---------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"kind": self.kind}
+        """Every field (defaults included), the ``kind`` and the format ``version``."""
+        out: dict[str, Any] = {"kind": self.kind, "version": FORMAT_VERSION}
         for f in dataclasses.fields(self):
             out[f.name] = _encode(getattr(self, f.name))
         return out
@@ -205,11 +218,57 @@ def _decode(v):
 
 
 def from_dict(d: dict[str, Any]) -> Schedule:
-    """Rebuild a schedule from :meth:`Schedule.to_dict` output."""
+    """Rebuild a schedule from :meth:`Schedule.to_dict` output.
+
+    A dict without a ``"version"`` key was saved before format version 2 (fastsched's
+    ``FORMAT_VERSION``): fields it lacks take the values they had then
+    (:attr:`Schedule.legacy_defaults`), so a checkpoint resumes with the values it was saved
+    with. Where those values differ from what the current version would compute from the same
+    dict, a ``UserWarning`` says so; add ``"version": 2`` to a hand-written dict to use the
+    current defaults. A version newer than this fastsched's is an error.
+    """
     if not isinstance(d, dict) or "kind" not in d:
         raise ValueError(f"expected a dict with a 'kind' key, got {d!r}")
     kind = d["kind"]
     if kind not in REGISTRY:
         raise ValueError(f"kind must be one of {sorted(REGISTRY)}, got {kind!r}")
-    fields = {k: v for k, v in d.items() if k != "kind"}
-    return REGISTRY[kind]._from_fields(fields)
+    version = d.get("version", 1)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError(f"version must be an integer >= 1, got {version!r}")
+    if version > FORMAT_VERSION:
+        raise ValueError(f"this {kind!r} schedule was saved in format version {version}; this "
+                         f"fastsched reads versions up to {FORMAT_VERSION} (upgrade fastsched)")
+    cls = REGISTRY[kind]
+    fields = {k: v for k, v in d.items() if k not in ("kind", "version")}
+    filled = {}
+    for v in range(version, FORMAT_VERSION):
+        for name, value in cls.legacy_defaults.get(v, {}).items():
+            if name not in fields and name not in filled:
+                filled[name] = value
+    sched = cls._from_fields({**fields, **filled})
+    if filled:
+        _warn_if_legacy_matters(cls, sched, fields, filled, version)
+    return sched
+
+
+def _warn_if_legacy_matters(cls, sched: Schedule, fields: dict, filled: dict,
+                            version: int) -> None:
+    """Warn when today's defaults would give ``fields`` a different schedule than ``sched``."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            current = cls._from_fields(fields)
+            same = current.segments() == sched.segments()
+        except ValueError:
+            same = False
+    if same:
+        return
+    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
+    then = ", ".join(f"{k}={v!r}" for k, v in filled.items())
+    now = ", ".join(f"{k}={defaults.get(k)!r}" for k in filled)
+    warnings.warn(
+        f"{cls.kind!r} schedule dict without 'version' >= 2 (saved by an older fastsched, format "
+        f"version {version}): it resumes with the values it was saved with ({then}); the current "
+        f"defaults ({now}) would change the schedule. Add \"version\": {FORMAT_VERSION} to the "
+        "dict to use the current defaults, or save the schedule again to keep these values "
+        "without this warning.", UserWarning, stacklevel=3)
