@@ -64,6 +64,9 @@ def _wsd_cases() -> list[tuple[str, Schedule]]:
                                 decay_shape="exp", min_ratio=0.01)),
         ("wsd-no-decay", WSD(warmup_steps=30, total_steps=300, decay_steps=0)),
         ("wsd-all-decay", WSD(total_steps=300, decay_steps=300, decay_shape="square")),
+        # 0.1 * 1006 = 100.6: 100 decay steps (epfml's truncation) or 101 (rounded)
+        ("wsd-fraction-floor", WSD(warmup_steps=20, total_steps=1006)),
+        ("wsd-fraction-round", WSD(warmup_steps=20, total_steps=1006, decay_rounding="round")),
     ]
     return out
 
@@ -120,6 +123,11 @@ def catalogue() -> list[tuple[str, Schedule]]:
                                      decay_shape="1-sqrt")),
         ("infinite-cos", Infinite(100, 400, 0.3)),
         ("infinite-inv-sqrt", Infinite(100, 400, 0.3, cooldown_shape="inv-sqrt", alpha=8.0)),
+        ("infinite-inv-sqrt-default", Infinite(100, 400, 0.3, cooldown_shape="inv-sqrt")),
+        ("infinite-linear", Infinite(100, 400, 0.3, cooldown_shape="linear")),
+        ("infinite-cooldown-end", Infinite(50, const_ratio=0.4, cooldown_end=450,
+                                           cooldown_shape="inv-sqrt", anneal_start=900,
+                                           anneal_steps=100, min_ratio=0.01)),
         ("infinite-cos-anneal", Infinite(100, 400, 0.3, anneal_start=2000, anneal_steps=300,
                                          min_ratio=1e-3)),
         ("infinite-inv-sqrt-anneal", Infinite(0, 500, 0.25, cooldown_shape="inv-sqrt",

@@ -126,7 +126,7 @@ def wsd(draw):
         total = w + d + draw(st.integers(1, 400))
         if draw(st.booleans()):
             sched = WSD(total_steps=total, decay_steps=d, **kw)
-        else:  # a decay fraction; round(frac * total) may leave a decay of 1 or 2 steps
+        else:  # a decay fraction; int(frac * total) may leave a decay of 1 or 2 steps
             frac = draw(st.floats(0.0, (total - w) / total))
             sched = WSD(total_steps=total, decay_fraction=frac, **kw)
             dd = sched.segments()

@@ -378,7 +378,7 @@ def test_power_matches_dolomite(W):
 
 def test_power_capped_without_warmup():
     sched = Power(tokens_per_step=1e6, batch_size=512)
-    coef = 512 * 4.6 / 0.02
+    coef = 512 * 4.0 / 0.02  # the default a = 4 per sequence (IBM's configurations)
     check(sched, lambda s: min(1.0, coef * (s * 1e6) ** -0.51) if s else 1.0,
           [0, 1, 10, 100, 10**4, 10**6])
 
@@ -388,7 +388,7 @@ def test_power_final_linear_decay():
     W, N, D, c, batch = 200, 6000, 600, 2**20, 256
     sched = Power(tokens_per_step=c, batch_size=batch, warmup_steps=W, total_steps=N,
                   decay_steps=D)
-    eta = lambda n: min(1.0, batch * 4.6 * (n * c) ** -0.51 / 0.02)
+    eta = lambda n: min(1.0, batch * 4.0 * (n * c) ** -0.51 / 0.02)
 
     def ref(n):
         if n < W:
@@ -434,5 +434,8 @@ def test_minimum_defaults_follow_the_literature():
     assert REX(100).alpha == 0.5
     assert StepDecay(10).gamma == 0.1 and MultiStep((1,)).gamma == 0.1
     assert WSD(total_steps=1000).segments()[-2].start == 900  # 10% decay by default
+    assert WSD(total_steps=1000).decay_rounding == "floor"  # epfml truncates f * T
     assert InverseSqrt(0).segments()[0].a == 10_000  # HF's timescale when W = 0
-    assert Power(1e6, 1).a == 4.6 and Power(1e6, 1).b == -0.51
+    assert Power(1e6, 1).a == 4.0 and Power(1e6, 1).b == -0.51  # IBM's code: a = 4 / sequence
+    assert Power(1e6, 1).lr_max == 0.02
+    assert Infinite(10, 10, 0.5).alpha == 10.0  # the authors' infinite_lr: timescale=10

@@ -442,9 +442,12 @@ class WSD(Schedule):
     Warmup from ``warmup_start_factor`` to 1 over ``warmup_steps`` (``warmup_shape`` linear |
     cosine ``0.5 (1 - cos(pi p))`` | 1-sqrt ``1 - sqrt(1 - p)``), hold 1 for the stable phase,
     then decay over the decay phase and hold the value the decay ends at. Give either
-    ``total_steps`` and one of ``decay_steps`` / ``decay_fraction`` (``round(fraction *
-    total_steps)`` steps; default 0.1 as in OLMo-core, epfml and MiniCPM practice), or
-    ``stable_steps`` and ``decay_steps``. Decay shapes, ``p`` = progress through the decay,
+    ``total_steps`` and one of ``decay_steps`` / ``decay_fraction`` (default 0.1 as in OLMo-core,
+    epfml and MiniCPM practice), or ``stable_steps`` and ``decay_steps``. A fraction gives
+    ``int(decay_fraction * total_steps)`` decay steps (the float64 product truncated, as epfml's
+    ``wsd_schedule`` computes it; ``decay_rounding='round'``: ``round(...)``, as OLMo-core's
+    ``WSD`` and fastsched before format version 2). Decay shapes, ``p`` = progress through the
+    decay,
     ``x`` = steps into it, ``r = min_ratio``:
 
     * ``linear`` ``r + (1 - r)(1 - p)``; ``cosine`` ``r + (1 - r) 0.5 (1 + cos(pi p))``;
@@ -457,7 +460,8 @@ class WSD(Schedule):
 
     Matches HF ``get_wsd_schedule`` for the shapes it has when ``warmup_start_factor =
     min_ratio`` (HF's warmup rises from ``min_lr_ratio``), and epfml's ``wsd_schedule`` with
-    ``warmup_start_factor = 1 / init_div_factor``.
+    ``warmup_start_factor = 1 / init_div_factor`` and ``decay_fraction = fract_decay`` (see
+    ``docs/porting.md``).
     """
 
     warmup_steps: int = 0
@@ -471,10 +475,14 @@ class WSD(Schedule):
     warmup_start_factor: float = 0.0
     decay_power: float = 1.0
     half_life: float | None = None
+    decay_rounding: str = "floor"
     kind = "wsd"
+    # dicts saved before format version 2 rounded the decay length (no decay_rounding field)
+    legacy_defaults = {1: {"decay_rounding": "round"}}
 
     def __post_init__(self):
         w = check_steps("warmup_steps", self.warmup_steps)
+        check_choice("decay_rounding", self.decay_rounding, ("floor", "round"))
         check_steps("decay_steps", self.decay_steps, allow_none=True)
         check_steps("stable_steps", self.stable_steps, allow_none=True)
         check_steps("total_steps", self.total_steps, allow_none=True, allow_zero=False)
@@ -507,7 +515,9 @@ class WSD(Schedule):
         if self.total_steps is None:
             return 0
         frac = 0.1 if self.decay_fraction is None else self.decay_fraction
-        return int(round(frac * self.total_steps))
+        if self.decay_rounding == "round":
+            return int(round(frac * self.total_steps))
+        return int(frac * self.total_steps)
 
     def segments(self):
         d = self._decay_len()
@@ -567,15 +577,17 @@ class Power(Schedule):
     ``decay_steps`` of ``total_steps`` decay from ``eta(T - D)`` to ``min_ratio * eta(T - D)`` with
     any :class:`WSD` decay shape (default ``linear``, as the reference implementation; shape
     parameters ``decay_power`` and ``half_life`` as in WSD). Without ``decay_steps`` the power law
-    runs for ever (``total_steps`` then only bounds the warmup). Defaults: the fitted
-    ``a = 4.6, b = -0.51`` and ``lr_max = 0.02`` of the paper (IBM's dolomite configs use
-    ``a = 4`` per sequence).
+    runs for ever (``total_steps`` then only bounds the warmup). Defaults follow the authors'
+    code: ``a = 4`` per sequence (every configuration of IBM's dolomite-engine / lm-engine
+    ``PowerScheduler``: ``a: 4096`` at batch 1024, ``4608`` at 1152), ``b = -0.51`` and ``lr_max =
+    0.02``. Porting from that code: its ``a`` is ``batch_size * a`` here and its ``c`` is
+    ``tokens_per_step``. fastsched before format version 2 defaulted to ``a = 4.6``.
     """
 
     tokens_per_step: float
     batch_size: float
     lr_max: float = 0.02
-    a: float = 4.6
+    a: float = 4.0
     b: float = -0.51
     warmup_steps: int = 0
     total_steps: int | None = None
@@ -585,6 +597,7 @@ class Power(Schedule):
     half_life: float | None = None
     decay_power: float = 1.0
     kind = "power"
+    legacy_defaults = {1: {"a": 4.6}}
 
     def __post_init__(self):
         check_float("tokens_per_step", self.tokens_per_step, lo=0, lo_open=True)
@@ -634,29 +647,43 @@ class Infinite(Schedule):
     """Infinite learning-rate schedule for continual pre-training (Ibrahim et al., arXiv
     2403.08763; Janson et al., arXiv 2503.02844).
 
-    Linear warmup to 1 over ``warmup_steps``; cooldown to ``const_ratio`` over ``cooldown_steps``
-    (``cooldown_shape='cosine'``, or ``'inv-sqrt'``: ``1 + (c - 1) * h(p) / h(1)`` with
-    ``h(q) = 1 / sqrt(1 + alpha * q) - 1``); a constant phase of unbounded length; and, if
-    ``anneal_start`` is given, an exponential anneal ``c * (min_ratio / c) ** ((t - t_a) /
-    anneal_steps)`` starting at that step, then ``min_ratio``. To release a checkpoint, evaluate a
-    copy with ``anneal_start`` set to the current step (:meth:`with_anneal`).
+    Linear warmup to 1 over ``warmup_steps``; cooldown to ``const_ratio``, ending either
+    ``cooldown_steps`` after the warmup or at the absolute step ``cooldown_end`` (the papers'
+    ``T_cd``; give exactly one); ``cooldown_shape='cosine'``, ``'linear'`` (the authors'
+    ``constant_infinite``), or ``'inv-sqrt'``: ``1 + (c - 1) * h(p) / h(1)`` with ``h(q) = 1 /
+    sqrt(1 + alpha * q) - 1`` (``alpha = 10`` as in the authors' code, ``timescale=10`` in
+    ``infinite_lr``; fastsched before format version 2 defaulted to 8);
+    a constant phase of unbounded length; and, if ``anneal_start`` is given, an exponential
+    anneal ``c * (min_ratio / c) ** ((t - t_a) / anneal_steps)`` starting at that step, then
+    ``min_ratio``. To release a checkpoint, evaluate a copy with ``anneal_start`` set to the
+    current step (:meth:`with_anneal`). ``const_ratio`` is required.
     """
 
     warmup_steps: int
-    cooldown_steps: int
-    const_ratio: float
+    cooldown_steps: int | None = None
+    const_ratio: float | None = None
     cooldown_shape: str = "cosine"
-    alpha: float = 8.0
+    alpha: float = 10.0
     anneal_start: int | None = None
     anneal_steps: int = 0
     min_ratio: float = 1e-3
+    cooldown_end: int | None = None
     kind = "infinite"
+    legacy_defaults = {1: {"alpha": 8.0}}
 
     def __post_init__(self):
-        check_steps("warmup_steps", self.warmup_steps)
-        check_steps("cooldown_steps", self.cooldown_steps)
+        w = check_steps("warmup_steps", self.warmup_steps)
+        check_steps("cooldown_steps", self.cooldown_steps, allow_none=True)
+        end = check_steps("cooldown_end", self.cooldown_end, allow_none=True)
+        if (self.cooldown_steps is None) == (self.cooldown_end is None):
+            raise ValueError("give cooldown_steps (a length after the warmup) or cooldown_end "
+                             "(the step the cooldown ends at), exactly one")
+        if end is not None and end < w:
+            raise ValueError(f"cooldown_end must be >= warmup_steps ({w}), got {end}")
+        if self.const_ratio is None:
+            raise ValueError("const_ratio is required (the constant phase's multiplier)")
         check_float("const_ratio", self.const_ratio, lo=0, lo_open=True, hi=1)
-        check_choice("cooldown_shape", self.cooldown_shape, ("cosine", "inv-sqrt"))
+        check_choice("cooldown_shape", self.cooldown_shape, ("cosine", "linear", "inv-sqrt"))
         check_float("alpha", self.alpha, lo=0, lo_open=True)
         check_steps("anneal_steps", self.anneal_steps)
         check_float("min_ratio", self.min_ratio, lo=0, lo_open=True, hi=1)
@@ -664,11 +691,18 @@ class Infinite(Schedule):
             # the anneal goes down from const_ratio (only checked when there is an anneal)
             check_float("min_ratio", self.min_ratio, lo=0, lo_open=True, hi=self.const_ratio)
             start = check_steps("anneal_start", self.anneal_start)
-            if start < self.warmup_steps + self.cooldown_steps:
-                raise ValueError("anneal_start must be >= warmup_steps + cooldown_steps "
-                                 f"({self.warmup_steps + self.cooldown_steps}), got {start}")
+            if start < self.cooldown_end_step:
+                raise ValueError(f"anneal_start must be >= the end of the cooldown "
+                                 f"({self.cooldown_end_step}), got {start}")
             if self.anneal_steps < 1:
                 raise ValueError("anneal_steps must be an integer >= 1 when anneal_start is set")
+
+    @property
+    def cooldown_end_step(self) -> int:
+        """The step the cooldown ends at: ``cooldown_end``, or ``warmup_steps + cooldown_steps``."""
+        if self.cooldown_end is not None:
+            return self.cooldown_end
+        return self.warmup_steps + self.cooldown_steps
 
     def with_anneal(self, start: int, steps: int | None = None) -> Infinite:
         """A copy that anneals from ``start`` (for ``steps``, default ``self.anneal_steps``)."""
@@ -679,10 +713,13 @@ class Infinite(Schedule):
 
     def segments(self):
         b = _Builder().warmup(self.warmup_steps, 0.0, 1.0)
+        cooldown = self.cooldown_end_step - self.warmup_steps
         if self.cooldown_shape == "cosine":
-            b.add(self.cooldown_steps, Shape.COSINE, 1.0, self.const_ratio, 1.0)
+            b.add(cooldown, Shape.COSINE, 1.0, self.const_ratio, 1.0)
+        elif self.cooldown_shape == "linear":
+            b.add(cooldown, Shape.LINEAR, 1.0, self.const_ratio)
         else:
-            b.add(self.cooldown_steps, Shape.INV_SQRT_CD, 1.0, self.const_ratio, self.alpha)
+            b.add(cooldown, Shape.INV_SQRT_CD, 1.0, self.const_ratio, self.alpha)
         if self.anneal_start is None:
             return b.hold(self.const_ratio)
         b.add(self.anneal_start - b.t, Shape.CONST, self.const_ratio)
