@@ -33,13 +33,25 @@ struct Blk {  // a block of one tensor: elements [start, start + len)
     int64_t t, start, len;
 };
 
-std::vector<Blk> flat_blocks(const int64_t* tensors, int64_t n) {
+// blocks of BLK elements; blen[i] > 0: tensor i in blocks of blen[i] (whole ALLoRA units)
+std::vector<Blk> flat_blocks(const int64_t* tensors, int64_t n, const int64_t* blen = nullptr) {
     std::vector<Blk> out;
     for (int64_t i = 0; i < n; i++) {
-        int64_t numel = row(tensors, i)[L::T_NUMEL];
-        for (int64_t s = 0; s < numel; s += BLK) out.push_back({i, s, numel - s < BLK ? numel - s : BLK});
+        const int64_t numel = row(tensors, i)[L::T_NUMEL];
+        const int64_t b = blen && blen[i] > 0 ? blen[i] : BLK;
+        for (int64_t s = 0; s < numel; s += b) out.push_back({i, s, numel - s < b ? numel - s : b});
     }
     return out;
+}
+
+// ALLoRA units that the update pass sums itself, block by block: contiguous units (rows, the
+// tensor) of at most BLK elements; the elements per block of such a tensor (whole units), else 0
+inline int64_t inblock_len(Row r) {
+    const int64_t nu = r[L::T_NUNITS], ulen = r[L::T_ULEN];
+    if (r[L::T_ESTRIDE] != 1 || nu < 1 || ulen < 1 || ulen > BLK || nu * ulen != r[L::T_NUMEL])
+        return 0;
+    if (nu > 1 && r[L::T_USTRIDE] != ulen) return 0;
+    return (BLK / ulen) * ulen;
 }
 
 bool check_dtypes(const int64_t* dtypes, int64_t n) {
@@ -257,11 +269,11 @@ void unit_item(const UItem& it, Row r, double* usums, double* part) {
 
 // all ALLoRA sums into usums[uoff[i] + unit]; returns false (error set) on a bad geometry
 bool unit_sums(const int64_t* tensors, const int64_t* dtypes, int64_t n, const int64_t* uoff,
-               double* usums, int nt) {
+               double* usums, int nt, const int64_t* skip = nullptr) {
     std::vector<UItem> items;
     std::vector<int64_t> first_piece;  // per long unit: its first item (pieces are consecutive)
     for (int64_t i = 0; i < n; i++) {
-        if (uoff[i] < 0) continue;
+        if (uoff[i] < 0 || (skip && skip[i] > 0)) continue;
         Row r = row(tensors, i);
         const int64_t ulen = r[L::T_ULEN], nu = r[L::T_NUNITS];
         const int64_t ustride = r[L::T_USTRIDE], estride = r[L::T_ESTRIDE];
@@ -447,6 +459,18 @@ void dry_block(int64_t kind, const Scal& s, Row r, int64_t start, int64_t len,
     block<E, true>(kind, s, Row{fake}, start, len, scales, ls);
 }
 
+// the ALLoRA sums and multipliers of the units of one block of an in-block tensor: the same
+// sum_sq as unit_sums, read just before the update reads the block again from cache
+template <class E>
+void block_units(Row r, const Blk& k, double* usums, float* scales, float inv_eta2) {
+    const auto* p = r.ptr<const typename E::T>(L::T_P);
+    const int64_t ulen = r[L::T_ULEN], ustride = r[L::T_USTRIDE];
+    for (int64_t u = k.start / ulen; u < (k.start + k.len) / ulen; u++) {
+        usums[u] = sum_sq<E>(p + u * ustride, ulen);
+        scales[u] = 1.0f / std::sqrt(static_cast<float>(usums[u]) + inv_eta2);
+    }
+}
+
 PyObject* py_update(PyObject*, PyObject* args) {
     long long kind, ta, da, n, sa, usa, ua, sumsa;
     int ready, stats, nt;
@@ -472,10 +496,17 @@ PyObject* py_update(PyObject*, PyObject* args) {
             const int64_t end = uoff[i] + row(tensors, i)[L::T_NUNITS];
             total = end > total ? end : total;
         }
-    if (allora && !ready && !unit_sums(tensors, dtypes, n, uoff, usums, nt)) return nullptr;
+    // contiguous units of at most a block are summed in the update's blocks (whole units per
+    // block): p is read from memory once, not once more by a pass of its own
+    std::vector<int64_t> blen(n, 0);
+    if (allora && !ready)
+        for (int64_t i = 0; i < n; i++)
+            if (uoff[i] >= 0) blen[i] = inblock_len(row(tensors, i));
+    if (allora && !ready && !unit_sums(tensors, dtypes, n, uoff, usums, nt, blen.data()))
+        return nullptr;
     std::vector<float> scales(total + 1);
     for (int64_t i = 0; i < n; i++) {
-        if (uoff[i] < 0) continue;
+        if (uoff[i] < 0 || blen[i] > 0) continue;
         const float inv_eta2 = scal[i * L::S_COLS + L::S_INV_ETA2];
         for (int64_t u = 0; u < row(tensors, i)[L::T_NUNITS]; u++) {
             const float nsq = static_cast<float>(usums[uoff[i] + u]);
@@ -483,7 +514,7 @@ PyObject* py_update(PyObject*, PyObject* args) {
         }
     }
     Py_BEGIN_ALLOW_THREADS
-    std::vector<Blk> blocks = flat_blocks(tensors, n);
+    std::vector<Blk> blocks = flat_blocks(tensors, n, blen.data());
     const int64_t nb = static_cast<int64_t>(blocks.size());
     std::vector<double> part(stats ? 2 * nb + 2 : 2, 0.0);
 #pragma omp parallel for schedule(static) num_threads(nt)
@@ -492,6 +523,17 @@ PyObject* py_update(PyObject*, PyObject* args) {
         Row r = row(tensors, k.t);
         const Scal s = read_scal(scal + k.t * L::S_COLS, kind);
         const float* sc = uoff[k.t] >= 0 ? scales.data() + uoff[k.t] : nullptr;
+        if (blen[k.t] > 0) {
+            double* us = usums + uoff[k.t];
+            float* sw = scales.data() + uoff[k.t];
+            const float ie2 = scal[k.t * L::S_COLS + L::S_INV_ETA2];
+            switch (dtypes[k.t]) {
+                case F32: block_units<TF32>(r, k, us, sw, ie2); break;
+                case BF16: block_units<TBF16>(r, k, us, sw, ie2); break;
+                case F16: block_units<TF16>(r, k, us, sw, ie2); break;
+                default: block_units<TF64>(r, k, us, sw, ie2); break;
+            }
+        }
         if (stats) {
             Lanes ls{};
             if (!active) {
