@@ -24,6 +24,8 @@ Passes of a step:
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -39,16 +41,21 @@ KIND_SGD = L.KIND_SGD
 
 @triton.jit
 def _grad_stats_kernel(tensors_ptr, blocks_ptr, part_ptr, DTYPE: tl.constexpr,
-                       BLOCK: tl.constexpr, ALIGNED: tl.constexpr, MASK_BAD: tl.constexpr):
+                       BLOCK: tl.constexpr, MASK_BAD: tl.constexpr):
+    """Partial sums of one block of a gradient (row ``pid`` of ``part``: its own, so no
+    program reads what another writes). A full block of a 16-byte-aligned gradient loads with
+    no mask (LDG.E.128); the last block and unaligned gradients with ``offs < numel``."""
     pid = tl.program_id(0)
     tidx = tl.load(blocks_ptr + pid * L.B_COLS + L.B_TENSOR)
     start = tl.multiple_of(tl.load(blocks_ptr + pid * L.B_COLS + L.B_START), BLOCK)
     numel = tl.load(tensors_ptr + tidx * L.T_COLS + L.T_NUMEL)
+    ga = tl.load(tensors_ptr + tidx * L.T_COLS + L.T_G)
     offs = start + tl.arange(0, BLOCK)
-    g_ptr = tl.load(tensors_ptr + tidx * L.T_COLS + L.T_G).to(tl.pointer_type(DTYPE))
-    if ALIGNED:
-        g_ptr = tl.multiple_of(g_ptr, 16)
-    g = tl.load(g_ptr + offs, mask=offs < numel, other=0.0).to(tl.float32)
+    if (start + BLOCK <= numel) & ((ga & 15) == 0):
+        g = tl.load(_typed(ga, DTYPE, True) + offs).to(tl.float32)
+    else:
+        g = tl.load(_typed(ga, DTYPE, False) + offs, mask=offs < numel, other=0.0)
+        g = g.to(tl.float32)
     bad = (g != g) | (tl.abs(g) == float("inf"))
     ok = g  # nonfinite="ignore": the norms are non-finite, as clip_grad_norm_'s
     if MASK_BAD:  # guard on: non-finite elements are counted and left out of the norms
@@ -80,13 +87,25 @@ def _reduce_kernel(first_ptr, part_ptr, tstat_ptr, BLOCK_R: tl.constexpr):
 
 # -- finalize -----------------------------------------------------------------------------------
 
-@triton.jit
+@triton.jit(do_not_specialize=["advance"])
 def _finalize_kernel(tensors_ptr, groups_ptr, scal_ptr, sched_ptr, n_seg, clock_ptr, n_tensors,
                      cfg_ptr, tstat_ptr, ustat_ptr, gstat_ptr, lr_out_ptr, n_groups, hist_ptr,
-                     hist_pos_ptr, hist_len, grad_scale_ptr, found_inf_ptr,
+                     hist_pos_ptr, hist_len, grad_scale_ptr, found_inf_ptr, advance,
                      KIND: tl.constexpr, STATS: tl.constexpr, CLIP: tl.constexpr,
                      GUARD: tl.constexpr, SCALER: tl.constexpr, HISTORY: tl.constexpr,
-                     BLOCK_T: tl.constexpr, SEG_BLOCK: tl.constexpr):
+                     BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, SEG_BLOCK: tl.constexpr):
+    """Program ``pid`` writes the per-tensor scalars of rows ``pid * BLOCK_T ...`` (grid-stride,
+    so one program may walk every row); every program computes the global values itself.
+
+    Free of intra-launch races: every program reads the clock, the norms' per-tensor sums
+    (``TS_SQ``/``TS_ABS``/``TS_NONFINITE``), the groups, ``cfg`` and the scaler, and none of
+    them writes those; per-tensor rows (``scal``, ``TS_NORM``, ``ustat``, the step counters) are
+    read and written by their owner only; ``gstat``, ``lr_out`` and the ring buffer by program 0
+    only. The clock is advanced by the first update launch (whose programs never read it), or
+    here when ``advance`` is set, which the launcher allows only with a one-program grid.
+    """
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
     one = tl.zeros([1], dtype=tl.int32)
     clock = tl.load(clock_ptr + one)
     factor = schedule_value(sched_ptr, n_seg, clock.to(tl.float64), SEG_BLOCK)
@@ -99,18 +118,15 @@ def _finalize_kernel(tensors_ptr, groups_ptr, scal_ptr, sched_ptr, n_seg, clock_
     gl1 = tl.zeros([1], dtype=tl.float64)
     nonfinite = tl.zeros([1], dtype=tl.float64)
     if STATS:
-        for t0 in range(0, n_tensors, BLOCK_T):
-            idx = t0 + tl.arange(0, BLOCK_T)
+        # every program sums every tensor, in the same order (bit-identical results in each):
+        # 1024-row chunks, 2 dependent rounds at 2,000 tensors where 128-row ones took 16
+        for t0 in range(0, n_tensors, BLOCK_S):
+            idx = t0 + tl.arange(0, BLOCK_S)
             m = idx < n_tensors
             ts = tstat_ptr + idx * L.TS_COLS
-            sq = tl.load(ts + L.TS_SQ, mask=m, other=0.0)
+            gnorm += tl.sum(tl.load(ts + L.TS_SQ, mask=m, other=0.0), 0)
             gl1 += tl.sum(tl.load(ts + L.TS_ABS, mask=m, other=0.0), 0)
             nonfinite += tl.sum(tl.load(ts + L.TS_NONFINITE, mask=m, other=0.0), 0)
-            gnorm += tl.sum(sq, 0)
-            tl.store(ts + L.TS_NORM, tl.sqrt(sq) * inv_scale, mask=m)
-            us = ustat_ptr + idx * L.US_COLS
-            tl.store(us + L.US_PARAM_SQ, tl.zeros([BLOCK_T], tl.float32), mask=m)
-            tl.store(us + L.US_UPDATE_SQ, tl.zeros([BLOCK_T], tl.float32), mask=m)
         gnorm = tl.sqrt(gnorm) * inv_scale
         gl1 = gl1 * inv_scale
         if CLIP:
@@ -127,9 +143,16 @@ def _finalize_kernel(tensors_ptr, groups_ptr, scal_ptr, sched_ptr, n_seg, clock_
         active = tl.where(found != 0.0, 0.0, active)
     clip_coef = grad_mul
     grad_mul = grad_mul * inv_scale
-    for t0 in range(0, n_tensors, BLOCK_T):
+    for t0 in range(pid * BLOCK_T, n_tensors, nprog * BLOCK_T):
         idx = t0 + tl.arange(0, BLOCK_T)
         m = idx < n_tensors
+        if STATS:
+            ts = tstat_ptr + idx * L.TS_COLS
+            sq = tl.load(ts + L.TS_SQ, mask=m, other=0.0)
+            tl.store(ts + L.TS_NORM, tl.sqrt(sq) * inv_scale, mask=m)
+            us = ustat_ptr + idx * L.US_COLS
+            tl.store(us + L.US_PARAM_SQ, tl.zeros([BLOCK_T], tl.float32), mask=m)
+            tl.store(us + L.US_UPDATE_SQ, tl.zeros([BLOCK_T], tl.float32), mask=m)
         row = tensors_ptr + idx * L.T_COLS
         grp = tl.load(row + L.T_GROUP, mask=m, other=0)
         gp = groups_ptr + grp * L.G_COLS
@@ -180,39 +203,57 @@ def _finalize_kernel(tensors_ptr, groups_ptr, scal_ptr, sched_ptr, n_seg, clock_
         tl.store(out + L.S_LR, lr.to(tl.float32), mask=m)
         tl.store(out + L.S_INV_ETA2, inv_eta2.to(tl.float32), mask=m)
         tl.store(step_ptr, new_step.to(tl.float32), mask=m)
-    tl.store(clock_ptr + one, clock + active.to(tl.int64))
+    if advance != 0:  # one-program grid only (no update launch this step): see the launcher
+        tl.store(clock_ptr + one, clock + active.to(tl.int64))
     if STATS:
-        # every group's lr, also of groups without a gradient this step
-        for g0 in range(0, n_groups, BLOCK_T):
-            gi = g0 + tl.arange(0, BLOCK_T)
-            gm = gi < n_groups
-            tl.store(lr_out_ptr + gi,
-                     tl.load(groups_ptr + gi * L.G_COLS + L.G_LR, mask=gm, other=0.0) * factor,
-                     mask=gm)
-        lr0 = tl.load(groups_ptr + L.G_LR + one) * factor
-        skipped = 1.0 - active
-        tl.store(gstat_ptr + L.STAT_GRAD_NORM + one, gnorm)
-        tl.store(gstat_ptr + L.STAT_GRAD_NORM_L1 + one, gl1)
-        tl.store(gstat_ptr + L.STAT_CLIP_COEF + one, clip_coef)
-        tl.store(gstat_ptr + L.STAT_SKIPPED + one, skipped)
-        tl.store(gstat_ptr + L.STAT_SKIP_COUNT + one,
-                 tl.load(gstat_ptr + L.STAT_SKIP_COUNT + one) + skipped)
-        tl.store(gstat_ptr + L.STAT_NONFINITE + one, nonfinite)
-        tl.store(gstat_ptr + L.STAT_LR0 + one, lr0)
-        tl.store(gstat_ptr + L.STAT_INV_SCALE + one, inv_scale)
-        if HISTORY:
-            pos = tl.load(hist_pos_ptr + one)
-            slot = pos % hist_len
-            h = hist_ptr + slot * L.H_COLS
-            tl.store(h + L.H_STEP, clock.to(tl.float64))
-            tl.store(h + L.H_GRAD_NORM, gnorm)
-            tl.store(h + L.H_LR, lr0)
-            tl.store(h + L.H_SKIPPED, skipped)
-            tl.store(h + L.H_GRAD_NORM_L1, gl1)
-            tl.store(hist_pos_ptr + one, pos + 1)
+        if pid == 0:
+            # every group's lr, also of groups without a gradient this step
+            for g0 in range(0, n_groups, BLOCK_T):
+                gi = g0 + tl.arange(0, BLOCK_T)
+                gm = gi < n_groups
+                tl.store(lr_out_ptr + gi,
+                         tl.load(groups_ptr + gi * L.G_COLS + L.G_LR, mask=gm, other=0.0)
+                         * factor, mask=gm)
+            lr0 = tl.load(groups_ptr + L.G_LR + one) * factor
+            skipped = 1.0 - active
+            tl.store(gstat_ptr + L.STAT_GRAD_NORM + one, gnorm)
+            tl.store(gstat_ptr + L.STAT_GRAD_NORM_L1 + one, gl1)
+            tl.store(gstat_ptr + L.STAT_CLIP_COEF + one, clip_coef)
+            tl.store(gstat_ptr + L.STAT_SKIPPED + one, skipped)
+            tl.store(gstat_ptr + L.STAT_SKIP_COUNT + one,
+                     tl.load(gstat_ptr + L.STAT_SKIP_COUNT + one) + skipped)
+            tl.store(gstat_ptr + L.STAT_NONFINITE + one, nonfinite)
+            tl.store(gstat_ptr + L.STAT_LR0 + one, lr0)
+            tl.store(gstat_ptr + L.STAT_INV_SCALE + one, inv_scale)
+            if HISTORY:
+                pos = tl.load(hist_pos_ptr + one)
+                slot = pos % hist_len
+                h = hist_ptr + slot * L.H_COLS
+                tl.store(h + L.H_STEP, clock.to(tl.float64))
+                tl.store(h + L.H_GRAD_NORM, gnorm)
+                tl.store(h + L.H_LR, lr0)
+                tl.store(h + L.H_SKIPPED, skipped)
+                tl.store(h + L.H_GRAD_NORM_L1, gl1)
+                tl.store(hist_pos_ptr + one, pos + 1)
 
 
 # -- update -------------------------------------------------------------------------------------
+# Code shape (triton 3.6, sm_90; bench/compile_check.py prints and asserts it):
+# * a full block of a tensor whose addresses are all 16-byte aligned takes a path with no mask
+#   at all: only then does Triton prove 4 (fp32) / 8 (bf16, fp16) elements share a predicate and
+#   emit LDG.E.128 / STG.E.128. The mask `offs < numel` (numel from the table) kept every access
+#   scalar, and a mask rewritten as `offs < start + BLOCK` in a branch is merged back with it.
+#   The partial last block and unaligned tensors take the masked path; the alignment test is
+#   per tensor, at run time, so one unaligned view does not demote its launch.
+# * the optional state (amsgrad's max_exp_avg_sq, SGD's momentum buffer) is a scalar branch on
+#   its address, not a mask `where(has, mask, False)`: that mask stayed scalar and converted
+#   layouts through shared memory.
+# * update statistics: relaxed reductions (REDG). The default sem="acq_rel" compiled to
+#   ATOMG between MEMBAR.ALL.GPU / CCTL.IVALL, draining every program's stores.
+# * a skipped step (S_ACTIVE == 0) returns before any load or store.
+# No program of an update launch reads what another one writes: a block (or unit tile) is
+# owned by one program; scal, the tables and the clock are written by other launches, except
+# the clock increment here, which no update program reads; ustat takes relaxed reductions only.
 
 @triton.jit
 def _to_storage(x, DTYPE: tl.constexpr):
@@ -230,144 +271,253 @@ def _to_storage(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
-def _ptr(tensors_ptr, tidx, col, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
-    p = tl.load(tensors_ptr + tidx * L.T_COLS + col).to(tl.pointer_type(DTYPE))
+def _typed(addr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """A table address as a pointer; ALIGNED: 16-byte aligned (checked by the caller). Called
+    once per path, so the hint sits on that path's own int-to-pointer cast only."""
+    p = addr.to(tl.pointer_type(DTYPE))
     if ALIGNED:
         p = tl.multiple_of(p, 16)
     return p
 
 
 @triton.jit
-def _apply(tensors_ptr, scal_ptr, ustat_ptr, tidx, offs, mask, g_scale, KIND: tl.constexpr,
-           DTYPE: tl.constexpr, ALIGNED: tl.constexpr, FLAG: tl.constexpr,
-           STATS: tl.constexpr):
-    """Load, update and store the elements ``offs`` of tensor ``tidx`` (any block shape).
+def _ld(ptr, offs, mask, MASKED: tl.constexpr):
+    if MASKED:
+        x = tl.load(ptr + offs, mask=mask, other=0.0)
+    else:
+        x = tl.load(ptr + offs)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _st(ptr, offs, x, mask, DTYPE: tl.constexpr, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(ptr + offs, _to_storage(x, DTYPE), mask=mask)
+    else:
+        tl.store(ptr + offs, _to_storage(x, DTYPE))
+
+
+@triton.jit
+def _scalars(scal_ptr, tidx, KIND: tl.constexpr, STATS: tl.constexpr):
+    """The per-tensor scalars of the update, loaded once per program (not per chunk)."""
+    sc = scal_ptr + tidx * L.S_COLS
+    grad_mul = tl.load(sc + L.S_GRAD_MUL)
+    if KIND == L.KIND_ADAM:
+        c0 = tl.load(sc + L.S_ADAM_STEP_SIZE)
+        c1 = tl.load(sc + L.S_ADAM_BC2_SQRT)
+        c2 = tl.load(sc + L.S_ADAM_DECAY_MUL)
+        c3 = tl.load(sc + L.S_ADAM_L2)
+        c4 = tl.load(sc + L.S_ADAM_OMB1)  # 1 - beta1
+        c5 = tl.load(sc + L.S_ADAM_OMB2)  # 1 - beta2
+        c6 = tl.load(sc + L.S_ADAM_EPS)
+        c7 = 1.0
+        if STATS:
+            c7 = tl.load(sc + L.S_ADAM_BC1)
+    else:
+        c0 = tl.load(sc + L.S_LR)
+        c1 = tl.load(sc + L.S_SGD_MOM_A)
+        c2 = tl.load(sc + L.S_SGD_MOM_B)
+        c3 = tl.load(sc + L.S_SGD_WEIGHT_DECAY)
+        c4 = tl.load(sc + L.S_SGD_NESTEROV)
+        c5 = tl.load(sc + L.S_SGD_MOMENTUM)
+        c6 = 0.0
+        c7 = 0.0
+    return grad_mul, c0, c1, c2, c3, c4, c5, c6, c7
+
+
+@triton.jit
+def _apply(p_ptr, g_ptr, s1_ptr, s2_ptr, s3_ptr, has3, offs, mask, g_scale, grad_mul,
+           c0, c1, c2, c3, c4, c5, c6, c7, KIND: tl.constexpr, DTYPE: tl.constexpr,
+           MASKED: tl.constexpr, FLAG: tl.constexpr, STATS: tl.constexpr):
+    """Load, update and store the elements ``offs`` (any block shape; ``mask`` used only when
+    MASKED) of one tensor; ``c0..c7``: :func:`_scalars`.
 
     ``g_scale`` multiplies the gradient on top of the per-tensor multiplier (ALLoRA units; 1.0
     otherwise). Adam follows torch's fused kernel (``fused_adam_utils.cuh``): L2 or decoupled
     decay, lerp for the first moment, correctly rounded sqrt and division; SGD follows
-    ``torch.optim.SGD``.
+    ``torch.optim.SGD``. ``has3``: the optional state exists (FLAG variants): amsgrad's
+    ``max_exp_avg_sq`` at ``s3_ptr`` (Adam), the momentum buffer at ``s1_ptr`` (SGD).
+    Returns the sums of p^2 and u^2 of these elements (STATS; else 0).
     """
-    sc = scal_ptr + tidx * L.S_COLS
-    grad_mul = tl.load(sc + L.S_GRAD_MUL)
-    p_ptr = _ptr(tensors_ptr, tidx, L.T_P, DTYPE, ALIGNED)
-    g_ptr = _ptr(tensors_ptr, tidx, L.T_G, DTYPE, ALIGNED)
-    p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * grad_mul * g_scale
+    p = _ld(p_ptr, offs, mask, MASKED)
+    g = _ld(g_ptr, offs, mask, MASKED) * grad_mul * g_scale
     if KIND == L.KIND_ADAM:
-        step_size = tl.load(sc + L.S_ADAM_STEP_SIZE)
-        bc2_sqrt = tl.load(sc + L.S_ADAM_BC2_SQRT)
-        decay_mul = tl.load(sc + L.S_ADAM_DECAY_MUL)
-        l2_wd = tl.load(sc + L.S_ADAM_L2)
-        omb1 = tl.load(sc + L.S_ADAM_OMB1)  # 1 - beta1
-        omb2 = tl.load(sc + L.S_ADAM_OMB2)  # 1 - beta2
-        eps = tl.load(sc + L.S_ADAM_EPS)
-        m_ptr = _ptr(tensors_ptr, tidx, L.T_S1, DTYPE, ALIGNED)
-        v_ptr = _ptr(tensors_ptr, tidx, L.T_S2, DTYPE, ALIGNED)
-        m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        p = p * decay_mul  # AdamW: p * (1 - lr * wd); Adam: 1
-        g = g + l2_wd * p  # Adam: L2 penalty in the gradient; AdamW: 0
+        m = _ld(s1_ptr, offs, mask, MASKED)
+        v = _ld(s2_ptr, offs, mask, MASKED)
+        p = p * c2  # AdamW: p * (1 - lr * wd); Adam: 1
+        g = g + c3 * p  # Adam: L2 penalty in the gradient; AdamW: 0
         # torch lerp_(g, w = 1 - beta1): from the nearer end, so beta1 = 0 gives m = g exactly
-        m = tl.where(omb1 < 0.5, m + omb1 * (g - m), g - (g - m) * (1.0 - omb1))
-        v = (1.0 - omb2) * v + omb2 * g * g
+        m = tl.where(c4 < 0.5, m + c4 * (g - m), g - (g - m) * (1.0 - c4))
+        v = (1.0 - c5) * v + c5 * g * g
         vv = v
         if FLAG:  # amsgrad for the groups that have a max_exp_avg_sq (address != 0)
-            vmax_addr = tl.load(tensors_ptr + tidx * L.T_COLS + L.T_S3)
-            has_max = vmax_addr != 0
-            vmax_ptr = vmax_addr.to(tl.pointer_type(DTYPE))
-            mmask = tl.where(has_max, mask, False)
-            vmax = tl.load(vmax_ptr + offs, mask=mmask, other=0.0).to(tl.float32)
-            vmax = tl.maximum(vmax, v)
-            tl.store(vmax_ptr + offs, _to_storage(vmax, DTYPE), mask=mmask)
-            vv = tl.where(has_max, vmax, v)
-        denom = tl.div_rn(tl.sqrt_rn(vv), bc2_sqrt) + eps
+            if has3:
+                vmax = tl.maximum(_ld(s3_ptr, offs, mask, MASKED), v)
+                _st(s3_ptr, offs, vmax, mask, DTYPE, MASKED)
+                vv = vmax
+        denom = tl.div_rn(tl.sqrt_rn(vv), c1) + c6
         u = tl.div_rn(m, denom)
-        p = p - step_size * u
-        tl.store(m_ptr + offs, _to_storage(m, DTYPE), mask=mask)
-        tl.store(v_ptr + offs, _to_storage(v, DTYPE), mask=mask)
+        p = p - c0 * u
+        _st(s1_ptr, offs, m, mask, DTYPE, MASKED)
+        _st(s2_ptr, offs, v, mask, DTYPE, MASKED)
         if STATS:
-            u = u / tl.load(sc + L.S_ADAM_BC1)  # the unscaled update m_hat / (sqrt(v_hat) + eps)
+            u = u / c7  # the unscaled update m_hat / (sqrt(v_hat) + eps)
     else:
-        lr = tl.load(sc + L.S_LR)
-        mom_a = tl.load(sc + L.S_SGD_MOM_A)
-        mom_b = tl.load(sc + L.S_SGD_MOM_B)
-        wd = tl.load(sc + L.S_SGD_WEIGHT_DECAY)
-        nesterov = tl.load(sc + L.S_SGD_NESTEROV)
-        momentum = tl.load(sc + L.S_SGD_MOMENTUM)
-        d = g + wd * p
+        d = g + c3 * p
         if FLAG:  # groups without momentum have no buffer (address 0): d passes through
-            buf_addr = tl.load(tensors_ptr + tidx * L.T_COLS + L.T_S1)
-            has_buf = buf_addr != 0
-            buf_ptr = buf_addr.to(tl.pointer_type(DTYPE))
-            bmask = tl.where(has_buf, mask, False)
-            buf = tl.load(buf_ptr + offs, mask=bmask, other=0.0).to(tl.float32)
-            buf = mom_a * buf + mom_b * d
-            tl.store(buf_ptr + offs, _to_storage(buf, DTYPE), mask=bmask)
-            d = tl.where(has_buf, tl.where(nesterov != 0.0, d + momentum * buf, buf), d)
+            if has3:
+                buf = c1 * _ld(s1_ptr, offs, mask, MASKED) + c2 * d
+                _st(s1_ptr, offs, buf, mask, DTYPE, MASKED)
+                d = tl.where(c4 != 0.0, d + c5 * buf, buf)
         u = d
-        p = p - lr * d
-    tl.store(p_ptr + offs, _to_storage(p, DTYPE), mask=mask)
-    if STATS:
-        # per-tensor parameter norm and update RMS: float atomics (order-dependent in the last
-        # bits; these are reported, never fed back into the arithmetic)
-        us = ustat_ptr + tidx * L.US_COLS
-        tl.atomic_add(us + L.US_PARAM_SQ, tl.sum(tl.where(mask, p * p, 0.0)))
-        tl.atomic_add(us + L.US_UPDATE_SQ, tl.sum(tl.where(mask, u * u, 0.0)))
+        p = p - c0 * d
+    _st(p_ptr, offs, p, mask, DTYPE, MASKED)
+    psq = 0.0
+    usq = 0.0
+    if STATS:  # per-tensor sums of the new p^2 and of u^2 over these elements
+        if MASKED:
+            psq = tl.sum(tl.where(mask, p * p, 0.0))
+            usq = tl.sum(tl.where(mask, u * u, 0.0))
+        else:
+            psq = tl.sum(p * p)
+            usq = tl.sum(u * u)
+    return psq, usq
 
 
 @triton.jit
-def _update_kernel(tensors_ptr, blocks_ptr, scal_ptr, ustat_ptr, KIND: tl.constexpr,
-                   DTYPE: tl.constexpr, BLOCK: tl.constexpr, ALIGNED: tl.constexpr,
+def _add_stats(us_ptr, psq, usq, STATS: tl.constexpr):
+    """Per-tensor parameter norm and update RMS: relaxed float reductions (REDG; order-
+    dependent in the last bits, reported, never fed back into the arithmetic)."""
+    if STATS:
+        tl.atomic_add(us_ptr + L.US_PARAM_SQ, psq, sem="relaxed")
+        tl.atomic_add(us_ptr + L.US_UPDATE_SQ, usq, sem="relaxed")
+
+
+@triton.jit(do_not_specialize=["advance"])
+def _update_kernel(tensors_ptr, blocks_ptr, scal_ptr, ustat_ptr, clock_ptr, advance,
+                   KIND: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
                    FLAG: tl.constexpr, STATS: tl.constexpr):
+    """One program per ``BLOCK`` elements of a tensor (rows of ``blocks``). ``advance``: this
+    launch advances the clock (program 0; the launcher sets it on one launch of the step)."""
     pid = tl.program_id(0)
     tidx = tl.load(blocks_ptr + pid * L.B_COLS + L.B_TENSOR)
     start = tl.multiple_of(tl.load(blocks_ptr + pid * L.B_COLS + L.B_START), BLOCK)
-    numel = tl.load(tensors_ptr + tidx * L.T_COLS + L.T_NUMEL)
-    active = tl.load(scal_ptr + tidx * L.S_COLS + L.S_ACTIVE)
-    # a skipped step touches nothing: fold the flag into the bound (a scalar-and-block `&` is
-    # not supported by the interpreter)
-    lim = tl.where(active != 0.0, numel, 0)
-    offs = start + tl.arange(0, BLOCK)
-    _apply(tensors_ptr, scal_ptr, ustat_ptr, tidx, offs, offs < lim, 1.0, KIND, DTYPE, ALIGNED,
-           FLAG, STATS)
+    if tl.load(scal_ptr + tidx * L.S_COLS + L.S_ACTIVE) == 0.0:
+        return  # a skipped step touches nothing (nor the clock: it advances by S_ACTIVE = 0)
+    if (advance != 0) & (pid == 0):
+        tl.store(clock_ptr, tl.load(clock_ptr) + 1)
+    row = tensors_ptr + tidx * L.T_COLS
+    numel = tl.load(row + L.T_NUMEL)
+    pa = tl.load(row + L.T_P)
+    ga = tl.load(row + L.T_G)
+    s1 = tl.load(row + L.T_S1)
+    s2 = tl.load(row + L.T_S2)  # 0 for SGD
+    s3 = tl.load(row + L.T_S3)  # 0 without amsgrad
+    # the optional state of the FLAG variants (absent states have address 0: aligned)
+    has3 = (s3 if KIND == L.KIND_ADAM else s1) != 0
+    grad_mul, c0, c1, c2, c3, c4, c5, c6, c7 = _scalars(scal_ptr, tidx, KIND, STATS)
+    if (start + BLOCK <= numel) & (((pa | ga | s1 | s2 | s3) & 15) == 0):
+        offs = start + tl.arange(0, BLOCK)
+        psq, usq = _apply(_typed(pa, DTYPE, True), _typed(ga, DTYPE, True),
+                          _typed(s1, DTYPE, True), _typed(s2, DTYPE, True),
+                          _typed(s3, DTYPE, True), has3, offs, offs, 1.0, grad_mul, c0, c1, c2,
+                          c3, c4, c5, c6, c7, KIND, DTYPE, False, FLAG, STATS)
+    else:
+        # the last block, unaligned tensors: scalar accesses (a masked element cannot share a
+        # 16-byte instruction with its neighbours), in quarter blocks so that this path, one
+        # register per element, does not set the kernel's register count (bf16 at 4 warps: 161
+        # registers with the whole block at once)
+        psq = tl.zeros([], dtype=tl.float32)
+        usq = tl.zeros([], dtype=tl.float32)
+        for s0 in range(0, BLOCK, BLOCK // 4):
+            offs = start + s0 + tl.arange(0, BLOCK // 4)
+            a, b = _apply(_typed(pa, DTYPE, False), _typed(ga, DTYPE, False),
+                          _typed(s1, DTYPE, False), _typed(s2, DTYPE, False),
+                          _typed(s3, DTYPE, False), has3, offs, offs < numel, 1.0, grad_mul, c0,
+                          c1, c2, c3, c4, c5, c6, c7, KIND, DTYPE, True, FLAG, STATS)
+            psq += a
+            usq += b
+    _add_stats(ustat_ptr + tidx * L.US_COLS, psq, usq, STATS)
 
 
-@triton.jit
-def _units_update_kernel(tensors_ptr, blocks_ptr, scal_ptr, ustat_ptr, KIND: tl.constexpr,
-                         DTYPE: tl.constexpr, UNITS: tl.constexpr, CHUNK: tl.constexpr,
-                         FLAG: tl.constexpr, STATS: tl.constexpr):
+@triton.jit(do_not_specialize=["advance"])
+def _units_update_kernel(tensors_ptr, blocks_ptr, scal_ptr, ustat_ptr, clock_ptr, advance,
+                         KIND: tl.constexpr, DTYPE: tl.constexpr, UNITS: tl.constexpr,
+                         CHUNK: tl.constexpr, FLAG: tl.constexpr, STATS: tl.constexpr):
     """ALLoRA-style update: each program owns ``UNITS`` whole units (rows, columns or the tensor)
     of one tensor; pass 1 reduces ||theta_unit||^2, pass 2 scales the unit's gradient by
-    1 / sqrt(||theta_unit||^2 + 1/eta^2) and applies the update."""
+    1 / sqrt(||theta_unit||^2 + 1/eta^2) and applies the update.
+
+    Tiles are [UNITS, CHUNK]. Rows (and whole-tensor units) have element stride 1: the offsets
+    are written with a literal 1 so Triton sees the contiguity along a row and lays lanes
+    along it (with the stride a runtime value, a warp load spanned 16-32 rows: 16 cache lines
+    for 128 useful bytes at r=16). Columns have unit stride 1: lanes go across units, i.e.
+    along the rows of the matrix. Table and scalar loads happen once, before the loops.
+    A unit belongs to one program, so no program reads what another writes."""
     pid = tl.program_id(0)
     tidx = tl.load(blocks_ptr + pid * L.B_COLS + L.B_TENSOR)
     u0 = tl.load(blocks_ptr + pid * L.B_COLS + L.B_START)
+    sc = scal_ptr + tidx * L.S_COLS
+    if tl.load(sc + L.S_ACTIVE) == 0.0:
+        return  # a skipped step touches nothing
+    if (advance != 0) & (pid == 0):
+        tl.store(clock_ptr, tl.load(clock_ptr) + 1)
     row = tensors_ptr + tidx * L.T_COLS
     unit_len = tl.load(row + L.T_ULEN)
     unit_stride = tl.load(row + L.T_USTRIDE)
     elem_stride = tl.load(row + L.T_ESTRIDE)
     n_units = tl.load(row + L.T_NUNITS)
-    active = tl.load(scal_ptr + tidx * L.S_COLS + L.S_ACTIVE)
-    inv_eta2 = tl.load(scal_ptr + tidx * L.S_COLS + L.S_INV_ETA2)
+    inv_eta2 = tl.load(sc + L.S_INV_ETA2)
+    p_ptr = _typed(tl.load(row + L.T_P), DTYPE, False)
+    g_ptr = _typed(tl.load(row + L.T_G), DTYPE, False)
+    s1 = tl.load(row + L.T_S1)
+    s3 = tl.load(row + L.T_S3)
+    s1_ptr = _typed(s1, DTYPE, False)
+    s2_ptr = _typed(tl.load(row + L.T_S2), DTYPE, False)
+    s3_ptr = _typed(s3, DTYPE, False)
+    has3 = (s3 if KIND == L.KIND_ADAM else s1) != 0
+    grad_mul, c0, c1, c2, c3, c4, c5, c6, c7 = _scalars(scal_ptr, tidx, KIND, STATS)
+    psq = tl.zeros([], dtype=tl.float32)
+    usq = tl.zeros([], dtype=tl.float32)
     units = u0 + tl.arange(0, UNITS)
-    umask = units < tl.where(active != 0.0, n_units, 0)
-    base = units * unit_stride
-    p_ptr = _ptr(tensors_ptr, tidx, L.T_P, DTYPE, False)
+    umask = units < n_units
     acc = tl.zeros([UNITS], dtype=tl.float32)
-    for k0 in range(0, unit_len, CHUNK):
-        k = k0 + tl.arange(0, CHUNK)
-        offs = base[:, None] + k[None, :] * elem_stride
-        mask = umask[:, None] & (k[None, :] < unit_len)
-        p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        acc += tl.sum(p * p, 1)
-    scale = 1.0 / tl.sqrt(acc + inv_eta2)
-    for k0 in range(0, unit_len, CHUNK):
-        k = k0 + tl.arange(0, CHUNK)
-        offs = base[:, None] + k[None, :] * elem_stride
-        mask = umask[:, None] & (k[None, :] < unit_len)
-        _apply(tensors_ptr, scal_ptr, ustat_ptr, tidx, offs, mask, scale[:, None], KIND, DTYPE,
-               False, FLAG, STATS)
+    if elem_stride == 1:  # row units, whole-tensor units
+        base = units * unit_stride
+        for k0 in range(0, unit_len, CHUNK):
+            k = k0 + tl.arange(0, CHUNK)
+            offs = base[:, None] + k[None, :]
+            mask = umask[:, None] & (k[None, :] < unit_len)
+            p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            acc += tl.sum(p * p, 1)
+        scale = 1.0 / tl.sqrt(acc + inv_eta2)
+        for k0 in range(0, unit_len, CHUNK):
+            k = k0 + tl.arange(0, CHUNK)
+            offs = base[:, None] + k[None, :]
+            mask = umask[:, None] & (k[None, :] < unit_len)
+            a, b = _apply(p_ptr, g_ptr, s1_ptr, s2_ptr, s3_ptr, has3, offs, mask,
+                          scale[:, None], grad_mul, c0, c1, c2, c3, c4, c5, c6, c7, KIND, DTYPE,
+                          True, FLAG, STATS)
+            psq += a
+            usq += b
+    else:  # column units: unit_stride == 1 (allora_units), the units of a tile are adjacent
+        for k0 in range(0, unit_len, CHUNK):
+            k = k0 + tl.arange(0, CHUNK)
+            offs = units[:, None] + k[None, :] * elem_stride
+            mask = umask[:, None] & (k[None, :] < unit_len)
+            p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            acc += tl.sum(p * p, 1)
+        scale = 1.0 / tl.sqrt(acc + inv_eta2)
+        for k0 in range(0, unit_len, CHUNK):
+            k = k0 + tl.arange(0, CHUNK)
+            offs = units[:, None] + k[None, :] * elem_stride
+            mask = umask[:, None] & (k[None, :] < unit_len)
+            a, b = _apply(p_ptr, g_ptr, s1_ptr, s2_ptr, s3_ptr, has3, offs, mask,
+                          scale[:, None], grad_mul, c0, c1, c2, c3, c4, c5, c6, c7, KIND, DTYPE,
+                          True, FLAG, STATS)
+            psq += a
+            usq += b
+    _add_stats(ustat_ptr + tidx * L.US_COLS, psq, usq, STATS)
 
 
 # -- launchers ----------------------------------------------------------------------------------
@@ -375,6 +525,10 @@ def _units_update_kernel(tensors_ptr, blocks_ptr, scal_ptr, ustat_ptr, KIND: tl.
 # dtypes arrive as torch dtypes.
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+#: rows of the tensors table per finalize program (one tensor per thread at 4 warps)
+FINALIZE_ROWS = 128
+FINALIZE_WARPS = 4
 
 
 def tl_dtype(dtype: torch.dtype):
@@ -385,13 +539,50 @@ def tl_dtype(dtype: torch.dtype):
         raise ValueError(f"dtype must be one of {list(_TL_DTYPES)}, got {dtype}") from None
 
 
+def _warps(elements: int, per_thread: int, most: int = 16) -> int:
+    """Warps so that each thread owns ``per_thread`` elements (a power of two in 1..most)."""
+    w = max(1, elements // (32 * per_thread))
+    return min(most, 1 << (w.bit_length() - 1))
+
+
+#: num_warps of an update program of 2048 elements by (kind, 2-byte storage), from the sweep
+#: of bench/compile_check.py (triton 3.6, sm_90; KB of loads in flight per SM, resident
+#: programs x bytes a program loads, plain / stats / FLAG variants). An H100 SM holds 65,536
+#: registers and 64 warps; the prototype ran at 2.99 TB/s with ~160 KB in flight, 2.53 TB/s
+#: with 64 KB. Adam fp32: 4 warps, 88-96 registers, 5 programs: 160-200 KB (8 warps: 60-66
+#: registers, 3-4 programs: 96-160 KB). Adam bf16/fp16: 1 warp, 246-255 registers (no spill),
+#: 8 programs: 128-160 KB (2 warps: 128-168 registers, 96-128 KB; 4 warps: 80-100 KB): the
+#: fp32 working copies of the 2-byte values cost registers the packed loads do not. SGD fp32:
+#: 4 warps, 32-63 registers, 8-16 programs: 192-256 KB. SGD bf16/fp16: 1 warp: 128-200 KB
+#: without momentum, 108-132 KB with it (183-219 registers; 2 warps: 96-120 KB).
+_UPDATE_WARPS = {(L.KIND_ADAM, False): 4, (L.KIND_ADAM, True): 1,
+                 (L.KIND_SGD, False): 4, (L.KIND_SGD, True): 1}
+#: benchmarks only (bench/gpu_check.sh): FASTSCHED_UPDATE_WARPS=4 launches every update program
+#: with 4 warps (Triton's default, the launch configuration before the table above)
+_FORCE_WARPS = int(os.environ.get("FASTSCHED_UPDATE_WARPS", "0") or 0)
+
+
+def update_warps(kind: int, dtype: torch.dtype, elements: int) -> int:
+    """num_warps of an update launch whose programs own ``elements`` elements each (the table
+    above, scaled so a thread keeps the same elements at other block sizes; 1 to 16)."""
+    if _FORCE_WARPS:
+        return _FORCE_WARPS
+    w = _UPDATE_WARPS[kind, torch.empty((), dtype=dtype).element_size() == 2]
+    return max(1, min(16, w * elements // 2048))
+
+
 def launch_grad_stats(tensors, blocks, part, n_blocks: int, dtype: torch.dtype, block: int,
-                      aligned: bool, mask_bad: bool = True) -> None:
+                      mask_bad: bool = True) -> None:
     """Statistics pass over the gradients of one dtype bucket (``part``: its rows of partials);
-    ``mask_bad``: leave non-finite elements out of the sums (they are counted either way)."""
+    ``mask_bad``: leave non-finite elements out of the sums (they are counted either way).
+
+    One array per program (8 KB at 2048 fp32): 128 bytes a thread (2 warps fp32, 1 bf16) so
+    that the 32 programs an SM may hold keep 128-256 KB in flight."""
     if n_blocks:
+        per = 128 // torch.empty((), dtype=dtype).element_size()
         _grad_stats_kernel[(n_blocks,)](tensors, blocks, part, DTYPE=tl_dtype(dtype),
-                                        BLOCK=block, ALIGNED=aligned, MASK_BAD=mask_bad)
+                                        BLOCK=block, MASK_BAD=mask_bad,
+                                        num_warps=_warps(block, per, 8))
 
 
 def launch_reduce(first, part, tstat, n_tensors: int, block_r: int = 256) -> None:
@@ -402,39 +593,51 @@ def launch_reduce(first, part, tstat, n_tensors: int, block_r: int = 256) -> Non
 def launch_finalize(tensors, groups, scal, sched_table, clock, n_tensors: int, kind: int, *,
                     cfg, tstat, ustat, gstat, lr_out, hist, hist_pos, hist_len: int,
                     grad_scale, found_inf, stats: bool, clip: bool, guard: bool,
-                    history: bool, block_t: int = 128, seg_block: int = 64) -> None:
-    """One program: schedule, norms, clip coefficient, skip flag, per-tensor scalars, counters.
+                    history: bool, advance: bool = False, block_t: int = FINALIZE_ROWS,
+                    block_s: int = 1024, seg_block: int = 64) -> None:
+    """Schedule, norms, clip coefficient, skip flag, per-tensor scalars, counters: one program
+    per ``block_t`` tensors (at 2,000 tensors 16 programs in parallel where one program
+    walked 16 chunks one after another, ~10-27 us).
 
+    ``advance``: advance the clock here. Every program reads the clock, so only a one-program
+    grid may write it: with ``advance`` the launch is one program walking every row (the step
+    has no update launch: all its tensors are empty); otherwise the first update launch does.
     ``stats``: the statistics pass ran (``tstat`` holds its sums). Tensors that a disabled
     feature does not read may be any tensor (they are never touched).
     """
     scaler = grad_scale is not None
     dummy = scal
-    _finalize_kernel[(1,)](
+    grid = 1 if advance else max(1, triton.cdiv(n_tensors, block_t))
+    _finalize_kernel[(grid,)](
         tensors, groups, scal, sched_table, sched_table.shape[0], clock, n_tensors, cfg,
         tstat if stats else dummy, ustat if stats else dummy, gstat if stats else dummy,
         lr_out if stats else dummy, lr_out.numel() if stats else 0, hist if history else dummy,
         hist_pos if history else clock, max(hist_len, 1),
-        grad_scale if scaler else dummy, found_inf if scaler else dummy,
+        grad_scale if scaler else dummy, found_inf if scaler else dummy, int(advance),
         KIND=kind, STATS=stats, CLIP=clip, GUARD=guard, SCALER=scaler, HISTORY=history,
-        BLOCK_T=block_t, SEG_BLOCK=seg_block)
+        BLOCK_T=block_t, BLOCK_S=block_s, SEG_BLOCK=seg_block, num_warps=FINALIZE_WARPS)
 
 
 def launch_update(kind: int, tensors, blocks, scal, ustat, n_blocks: int, dtype: torch.dtype,
-                  block: int, aligned: bool, flag: bool, stats: bool) -> None:
+                  block: int, flag: bool, stats: bool, clock, advance: bool) -> None:
     """The update pass over every block of one dtype bucket (``flag``: amsgrad / momentum;
-    ``stats``: per-tensor sums of p^2 and u^2 into ``ustat``)."""
+    ``stats``: per-tensor sums of p^2 and u^2 into ``ustat``; ``advance``: this launch
+    advances ``clock``, on exactly one launch of a step)."""
     if n_blocks:
-        _update_kernel[(n_blocks,)](tensors, blocks, scal, ustat if stats else scal, KIND=kind,
-                                    DTYPE=tl_dtype(dtype), BLOCK=block, ALIGNED=aligned,
-                                    FLAG=flag, STATS=stats)
+        _update_kernel[(n_blocks,)](tensors, blocks, scal, ustat if stats else scal, clock,
+                                    int(advance), KIND=kind, DTYPE=tl_dtype(dtype), BLOCK=block,
+                                    FLAG=flag, STATS=stats,
+                                    num_warps=update_warps(kind, dtype, block))
 
 
 def launch_units_update(kind: int, tensors, blocks, scal, ustat, n_blocks: int,
                         dtype: torch.dtype, units: int, chunk: int, flag: bool,
-                        stats: bool) -> None:
-    """The ALLoRA update over the unit tiles of one (dtype, unit-length class) bucket."""
+                        stats: bool, clock, advance: bool) -> None:
+    """The ALLoRA update over the unit tiles of one (dtype, unit-length class) bucket; warps
+    as :func:`update_warps` for a tile of ``units * chunk`` elements."""
     if n_blocks:
         _units_update_kernel[(n_blocks,)](tensors, blocks, scal, ustat if stats else scal,
-                                          KIND=kind, DTYPE=tl_dtype(dtype), UNITS=units,
-                                          CHUNK=chunk, FLAG=flag, STATS=stats)
+                                          clock, int(advance), KIND=kind,
+                                          DTYPE=tl_dtype(dtype), UNITS=units, CHUNK=chunk,
+                                          FLAG=flag, STATS=stats,
+                                          num_warps=update_warps(kind, dtype, units * chunk))

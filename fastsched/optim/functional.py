@@ -221,23 +221,28 @@ def _run_triton(plan, buffers, groups, cfg, table, options: StepOptions, gs, fi)
     if options.stats_pass:
         for b in plan.stat_buckets:
             launch_grad_stats(plan.tensors, b.blocks, plan.partials[b.block_offset:],
-                              b.n_blocks, b.dtype, plan.block, b.aligned, options.guard)
+                              b.n_blocks, b.dtype, plan.block, options.guard)
         launch_reduce(plan.first_block, plan.partials, plan.tstat, len(plan))
         if plan.dist is not None:  # distributed: global per-tensor sums (one all-reduce)
             plan.dist.reduce_rows(plan.tstat)
+    # the clock: every finalize program reads it, so the first update launch advances it (its
+    # programs never read it); a step without update programs (only empty tensors) advances it
+    # in a one-program finalize
+    first = next((i for i, b in enumerate(plan.buckets) if b.n_blocks), None)
     launch_finalize(
         plan.tensors, groups, plan.scal, table, buffers.clock, len(plan), plan.kind, cfg=cfg,
         tstat=plan.tstat, ustat=plan.ustat, gstat=buffers.gstat, lr_out=buffers.lr,
         hist=buffers.history, hist_pos=buffers.history_pos, hist_len=buffers.history_len,
         grad_scale=gs, found_inf=fi, stats=options.stats_pass,
         clip=options.max_grad_norm is not None, guard=options.guard,
-        history=buffers.history_len > 0)
-    for b in plan.buckets:
+        history=buffers.history_len > 0, advance=first is None)
+    for i, b in enumerate(plan.buckets):
         if b.units:
             launch_units_update(plan.kind, plan.tensors, b.blocks, plan.scal, plan.ustat,
-                                b.n_blocks, b.dtype, b.units, b.chunk, b.flag, options.stats)
+                                b.n_blocks, b.dtype, b.units, b.chunk, b.flag, options.stats,
+                                buffers.clock, i == first)
         else:
             launch_update(plan.kind, plan.tensors, b.blocks, plan.scal, plan.ustat, b.n_blocks,
-                          b.dtype, plan.block, b.aligned, b.flag, options.stats)
+                          b.dtype, plan.block, b.flag, options.stats, buffers.clock, i == first)
     if plan.dist is not None and options.stats:  # whole-tensor norms (stats=True)
         plan.dist.reduce_rows(plan.ustat)
