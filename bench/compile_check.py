@@ -20,6 +20,8 @@ import inspect
 import itertools
 import math
 import os
+import re
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -310,12 +312,170 @@ def compile_variant(v: Variant, target):
     return triton.compile(src, target=target, options=v.options or None)
 
 
+# -- reading the compiled code (sm_90: 65,536 registers, 64 warps, 32 programs, 228 KB of shared
+# memory per SM) --------------------------------------------------------------------------------
+
+SM_REGS, SM_WARPS, SM_PROGRAMS, SM_SMEM = 65536, 64, 32, 233472
+#: the properties --require asserts of every update variant (the bandwidth floor, see README)
+MIN_INFLIGHT = 128 * 1024
+UPDATE_KERNELS = ("_update_kernel", "_units_update_kernel")
+#: variants not yet at MIN_INFLIGHT, with the KB they reach (triton 3.6): --require holds them to
+#: that figure so they cannot regress unnoticed. (kernel, kind, 2-byte storage, FLAG).
+#: SGD momentum in bf16/fp16: 183-219 registers at 1 warp (2 warps: 96-120 KB). ALLoRA units:
+#: scalar accesses (a tile's alignment is unknown) with one 64-bit address per element reach
+#: 215-255 registers at any warp count (16 warps: 128, 1 program).
+KNOWN_SHORT = {("_update_kernel", L.KIND_SGD, True, True): 108,
+               ("_units_update_kernel", L.KIND_ADAM, False, False): 64,
+               ("_units_update_kernel", L.KIND_ADAM, False, True): 80,
+               ("_units_update_kernel", L.KIND_SGD, False, False): 32,
+               ("_units_update_kernel", L.KIND_SGD, False, True): 48,
+               ("_units_update_kernel", L.KIND_SGD, True, False): 64,
+               ("_units_update_kernel", L.KIND_SGD, True, True): 96}
+
+
+def _bin(name: str) -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+_OP = re.compile(r"\b(LDG|STG|ATOMG|REDG|RED|ATOMS|ATOM|MEMBAR|CCTL)(?![A-Z])(\.[A-Z0-9_.]+)?")
+
+
+def sass_ops(sass: str) -> dict:
+    """Counts of the memory instructions of a SASS listing: global loads and stores by width
+    (128/64/32 bits, U16), atomics (ATOMG returns a value, REDG does not), fences (MEMBAR) and
+    L1 invalidations (CCTL)."""
+    counts: dict = {}
+    for line in sass.splitlines():
+        m = _OP.search(line)
+        if not m:
+            continue
+        op, suf = m.group(1), m.group(2) or ""
+        if op in ("LDG", "STG"):
+            parts = suf.split(".")
+            w = next((x for x in ("128", "64", "U16", "S16", "U8", "S8") if x in parts), "32")
+            op = f"{op}.{w.lstrip('US')}"
+        counts[op] = counts.get(op, 0) + 1
+    return counts
+
+
+def residency(regs: int, warps: int, smem: int) -> int:
+    """Programs of ``warps`` warps at ``regs`` registers a thread that fit one SM (registers
+    are allocated per warp in units of 256, i.e. 8 a thread)."""
+    per_warp = -(-regs * 32 // 256) * 256
+    by_regs = SM_REGS // per_warp // warps if per_warp else SM_PROGRAMS
+    by_smem = SM_SMEM // (smem + 1024) if smem else SM_PROGRAMS
+    return max(0, min(by_regs, SM_WARPS // warps, SM_PROGRAMS, by_smem))
+
+
+def _esize(v: Variant) -> int:
+    return {"fp32": 4, "bf16": 2, "fp16": 2}.get(str(v.constexprs.get("DTYPE")), 4)
+
+
+def program_bytes(v: Variant) -> int:
+    """Bytes one program of ``v`` loads (the data, not the table rows): a block (update,
+    statistics) or one tile of the update loop (ALLoRA units), with the optional state of the
+    FLAG variants counted."""
+    c = v.constexprs
+    if v.name in UPDATE_KERNELS:
+        n = c["BLOCK"] if v.name == "_update_kernel" else c["UNITS"] * c["CHUNK"]
+        arrays = (4 if c["KIND"] == L.KIND_ADAM else 2) + (1 if c["FLAG"] else 0)
+        return n * arrays * _esize(v)
+    if v.name == "_grad_stats_kernel":
+        return c["BLOCK"] * _esize(v)
+    return 0
+
+
+@dataclass
+class Code:
+    """What the compiled code of a variant says."""
+
+    warps: int
+    regs: int
+    spill: int  # local memory bytes a thread
+    smem: int
+    ops: dict
+
+    @property
+    def programs(self) -> int:
+        return residency(self.regs, self.warps, self.smem)
+
+
+def read_code(ck) -> Code:
+    """Registers, spills and the memory instructions of a compiled kernel, from its cubin with
+    the cuobjdump Triton ships (nothing runs)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        cubin = os.path.join(d, "k.cubin")
+        with open(cubin, "wb") as f:
+            f.write(ck.asm["cubin"])
+        res = subprocess.run([_bin("cuobjdump"), "-res-usage", cubin], capture_output=True,
+                             text=True, check=True).stdout
+        sass = subprocess.run([_bin("cuobjdump"), "-sass", cubin], capture_output=True,
+                              text=True, check=True).stdout
+    reg = re.search(r"REG:(\d+)", res)
+    local = re.search(r"LOCAL:(\d+)", res)
+    return Code(ck.metadata.num_warps, int(reg.group(1)) if reg else -1,
+                int(local.group(1)) if local else 0, ck.metadata.shared, sass_ops(sass))
+
+
+def requirements(v: Variant, code: Code) -> list[str]:
+    """What is wrong with the code of ``v`` (empty: nothing): no spills anywhere; every update
+    variant keeps >= 128 KB of loads in flight per SM and has no fence (MEMBAR / CCTL) and no
+    value-returning atomic; a flat update or statistics kernel reads and writes its full
+    blocks with 16-byte instructions only (the count of LDG.E.128 x 16 bytes x threads covers
+    a whole block of every array)."""
+    bad = []
+    if code.spill:
+        bad.append(f"{code.spill} bytes of spills")
+    if v.name in UPDATE_KERNELS or v.name == "_grad_stats_kernel":
+        fences = {k: n for k, n in code.ops.items() if k in ("MEMBAR", "CCTL", "ATOMG", "ATOM")}
+        if fences:
+            bad.append(f"fences or acquiring atomics: {fences}")
+    if v.name in UPDATE_KERNELS:
+        inflight = code.programs * program_bytes(v)
+        c = v.constexprs
+        floor = min(MIN_INFLIGHT, 1024 * KNOWN_SHORT.get(
+            (v.name, c["KIND"], _esize(v) == 2, c["FLAG"]), MIN_INFLIGHT // 1024))
+        if inflight < floor:
+            bad.append(f"{inflight // 1024} KB in flight per SM < {floor // 1024} KB")
+    if v.name in ("_update_kernel", "_grad_stats_kernel"):
+        threads = 32 * code.warps
+        ld = code.ops.get("LDG.128", 0) * 16 * threads
+        want = program_bytes(v)
+        if ld < want:
+            bad.append(f"16-byte loads cover {ld} of the {want} bytes of a full block")
+        if v.name == "_update_kernel" and not code.ops.get("STG.128"):
+            bad.append("no 16-byte stores")
+    return bad
+
+
+def row(v: Variant, code: Code) -> str:
+    c = {k: str(x).replace("triton.language.", "") for k, x in v.constexprs.items()}
+    ops = " ".join(f"{k}:{n}" for k, n in sorted(code.ops.items()))
+    kb = code.programs * program_bytes(v) / 1024
+    return (f"{v.name:22s} {' '.join(f'{k}={x}' for k, x in c.items()):62s} "
+            f"w{code.warps:<2d} r{code.regs:<3d} sp{code.spill:<3d} p{code.programs:<2d} "
+            f"{kb:6.0f}KB  {ops}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability (90: H100)")
     ap.add_argument("--first", action="store_true", help="stop at the first failure")
     ap.add_argument("--quick", action="store_true",
-                    help="one variant of each kernel, the one with the most features on (CI)")
+                    help="one variant of each kernel, the one with the most features on")
+    ap.add_argument("--kernels", default="",
+                    help="comma-separated kernel names: compile only their variants")
+    ap.add_argument("--table", action="store_true",
+                    help="print per variant: warps, registers, spills, programs per SM, KB of "
+                         "loads in flight per SM, memory instructions, atomics and fences")
+    ap.add_argument("--one-unit-class", action="store_true",
+                    help="ALLoRA units: only the variants of the first unit class (the classes "
+                         "differ in tile shape only; CI, to stay within its time)")
+    ap.add_argument("--require", action="store_true",
+                    help="fail a variant whose code breaks the properties of requirements() "
+                         "(implies --table)")
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":  # the kernels were made interpreted
         print("unset TRITON_INTERPRET: this compiles the kernels", file=sys.stderr)
@@ -333,14 +493,19 @@ def main(argv=None) -> int:
     n_all = len(vs)
     if args.quick:
         vs = pick_quick(vs)
+    if args.kernels:
+        vs = [v for v in vs if v.name in args.kernels.split(",")]
+    if args.one_unit_class:
+        nu = UNIT_CLASSES[0][1]
+        vs = [v for v in vs if v.name != "_units_update_kernel" or v.constexprs["UNITS"] == nu]
     print(f"{n_all} variants of {len({v.name for v in vs})} kernels from {n_cfg} "
-          f"configurations ({time.perf_counter() - t0:.1f} s)"
-          + (f"; compiling {len(vs)} (--quick)" if args.quick else ""))
+          f"configurations ({time.perf_counter() - t0:.1f} s); compiling {len(vs)}")
+    table = args.table or args.require
     compiled = failed = 0
     t1 = time.perf_counter()
     for v in vs:
         try:
-            compile_variant(v, target)
+            ck = compile_variant(v, target)
             compiled += 1
         except Exception as e:  # report every failing variant, then exit non-zero
             failed += 1
@@ -348,6 +513,16 @@ def main(argv=None) -> int:
                   f"{type(e).__name__}: {str(e)[:2000]}")
             if args.first:
                 break
+            continue
+        if table:
+            code = read_code(ck)
+            print(row(v, code), flush=True)
+            bad = requirements(v, code) if args.require else []
+            if bad:
+                failed += 1
+                print(f"FAIL {v.name} (from: {v.source}): {'; '.join(bad)}")
+                if args.first:
+                    break
     print(f"compiled in {time.perf_counter() - t1:.1f} s (triton {triton.__version__})")
     print(f"{compiled} compiled, {failed} failed (sm_{args.arch})")
     return 1 if failed else 0

@@ -3,11 +3,15 @@
 # priority, so that a run cut short still returns the most useful part:
 #   1. install the checkout without touching the machine's torch/triton;
 #   2. the gpu-marked tests (CUDA graphs, no host sync in step(), native kernel parity);
-#   3. the full benchmark, bounded by --time-limit (JSON/Markdown/PNG under $out);
-#   4. the whole test suite natively on the GPU (kernels compiled, not interpreted).
+#   3. the update kernels' launch configurations compared: the per-variant warps of
+#      kernels/optim.py against FASTSCHED_UPDATE_WARPS=4 (every update program at 4 warps,
+#      Triton's default and the configuration before), fastsched against the stream copy on
+#      llama-1b, fp32 and bf16, AdamW / clipped AdamW+stats / SGD / ALLoRA (under $out/launch-*);
+#   4. the full benchmark, bounded by --time-limit (JSON/Markdown/PNG under $out);
+#   5. the whole test suite natively on the GPU (kernels compiled, not interpreted).
 # Usage: OUT=/some/dir bash bench/gpu_check.sh   (default out: bench/results)
-# Budget: about 1 + 2.5 + 5 + 2 minutes (device time is 15 min a session, start included);
-# set BENCH_LIMIT / TEST_LIMIT (seconds) to change.
+# Budget: about 1 + 2.5 + 2 x 1.2 + 3 + 1.5 minutes (device time is 15 min a session, start
+# included); set CMP_LIMIT / BENCH_LIMIT / TEST_LIMIT (seconds) to change.
 set -uo pipefail
 out="${OUT:-bench/results}"
 mkdir -p "$out"
@@ -20,10 +24,19 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
 } 2>&1 | tee "$out/gpu-device.txt"
 timeout 150 python3 -m pytest tests -m gpu -q -p no:cacheprovider 2>&1 \
   | tee "$out/gpu-tests-marked.log" | tail -15
+# launch configurations: same shapes, contenders and time limit for both; the stream contender
+# is the copy ceiling measured in the same run (compare GB/s and the fraction of copy)
+for cfg in new old; do
+  warps=""; [ "$cfg" = old ] && warps=4
+  FASTSCHED_UPDATE_WARPS="$warps" timeout $(( ${CMP_LIMIT:-60} + 30 )) fastsched bench \
+    --out "$out/launch-$cfg" --sets llama-1b --dtypes fp32,bf16 \
+    --configs adamw,adamw-clip,sgd,allora --contenders fastsched,stream --no-compile \
+    --no-plot --quick --time-limit "${CMP_LIMIT:-60}" 2>&1 | tee "$out/launch-$cfg.log" | tail -14
+done
 # --quick (fewer timed steps, smaller compile budget: ~2.5 min by estimate) so that every shape
 # set fits; FULL=1 for the full step counts
 quick=(--quick); [ -n "${FULL:-}" ] && quick=()
-timeout $(( ${BENCH_LIMIT:-240} + 60 )) fastsched bench --out "$out" "${quick[@]}" \
-  --time-limit "${BENCH_LIMIT:-240}" 2>&1 | tee "$out/gpu-bench.log" | tail -40
-timeout "${TEST_LIMIT:-120}" python3 -m pytest tests -q -x -p no:cacheprovider -m "not gpu" \
+timeout $(( ${BENCH_LIMIT:-150} + 45 )) fastsched bench --out "$out" "${quick[@]}" \
+  --time-limit "${BENCH_LIMIT:-150}" 2>&1 | tee "$out/gpu-bench.log" | tail -40
+timeout "${TEST_LIMIT:-90}" python3 -m pytest tests -q -x -p no:cacheprovider -m "not gpu" \
   2>&1 | tee "$out/gpu-tests-all.log" | tail -8
