@@ -275,6 +275,24 @@ void grad_sums(const typename E::T* __restrict g, int64_t n, double out[3]) {
 // sum of p^2 (ALLoRA unit norms), float64, lanes in a fixed order
 template <class E>
 double sum_sq(const typename E::T* __restrict p, int64_t n) {
+    if constexpr (E::NARROW) {  // the same lanes in vectors (squares exact: fused multiply-add)
+        v8d a0 = {}, a1 = {};
+        int64_t i = 0;
+        for (; i + W <= n; i += W) {
+            a0 = add_sq_exact(a0, E::ld8d(p + i));
+            a1 = add_sq_exact(a1, E::ld8d(p + i + 8));
+        }
+        if (i < n) {  // zero padded: lanes past the end add +0
+            alignas(64) double t[W] = {0};
+            for (int j = 0; i + j < n; j++) t[j] = E::ldd(p[i + j]);
+            v8d x0, x1;
+            std::memcpy(&x0, t, 64);
+            std::memcpy(&x1, t + 8, 64);
+            a0 = add_sq_exact(a0, x0);
+            a1 = add_sq_exact(a1, x1);
+        }
+        return lane_sum(a0, a1);
+    }
     double acc[W] = {0};
     int64_t i = 0;
     for (; i + W <= n; i += W)
