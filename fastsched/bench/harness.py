@@ -103,7 +103,7 @@ class TimingPlan:
         # the CPU run: interleaved rounds (blocks = rounds) of blocks of ~block_s
         if quick:
             return cls(1, 0.0, 2, 0.005, 2, 3, 0.01, 0.05)
-        return cls(2, 0.02, 7, 0.03, 3, 3, 0.02, 0.1)
+        return cls(2, 0.02, 11, 0.04, 3, 3, 0.02, 0.1)
 
 
 @dataclass
