@@ -61,7 +61,9 @@ G_ADAM_DECOUPLED = 8  # 1.0: AdamW's decoupled decay; 0.0: Adam's L2 penalty
 G_SGD_MOMENTUM = 4
 G_SGD_DAMPENING = 5
 G_SGD_NESTEROV = 6  # 1.0 or 0.0
-G_COLS = 9
+#: ALLoRA: 1.0 scales each unit's update (its learning rate), 0.0 its gradient
+G_ALLORA_UPDATE = 9
+G_COLS = 10
 
 # -- per-tensor scalars of a step, float32 ------------------------------------------------------
 S_GRAD_MUL = 0  # gradient multiplier: +-1 (maximize) x clip coefficient / grad scale
@@ -81,7 +83,8 @@ S_SGD_MOM_B = 5  # 1 - dampening, 1 on the buffer's first step
 S_SGD_WEIGHT_DECAY = 6
 S_SGD_NESTEROV = 7
 S_SGD_MOMENTUM = 8
-S_COLS = 12
+S_ALLORA_UPDATE = 12  # 1.0: ALLoRA scales the update; 0.0: the gradient
+S_COLS = 13
 
 # -- statistics pass: per-block partial sums, float32 -------------------------------------------
 PART_SQ = 0  # sum g^2

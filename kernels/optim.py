@@ -160,6 +160,7 @@ def _finalize_kernel(tensors_ptr, groups_ptr, scal_ptr, sched_ptr, n_seg, clock_
         wd = tl.load(gp + L.G_WEIGHT_DECAY, mask=m, other=0.0)
         maximize = tl.load(gp + L.G_MAXIMIZE, mask=m, other=0.0)
         inv_eta2 = tl.load(gp + L.G_INV_ETA2, mask=m, other=0.0)
+        allora_update = tl.load(gp + L.G_ALLORA_UPDATE, mask=m, other=0.0)
         step_ptr = tl.load(row + L.T_STEP, mask=m, other=0).to(tl.pointer_type(tl.float32))
         step = tl.load(step_ptr, mask=m, other=0.0).to(tl.float64)
         new_step = step + active
@@ -202,6 +203,7 @@ def _finalize_kernel(tensors_ptr, groups_ptr, scal_ptr, sched_ptr, n_seg, clock_
                  mask=m)
         tl.store(out + L.S_LR, lr.to(tl.float32), mask=m)
         tl.store(out + L.S_INV_ETA2, inv_eta2.to(tl.float32), mask=m)
+        tl.store(out + L.S_ALLORA_UPDATE, allora_update.to(tl.float32), mask=m)
         tl.store(step_ptr, new_step.to(tl.float32), mask=m)
     if advance != 0:  # one-program grid only (no update launch this step): see the launcher
         tl.store(clock_ptr + one, clock + active.to(tl.int64))
@@ -326,17 +328,19 @@ def _scalars(scal_ptr, tidx, KIND: tl.constexpr, STATS: tl.constexpr):
 
 
 @triton.jit
-def _apply(p_ptr, g_ptr, s1_ptr, s2_ptr, s3_ptr, has3, offs, mask, g_scale, grad_mul,
+def _apply(p_ptr, g_ptr, s1_ptr, s2_ptr, s3_ptr, has3, offs, mask, g_scale, u_scale, grad_mul,
            c0, c1, c2, c3, c4, c5, c6, c7, KIND: tl.constexpr, DTYPE: tl.constexpr,
            MASKED: tl.constexpr, FLAG: tl.constexpr, STATS: tl.constexpr):
     """Load, update and store the elements ``offs`` (any block shape; ``mask`` used only when
     MASKED) of one tensor; ``c0..c7``: :func:`_scalars`.
 
-    ``g_scale`` multiplies the gradient on top of the per-tensor multiplier (ALLoRA units; 1.0
-    otherwise). Adam follows torch's fused kernel (``fused_adam_utils.cuh``): L2 or decoupled
-    decay, lerp for the first moment, correctly rounded sqrt and division; SGD follows
-    ``torch.optim.SGD``. ``has3``: the optional state exists (FLAG variants): amsgrad's
-    ``max_exp_avg_sq`` at ``s3_ptr`` (Adam), the momentum buffer at ``s1_ptr`` (SGD).
+    ``g_scale`` multiplies the gradient on top of the per-tensor multiplier, ``u_scale`` the
+    update (ALLoRA units, ``allora_apply`` "grad" / "update"; 1.0 otherwise: the decoupled
+    decay ``p * (1 - lr * wd)`` is never scaled). Adam follows torch's fused kernel
+    (``fused_adam_utils.cuh``): L2 or decoupled decay, lerp for the first moment, correctly
+    rounded sqrt and division; SGD follows ``torch.optim.SGD``. ``has3``: the optional state
+    exists (FLAG variants): amsgrad's ``max_exp_avg_sq`` at ``s3_ptr`` (Adam), the momentum
+    buffer at ``s1_ptr`` (SGD).
     Returns the sums of p^2 and u^2 of these elements (STATS; else 0).
     """
     p = _ld(p_ptr, offs, mask, MASKED)
@@ -356,7 +360,7 @@ def _apply(p_ptr, g_ptr, s1_ptr, s2_ptr, s3_ptr, has3, offs, mask, g_scale, grad
                 _st(s3_ptr, offs, vmax, mask, DTYPE, MASKED)
                 vv = vmax
         denom = tl.div_rn(tl.sqrt_rn(vv), c1) + c6
-        u = tl.div_rn(m, denom)
+        u = tl.div_rn(m, denom) * u_scale
         p = p - c0 * u
         _st(s1_ptr, offs, m, mask, DTYPE, MASKED)
         _st(s2_ptr, offs, v, mask, DTYPE, MASKED)
@@ -369,8 +373,8 @@ def _apply(p_ptr, g_ptr, s1_ptr, s2_ptr, s3_ptr, has3, offs, mask, g_scale, grad
                 buf = c1 * _ld(s1_ptr, offs, mask, MASKED) + c2 * d
                 _st(s1_ptr, offs, buf, mask, DTYPE, MASKED)
                 d = tl.where(c4 != 0.0, d + c5 * buf, buf)
-        u = d
-        p = p - c0 * d
+        u = d * u_scale
+        p = p - c0 * u
     _st(p_ptr, offs, p, mask, DTYPE, MASKED)
     psq = 0.0
     usq = 0.0
@@ -420,7 +424,7 @@ def _update_kernel(tensors_ptr, blocks_ptr, scal_ptr, ustat_ptr, clock_ptr, adva
         offs = start + tl.arange(0, BLOCK)
         psq, usq = _apply(_typed(pa, DTYPE, True), _typed(ga, DTYPE, True),
                           _typed(s1, DTYPE, True), _typed(s2, DTYPE, True),
-                          _typed(s3, DTYPE, True), has3, offs, offs, 1.0, grad_mul, c0, c1, c2,
+                          _typed(s3, DTYPE, True), has3, offs, offs, 1.0, 1.0, grad_mul, c0, c1, c2,
                           c3, c4, c5, c6, c7, KIND, DTYPE, False, FLAG, STATS)
     else:
         # the last block, unaligned tensors: scalar accesses (a masked element cannot share a
@@ -433,7 +437,8 @@ def _update_kernel(tensors_ptr, blocks_ptr, scal_ptr, ustat_ptr, clock_ptr, adva
             offs = start + s0 + tl.arange(0, BLOCK // 4)
             a, b = _apply(_typed(pa, DTYPE, False), _typed(ga, DTYPE, False),
                           _typed(s1, DTYPE, False), _typed(s2, DTYPE, False),
-                          _typed(s3, DTYPE, False), has3, offs, offs < numel, 1.0, grad_mul, c0,
+                          _typed(s3, DTYPE, False), has3, offs, offs < numel, 1.0, 1.0,
+                          grad_mul, c0,
                           c1, c2, c3, c4, c5, c6, c7, KIND, DTYPE, True, FLAG, STATS)
             psq += a
             usq += b
@@ -468,6 +473,7 @@ def _units_update_kernel(tensors_ptr, blocks_ptr, scal_ptr, ustat_ptr, clock_ptr
     elem_stride = tl.load(row + L.T_ESTRIDE)
     n_units = tl.load(row + L.T_NUNITS)
     inv_eta2 = tl.load(sc + L.S_INV_ETA2)
+    u_on = tl.load(sc + L.S_ALLORA_UPDATE)  # allora_apply: 1.0 "update", 0.0 "grad"
     p_ptr = _typed(tl.load(row + L.T_P), DTYPE, False)
     g_ptr = _typed(tl.load(row + L.T_G), DTYPE, False)
     s1 = tl.load(row + L.T_S1)
@@ -491,13 +497,15 @@ def _units_update_kernel(tensors_ptr, blocks_ptr, scal_ptr, ustat_ptr, clock_ptr
             p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             acc += tl.sum(p * p, 1)
         scale = 1.0 / tl.sqrt(acc + inv_eta2)
+        gs = tl.where(u_on != 0.0, 1.0, scale)[:, None]  # "grad": the gradient's multiplier
+        us = tl.where(u_on != 0.0, scale, 1.0)[:, None]  # "update": the step's multiplier
         for k0 in range(0, unit_len, CHUNK):
             k = k0 + tl.arange(0, CHUNK)
             offs = base[:, None] + k[None, :]
             mask = umask[:, None] & (k[None, :] < unit_len)
             a, b = _apply(p_ptr, g_ptr, s1_ptr, s2_ptr, s3_ptr, has3, offs, mask,
-                          scale[:, None], grad_mul, c0, c1, c2, c3, c4, c5, c6, c7, KIND, DTYPE,
-                          True, FLAG, STATS)
+                          gs, us, grad_mul, c0, c1, c2, c3, c4, c5, c6, c7, KIND, DTYPE, True,
+                          FLAG, STATS)
             psq += a
             usq += b
     else:  # column units: unit_stride == 1 (allora_units), the units of a tile are adjacent
@@ -508,13 +516,15 @@ def _units_update_kernel(tensors_ptr, blocks_ptr, scal_ptr, ustat_ptr, clock_ptr
             p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             acc += tl.sum(p * p, 1)
         scale = 1.0 / tl.sqrt(acc + inv_eta2)
+        gs = tl.where(u_on != 0.0, 1.0, scale)[:, None]  # "grad": the gradient's multiplier
+        us = tl.where(u_on != 0.0, scale, 1.0)[:, None]  # "update": the step's multiplier
         for k0 in range(0, unit_len, CHUNK):
             k = k0 + tl.arange(0, CHUNK)
             offs = units[:, None] + k[None, :] * elem_stride
             mask = umask[:, None] & (k[None, :] < unit_len)
             a, b = _apply(p_ptr, g_ptr, s1_ptr, s2_ptr, s3_ptr, has3, offs, mask,
-                          scale[:, None], grad_mul, c0, c1, c2, c3, c4, c5, c6, c7, KIND, DTYPE,
-                          True, FLAG, STATS)
+                          gs, us, grad_mul, c0, c1, c2, c3, c4, c5, c6, c7, KIND, DTYPE, True,
+                          FLAG, STATS)
             psq += a
             usq += b
     _add_stats(ustat_ptr + tidx * L.US_COLS, psq, usq, STATS)

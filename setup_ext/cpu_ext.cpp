@@ -201,6 +201,7 @@ PyObject* py_finalize(PyObject*, PyObject* args) {
         out[L::S_ACTIVE] = act;
         out[L::S_LR] = lr;
         out[L::S_INV_ETA2] = g[L::G_INV_ETA2];
+        out[L::S_ALLORA_UPDATE] = g[L::G_ALLORA_UPDATE];
         float* sc = scal + i * L::S_COLS;
         for (int64_t c = 0; c < L::S_COLS; c++) sc[c] = static_cast<float>(out[c]);
         *step_ptr = static_cast<float>(new_step);
@@ -380,6 +381,7 @@ Scal read_scal(const float* sc, int64_t kind) {
         a.omb2c = 1.0f - a.omb2;
         a.eps = sc[L::S_ADAM_EPS];
         a.lo = a.omb1 < 0.5f;
+        a.upd = sc[L::S_ALLORA_UPDATE] != 0.0f;
     } else {
         SgdScal& g = s.sgd;
         g.gmul = sc[L::S_GRAD_MUL];
@@ -389,6 +391,7 @@ Scal read_scal(const float* sc, int64_t kind) {
         g.wd = sc[L::S_SGD_WEIGHT_DECAY];
         g.momentum = sc[L::S_SGD_MOMENTUM];
         g.nesterov = sc[L::S_SGD_NESTEROV] != 0.0f;
+        g.upd = sc[L::S_ALLORA_UPDATE] != 0.0f;
     }
     return s;
 }

@@ -357,16 +357,19 @@ constexpr int64_t NCH = 256;
 struct AdamScal {
     float gmul, step_size, bc2s, decay, l2, omb1, omb1c, omb2, omb2c, eps;
     bool lo;  // lerp from the start (1 - beta1 < 0.5), as torch's lerp
+    bool upd;  // ALLoRA allora_apply="update": gs multiplies the step, not the gradient
 };
 
 struct SgdScal {
     float gmul, lr, mom_a, mom_b, wd, momentum;
     bool nesterov;
+    bool upd;  // as AdamScal::upd
 };
 
-// One contiguous span of one tensor. SVEC: the gradient multiplier of ALLoRA column units (one
-// per element: gs[i]), else gs[0] for the whole span (1.0 without ALLoRA: exact). STATS: the new
-// p and the unscaled update u go to the lanes *ls.
+// One contiguous span of one tensor. SVEC: the ALLoRA multiplier of column units (one per
+// element: gs[i]), else gs[0] for the whole span (1.0 without ALLoRA: exact); it multiplies the
+// gradient, or with s.upd (allora_apply="update") the step after the decoupled decay. STATS:
+// the new p and the update u (times the multiplier with s.upd) go to the lanes *ls.
 template <class E, bool AMS, bool STATS, bool SVEC>
 void adam_span(const AdamScal& s, typename E::T* __restrict p, const typename E::T* __restrict g,
                typename E::T* __restrict m, typename E::T* __restrict v,
@@ -400,12 +403,13 @@ void adam_span(const AdamScal& s, typename E::T* __restrict p, const typename E:
     const float gmul = s.gmul, step_size = s.step_size, bc2s = s.bc2s, decay = s.decay;
     const float l2 = s.l2, omb1 = s.omb1, omb1c = s.omb1c, omb2 = s.omb2, omb2c = s.omb2c;
     const float eps = s.eps;
-    const bool lo = s.lo;
+    const bool lo = s.lo, upd = s.upd;
     const float g0 = gs[0];
     span_loop<STATS>(n, ls, [&](int64_t i, float& p_new, float& u_out) {
         float pf = E::ld(p[i]);
         float gf = E::ld(g[i]) * gmul;
-        gf = gf * (SVEC ? gs[i] : g0);
+        const float sc = SVEC ? gs[i] : g0;
+        gf = gf * (upd ? 1.0f : sc);
         pf = pf * decay;      // AdamW: p * (1 - lr * wd); Adam: 1
         gf = gf + l2 * pf;    // Adam: L2 penalty in the gradient; AdamW: 0
         float mf = E::ld(m[i]);
@@ -423,7 +427,7 @@ void adam_span(const AdamScal& s, typename E::T* __restrict p, const typename E:
             vv = r;
             vm[i] = E::st(r);
         }
-        const float u = mf / (std::sqrt(vv) / bc2s + eps);
+        const float u = mf / (std::sqrt(vv) / bc2s + eps) * (upd ? sc : 1.0f);
         pf = pf - step_size * u;
         p[i] = E::st(pf);
         m[i] = E::st(mf);
@@ -456,12 +460,13 @@ void sgd_span(const SgdScal& s, typename E::T* __restrict p, const typename E::T
     }
     const float gmul = s.gmul, lr = s.lr, mom_a = s.mom_a, mom_b = s.mom_b, wd = s.wd;
     const float momentum = s.momentum;
-    const bool nesterov = s.nesterov;
+    const bool nesterov = s.nesterov, upd = s.upd;
     const float g0 = gs[0];
     span_loop<STATS>(n, ls, [&](int64_t i, float& p_new, float& u_out) {
         float pf = E::ld(p[i]);
         float d = E::ld(g[i]) * gmul;
-        d = d * (SVEC ? gs[i] : g0);
+        const float sc = SVEC ? gs[i] : g0;
+        d = d * (upd ? 1.0f : sc);
         d = d + wd * pf;
         if (MOM) {
             const float b = mom_a * E::ld(buf[i]) + mom_b * d;
@@ -469,6 +474,7 @@ void sgd_span(const SgdScal& s, typename E::T* __restrict p, const typename E::T
             const float dn = d + momentum * b;
             d = nesterov ? dn : b;
         }
+        d = d * (upd ? sc : 1.0f);
         pf = pf - lr * d;
         p[i] = E::st(pf);
         p_new = pf;

@@ -46,6 +46,7 @@ class Hyper:
     nesterov: bool = False
     allora_eta: float | None = None
     allora_unit: str = "row"
+    allora_apply: str = "grad"  # "grad": the unit's gradient is scaled; "update": its step
 
 
 @dataclass
@@ -87,8 +88,11 @@ class Oracle:
             st = self.state[i]
             lr = h.lr * factor
             gi = g[i] * coef
+            unit_scale = 1.0
             if h.allora_eta is not None:
-                gi = gi * allora_scale64(p, h.allora_unit, h.allora_eta)
+                unit_scale = allora_scale64(p, h.allora_unit, h.allora_eta)
+                if h.allora_apply == "grad":
+                    gi, unit_scale = gi * unit_scale, 1.0
             st["step"] += 1
             t = st["step"]
             if h.kind == "adam":
@@ -110,6 +114,7 @@ class Oracle:
                     st["buf"] = (u.clone() if st["buf"] is None
                                  else h.momentum * st["buf"] + (1 - h.dampening) * u)
                     u = u + h.momentum * st["buf"] if h.nesterov else st["buf"]
+            u = u * unit_scale  # "update": the unit's step (after the decoupled decay)
             p.sub_(lr * u)
             pnorm.append(float(p.norm()))
             urms.append(float(u.pow(2).mean().sqrt()) if u.numel() else 0.0)

@@ -48,7 +48,7 @@ def _build(kind, backend, device, unit, **opt_kw):
     for names, eta, lr in GROUPS:
         g = {"params": [params[n] for n in names], "lr": lr}
         if eta is not None:
-            g.update(allora_eta=eta, allora_unit=unit)
+            g.update(allora_eta=eta, allora_unit=unit, allora_apply="grad")
         groups.append(g)
         tgroups.append({"params": [tparams[n] for n in names], "lr": lr})
     cls, tcls = ((fastsched.AdamW, torch.optim.AdamW) if kind == "adamw"
@@ -157,7 +157,8 @@ def test_allora_settings_change_between_steps(backend, kernel_device):
     params, tparams, opt, topt = _build("sgd", backend, kernel_device, "row")
     changes = {
         2: lambda g: (g[0].update(allora_eta=3.0), g[1].update(allora_unit="column")),
-        3: lambda g: g[2].update(allora_eta=0.25, allora_unit="tensor"),  # plain -> ALLoRA
+        3: lambda g: g[2].update(allora_eta=0.25, allora_unit="tensor",  # plain -> ALLoRA
+                                 allora_apply="grad"),
         4: lambda g: g[0].update(allora_eta=None),  # ALLoRA -> plain
     }
     for k in range(6):
@@ -172,3 +173,110 @@ def test_allora_needs_contiguous_parameters():
     fastsched.AdamW([p])  # fine without ALLoRA
     with pytest.raises(ValueError, match="contiguous"):
         fastsched.AdamW([p], allora_eta=1.0)
+
+
+# -- allora_apply="update": the unit's step is scaled (an adaptive per-unit learning rate) -----
+
+def _oracle_run(kind, backend, device, unit, apply, steps=6, **opt_kw):
+    """fastsched vs the float64 oracle (``optim_oracle``, written independently) with ALLoRA
+    on the LoRA-like groups; returns the worst relative error of the parameters."""
+    from optim_oracle import Hyper, Oracle
+
+    gen = torch.Generator().manual_seed(0)
+    params, hypers, groups = [], [], []
+    for gi, (names, eta, lr) in enumerate(GROUPS):
+        ps = []
+        for n in names:
+            x = torch.zeros(SHAPES[n]) if n in ZERO_INIT else torch.randn(SHAPES[n],
+                                                                          generator=gen) * 0.5
+            ps.append(x.to(device).requires_grad_())
+            kw = ({"kind": "adam", "betas": KW["adamw"]["betas"], "eps": KW["adamw"]["eps"],
+                   "weight_decay": KW["adamw"]["weight_decay"]} if kind == "adamw" else
+                  {"kind": "sgd", **{k: KW["sgd"][k] for k in ("momentum", "weight_decay")}})
+            hypers.append(Hyper(lr=lr, group=gi, allora_eta=eta, allora_unit=unit,
+                                allora_apply=apply, **kw))
+        g = {"params": ps, "lr": lr}
+        if eta is not None:
+            g.update(allora_eta=eta, allora_unit=unit, allora_apply=apply)
+        groups.append(g)
+        params += ps
+    cls = fastsched.AdamW if kind == "adamw" else fastsched.SGD
+    opt = cls(groups, backend=backend, block_size=BLOCK, **KW[kind], **opt_kw)
+    oracle = Oracle(params, hypers)
+    worst = 0.0
+    for k in range(steps):
+        gen = torch.Generator().manual_seed(1000 + k)
+        grads = [torch.randn(p.shape, generator=gen).to(p.device) for p in params]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.step()
+        oracle.step(grads)
+        worst = max(worst, max(rel_err(p, q) for p, q in zip(params, oracle.params)))
+    return worst
+
+
+@pytest.mark.parametrize("kind", ["adamw", "sgd"])
+@pytest.mark.parametrize("unit", ["row", "column", "tensor"])
+def test_allora_update_mode_matches_the_oracle(backend, kernel_device, unit, kind):
+    """Each unit's Adam / SGD step times 1 / sqrt(||theta_unit||^2 + 1/eta^2), the decoupled
+    weight decay unscaled: the float64 oracle over 6 steps (awkward shapes, several chunks per
+    unit, 0-d and empty tensors, a plain group beside)."""
+    assert _oracle_run(kind, backend, kernel_device, unit, "update") <= 2e-5
+
+
+def test_allora_update_is_the_default_and_differs_from_grad_under_adamw(kernel_device):
+    """Under AdamW the gradient scaling is normalised away (Adam divides by sqrt(v)); the
+    update scaling is not. The default is "update"."""
+    p = torch.randn(4, 300, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    assert fastsched.AdamW([p], allora_eta=1.0).param_groups[0]["allora_apply"] == "update"
+    moved = {}
+    for apply in ("grad", "update"):
+        q = p.detach().clone().requires_grad_()
+        opt = fastsched.AdamW([q], lr=1e-2, allora_eta=1.0, allora_apply=apply,
+                              weight_decay=0.0)
+        q.grad = torch.ones_like(q)
+        opt.step()
+        moved[apply] = (q.detach() - p.detach()).abs().mean().item()
+    plain = fastsched.AdamW([p.detach().clone().requires_grad_()], lr=1e-2, weight_decay=0.0)
+    plain.param_groups[0]["params"][0].grad = torch.ones_like(p)
+    plain.step()
+    base = (plain.param_groups[0]["params"][0].detach() - p.detach()).abs().mean().item()
+    # rows of norm ~17: "grad" moves by lr (Adam's first step is sign-like), "update" by lr/17
+    assert moved["grad"] == pytest.approx(base, rel=1e-4)
+    assert moved["update"] < 0.2 * base
+
+
+@pytest.mark.parametrize("unit", ["row", "column", "tensor"])
+def test_allora_update_equals_grad_for_plain_sgd(backend, kernel_device, unit):
+    """SGD without momentum or weight decay: scaling the gradient or the step is the same."""
+    out = {}
+    for apply in ("grad", "update"):
+        gen = torch.Generator().manual_seed(3)
+        p = (torch.randn(7, 33, generator=gen)).to(kernel_device).requires_grad_()
+        opt = fastsched.SGD([p], lr=0.1, allora_eta=2.0, allora_unit=unit, allora_apply=apply,
+                            backend=backend)
+        for _ in range(3):
+            p.grad = torch.randn(p.shape, generator=gen).to(kernel_device)
+            opt.step()
+        out[apply] = p.detach().clone()
+    assert rel_err(out["update"], out["grad"]) <= 1e-6
+
+
+def test_allora_apply_is_validated_and_old_checkpoints_resume_as_grad():
+    p = torch.randn(3, 4, requires_grad=True)
+    with pytest.raises(ValueError, match=r"allora_apply must be one of \['update', 'grad'\]"):
+        fastsched.AdamW([p], allora_eta=1.0, allora_apply="step")
+    opt = fastsched.AdamW([p], allora_eta=1.0)
+    p.grad = torch.ones_like(p)
+    opt.step()
+    sd = opt.state_dict()
+    assert sd["param_groups"][0]["allora_apply"] == "update"
+    del sd["param_groups"][0]["allora_apply"]  # as saved before the option existed
+    new = fastsched.AdamW([p], allora_eta=1.0)
+    with pytest.warns(UserWarning, match="resumes with allora_apply='grad'"):
+        new.load_state_dict(sd)
+    assert new.param_groups[0]["allora_apply"] == "grad"
+    torch_sd = torch.optim.AdamW([p]).state_dict()  # no ALLoRA keys: the optimizer's defaults
+    other = fastsched.AdamW([p], allora_eta=1.0)
+    other.load_state_dict(torch_sd)
+    assert other.param_groups[0]["allora_apply"] == "update"

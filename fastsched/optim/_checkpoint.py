@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -45,7 +46,7 @@ class CheckpointMixin:
         # torch.optim checkpoint has none of them
         sd["param_groups"] = [{k: v for k, v in g.items()
                                if g.get("allora_eta") is not None
-                               or k not in ("allora_eta", "allora_unit")}
+                               or k not in ("allora_eta", "allora_unit", "allora_apply")}
                               for g in sd["param_groups"]]
         sd["fastsched"] = {"schedule": self.schedule.to_dict(), "clock": clock}
         return sd
@@ -73,6 +74,16 @@ class CheckpointMixin:
             # keys that a checkpoint of an older torch lacks (maximize, foreach, fused,
             # decoupled_weight_decay, ...) take this optimizer's defaults, as torch's
             # __setstate__ fills them (AdamW: decoupled_weight_decay=True); step() needs them
+            if group.get("allora_eta") is not None and "allora_apply" not in group:
+                # an ALLoRA group saved before allora_apply existed: ALLoRA scaled the gradient
+                # then, and it resumes so (a torch checkpoint has no ALLoRA keys at all: it
+                # takes this optimizer's defaults below)
+                warnings.warn("fastsched: this checkpoint's ALLoRA group was saved before "
+                              "allora_apply existed; it resumes with allora_apply='grad', the "
+                              "behaviour it was saved with (the default is now 'update'). Set "
+                              "the group's 'allora_apply' to change it.", UserWarning,
+                              stacklevel=2)
+                group["allora_apply"] = "grad"
             for k, v in self.defaults.items():
                 group.setdefault(k, v)
             group.setdefault("allora_eta", None)

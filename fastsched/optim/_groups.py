@@ -18,6 +18,7 @@ from ..kernels import layout as L
 from ..schedules import Constant
 from . import _distributed
 from ._distributed import local
+from .functional import ALLORA_APPLY
 
 __all__ = ["GroupsMixin", "ALLORA_UNITS", "FLOAT_DTYPES", "TRITON_DTYPES"]
 
@@ -86,6 +87,7 @@ class GroupsMixin:
                                  f"{device} and {p.device} (params[{i}])")
         group.setdefault("allora_eta", None)
         group.setdefault("allora_unit", "row")
+        group.setdefault("allora_apply", "update")
         self._validate_group(group)
         self._validate_allora(group)
         # distributed: DTensor placements (1-D mesh, Shard/Replicate, one mesh), else ValueError
@@ -106,6 +108,9 @@ class GroupsMixin:
             raise ValueError(f"allora_eta must be a finite number > 0 or None, got {eta!r}")
         if unit not in ALLORA_UNITS:
             raise ValueError(f"allora_unit must be one of {list(ALLORA_UNITS)}, got {unit!r}")
+        apply = group.get("allora_apply", "update")
+        if apply not in ALLORA_APPLY:
+            raise ValueError(f"allora_apply must be one of {list(ALLORA_APPLY)}, got {apply!r}")
 
     @abc.abstractmethod
     def _validate_group(self, group: dict[str, Any]) -> None:

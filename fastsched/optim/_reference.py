@@ -95,6 +95,7 @@ def finalize(plan, buffers, schedule_table: torch.Tensor, *, stats_pass: bool, c
     out[:, L.S_ACTIVE] = active.to(f64)
     out[:, L.S_LR] = lr
     out[:, L.S_INV_ETA2] = rows[:, L.G_INV_ETA2]
+    out[:, L.S_ALLORA_UPDATE] = rows[:, L.G_ALLORA_UPDATE]
     plan.scal.copy_(out)
     for s, v in zip(plan.steps, new_step.to(torch.float32).unbind()):
         s.copy_(v)
@@ -146,32 +147,38 @@ def allora_scales(p: torch.Tensor, unit: str, inv_eta2: float, reduce=None) -> t
     return (1.0 / torch.sqrt(n + inv_eta2)).expand_as(v).reshape(p.shape)
 
 
-def _scales(plan, inv_eta2s):
+def _scales(plan, rows):
+    """Per tensor (gradient multiplier, update multiplier): ALLoRA's unit scale goes to the
+    gradient (``allora_apply="grad"``) or to the step (``"update"``); None: 1."""
     out = []
     for i, (p, unit) in enumerate(zip(plan.local_params, plan.units)):
         if unit is None:
-            out.append(None)
+            out.append((None, None))
             continue
+        row = rows[plan.group_index[i]]
         red = None if plan.dist is None else (lambda t, i=i: plan.dist.reduce_units(i, t))
-        out.append(allora_scales(p, unit, inv_eta2s[plan.group_index[i]], red))
+        scale = allora_scales(p, unit, row[L.G_INV_ETA2], red)
+        out.append((None, scale) if row[L.G_ALLORA_UPDATE] else (scale, None))
     return out
 
 
-def adam_update(plan, grads, inv_eta2s, *, stats: bool) -> None:
+def adam_update(plan, grads, rows, *, stats: bool) -> None:
     """Adam / AdamW update of every tensor from ``plan.scal``, as ``torch.optim.Adam(W)`` with
     ``fused=True``: fp32 arithmetic, one rounding to the storage dtype; on a skipped step
     nothing changes. With ``stats`` the per-tensor (sum of new p^2, sum of u^2) go to
-    ``plan.ustat``, u the unscaled update m_hat / (sqrt(v_hat) + eps)."""
+    ``plan.ustat``, u the update m_hat / (sqrt(v_hat) + eps) (times the ALLoRA scale with
+    ``allora_apply="update"``). ``rows``: the groups table on the host."""
     sc = plan.scal
     act = sc[0, L.S_ACTIVE] != 0
-    scales = _scales(plan, inv_eta2s)
+    scales = _scales(plan, rows)
     ustat = []
     for i, p in enumerate(plan.local_params):
         s = sc[i]
         m_t, v_t, vmax_t = plan.states[i]
         g = grads[i].to(torch.float32) * s[L.S_GRAD_MUL]
-        if scales[i] is not None:
-            g = g * scales[i]
+        g_scale, u_scale = scales[i]
+        if g_scale is not None:
+            g = g * g_scale
         p32 = p.to(torch.float32) * s[L.S_ADAM_DECAY_MUL]  # AdamW: p * (1 - lr * wd)
         g = g + s[L.S_ADAM_L2] * p32  # Adam: L2 penalty in the gradient
         omb1, omb2 = s[L.S_ADAM_OMB1], s[L.S_ADAM_OMB2]
@@ -184,6 +191,8 @@ def adam_update(plan, grads, inv_eta2s, *, stats: bool) -> None:
             vv = torch.maximum(vmax_t.to(torch.float32), v)
             vmax_t.copy_(torch.where(act, vv.to(vmax_t.dtype), vmax_t))
         u = m / (vv.sqrt() / s[L.S_ADAM_BC2_SQRT] + s[L.S_ADAM_EPS])
+        if u_scale is not None:
+            u = u * u_scale  # the decoupled decay above is not scaled
         p32 = p32 - s[L.S_ADAM_STEP_SIZE] * u
         if stats:
             ustat.append(torch.stack([(p32.double() ** 2).sum(),
@@ -195,25 +204,28 @@ def adam_update(plan, grads, inv_eta2s, *, stats: bool) -> None:
         plan.ustat.copy_(torch.stack(ustat))
 
 
-def sgd_update(plan, grads, inv_eta2s, *, stats: bool) -> None:
+def sgd_update(plan, grads, rows, *, stats: bool) -> None:
     """SGD update as ``torch.optim.SGD`` (momentum, dampening, nesterov, weight decay,
     maximize) from ``plan.scal``; with ``stats`` (sum of new p^2, sum of d^2) per tensor."""
     sc = plan.scal
     act = sc[0, L.S_ACTIVE] != 0
-    scales = _scales(plan, inv_eta2s)
+    scales = _scales(plan, rows)
     ustat = []
     for i, p in enumerate(plan.local_params):
         s = sc[i]
         p32 = p.to(torch.float32)
         d = grads[i].to(torch.float32) * s[L.S_GRAD_MUL]
-        if scales[i] is not None:
-            d = d * scales[i]
+        g_scale, u_scale = scales[i]
+        if g_scale is not None:
+            d = d * g_scale
         d = d + s[L.S_SGD_WEIGHT_DECAY] * p32
         buf = plan.states[i][0]
         if buf is not None:
             nb = s[L.S_SGD_MOM_A] * buf.to(torch.float32) + s[L.S_SGD_MOM_B] * d
             buf.copy_(torch.where(act, nb.to(buf.dtype), buf))
             d = torch.where(s[L.S_SGD_NESTEROV] != 0, d + s[L.S_SGD_MOMENTUM] * nb, nb)
+        if u_scale is not None:
+            d = d * u_scale
         p32 = p32 - s[L.S_LR] * d
         if stats:
             ustat.append(torch.stack([(p32.double() ** 2).sum(), (d.double() ** 2).sum()]))

@@ -90,14 +90,15 @@ class Adam(FusedOptimizer):
                  schedule: Schedule | None = None, backend: str = "auto",
                  block_size: int = DEFAULT_BLOCK, max_grad_norm: float | None = None,
                  stats: bool = False, nonfinite: str | None = None, history: int = 0,
-                 allora_eta: float | None = None, allora_unit: str = "row"):
+                 allora_eta: float | None = None, allora_unit: str = "row",
+                 allora_apply: str = "update"):
         if decoupled_weight_decay is None:
             decoupled_weight_decay = self._decoupled_default
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, foreach=foreach, capturable=capturable,
                         differentiable=differentiable, fused=fused,
                         decoupled_weight_decay=decoupled_weight_decay)
-        defaults.update(allora_eta=allora_eta, allora_unit=allora_unit)
+        defaults.update(allora_eta=allora_eta, allora_unit=allora_unit, allora_apply=allora_apply)
         super().__init__(params, defaults, schedule=schedule, backend=backend,
                          block_size=block_size, max_grad_norm=max_grad_norm, stats=stats,
                          nonfinite=nonfinite, history=history)
@@ -130,7 +131,8 @@ class Adam(FusedOptimizer):
         b1, b2 = group["betas"]
         return adam_row(self._check_lr(group["lr"]), b1, b2, group["eps"],
                         group["weight_decay"], group["amsgrad"], group["maximize"],
-                        group["decoupled_weight_decay"], group.get("allora_eta"))
+                        group["decoupled_weight_decay"], group.get("allora_eta"),
+                        group.get("allora_apply", "update"))
 
 
 class AdamW(Adam):
@@ -148,10 +150,12 @@ class AdamW(Adam):
                  schedule: Schedule | None = None, backend: str = "auto",
                  block_size: int = DEFAULT_BLOCK, max_grad_norm: float | None = None,
                  stats: bool = False, nonfinite: str | None = None, history: int = 0,
-                 allora_eta: float | None = None, allora_unit: str = "row"):
+                 allora_eta: float | None = None, allora_unit: str = "row",
+                 allora_apply: str = "update"):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
                          foreach=foreach, capturable=capturable, differentiable=differentiable,
                          fused=fused, decoupled_weight_decay=True, schedule=schedule,
                          backend=backend, block_size=block_size, max_grad_norm=max_grad_norm,
                          stats=stats, nonfinite=nonfinite, history=history,
-                         allora_eta=allora_eta, allora_unit=allora_unit)
+                         allora_eta=allora_eta, allora_unit=allora_unit,
+                         allora_apply=allora_apply)

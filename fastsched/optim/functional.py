@@ -23,7 +23,8 @@ import torch
 from ..kernels import layout as L
 from . import _reference
 
-__all__ = ["StepOptions", "NONFINITE", "adam", "sgd", "adam_row", "sgd_row", "run_step"]
+__all__ = ["StepOptions", "NONFINITE", "ALLORA_APPLY", "adam", "sgd", "adam_row", "sgd_row",
+           "run_step"]
 
 NONFINITE = ("skip", "raise", "ignore")
 
@@ -99,19 +100,28 @@ def _n_groups(**values) -> int:
     return next(iter(lens.values()), 1)
 
 
-def _row(lr, weight_decay, maximize, allora_eta) -> list[float]:
+#: where ALLoRA's unit scale goes: the unit's step ("update": an adaptive per-unit learning rate
+#: that Adam's normalisation cannot undo) or its gradient ("grad")
+ALLORA_APPLY = ("update", "grad")
+
+
+def _row(lr, weight_decay, maximize, allora_eta, allora_apply) -> list[float]:
     r = [0.0] * L.G_COLS
     r[L.G_LR] = float(lr)
     r[L.G_WEIGHT_DECAY] = float(weight_decay)
     r[L.G_MAXIMIZE] = float(bool(maximize))
     r[L.G_INV_ETA2] = 0.0 if allora_eta is None else 1.0 / float(allora_eta) ** 2
+    if allora_apply not in ALLORA_APPLY:
+        raise ValueError(f"allora_apply must be one of {list(ALLORA_APPLY)}, got "
+                         f"{allora_apply!r}")
+    r[L.G_ALLORA_UPDATE] = float(allora_apply == "update")
     return r
 
 
 def adam_row(lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_weight_decay,
-             allora_eta) -> tuple[float, ...]:
+             allora_eta, allora_apply="update") -> tuple[float, ...]:
     """One parameter group's row of the groups table for Adam / AdamW."""
-    r = _row(lr, weight_decay, maximize, allora_eta)
+    r = _row(lr, weight_decay, maximize, allora_eta, allora_apply)
     r[L.G_ADAM_BETA1] = float(beta1)
     r[L.G_ADAM_BETA2] = float(beta2)
     r[L.G_ADAM_EPS] = float(eps)
@@ -121,9 +131,9 @@ def adam_row(lr, beta1, beta2, eps, weight_decay, amsgrad, maximize, decoupled_w
 
 
 def sgd_row(lr, momentum, dampening, weight_decay, nesterov, maximize,
-            allora_eta) -> tuple[float, ...]:
+            allora_eta, allora_apply="update") -> tuple[float, ...]:
     """One parameter group's row of the groups table for SGD."""
-    r = _row(lr, weight_decay, maximize, allora_eta)
+    r = _row(lr, weight_decay, maximize, allora_eta, allora_apply)
     r[L.G_SGD_MOMENTUM] = float(momentum)
     r[L.G_SGD_DAMPENING] = float(dampening)
     r[L.G_SGD_NESTEROV] = float(bool(nesterov))
@@ -131,7 +141,8 @@ def sgd_row(lr, momentum, dampening, weight_decay, nesterov, maximize,
 
 
 def adam(plan, buffers, *, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, amsgrad=False,
-         maximize=False, decoupled_weight_decay=False, allora_eta=None, schedule,
+         maximize=False, decoupled_weight_decay=False, allora_eta=None, allora_apply="update",
+         schedule,
          options: StepOptions = StepOptions(), grads=None, grad_scale=None, found_inf=None,
          backend: str = "triton") -> None:
     """One Adam / AdamW step (torch.optim.Adam(W), ``fused=True`` semantics) over ``plan``.
@@ -142,25 +153,29 @@ def adam(plan, buffers, *, lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, a
     """
     per_group_betas = bool(betas) and isinstance(betas[0], Sequence)
     kw = dict(lr=lr, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-              decoupled_weight_decay=decoupled_weight_decay, allora_eta=allora_eta)
+              decoupled_weight_decay=decoupled_weight_decay, allora_eta=allora_eta,
+              allora_apply=allora_apply)
     n = _n_groups(**kw, **({"betas": betas} if per_group_betas else {}))
     cols = {k: _per_group(k, v, n) for k, v in kw.items()}
     pairs = _per_group("betas", betas, n) if per_group_betas else [betas] * n
     rows = tuple(adam_row(cols["lr"][i], pairs[i][0], pairs[i][1], cols["eps"][i],
                           cols["weight_decay"][i], cols["amsgrad"][i], cols["maximize"][i],
-                          cols["decoupled_weight_decay"][i], cols["allora_eta"][i])
+                          cols["decoupled_weight_decay"][i], cols["allora_eta"][i],
+                          cols["allora_apply"][i])
                  for i in range(n))
     run_step(plan, buffers, rows, schedule=schedule, options=options, grads=grads,
              grad_scale=grad_scale, found_inf=found_inf, backend=backend)
 
 
 def sgd(plan, buffers, *, lr, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
-        maximize=False, allora_eta=None, schedule, options: StepOptions = StepOptions(),
+        maximize=False, allora_eta=None, allora_apply="update", schedule,
+        options: StepOptions = StepOptions(),
         grads=None, grad_scale=None, found_inf=None, backend: str = "triton") -> None:
     """One SGD step (torch.optim.SGD semantics: momentum, dampening, nesterov, weight decay,
     maximize; the first step copies d_p into the buffer) over ``plan``; see :func:`adam`."""
     kw = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-              nesterov=nesterov, maximize=maximize, allora_eta=allora_eta)
+              nesterov=nesterov, maximize=maximize, allora_eta=allora_eta,
+              allora_apply=allora_apply)
     n = _n_groups(**kw)
     cols = {k: _per_group(k, v, n) for k, v in kw.items()}
     rows = tuple(sgd_row(*(cols[k][i] for k in kw)) for i in range(n))
@@ -204,7 +219,7 @@ def run_step(plan, buffers, rows: tuple, *, schedule, options: StepOptions, grad
                         clip=options.max_grad_norm is not None, guard=options.guard,
                         grad_scale=gs, found_inf=fi)
     update = _reference.adam_update if plan.kind == L.KIND_ADAM else _reference.sgd_update
-    update(plan, grads, [r[L.G_INV_ETA2] for r in rows], stats=options.stats)
+    update(plan, grads, rows, stats=options.stats)
     if plan.dist is not None and options.stats:  # whole-tensor norms
         plan.dist.reduce_rows(plan.ustat)
 

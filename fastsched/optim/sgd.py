@@ -43,11 +43,12 @@ class SGD(FusedOptimizer):
                  backend: str = "auto", block_size: int = DEFAULT_BLOCK,
                  max_grad_norm: float | None = None, stats: bool = False,
                  nonfinite: str | None = None, history: int = 0,
-                 allora_eta: float | None = None, allora_unit: str = "row"):
+                 allora_eta: float | None = None, allora_unit: str = "row",
+                 allora_apply: str = "update"):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
                         weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
                         foreach=foreach, differentiable=differentiable, fused=fused)
-        defaults.update(allora_eta=allora_eta, allora_unit=allora_unit)
+        defaults.update(allora_eta=allora_eta, allora_unit=allora_unit, allora_apply=allora_apply)
         super().__init__(params, defaults, schedule=schedule, backend=backend,
                          block_size=block_size, max_grad_norm=max_grad_norm, stats=stats,
                          nonfinite=nonfinite, history=history)
@@ -76,7 +77,7 @@ class SGD(FusedOptimizer):
     def _group_row(self, group) -> tuple[float, ...]:
         return sgd_row(self._check_lr(group["lr"]), group["momentum"], group["dampening"],
                        group["weight_decay"], group["nesterov"], group["maximize"],
-                       group.get("allora_eta"))
+                       group.get("allora_eta"), group.get("allora_apply", "update"))
 
     def _upgrade_state(self, p, group, st) -> None:
         if "step" not in st:
