@@ -114,6 +114,19 @@ def int_at_least(lo: int) -> Callable[[str], int]:
 positive_int = int_at_least(1)
 
 
+def positive_ints(text: str) -> list[int]:
+    """A comma-separated list of integers >= 1, duplicates dropped (``"1,2"``)."""
+    out = []
+    for item in text.split(","):
+        v = positive_int(item.strip())
+        if v not in out:
+            out.append(v)
+    return out
+
+
+positive_ints.__name__ = "comma-separated integers >= 1"
+
+
 def one_of(choices: Iterable[str], what: str,
            aliases: dict[str, str] | None = None) -> Callable[[str], str]:
     """One name out of ``choices`` (``aliases`` map other spellings onto them)."""
@@ -235,7 +248,13 @@ def _registries_help(sets_flag: str, configs_flag: str, contenders_flag: str) ->
 
 def build_parser() -> argparse.ArgumentParser:
     from .bench.contenders import CONFIGS, CONTENDERS, DEFAULT_CONFIGS
-    from .bench.harness import _DTYPE_ALIASES, CPU_DEFAULT_SCALE, DTYPES
+    from .bench.harness import (
+        _DTYPE_ALIASES,
+        CPU_DEFAULT_CONFIGS,
+        CPU_DEFAULT_SCALE,
+        CPU_DEFAULT_SETS,
+        DTYPES,
+    )
     from .bench.shapes import SHAPE_SETS
     from .tools.cli import add_subcommands as add_tool_subcommands
 
@@ -253,17 +272,17 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=_registries_help("--sets", "--configs", "--contenders"))
     b.add_argument("--sets", type=list_of(SHAPE_SETS, "shape set", everything="all"),
                    default=None, metavar="NAMES",
-                   help=f"comma-separated shape sets: {sets} or all (default: all, unless "
-                   "--shapes is given)")
+                   help=f"comma-separated shape sets: {sets} or all (default: all on a GPU, "
+                   f"{','.join(CPU_DEFAULT_SETS)} on the CPU; none with --shapes)")
     b.add_argument("--shapes", type=_shapes, default=None, metavar="LIST",
                    help='a shape set of your own, e.g. "1024x1024,4096,3x3"')
     b.add_argument("--dtypes", type=list_of(DTYPES, "dtype", _DTYPE_ALIASES), default=None,
                    metavar="LIST", help=f"comma-separated: {dtypes} (default: fp32,bf16 on a "
                    "GPU, fp32 on the CPU)")
-    b.add_argument("--configs", type=list_of(CONFIGS, "configuration"),
-                   default=list(DEFAULT_CONFIGS), metavar="LIST",
-                   help=f"comma-separated configurations: {configs} (default: "
-                   f"{','.join(DEFAULT_CONFIGS)})")
+    b.add_argument("--configs", type=list_of(CONFIGS, "configuration"), default=None,
+                   metavar="LIST", help=f"comma-separated configurations: {configs} (default: "
+                   f"{','.join(DEFAULT_CONFIGS)} on a GPU, {','.join(CPU_DEFAULT_CONFIGS)} on "
+                   "the CPU)")
     b.add_argument("--contenders", type=list_of(CONTENDERS, "contender"), default=None,
                    metavar="LIST", help=f"only these contenders: {', '.join(CONTENDERS)} "
                    "(default: every one that runs the configuration)")
@@ -292,8 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--copy-mib", type=positive_int, default=None, metavar="MIB",
                    help="size of the copy that measures the bandwidth ceiling "
                    "(default 1024 on a GPU, 64 on the CPU)")
-    b.add_argument("--threads", type=positive_int, default=None, metavar="N",
-                   help="torch CPU threads (default: 1 on the CPU, unchanged on a GPU)")
+    b.add_argument("--threads", type=positive_ints, default=None, metavar="N[,N...]",
+                   help="torch CPU thread counts, each a run of its own (default: 1 and 2 on "
+                   "the CPU, at most the number of cores; unchanged on a GPU)")
     b.add_argument("--seed", type=int_at_least(0), default=0, metavar="N",
                    help="seed of the parameters and gradients (default 0)")
     b.add_argument("--readme", type=Path, default=None, metavar="RESULTS.json",
@@ -382,10 +402,9 @@ def _cmd_bench(args, argv) -> int:
         return 0
     from .bench.harness import BenchOptions, run_bench, save_json, save_results
     from .bench.report import print_table
-    from .bench.shapes import SHAPE_SETS
 
-    sets = args.sets if args.sets is not None else ([] if args.shapes is not None
-                                                    else list(SHAPE_SETS))
+    # None: the device's default sets and configurations (the CPU runs fewer)
+    sets = args.sets if args.sets is not None else ([] if args.shapes is not None else None)
     opts = BenchOptions(sets=sets, custom=args.shapes, dtypes=args.dtypes, configs=args.configs,
                         contenders=args.contenders, scale=args.scale, quick=args.quick,
                         compile=args.compile, compile_budget_s=args.compile_budget,

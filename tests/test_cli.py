@@ -272,8 +272,23 @@ def test_schedule_help_lists_the_schedule_registry(command, capsys):
 
 
 def test_bench_defaults_come_from_the_registries():
+    """Unset lists stay None (the device's defaults apply); --threads takes a list."""
+    from fastsched.bench.device import Device
+    from fastsched.bench.harness import (
+        CPU_DEFAULT_CONFIGS,
+        CPU_DEFAULT_SETS,
+        BenchOptions,
+        _default_lists,
+    )
+
     args = build_parser().parse_args(["bench"])
-    assert args.configs == list(DEFAULT_CONFIGS) and args.sets is None
+    assert args.configs is None and args.sets is None and args.threads is None
+    cpu = _default_lists(BenchOptions(), Device("cpu"))
+    assert cpu.sets == list(CPU_DEFAULT_SETS) and cpu.configs == list(CPU_DEFAULT_CONFIGS)
+    given = _default_lists(BenchOptions(sets=["lora-7b"], configs=list(DEFAULT_CONFIGS)),
+                           Device("cpu"))
+    assert given.sets == ["lora-7b"] and given.configs == list(DEFAULT_CONFIGS)
+    assert build_parser().parse_args(["bench", "--threads", "2,1,2"]).threads == [2, 1]
     assert build_parser().parse_args(["bench", "--sets", "all"]).sets == list(SHAPE_SETS)
     assert build_parser().parse_args(["bench", "--dtypes", "float32,bf16,fp32"]).dtypes == [
         "fp32", "bf16"]

@@ -128,27 +128,18 @@ class BenchOptions:
     #: CPU (as many as there are cores, at most 2), unchanged on a GPU
     threads: int | list[int] | None = None
     time_limit_s: float | None = None  # no new contender once the run is this old
-    argv: list[str] | None = None
-
-
-def _given(opts: BenchOptions, flag: str) -> bool:
-    """Whether the command line gave ``flag`` (the CLI passes its defaults as lists: a list that
-    did not come from the flag is the device's default). Without ``argv``: taken as given."""
-    return opts.argv is None or any(a == flag or a.startswith(flag + "=") for a in opts.argv)
+    argv: list[str] | None = None  # the command line, recorded in the results
 
 
 def _default_lists(opts: BenchOptions, dev: Device) -> BenchOptions:
-    """``opts`` with the device's defaults for the sets, configurations and contenders."""
+    """``opts`` with the device's defaults for the sets and configurations left as None."""
     import dataclasses
 
     cpu = not dev.is_cuda
-    sets, configs = opts.sets, opts.configs
-    if sets is None or (cpu and not _given(opts, "--sets") and opts.custom is None
-                        and sets == list(SHAPE_SETS)):
-        sets = list(CPU_DEFAULT_SETS) if cpu else list(SHAPE_SETS)
-    if configs is None or (cpu and not _given(opts, "--configs")
-                           and configs == list(DEFAULT_CONFIGS)):
-        configs = list(CPU_DEFAULT_CONFIGS) if cpu else list(DEFAULT_CONFIGS)
+    sets = opts.sets if opts.sets is not None else list(
+        CPU_DEFAULT_SETS if cpu else SHAPE_SETS)
+    configs = opts.configs if opts.configs is not None else list(
+        CPU_DEFAULT_CONFIGS if cpu else DEFAULT_CONFIGS)
     return dataclasses.replace(opts, sets=sets, configs=configs)
 
 

@@ -161,7 +161,17 @@ class StatsMixin:
                     for b in plan.stat_buckets]
             out.append({"pass": "reduce", "dtype": None, "programs": len(plan),
                         "tensors": names})
-        out.append({"pass": "finalize", "dtype": None, "programs": 1, "tensors": names})
+        if plan.backend == "triton":
+            from ..kernels.optim import FINALIZE_ROWS
+
+            # one program per FINALIZE_ROWS tensors (one in all when no update launch advances
+            # the clock: a step of empty tensors only)
+            programs = (-(-len(plan) // FINALIZE_ROWS)
+                        if any(b.n_blocks for b in plan.buckets) else 1)
+        else:
+            programs = 1
+        out.append({"pass": "finalize", "dtype": None, "programs": programs,
+                    "tensors": names})
         for b in plan.buckets:
             d = {"pass": "units" if b.units else "update", "dtype": b.dtype,
                  "programs": b.n_blocks, "tensors": names[b.lo:b.hi], "aligned": b.aligned}
