@@ -9,7 +9,7 @@ The signatures are not typed by hand: :func:`variants` runs the optimizers' real
 on CPU tensors for every configuration of :func:`configs`, with each kernel's ``run`` replaced by
 a recorder, and types each recorded launch from its arguments. A launcher that passes another
 argument, dtype or constexpr changes what is compiled here without an edit to this file.
-Importable without compiling (``tests/test_compile.py`` checks the coverage in process).
+Importable without compiling (``tests/kernels/test_compile.py`` checks the coverage in process).
 """
 
 from __future__ import annotations

@@ -291,7 +291,7 @@ def test_one_and_two_threads_bit_identical(name, dtype):
 
 @needs_ext
 def test_compiled_layout_is_layout_py():
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "setup_ext"))
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, os.pardir, "setup_ext"))
     try:
         import gen_layout
     finally:

@@ -8,7 +8,7 @@ import pytest
 
 from fastsched.schedules import Table
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 HAS_MPL = importlib.util.find_spec("matplotlib") is not None
 
 

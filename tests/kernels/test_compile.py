@@ -19,7 +19,7 @@ from fastsched.kernels import layout as L
 from fastsched.kernels import optim as ko
 from fastsched.kernels import schedule as ks
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _load_compile_check():

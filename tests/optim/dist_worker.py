@@ -1,4 +1,4 @@
-"""Worker processes of tests/test_distributed.py (one function per scenario, run on every rank).
+"""Worker processes of tests/optim/test_distributed.py (one function per scenario, every rank).
 
 Each scenario runs the distributed setup and its one-process twin and returns what it measured
 (statistics of every step, full parameters, flags, error messages); ``entry`` saves that rank's

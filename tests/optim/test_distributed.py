@@ -247,7 +247,7 @@ def test_fsdp2_nccl_fused_kernels_without_host_sync(tmp_path):
 def test_fsdp2_cpu_example_runs_under_torchrun(tmp_path):
     """examples/fsdp2_cpu.py as the README runs it (torchrun, 2 ranks, gloo): it trains and
     reloads its DCP checkpoint with the schedule clock recovered."""
-    example = Path(__file__).resolve().parent.parent / "examples" / "fsdp2_cpu.py"
+    example = Path(__file__).resolve().parents[2] / "examples" / "fsdp2_cpu.py"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(example)]
     env = dict(os.environ, TMPDIR=str(tmp_path), OMP_NUM_THREADS="1")
