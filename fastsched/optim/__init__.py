@@ -9,8 +9,10 @@ optimizer kind, every backend behind it), :mod:`._reference` (the PyTorch execut
 
 from . import functional
 from ._base import BACKENDS, FusedOptimizer
+from ._tables import UNIT_CLASSES
 from .adam import Adam, AdamW
 from .functional import StepOptions
 from .sgd import SGD
 
-__all__ = ["Adam", "AdamW", "SGD", "FusedOptimizer", "BACKENDS", "StepOptions", "functional"]
+__all__ = ["Adam", "AdamW", "SGD", "FusedOptimizer", "BACKENDS", "StepOptions", "functional",
+           "UNIT_CLASSES"]

@@ -160,6 +160,19 @@ class FusedOptimizer(GroupsMixin, StatsMixin, CheckpointMixin, torch.optim.Optim
         moved but whose parameters and states did not only rewrites the gradient column)."""
         return self._tables.rebuilds
 
+    def tables(self) -> dict[str, torch.Tensor]:
+        """The raw device buffers of the last step, as the executors wrote them (empty before
+        the first step): ``scal`` (per-tensor scalars), ``tstat`` / ``ustat`` (per-tensor
+        gradient and update sums), ``gstat`` (global statistics), ``lr``, ``history``,
+        ``clock``. Columns are named in ``fastsched.kernels.layout``; every backend writes the
+        same layout, so these compare executors directly. Views, not copies; for debugging and
+        tests (:attr:`stats` is the decoded form)."""
+        plan, buf = self._tables.plan, self._buffers
+        if plan is None or buf is None:
+            return {}
+        return {"scal": plan.scal, "tstat": plan.tstat, "ustat": plan.ustat, "gstat": buf.gstat,
+                "lr": buf.lr, "history": buf.history, "clock": buf.clock}
+
     # -- per-step preparation -----------------------------------------------------------------
     def _step_buffers(self) -> StepBuffers:
         dev = self._device or torch.device("cpu")

@@ -93,7 +93,7 @@ def test_derived_variants_span_every_specialisation(derived):
                                "fp16": torch.float16}[str(v.constexprs["DTYPE"])], 2048)
         for v in upd)
     units = _by_kernel(vs, "_units_update_kernel")
-    from fastsched.optim._tables import UNIT_CLASSES
+    from fastsched.optim import UNIT_CLASSES
 
     assert {(v.constexprs["UNITS"], v.constexprs["CHUNK"]) for v in units} == \
         {(nu, chunk) for _, nu, chunk in UNIT_CLASSES}

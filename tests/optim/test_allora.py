@@ -15,7 +15,7 @@ import torch
 from optim_oracle import allora_scale64, rel_err
 
 import fastsched
-from fastsched.optim._tables import UNIT_CLASSES
+from fastsched.optim import UNIT_CLASSES
 
 BLOCK = 256
 RTOL = 1e-5

@@ -104,11 +104,10 @@ def _run(backend, cls, kw, shapes, dtype, grads, *, scaler=None, nthreads=None):
 
 
 def _snapshot(opt, params):
-    plan, buf = opt._tables.plan, opt._buffers
-    snap = {"params": [p.detach().clone() for p in params], "clock": buf.clock.clone(),
-            "gstat": buf.gstat.clone(), "lr": buf.lr.clone(), "history": buf.history.clone(),
-            "tstat": plan.tstat.clone(), "scal": plan.scal.clone(),
-            "ustat": plan.ustat.clone() if opt.options.stats else None}
+    t = opt.tables()
+    snap = {"params": [p.detach().clone() for p in params],
+            **{k: t[k].clone() for k in ("clock", "gstat", "lr", "history", "tstat", "scal")},
+            "ustat": t["ustat"].clone() if opt.options.stats else None}
     for i, p in enumerate(params):
         for name, v in opt.state[p].items():
             snap[f"{i}.{name}"] = v.clone()
