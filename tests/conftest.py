@@ -13,6 +13,13 @@ if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from hypothesis import settings  # noqa: E402
+
+# The property tests draw a fixed sequence of examples by default (derandomize), so a failure
+# reproduces and CI cannot fail by chance; HYPOTHESIS_PROFILE=explore draws new examples.
+settings.register_profile("fixed", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fixed"))
 
 #: device on which the Triton backend is exercised: the GPU when there is one, else the CPU
 #: through the interpreter.
