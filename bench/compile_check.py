@@ -321,14 +321,11 @@ MIN_INFLIGHT = 128 * 1024
 UPDATE_KERNELS = ("_update_kernel", "_units_update_kernel")
 #: variants not yet at MIN_INFLIGHT, with the KB they reach (triton 3.6): --require holds them to
 #: that figure so they cannot regress unnoticed. (kernel, kind, 2-byte storage, FLAG).
-#: SGD momentum in bf16/fp16: 183-219 registers at 1 warp (2 warps: 96-120 KB). ALLoRA units:
-#: scalar accesses (a tile's alignment is unknown) with one 64-bit address per element reach
-#: 215-255 registers at any warp count (16 warps: 128, 1 program).
+#: SGD momentum in bf16/fp16: 183-219 registers at 1 warp (2 warps: 96-120 KB). ALLoRA SGD units
+#: in bf16/fp16: scalar accesses (a tile's alignment is unknown) with one 64-bit address per
+#: element hold 255 registers already at 1 warp (8 programs x 8-12 KB tiles: 64-96 KB). The fp32
+#: units pass since optim._UNITS_WARPS (Adam 2 warps, SGD 1: 128-192 KB).
 KNOWN_SHORT = {("_update_kernel", L.KIND_SGD, True, True): 108,
-               ("_units_update_kernel", L.KIND_ADAM, False, False): 64,
-               ("_units_update_kernel", L.KIND_ADAM, False, True): 80,
-               ("_units_update_kernel", L.KIND_SGD, False, False): 32,
-               ("_units_update_kernel", L.KIND_SGD, False, True): 48,
                ("_units_update_kernel", L.KIND_SGD, True, False): 64,
                ("_units_update_kernel", L.KIND_SGD, True, True): 96}
 

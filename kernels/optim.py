@@ -640,14 +640,35 @@ def launch_update(kind: int, tensors, blocks, scal, ustat, n_blocks: int, dtype:
                                     num_warps=update_warps(kind, dtype, block))
 
 
+#: num_warps of an ALLoRA unit tile (2048 elements) by (kind, 2-byte storage), from the sweep of
+#: bench/compile_check.py (triton 3.6, sm_90). The unit kernels use scalar accesses with a 64-bit
+#: address per element and sit at ~255 registers at any warp count, so fewer warps mean more
+#: programs per SM: fp32 Adam 4 warps: 2 programs, 64-80 KB; 2 warps: 4 programs, 128-160 KB.
+#: fp32 SGD 4 warps: 2-3 programs, 32-48 KB; 1 warp: 8 programs, 128-192 KB. 2-byte storage
+#: stays at 1 warp (Adam 128-160 KB; SGD 64-96 KB, short: see KNOWN_SHORT). At 255 registers
+#: ptxas issues a thread's loads in several rounds, so these figures (programs x tile bytes)
+#: bound the loads in flight from above rather than measure them.
+_UNITS_WARPS = {(L.KIND_ADAM, False): 2, (L.KIND_ADAM, True): 1,
+                (L.KIND_SGD, False): 1, (L.KIND_SGD, True): 1}
+
+
+def units_warps(kind: int, dtype: torch.dtype, elements: int) -> int:
+    """num_warps of a units launch whose tiles hold ``elements`` elements (the table above,
+    scaled as :func:`update_warps`; ``FASTSCHED_UPDATE_WARPS`` overrides it too)."""
+    if _FORCE_WARPS:
+        return _FORCE_WARPS
+    w = _UNITS_WARPS[kind, torch.empty((), dtype=dtype).element_size() == 2]
+    return max(1, min(16, w * elements // 2048))
+
+
 def launch_units_update(kind: int, tensors, blocks, scal, ustat, n_blocks: int,
                         dtype: torch.dtype, units: int, chunk: int, flag: bool,
                         stats: bool, clock, advance: bool) -> None:
     """The ALLoRA update over the unit tiles of one (dtype, unit-length class) bucket; warps
-    as :func:`update_warps` for a tile of ``units * chunk`` elements."""
+    by :func:`units_warps` for a tile of ``units * chunk`` elements."""
     if n_blocks:
         _units_update_kernel[(n_blocks,)](tensors, blocks, scal, ustat if stats else scal,
                                           clock, int(advance), KIND=kind,
                                           DTYPE=tl_dtype(dtype), UNITS=units, CHUNK=chunk,
                                           FLAG=flag, STATS=stats,
-                                          num_warps=update_warps(kind, dtype, units * chunk))
+                                          num_warps=units_warps(kind, dtype, units * chunk))
