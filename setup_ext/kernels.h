@@ -437,9 +437,81 @@ void adam_span(const AdamScal& s, typename E::T* __restrict p, const typename E:
     });
 }
 
+// 16 bf16 values at a time: the conversions of TBF16::ld / st (exact widening; round to nearest
+// even on the bits, NaN -> 0x7FC0) and the float32 operations of the span's loop in the same
+// order, in one pass (no float32 buffers between the passes of a chunk)
+typedef float v16f __attribute__((vector_size(64)));
+typedef uint32_t v16u __attribute__((vector_size(64)));
+typedef uint16_t v16h __attribute__((vector_size(32)));
+
+inline v16f bf16_ld16(const uint16_t* p) {
+#if defined(__AVX512F__)  // GCC lowers the generic widening in pieces
+    return (v16f)_mm512_slli_epi32(
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
+#else
+    v16h h;
+    std::memcpy(&h, p, sizeof h);
+    const v16u u = __builtin_convertvector(h, v16u) << 16;
+    return (v16f)u;
+#endif
+}
+inline void bf16_st16(uint16_t* p, v16f x) {
+    const v16u b = (v16u)x;
+    v16u r = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
+    const v16u nan = (v16u)(x != x);  // all ones where x is NaN
+    r = (r & ~nan) | (nan & 0x7FC0u);
+#if defined(__AVX512F__)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16((__m512i)r));
+#else
+    const v16h h = __builtin_convertvector(r, v16h);
+    std::memcpy(p, &h, sizeof h);
+#endif
+}
+
 template <class E, bool MOM, bool STATS, bool SVEC>
 void sgd_span(const SgdScal& s, typename E::T* __restrict p, const typename E::T* __restrict g,
               typename E::T* __restrict buf, int64_t n, const float* __restrict gs, Lanes* ls) {
+    if constexpr (std::is_same<E, TBF16>::value && !STATS && !SVEC) {
+        const int64_t nv = n & ~int64_t(63);
+        if (nv > 0) {
+            const float gmul = s.gmul, lr = s.lr, mom_a = s.mom_a, mom_b = s.mom_b, wd = s.wd;
+            const float momentum = s.momentum;
+            const float pre = s.upd ? 1.0f : gs[0], post = s.upd ? gs[0] : 1.0f;
+            const bool nesterov = s.nesterov;
+            const bool one_gmul = gmul == 1.0f, one_pre = pre == 1.0f, one_post = post == 1.0f;
+            for (int64_t i = 0; i < nv; i += 64) {
+                v16f pf[4], d[4], b[4];
+                for (int j = 0; j < 4; j++) {  // the group's loads before its stores
+                    pf[j] = bf16_ld16(p + i + 16 * j);
+                    d[j] = bf16_ld16(g + i + 16 * j);
+                    if (MOM) b[j] = bf16_ld16(buf + i + 16 * j);
+                }
+                for (int j = 0; j < 4; j++) {
+                    // a multiplication by 1 is skipped: x * 1 is x (a NaN stays a NaN, stored
+                    // as 0x7FC0 whatever its payload)
+                    if (!one_gmul) d[j] = d[j] * gmul;
+                    if (!one_pre) d[j] = d[j] * pre;  // the gradient's multiplier (1 with s.upd)
+                    d[j] = d[j] + wd * pf[j];
+                    if (MOM) {
+                        b[j] = mom_a * b[j] + mom_b * d[j];
+                        const v16f dn = d[j] + momentum * b[j];
+                        d[j] = nesterov ? dn : b[j];
+                    }
+                    if (!one_post) d[j] = d[j] * post;  // the multiplier of the step (s.upd)
+                    pf[j] = pf[j] - lr * d[j];
+                }
+                for (int j = 0; j < 4; j++) {
+                    if (MOM) bf16_st16(buf + i + 16 * j, b[j]);
+                    bf16_st16(p + i + 16 * j, pf[j]);
+                }
+            }
+        }
+        if (nv == n) return;
+        p += nv;  // the rest (< 64) through the chunk below
+        g += nv;
+        if (MOM) buf += nv;
+        n -= nv;
+    }
     if constexpr (!std::is_same<E, TF32>::value) {  // as adam_span
         alignas(64) float tp[NCH], tg[NCH], tb[MOM ? NCH : 1];
         for (int64_t c0 = 0; c0 < n; c0 += NCH) {
