@@ -3,7 +3,7 @@
     python setup_ext/bench_cpu.py [--scale 0.1] [--rounds 9] [--steps 4] [--threads 1 2]
 
 GPT-2 small shapes (``fastsched.bench.shapes``, ``gpt2`` scaled by ``--scale``: 0.1 gives 148
-tensors, 12.5M parameters), float32. Every contender owns its tensors; rounds are interleaved
+tensors, 12.5M parameters), float32 (the SGD pair marked bf16: bfloat16 p, grad, buffer). Every contender owns its tensors; rounds are interleaved
 (one batch of ``--steps`` steps of every contender per round) and the median of the rounds is
 reported, per thread count, with GB/s at 28 B/param (AdamW: p, g, m, v read, p, m, v written)
 and the ratio to the torch contender it replaces. ``stream`` is the extension's bandwidth
@@ -26,11 +26,11 @@ from fastsched.schedules import Cosine
 BYTES = 28
 
 
-def _params(shapes, seed):
+def _params(shapes, seed, dtype=torch.float32):
     gen = torch.Generator().manual_seed(seed)
-    ps = [torch.nn.Parameter(torch.randn(s, generator=gen) * 0.02) for s in shapes]
+    ps = [torch.nn.Parameter((torch.randn(s, generator=gen) * 0.02).to(dtype)) for s in shapes]
     for p in ps:
-        p.grad = torch.randn(p.shape, generator=gen) * 1e-3
+        p.grad = (torch.randn(p.shape, generator=gen) * 1e-3).to(dtype)
     return ps
 
 
@@ -70,6 +70,14 @@ def contenders(shapes, total_steps):
     osgd = fastsched.SGD(_params(shapes, 0), lr=1e-2, momentum=0.9, backend="cpu",
                          schedule=lam)
     out["fastsched SGD momentum cpu +schedule"] = (osgd.step, "torch fused SGD momentum")
+
+    bf = torch.bfloat16
+    sgdb = torch.optim.SGD(_params(shapes, 0, bf), lr=1e-2, momentum=0.9, fused=True)
+    out["torch fused SGD momentum bf16"] = (sgdb.step, None)
+    osgdb = fastsched.SGD(_params(shapes, 0, bf), lr=1e-2, momentum=0.9, backend="cpu",
+                          schedule=lam)
+    out["fastsched SGD momentum cpu bf16 +schedule"] = (osgdb.step,
+                                                        "torch fused SGD momentum bf16")
 
     n = sum(p.numel() for p in _params(shapes, 0))
     bufs = [torch.zeros(n, dtype=torch.int32) for _ in range(4)]
