@@ -456,6 +456,14 @@ inline v16f bf16_ld16(const uint16_t* p) {
 #endif
 }
 inline void bf16_st16(uint16_t* p, v16f x) {
+#if defined(__AVX512BF16__) && defined(__AVX512DQ__)
+    // the instruction rounds to nearest even as below, but subnormal inputs are read as zero
+    // and a NaN keeps its sign and payload: groups with either go the integer way
+    if (_mm512_fpclass_ps_mask((__m512)x, 0xA1) == 0) {  // no QNaN (0x01), subnormal, SNaN
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh((__m512)x));
+        return;
+    }
+#endif
     const v16u b = (v16u)x;
     v16u r = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
     const v16u nan = (v16u)(x != x);  // all ones where x is NaN
