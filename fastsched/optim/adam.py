@@ -40,10 +40,22 @@ class Adam(FusedOptimizer):
         lr, betas, eps, weight_decay, amsgrad, maximize: as ``torch.optim.Adam``.
         schedule: a ``fastsched.schedules.Schedule`` multiplying every group's lr, evaluated on
             the device from the optimizer's clock (``opt.clock``).
-        backend: ``"auto"`` (Triton for CUDA parameters, the PyTorch reference on CPU),
-            ``"triton"`` (CPU tensors need ``TRITON_INTERPRET=1``) or ``"reference"``.
+        backend: ``"auto"`` (Triton for CUDA parameters, the compiled CPU executor for CPU
+            parameters, the PyTorch reference where it is not built), ``"triton"`` (CPU tensors
+            need ``TRITON_INTERPRET=1``), ``"cpu"`` or ``"reference"``.
         block_size: elements per program of the update launch (2048: 99% of copy bandwidth on
             an H100).
+        max_grad_norm, stats, nonfinite, history: the step's options
+            (:class:`fastsched.optim.StepOptions` says what each does and costs).
+        allora_eta, allora_unit, allora_apply: ALLoRA (Huang & Balestriero 2024, arXiv
+            2410.09692), per group: each unit (``"row"``, ``"column"`` of
+            ``p.reshape(p.shape[0], -1)``, or ``"tensor"``) gets the multiplier
+            ``1 / sqrt(||theta_unit||^2 + 1 / eta^2)``. ``allora_apply="update"`` (default)
+            multiplies the unit's step after Adam's normalisation (the decoupled weight decay
+            is not scaled): an adaptive per-unit learning rate, which is what the method
+            describes; ``"grad"`` multiplies the gradient, which Adam's division by
+            ``sqrt(v)`` normalises away (one AdamW step differs from plain AdamW by ~1e-7
+            relative), so under Adam it is kept for SGD-type use and old checkpoints.
         foreach, fused, capturable: accepted for compatibility and ignored (the step is always
             fused and capturable). ``differentiable=True`` is rejected.
 

@@ -29,7 +29,9 @@ class SGD(FusedOptimizer):
 
     Each parameter also keeps a float32 ``step`` counter in its state (ignored by
     ``torch.optim.SGD`` when loading); when loading a torch SGD checkpoint it is set to 1 where
-    a momentum buffer exists. See :class:`fastsched.Adam` for ``schedule``, ``backend`` and
+    a momentum buffer exists. ALLoRA (``allora_eta``, ``allora_unit``, ``allora_apply``): as
+    :class:`fastsched.Adam`; without momentum and weight decay "update" and "grad" give the same
+    step. See :class:`fastsched.Adam` for ``schedule``, ``backend`` and
     ``block_size``.
     """
 
