@@ -125,9 +125,14 @@ def main(argv=None) -> int:
         c.times.clear()
         c.calib.clear()
     launches0 = standin.launches()
-    for _ in range(args.steps):  # interleaved rounds: drift of the machine hits every case
-        for c in cases:
-            c.once()
+    # interleaved rounds within a shape set (drift of the machine hits each of its cases alike);
+    # sets one after the other: a 2000-tensor case between two steps of a 148-tensor one left
+    # its tables out of cache and doubled its time (690 vs 360 us), which is not its host path
+    for s in args.sets:
+        mine = [c for c in cases if c.name == s]
+        for _ in range(args.steps):
+            for c in mine:
+                c.once()
     rows = []
     for c in cases:
         med, cal = statistics.median(c.times), statistics.median(c.calib)
