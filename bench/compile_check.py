@@ -34,7 +34,8 @@ from fastsched.kernels import schedule as ks
 from triton.runtime.jit import KernelInterface
 
 from fastsched.optim import functional
-from fastsched.optim._tables import DEFAULT_BLOCK, UNIT_CLASSES, Entry, StepBuffers, TableBuilder
+from fastsched.optim._buffers import StepBuffers
+from fastsched.optim._tables import DEFAULT_BLOCK, UNIT_CLASSES, Entry, TableBuilder
 from fastsched.optim.functional import StepOptions
 from fastsched.schedules import Constant, Cosine
 

@@ -17,11 +17,12 @@ from typing import Any, ClassVar
 import torch
 
 from ..schedules import Constant, Schedule
+from ._buffers import StepBuffers
 from ._checkpoint import CheckpointMixin
 from ._distributed import local
 from ._groups import ALLORA_UNITS, TRITON_DTYPES, GroupsMixin
 from ._stats import StatsMixin
-from ._tables import DEFAULT_BLOCK, Entry, StepBuffers, TableBuilder
+from ._tables import DEFAULT_BLOCK, Entry, TableBuilder
 from .functional import NONFINITE, StepOptions, run_step
 
 __all__ = ["FusedOptimizer", "BACKENDS", "NONFINITE", "ALLORA_UNITS", "StepOptions"]

@@ -2,7 +2,7 @@
 
 The extension (C++ with OpenMP, sources in ``setup_ext/``) executes the passes of
 :mod:`._reference` on the same tables (``plan.tensors`` addresses, ``plan.scal``, ``tstat``,
-``ustat`` and the :class:`~._tables.StepBuffers`): statistics, finalize (schedule, clip
+``ustat`` and the :class:`~._buffers.StepBuffers`): statistics, finalize (schedule, clip
 coefficient, skip flag, per-tensor scalars in float64), update (Adam / AdamW / SGD, ALLoRA units),
 with fixed-size blocks whose partial sums are combined in block order, so results do not depend
 on the thread count (``torch.get_num_threads()``, read at every step).

@@ -1,7 +1,7 @@
 """One statistics view: decodes the buffers of a step, whichever backend filled them.
 
 The Triton kernels and the PyTorch reference write the same buffers (``gstat``, ``lr``,
-``history`` of :class:`~._tables.StepBuffers`; ``tstat`` and ``ustat`` of a
+``history`` of :class:`~._buffers.StepBuffers`; ``tstat`` and ``ustat`` of a
 :class:`~._tables.Plan`) with the layout of ``fastsched.kernels.layout``; this module is the
 only reader.
 """

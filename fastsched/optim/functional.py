@@ -3,8 +3,8 @@
 As torch's ``torch.optim.adam.adam`` / ``sgd.sgd``, hyperparameters are keyword arguments (here a
 number for every parameter group or a sequence with one value per group) and the features of
 the step are keywords too; the tensors come as a :class:`~fastsched.optim._tables.Plan` (the
-cached tables of the table builder) and its :class:`~fastsched.optim._tables.StepBuffers` (clock,
-statistics), not as lists rebuilt every call. Both backends fill the same buffers, so
+cached tables of the table builder) and its :class:`~fastsched.optim._buffers.StepBuffers`
+(clock, statistics), not as lists rebuilt every call. Both backends fill the same buffers, so
 :func:`fastsched.optim._stats.stats_tensors` decodes them whichever ran.
 
 Passes: with the statistics pass (see :class:`StepOptions`) a pass over the gradients and a
