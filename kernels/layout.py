@@ -39,9 +39,34 @@ T_ULEN = 8  # ALLoRA: unit length (elements of one row, column or the tensor)
 T_USTRIDE = 9  # ALLoRA: elements between the starts of two units
 T_ESTRIDE = 10  # ALLoRA: elements between two elements of a unit
 T_NUNITS = 11  # ALLoRA: number of units (0: not an ALLoRA tensor)
-T_COLS = 12
+T_MASTER = 12  # address of the float32 master copy (master_weights; else 0)
+T_Q1 = 13  # 8-bit states: address of the float32 block scales of T_S1 (else 0)
+T_Q2 = 14  # 8-bit states: address of the float32 block scales of T_S2 (else 0)
+T_SR_KEY = 15  # stochastic rounding: the tensor's key (sr_key(seed, position), < 2^32)
+T_ELEM0 = 16  # stochastic rounding: index in the whole parameter of the local first element
+T_SDTYPE = 17  # storage of the states: a STATE_* code
+T_MODE = 18  # how the parameter is written: MODE_* bits
+T_COLS = 19
 #: the state columns, in the order of an optimizer kind's ``state_names``
 T_STATES = (T_S1, T_S2, T_S3)
+
+# -- storage of the optimizer states (column T_SDTYPE) ------------------------------------------
+STATE_F32 = 0
+STATE_BF16 = 1
+STATE_F16 = 2
+STATE_F64 = 3
+STATE_8BIT = 4  # block-scaled 8-bit codes (uint8) + one float32 scale per Q_BLOCK elements
+
+# -- how the parameter is written (column T_MODE, bits) -----------------------------------------
+MODE_MASTER = 1  # read / write the float32 master at T_MASTER; the parameter = master rounded
+MODE_SR = 2  # store the bf16 parameter with stochastic rounding (see fastsched.optim._lowp)
+
+# -- 8-bit state codes (see fastsched.optim._lowp for the codec, which every executor follows) --
+Q_BLOCK = 256  # elements per scale (of the flat local tensor; the last block may be short)
+Q_MANT = 3  # mantissa bits of a code's magnitude
+Q_BIAS_SIGNED = 15  # exp_avg, momentum_buffer: sign + 4 exponent bits + 3 mantissa bits
+Q_BIAS_UNSIGNED = 31  # exp_avg_sq: 5 exponent bits + 3 mantissa bits (no sign)
+Q_TOP = 1.875  # the largest magnitude of a code; a block's absmax maps onto it
 
 # -- blocks table, int64, one row per program ---------------------------------------------------
 B_TENSOR = 0  # row of the tensors table

@@ -21,6 +21,7 @@ from ._buffers import StepBuffers
 from ._checkpoint import CheckpointMixin
 from ._distributed import local
 from ._groups import ALLORA_UNITS, TRITON_DTYPES, GroupsMixin
+from ._precision import PrecisionMixin
 from ._stats import StatsMixin
 from ._tables import DEFAULT_BLOCK, Entry, TableBuilder
 from .functional import NONFINITE, StepOptions, run_step
@@ -30,8 +31,8 @@ __all__ = ["FusedOptimizer", "BACKENDS", "NONFINITE", "ALLORA_UNITS", "StepOptio
 BACKENDS = ("auto", "triton", "cpu", "reference")
 
 
-class FusedOptimizer(GroupsMixin, StatsMixin, CheckpointMixin, torch.optim.Optimizer,
-                     metaclass=abc.ABCMeta):
+class FusedOptimizer(GroupsMixin, PrecisionMixin, StatsMixin, CheckpointMixin,
+                     torch.optim.Optimizer, metaclass=abc.ABCMeta):
     """Base class of the fused optimizers (see :class:`fastsched.Adam` for the user-facing docs).
 
     Subclasses give ``_kind``, ``_state_names``, ``_validate_group``, ``_init_state``,
@@ -46,7 +47,7 @@ class FusedOptimizer(GroupsMixin, StatsMixin, CheckpointMixin, torch.optim.Optim
     def __init__(self, params, defaults: dict[str, Any], *, schedule: Schedule | None = None,
                  backend: str = "auto", block_size: int = DEFAULT_BLOCK,
                  max_grad_norm: float | None = None, stats: bool = False,
-                 nonfinite: str | None = None, history: int = 0):
+                 nonfinite: str | None = None, history: int = 0, seed: int = 0):
         if schedule is not None and not isinstance(schedule, Schedule):
             raise ValueError(f"schedule must be a fastsched.schedules.Schedule or None, got "
                              f"{schedule!r}")
@@ -58,6 +59,9 @@ class FusedOptimizer(GroupsMixin, StatsMixin, CheckpointMixin, torch.optim.Optim
         if defaults.get("differentiable"):
             raise ValueError("differentiable=True is not supported by fastsched optimizers")
         self._options = StepOptions(max_grad_norm, stats, nonfinite, history)
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+            raise ValueError(f"seed must be an integer in [0, 2**64), got {seed!r}")
+        self._seed = seed
         self._backend_choice = backend
         self._tables = TableBuilder(self._kind, block_size)
         self._device: torch.device | None = None
@@ -263,8 +267,9 @@ class FusedOptimizer(GroupsMixin, StatsMixin, CheckpointMixin, torch.optim.Optim
             self._ensure_state(p, self.param_groups[gi])
         names = dict(zip(map(id, flat), self._names_of(flat)))
         built = [Entry(p, g, gi, self._state_tensors(p, self.param_groups[gi]),
-                       self.state[p]["step"], self._unit(self.param_groups[gi]))
-                 for p, g, gi in entries]
+                       self.state[p]["step"], self._unit(self.param_groups[gi]),
+                       self._lowp_entry(p, self.param_groups[gi], pos))
+                 for (p, g, gi), pos in zip(entries, order)]
         # the states exist now: the key must see them (a gradient copy is never reused)
         key = None if copied else self._tables.key(flat, self.state, bool(self._mesh))[0]
         plan = self._tables.build(built, order, key, backend, lambda p: names[id(p)])
@@ -277,14 +282,9 @@ class FusedOptimizer(GroupsMixin, StatsMixin, CheckpointMixin, torch.optim.Optim
         elif not isinstance(state["step"], torch.Tensor) or state["step"].device != p.device \
                 or state["step"].dtype != torch.float32:
             state["step"] = torch.as_tensor(state["step"], dtype=torch.float32).to(p.device)
-        for name in self._state_names:
-            # p.data replaced since the state was made (model.to(memory_format=
-            # torch.channels_last)): the kernel walks p and its states as flat arrays of p's
-            # dtype, so the states follow p's layout and dtype, as after a load
-            v = state.get(name)
-            if isinstance(v, torch.Tensor) and v.shape == p.shape and (
-                    v.stride() != p.stride() or v.dtype != p.dtype or v.device != p.device):
-                state[name] = torch.empty_like(p).copy_(v)
+        # states in the group's storage and p's layout (the kernels walk p and its states as
+        # flat arrays), the master copy made or dropped (see _precision.py)
+        self._convert_states(p, group, state)
         self._init_state(p, group, state)
 
     # -- step ---------------------------------------------------------------------------------
@@ -307,6 +307,11 @@ class FusedOptimizer(GroupsMixin, StatsMixin, CheckpointMixin, torch.optim.Optim
             return loss
         buffers = self._step_buffers()
         options = self._options
+        if backend == "cpu" and plan.lowp:
+            from . import _cpu
+
+            if not getattr(_cpu, "SUPPORTS_LOWP", False):  # an extension built before them
+                backend = "reference"
         run_step(plan, buffers, rows, schedule=self.schedule, options=options,
                  grads=plan.grads_in_order(grads) if backend == "reference" else None,
                  grad_scale=getattr(self, "grad_scale", None),

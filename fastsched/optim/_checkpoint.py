@@ -9,6 +9,7 @@ import torch
 
 from ..schedules import Constant, from_dict
 from . import _distributed
+from ._precision import LOWP_KEYS, dtype_name
 
 __all__ = ["CheckpointMixin"]
 
@@ -48,7 +49,15 @@ class CheckpointMixin:
                                if g.get("allora_eta") is not None
                                or k not in ("allora_eta", "allora_unit", "allora_apply")}
                               for g in sd["param_groups"]]
-        sd["fastsched"] = {"schedule": self.schedule.to_dict(), "clock": clock}
+        # the options below fp32 likewise, at their defaults; state_dtype by name
+        for g in sd["param_groups"]:
+            for k, default in LOWP_KEYS.items():
+                if k in g and (g[k] is default or g[k] == default):
+                    del g[k]
+            if "state_dtype" in g:
+                g["state_dtype"] = dtype_name(g["state_dtype"])
+        sd["fastsched"] = {"schedule": self.schedule.to_dict(), "clock": clock,
+                           "seed": self._seed}
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -69,7 +78,12 @@ class CheckpointMixin:
         schedule = from_dict(extra["schedule"]) if extra is not None else self.schedule
         # names and shapes checked before anything is modified (ValueError naming the parameter)
         _distributed.check_state_dict(self.param_groups, sd)
+        sd["state"] = dict(sd.get("state", {}))
+        # torch's load casts every floating state to the parameter's dtype: the master copy,
+        # 8-bit codes and scales and states in another storage are set aside and put back
+        taken = self._stash_lowp(sd)
         super().load_state_dict(sd)
+        self._restore_lowp(sd, taken)
         for group in self.param_groups:
             # keys that a checkpoint of an older torch lacks (maximize, foreach, fused,
             # decoupled_weight_decay, ...) take this optimizer's defaults, as torch's
@@ -86,16 +100,23 @@ class CheckpointMixin:
                 group["allora_apply"] = "grad"
             for k, v in self.defaults.items():
                 group.setdefault(k, v)
+            if isinstance(group.get("state_dtype"), str) and group["state_dtype"] != "8bit":
+                group["state_dtype"] = getattr(torch, group["state_dtype"])
             group.setdefault("allora_eta", None)
             group.setdefault("allora_unit", "row")
             if "initial_lr" in group and _scheduled(schedule):
                 group["lr"] = group["initial_lr"]
+            self._validate_lowp(group)
             for p in group["params"]:
                 st = self.state.get(p)
                 if st:
                     self._upgrade_state(p, group, st)
+                    # into this group's storage now: a torch checkpoint's states are quantised
+                    # on load (state_dtype="8bit"), codes dequantised where no longer 8-bit
+                    self._convert_states(p, group, st)
         if extra is not None:
             self.schedule = schedule
+            self._seed = int(extra.get("seed", self._seed))
             clock = int(extra["clock"])
         else:
             steps = [float(s["step"]) for s in self.state.values() if "step" in s]
@@ -110,10 +131,8 @@ class CheckpointMixin:
             st["step"] = torch.as_tensor(st["step"], dtype=torch.float32).to(p.device)
         for name in self._state_names:
             v = st.get(name)
-            if isinstance(v, torch.Tensor):
-                st[name] = v.to(device=p.device, dtype=p.dtype)
-                if st[name].stride() != p.stride():
-                    st[name] = torch.empty_like(p).copy_(st[name])
+            if isinstance(v, torch.Tensor) and not v.is_floating_point():
+                raise ValueError(f"checkpoint state {name!r} has dtype {v.dtype}")
 
 
 def _scheduled(schedule) -> bool:

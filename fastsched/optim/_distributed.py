@@ -191,8 +191,8 @@ def check_state_dict(param_groups, state_dict) -> None:
                 raise ValueError(f"{name}: the checkpoint has parameter {saved_names[i]!r} in "
                                  "its place")
             for k, v in (state.get(pid) or {}).items():
-                if k == "step" or not isinstance(v, torch.Tensor):
-                    continue
+                if k == "step" or k.endswith("_scale") or not isinstance(v, torch.Tensor):
+                    continue  # (8-bit block scales: one per 256 elements of the local shard)
                 if tuple(v.shape) != tuple(p.shape):
                     raise ValueError(f"{name}: checkpoint state {k!r} has shape "
                                      f"{tuple(v.shape)}, the parameter {tuple(p.shape)}")

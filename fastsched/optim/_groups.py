@@ -18,6 +18,7 @@ from ..kernels import layout as L
 from ..schedules import Constant
 from . import _distributed
 from ._distributed import local
+from ._precision import LOWP_KEYS
 from .functional import ALLORA_APPLY
 
 __all__ = ["GroupsMixin", "ALLORA_UNITS", "FLOAT_DTYPES", "TRITON_DTYPES"]
@@ -90,6 +91,7 @@ class GroupsMixin:
         group.setdefault("allora_apply", "update")
         self._validate_group(group)
         self._validate_allora(group)
+        self._validate_lowp(group)
         # distributed: DTensor placements (1-D mesh, Shard/Replicate, one mesh), else ValueError
         self._mesh = _distributed.check_params(group["params"], group.get("param_names"),
                                                len(self.param_groups) - 1, self._mesh)
@@ -126,8 +128,7 @@ class GroupsMixin:
 
     def _state_tensors(self, p: torch.Tensor, group: dict[str, Any]) -> tuple:
         """The parameter's state tensors in table order (T_S1, T_S2, T_S3); None: absent."""
-        st = self.state[p]
-        out = [st.get(n) if has else None
+        out = [self._state_tensor(p, group, n) if has else None
                for n, has in zip(self._state_names, self._has_states(group))]
         return tuple(out + [None] * (3 - len(out)))
 
@@ -150,6 +151,7 @@ class GroupsMixin:
             for g in groups:
                 self._validate_group(g)
                 self._validate_allora(g)
+                self._validate_lowp(g)
             rows = tuple(map(self._group_row, groups))
             if not self.allow_lr_changes and self.schedule != Constant(1.0):
                 # a group's lr that changed since the last step, or that differs from the
@@ -188,7 +190,8 @@ class GroupsMixin:
 
     def _group_struct(self, group) -> tuple:
         """What decides the tables' shape besides the tensors: state presence, ALLoRA units."""
-        return self._has_states(group) + (self._unit(group),)
+        return self._has_states(group) + (self._unit(group),) + tuple(
+            str(group.get(k, v)) for k, v in LOWP_KEYS.items()) + (self._seed,)
 
     @staticmethod
     def _check_lr(lr) -> float:

@@ -14,6 +14,7 @@ import math
 import torch
 
 from ..kernels import layout as L
+from . import _lowp
 
 __all__ = ["grad_sums", "finalize", "adam_update", "sgd_update", "allora_scales"]
 
@@ -162,34 +163,106 @@ def _scales(plan, rows):
     return out
 
 
+def _flat(t):
+    """A dense tensor as a flat view in storage order (the order the kernels walk it in)."""
+    if t is None or t.is_contiguous():
+        return None if t is None else t.reshape(-1)
+    perm = sorted(range(t.dim()), key=lambda d: (-t.stride(d), -t.size(d)))
+    return t.permute(perm).reshape(-1)
+
+
+class _Io:
+    """Reads and writes of one tensor's parameter and states under its low-precision options
+    (``plan.lowp[i]``; None: the parameter's dtype for everything, as torch)."""
+
+    def __init__(self, plan, i, act):
+        self.lp = plan.lowp[i] if plan.lowp else None
+        self.act = act
+        self.step = plan.steps[i]  # after finalize's increment: the generator's step
+
+    def param(self, p):
+        lp = self.lp
+        if lp is not None and lp.master is not None:
+            return _flat(lp.master).to(torch.float32)
+        return (p if lp is None else _flat(p)).to(torch.float32)
+
+    def write_param(self, p, w):
+        lp, act = self.lp, self.act
+        if lp is None:
+            p.copy_(torch.where(act, w.to(p.dtype), p))
+            return
+        pf = _flat(p)
+        if lp.master is not None:
+            mf = _flat(lp.master)
+            mf.copy_(torch.where(act, w, mf))
+            pf.copy_(torch.where(act, w.to(p.dtype), pf))
+        elif lp.mode & L.MODE_SR:
+            r = _lowp.stochastic_round_bf16(w, lp.key, self.step, lp.elem0)
+            pf.copy_(torch.where(act, r, pf))
+        else:
+            pf.copy_(torch.where(act, w.to(p.dtype), pf))
+
+    def state(self, t, k):
+        """State ``k`` (0: S1, 1: S2, 2: S3) as fp32 (flat when low precision)."""
+        lp = self.lp
+        if t is None:
+            return None
+        if lp is None:
+            return t.to(torch.float32)
+        if lp.sdtype == L.STATE_8BIT:
+            return _lowp.dequantize(_flat(t), lp.scales[k], signed=k == 0)
+        return _flat(t).to(torch.float32)
+
+    def write_state(self, t, k, x):
+        lp, act = self.lp, self.act
+        if lp is None:
+            t.copy_(torch.where(act, x.to(t.dtype), t))
+            return
+        tf = _flat(t)
+        if lp.sdtype == L.STATE_8BIT:
+            codes, scale = _lowp.quantize(x, signed=k == 0)
+            q = lp.scales[k]
+            tf.copy_(torch.where(act, codes, tf))
+            q.copy_(torch.where(act, scale, q))
+        else:
+            tf.copy_(torch.where(act, x.to(t.dtype), tf))
+
+
+def _flat_or(t, io):
+    return t if io.lp is None or t is None else _flat(t)
+
+
 def adam_update(plan, grads, rows, *, stats: bool) -> None:
     """Adam / AdamW update of every tensor from ``plan.scal``, as ``torch.optim.Adam(W)`` with
     ``fused=True``: fp32 arithmetic, one rounding to the storage dtype; on a skipped step
     nothing changes. With ``stats`` the per-tensor (sum of new p^2, sum of u^2) go to
     ``plan.ustat``, u the update m_hat / (sqrt(v_hat) + eps) (times the ALLoRA scale with
-    ``allora_apply="update"``). ``rows``: the groups table on the host."""
+    ``allora_apply="update"``). ``rows``: the groups table on the host. Low precision
+    (``plan.lowp``): the master copy, stochastic rounding and the state storage of
+    :mod:`._lowp`, on flat views in storage order."""
     sc = plan.scal
     act = sc[0, L.S_ACTIVE] != 0
     scales = _scales(plan, rows)
     ustat = []
     for i, p in enumerate(plan.local_params):
         s = sc[i]
+        io = _Io(plan, i, act)
         m_t, v_t, vmax_t = plan.states[i]
-        g = grads[i].to(torch.float32) * s[L.S_GRAD_MUL]
-        g_scale, u_scale = scales[i]
+        g = _flat_or(grads[i], io).to(torch.float32) * s[L.S_GRAD_MUL]
+        g_scale, u_scale = (_flat_or(x, io) for x in scales[i])
         if g_scale is not None:
             g = g * g_scale
-        p32 = p.to(torch.float32) * s[L.S_ADAM_DECAY_MUL]  # AdamW: p * (1 - lr * wd)
+        p32 = io.param(p) * s[L.S_ADAM_DECAY_MUL]  # AdamW: p * (1 - lr * wd)
         g = g + s[L.S_ADAM_L2] * p32  # Adam: L2 penalty in the gradient
         omb1, omb2 = s[L.S_ADAM_OMB1], s[L.S_ADAM_OMB2]
-        m = m_t.to(torch.float32)
+        m = io.state(m_t, 0)
         # torch's lerp: from the nearer end (beta1 = 0: m = g exactly)
         m = torch.where(omb1 < 0.5, m + omb1 * (g - m), g - (g - m) * (1.0 - omb1))
-        v = (1.0 - omb2) * v_t.to(torch.float32) + omb2 * g * g
+        v = (1.0 - omb2) * io.state(v_t, 1) + omb2 * g * g
         vv = v
         if vmax_t is not None:
-            vv = torch.maximum(vmax_t.to(torch.float32), v)
-            vmax_t.copy_(torch.where(act, vv.to(vmax_t.dtype), vmax_t))
+            vv = torch.maximum(io.state(vmax_t, 2), v)
+            io.write_state(vmax_t, 2, vv)
         u = m / (vv.sqrt() / s[L.S_ADAM_BC2_SQRT] + s[L.S_ADAM_EPS])
         if u_scale is not None:
             u = u * u_scale  # the decoupled decay above is not scaled
@@ -197,38 +270,40 @@ def adam_update(plan, grads, rows, *, stats: bool) -> None:
         if stats:
             ustat.append(torch.stack([(p32.double() ** 2).sum(),
                                       ((u.double() / s[L.S_ADAM_BC1].double()) ** 2).sum()]))
-        p.copy_(torch.where(act, p32.to(p.dtype), p))
-        m_t.copy_(torch.where(act, m.to(m_t.dtype), m_t))
-        v_t.copy_(torch.where(act, v.to(v_t.dtype), v_t))
+        io.write_param(p, p32)
+        io.write_state(m_t, 0, m)
+        io.write_state(v_t, 1, v)
     if stats:
         plan.ustat.copy_(torch.stack(ustat))
 
 
 def sgd_update(plan, grads, rows, *, stats: bool) -> None:
     """SGD update as ``torch.optim.SGD`` (momentum, dampening, nesterov, weight decay,
-    maximize) from ``plan.scal``; with ``stats`` (sum of new p^2, sum of d^2) per tensor."""
+    maximize) from ``plan.scal``; with ``stats`` (sum of new p^2, sum of d^2) per tensor; low
+    precision as :func:`adam_update`."""
     sc = plan.scal
     act = sc[0, L.S_ACTIVE] != 0
     scales = _scales(plan, rows)
     ustat = []
     for i, p in enumerate(plan.local_params):
         s = sc[i]
-        p32 = p.to(torch.float32)
-        d = grads[i].to(torch.float32) * s[L.S_GRAD_MUL]
-        g_scale, u_scale = scales[i]
+        io = _Io(plan, i, act)
+        p32 = io.param(p)
+        d = _flat_or(grads[i], io).to(torch.float32) * s[L.S_GRAD_MUL]
+        g_scale, u_scale = (_flat_or(x, io) for x in scales[i])
         if g_scale is not None:
             d = d * g_scale
         d = d + s[L.S_SGD_WEIGHT_DECAY] * p32
         buf = plan.states[i][0]
         if buf is not None:
-            nb = s[L.S_SGD_MOM_A] * buf.to(torch.float32) + s[L.S_SGD_MOM_B] * d
-            buf.copy_(torch.where(act, nb.to(buf.dtype), buf))
+            nb = s[L.S_SGD_MOM_A] * io.state(buf, 0) + s[L.S_SGD_MOM_B] * d
+            io.write_state(buf, 0, nb)
             d = torch.where(s[L.S_SGD_NESTEROV] != 0, d + s[L.S_SGD_MOMENTUM] * nb, nb)
         if u_scale is not None:
             d = d * u_scale
         p32 = p32 - s[L.S_LR] * d
         if stats:
             ustat.append(torch.stack([(p32.double() ** 2).sum(), (d.double() ** 2).sum()]))
-        p.copy_(torch.where(act, p32.to(p.dtype), p))
+        io.write_param(p, p32)
     if stats:
         plan.ustat.copy_(torch.stack(ustat))

@@ -20,7 +20,7 @@ from ..kernels import layout as L
 from . import _distributed
 from ._distributed import local
 
-__all__ = ["Plan", "Bucket", "Entry", "TableBuilder", "allora_units", "h2d",
+__all__ = ["Plan", "Bucket", "Entry", "LowP", "TableBuilder", "allora_units", "h2d",
            "DEFAULT_BLOCK", "UNIT_CLASSES"]
 
 #: 2048-element blocks with alignment hints: 2.99 TB/s on an H100 (99% of copy); 4096: 2.39 TB/s
@@ -68,6 +68,29 @@ def allora_units(p: torch.Tensor, unit: str) -> tuple[int, int, int, int]:
     return (rows, 1, cols, cols)
 
 
+@dataclass(frozen=True, eq=False)
+class LowP:
+    """A tensor's storage below fp32 (see :mod:`._lowp`); absent (None) when the parameter and
+    its states share its dtype and it is written with rounding to nearest, as in torch."""
+
+    sdtype: int  # a STATE_* code: the storage of the states
+    mode: int = 0  # MODE_* bits
+    master: torch.Tensor | None = None  # the float32 master copy (MODE_MASTER)
+    scales: tuple = (None, None)  # 8-bit states: the float32 block scales of S1, S2
+    key: int = 0  # stochastic rounding: _lowp.sr_key(seed, position)
+    elem0: int = 0  # stochastic rounding: index in the whole parameter of the first element
+
+    def tensors(self) -> list:
+        return [t for t in (self.master, *self.scales) if t is not None]
+
+    def same(self, other: LowP | None) -> bool:
+        """The same storage: equal codes and the very same tensors."""
+        return other is not None and (self.sdtype, self.mode, self.key, self.elem0) == (
+            other.sdtype, other.mode, other.key, other.elem0) \
+            and self.master is other.master \
+            and all(a is b for a, b in zip(self.scales, other.scales))
+
+
 @dataclass(frozen=True)
 class Entry:
     """One tensor of a step, as the builder needs it: explicit, nothing read from elsewhere."""
@@ -78,6 +101,7 @@ class Entry:
     states: tuple  # the kind's state tensors in layout order (T_S1, T_S2, T_S3); None: absent
     step: torch.Tensor  # the float32 per-tensor step counter
     unit: str | None  # ALLoRA unit ("row", "column", "tensor") or None
+    lowp: LowP | None = None
 
 
 @dataclass
@@ -95,6 +119,8 @@ class Bucket:
     units: int = 0  # ALLoRA tile: units per program (0: flat blocks)
     chunk: int = 0
     block_offset: int = 0  # first row of this bucket in the statistics partials
+    state: int | None = None  # STATE_* code of the states; None: the parameter's dtype
+    mode: int = 0  # MODE_* bits (master copy, stochastic rounding)
 
 
 @dataclass
@@ -118,6 +144,7 @@ class Plan:
     scal: torch.Tensor  # (n, S_COLS) float32: written by finalize, read by update
     tstat: torch.Tensor  # (n, TS_COLS) float64
     ustat: torch.Tensor  # (n, US_COLS)
+    lowp: list = field(default_factory=list)  # per row: LowP or None ([]: none has one)
     dist: Any = None  # the communication plan of DTensor shards (see _distributed.py)
     tensors: torch.Tensor | None = None  # (n, T_COLS) int64: Triton backend only
     host_rows: list[list[int]] = field(default_factory=list)  # T_G: at build time (see gcol)
@@ -147,6 +174,28 @@ def _block_table(counts: torch.Tensor, first_index: int, per: int, device) -> to
     table[:, L.B_TENSOR] = tidx
     table[:, L.B_START] = offs * per
     return h2d(table, device)
+
+
+#: the STATE_* code of each storage dtype
+_STATE_OF = {torch.float32: L.STATE_F32, torch.bfloat16: L.STATE_BF16,
+             torch.float16: L.STATE_F16, torch.float64: L.STATE_F64}
+
+
+def _variant_of(lp: LowP | None, dtype: torch.dtype) -> tuple[int | None, int]:
+    """(state code, mode) of an update variant: state None when the states have the
+    parameter's dtype (the variants that existed before low precision)."""
+    if lp is None:
+        return (None, 0)
+    return (None if lp.sdtype == _STATE_OF[dtype] else lp.sdtype, lp.mode)
+
+
+def _same_lowp(a: LowP | None, b: LowP | None) -> bool:
+    return b is None if a is None else a.same(b)
+
+
+def _variant(e: Entry) -> tuple:
+    state, mode = _variant_of(e.lowp, e.param.dtype)
+    return (-1 if state is None else state, mode)
 
 
 def _unit_class(ulen: int) -> int:
@@ -234,6 +283,7 @@ class TableBuilder:
             i = by_pos.get(pos)
             if i is None or plan.params[i] is not e.param or plan.group_index[i] != e.group \
                     or plan.units[i] != e.unit or plan.steps[i] is not e.step \
+                    or not _same_lowp(plan.lowp[i] if plan.lowp else None, e.lowp) \
                     or plan.local_params[i].data_ptr() != local(e.param).data_ptr() \
                     or any(a is not (None if b is None else local(b))
                            for a, b in zip(plan.states[i], e.states)):
@@ -299,7 +349,8 @@ class TableBuilder:
         cls = [_unit_class(ui[0]) if e.unit is not None else -1 for e, ui in zip(entries, info)]
         # buckets: (dtype, update variant) -> one launch each (both are compile-time constants)
         perm = sorted(range(len(entries)),
-                      key=lambda i: (_DTYPES.index(entries[i].param.dtype), cls[i]))
+                      key=lambda i: (_DTYPES.index(entries[i].param.dtype),
+                                     _variant(entries[i]), cls[i]))
         entries = [entries[i] for i in perm]
         info = [info[i] for i in perm]
         cls = [cls[i] for i in perm]
@@ -316,6 +367,15 @@ class TableBuilder:
             r[L.T_NUMEL] = local(e.param).numel()
             r[L.T_GROUP] = e.group
             r[L.T_ULEN], r[L.T_USTRIDE], r[L.T_ESTRIDE], r[L.T_NUNITS] = ui
+            lp = e.lowp
+            r[L.T_SDTYPE] = _STATE_OF[e.param.dtype] if lp is None else lp.sdtype
+            if lp is not None:
+                r[L.T_MODE] = lp.mode
+                r[L.T_MASTER] = 0 if lp.master is None else local(lp.master).data_ptr()
+                q1, q2 = lp.scales
+                r[L.T_Q1] = 0 if q1 is None else local(q1).data_ptr()
+                r[L.T_Q2] = 0 if q2 is None else local(q2).data_ptr()
+                r[L.T_SR_KEY], r[L.T_ELEM0] = lp.key, lp.elem0
             rows.append(r)
         units = [e.unit for e in entries]
         plan = Plan(
@@ -336,7 +396,10 @@ class TableBuilder:
             dist=_distributed.dist_plan(params, units, device), host_rows=rows,
             gcol=[r[L.T_G] for r in rows],
             strides=None if all(map(_IS_CONTIGUOUS, params)) else [p.stride() for p in params],
-            keep=[t for e in entries for t in (e.step, *e.states) if t is not None])
+            lowp=[e.lowp for e in entries] if any(e.lowp for e in entries) else [],
+            keep=[t for e in entries for t in (e.step, *e.states,
+                                               *(e.lowp.tensors() if e.lowp else ()))
+                  if t is not None])
         if backend == "reference":
             return plan
         plan.tensors = h2d(torch.tensor(rows, dtype=torch.int64), device)
@@ -370,20 +433,22 @@ class TableBuilder:
             lo = hi
 
     def _update_buckets(self, plan: Plan, rows, cls, info, flat) -> None:
-        keys = [(p.dtype, c) for p, c in zip(plan.params, cls)]
+        keys = [(p.dtype, _variant_of(lp, p.dtype), c)
+                for p, c, lp in zip(plan.params, cls, plan.lowp or [None] * len(cls))]
         for lo, hi in self._runs(keys):
-            dtype, c = keys[lo]
+            dtype, (state, mode), c = keys[lo]
             flag = any(r[_FLAG_COL[self.kind]] != 0 for r in rows[lo:hi])
             if c < 0:
                 blocks = _block_table(flat[lo:hi], lo, self.block, plan.device)
                 static = self._aligned(rows[lo:hi], (L.T_P,) + L.T_STATES)
                 plan.buckets.append(Bucket(dtype, lo, hi, blocks, blocks.shape[0],
                                            static and self._aligned(rows[lo:hi], (L.T_G,)),
-                                           flag, static_aligned=static))
+                                           flag, static_aligned=static, state=state,
+                                           mode=mode))
             else:
                 _, nu, chunk = UNIT_CLASSES[c]
                 tiles = torch.tensor([(ui[3] + nu - 1) // nu for ui in info[lo:hi]],
                                      dtype=torch.int64)
                 blocks = _block_table(tiles, lo, nu, plan.device)
                 plan.buckets.append(Bucket(dtype, lo, hi, blocks, blocks.shape[0], False, flag,
-                                           units=nu, chunk=chunk))
+                                           units=nu, chunk=chunk, state=state, mode=mode))

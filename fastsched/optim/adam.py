@@ -9,6 +9,7 @@ import torch
 from ..kernels.layout import KIND_ADAM
 from ..schedules import Schedule
 from ._base import FusedOptimizer
+from ._lowp import MIN_8BIT_SIZE
 from ._tables import DEFAULT_BLOCK
 from .functional import adam_row
 
@@ -103,17 +104,21 @@ class Adam(FusedOptimizer):
                  block_size: int = DEFAULT_BLOCK, max_grad_norm: float | None = None,
                  stats: bool = False, nonfinite: str | None = None, history: int = 0,
                  allora_eta: float | None = None, allora_unit: str = "row",
-                 allora_apply: str = "update"):
+                 allora_apply: str = "update", master_weights: bool = False,
+                 stochastic_rounding: bool = False, state_dtype=None,
+                 min_8bit_size: int = MIN_8BIT_SIZE, seed: int = 0):
         if decoupled_weight_decay is None:
             decoupled_weight_decay = self._decoupled_default
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, foreach=foreach, capturable=capturable,
                         differentiable=differentiable, fused=fused,
                         decoupled_weight_decay=decoupled_weight_decay)
-        defaults.update(allora_eta=allora_eta, allora_unit=allora_unit, allora_apply=allora_apply)
+        defaults.update(allora_eta=allora_eta, allora_unit=allora_unit, allora_apply=allora_apply,
+                        master_weights=master_weights, stochastic_rounding=stochastic_rounding,
+                        state_dtype=state_dtype, min_8bit_size=min_8bit_size)
         super().__init__(params, defaults, schedule=schedule, backend=backend,
                          block_size=block_size, max_grad_norm=max_grad_norm, stats=stats,
-                         nonfinite=nonfinite, history=history)
+                         nonfinite=nonfinite, history=history, seed=seed)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         self._check_lr(group["lr"])
@@ -130,11 +135,9 @@ class Adam(FusedOptimizer):
             raise ValueError(f"Invalid weight_decay value: {wd}")
 
     def _init_state(self, p, group, state) -> None:
-        for name in ("exp_avg", "exp_avg_sq"):
-            if name not in state:
-                state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        if group["amsgrad"] and "max_exp_avg_sq" not in state:
-            state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        for name in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ()):
+            if self._state_tensor(p, group, name) is None:
+                self._new_state(p, group, state, name)
 
     def _has_states(self, group) -> tuple[bool, ...]:
         return (True, True, bool(group["amsgrad"]))
@@ -163,11 +166,15 @@ class AdamW(Adam):
                  block_size: int = DEFAULT_BLOCK, max_grad_norm: float | None = None,
                  stats: bool = False, nonfinite: str | None = None, history: int = 0,
                  allora_eta: float | None = None, allora_unit: str = "row",
-                 allora_apply: str = "update"):
+                 allora_apply: str = "update", master_weights: bool = False,
+                 stochastic_rounding: bool = False, state_dtype=None,
+                 min_8bit_size: int = MIN_8BIT_SIZE, seed: int = 0):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, maximize=maximize,
                          foreach=foreach, capturable=capturable, differentiable=differentiable,
                          fused=fused, decoupled_weight_decay=True, schedule=schedule,
                          backend=backend, block_size=block_size, max_grad_norm=max_grad_norm,
                          stats=stats, nonfinite=nonfinite, history=history,
                          allora_eta=allora_eta, allora_unit=allora_unit,
-                         allora_apply=allora_apply)
+                         allora_apply=allora_apply, master_weights=master_weights,
+                         stochastic_rounding=stochastic_rounding, state_dtype=state_dtype,
+                         min_8bit_size=min_8bit_size, seed=seed)

@@ -224,6 +224,11 @@ def run_step(plan, buffers, rows: tuple, *, schedule, options: StepOptions, grad
         plan.dist.reduce_rows(plan.ustat)
 
 
+def _variant(b) -> dict:
+    """The low-precision variant of a bucket's launch (nothing for the fp32-floor ones)."""
+    return {} if b.state is None and not b.mode else {"state": b.state, "mode": b.mode}
+
+
 def _run_triton(plan, buffers, groups, cfg, table, options: StepOptions, gs, fi) -> None:
     from ..kernels.optim import (
         launch_finalize,
@@ -255,9 +260,10 @@ def _run_triton(plan, buffers, groups, cfg, table, options: StepOptions, gs, fi)
         if b.units:
             launch_units_update(plan.kind, plan.tensors, b.blocks, plan.scal, plan.ustat,
                                 b.n_blocks, b.dtype, b.units, b.chunk, b.flag, options.stats,
-                                buffers.clock, i == first)
+                                buffers.clock, i == first, **_variant(b))
         else:
             launch_update(plan.kind, plan.tensors, b.blocks, plan.scal, plan.ustat, b.n_blocks,
-                          b.dtype, plan.block, b.flag, options.stats, buffers.clock, i == first)
+                          b.dtype, plan.block, b.flag, options.stats, buffers.clock, i == first,
+                          **_variant(b))
     if plan.dist is not None and options.stats:  # whole-tensor norms (stats=True)
         plan.dist.reduce_rows(plan.ustat)

@@ -9,6 +9,7 @@ import torch
 from ..kernels.layout import KIND_SGD
 from ..schedules import Schedule
 from ._base import FusedOptimizer
+from ._lowp import MIN_8BIT_SIZE
 from ._tables import DEFAULT_BLOCK
 from .functional import sgd_row
 
@@ -46,14 +47,18 @@ class SGD(FusedOptimizer):
                  max_grad_norm: float | None = None, stats: bool = False,
                  nonfinite: str | None = None, history: int = 0,
                  allora_eta: float | None = None, allora_unit: str = "row",
-                 allora_apply: str = "update"):
+                 allora_apply: str = "update", master_weights: bool = False,
+                 stochastic_rounding: bool = False, state_dtype=None,
+                 min_8bit_size: int = MIN_8BIT_SIZE, seed: int = 0):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening,
                         weight_decay=weight_decay, nesterov=nesterov, maximize=maximize,
                         foreach=foreach, differentiable=differentiable, fused=fused)
-        defaults.update(allora_eta=allora_eta, allora_unit=allora_unit, allora_apply=allora_apply)
+        defaults.update(allora_eta=allora_eta, allora_unit=allora_unit, allora_apply=allora_apply,
+                        master_weights=master_weights, stochastic_rounding=stochastic_rounding,
+                        state_dtype=state_dtype, min_8bit_size=min_8bit_size)
         super().__init__(params, defaults, schedule=schedule, backend=backend,
                          block_size=block_size, max_grad_norm=max_grad_norm, stats=stats,
-                         nonfinite=nonfinite, history=history)
+                         nonfinite=nonfinite, history=history, seed=seed)
 
     def _validate_group(self, group: dict[str, Any]) -> None:
         self._check_lr(group["lr"])
@@ -68,8 +73,8 @@ class SGD(FusedOptimizer):
             raise ValueError("Nesterov momentum requires a momentum and zero dampening")
 
     def _init_state(self, p, group, state) -> None:
-        if group["momentum"] != 0 and state.get("momentum_buffer") is None:
-            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        if group["momentum"] != 0 and self._state_tensor(p, group, "momentum_buffer") is None:
+            self._new_state(p, group, state, "momentum_buffer")
             # a buffer loaded from torch would carry history; a fresh one starts at step 0
             state["step"].zero_()
 

@@ -1,0 +1,274 @@
+"""Below the fp32 floor: master weights, stochastic rounding and the storage of the states.
+
+Mixed into :class:`~._base.FusedOptimizer`. Group options (each a constructor argument, per
+group like any hyperparameter):
+
+* ``master_weights`` (bf16 / fp16 parameters): a float32 copy in ``state["master_param"]`` is
+  what the step updates; the parameter is written as the master rounded to nearest.
+* ``stochastic_rounding`` (bf16 parameters, no master): the parameter is written rounded up or
+  down with probability proportional to the distance (:mod:`._lowp`), keyed by the
+  optimizer's ``seed``, the tensor's step, its position in ``param_groups`` and the element's
+  index in the whole parameter.
+* ``state_dtype``: None (the dtype of the weights the step updates: the master's float32 with
+  ``master_weights``, else the parameter's, as torch), ``torch.float32``, ``torch.bfloat16`` or
+  ``"8bit"`` (block-scaled codes ``<name>_code`` uint8 and ``<name>_scale`` float32, one scale
+  per 256 elements; parameters of fewer than ``min_8bit_size`` elements keep float32 states).
+
+Bytes per parameter of an AdamW step (read + written; p, g, states, master):
+fp32: 4+4 p, 4 g, 16 m/v = 28 B, 8 B of state held; bf16 params + master + fp32 states: 2+2 p,
+2 g, 4+4 master, 16 m/v = 30 B, 12 B held; bf16 + stochastic rounding + bf16 states: 2+2, 2,
+8 = 14 B, 4 B held; bf16 + SR + 8-bit: 2+2, 2, 4 (+0.06 scales) = ~10 B, ~2.03 B held.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..kernels import layout as L
+from . import _lowp
+from ._distributed import is_dtensor, local
+from ._tables import LowP
+
+__all__ = ["PrecisionMixin", "STATE_DTYPES", "LOWP_KEYS"]
+
+#: the values of ``state_dtype``
+STATE_DTYPES = (None, torch.float32, torch.bfloat16, "8bit")
+#: group keys of these options and their defaults (left out of a state dict at the default)
+LOWP_KEYS = {"master_weights": False, "stochastic_rounding": False, "state_dtype": None,
+             "min_8bit_size": _lowp.MIN_8BIT_SIZE}
+_STATE_CODE = {torch.float32: L.STATE_F32, torch.bfloat16: L.STATE_BF16,
+               torch.float16: L.STATE_F16, torch.float64: L.STATE_F64}
+_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "8bit": "8bit"}
+
+
+def dtype_name(v) -> str | None:
+    """``state_dtype`` as stored in a state dict (a string; torch dtypes do not travel well)."""
+    return v if v is None or isinstance(v, str) else str(v).removeprefix("torch.")
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    from ._reference import _flat as f
+
+    return f(t)
+
+
+def quantize_like(p: torch.Tensor, v: torch.Tensor, signed: bool):
+    """(codes laid out like ``p``, scales) of a full-precision state ``v`` of ``p``'s shape."""
+    full = torch.empty_like(p, dtype=torch.float32).copy_(v)
+    codes, scale = _lowp.quantize(_flat(full), signed)
+    out = torch.empty_like(p, dtype=torch.uint8)
+    _flat(out).copy_(codes)
+    return out, scale
+
+
+def dequantize_like(p: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, signed: bool):
+    """The float32 state (laid out like ``p``) of ``codes`` and ``scale``."""
+    out = torch.empty_like(p, dtype=torch.float32)
+    _flat(out).copy_(_lowp.dequantize(_flat(codes), scale.to(codes.device), signed))
+    return out
+
+
+class PrecisionMixin:
+    """Options below fp32: validation, state storage, conversions on load and export."""
+
+    def _validate_lowp(self, group: dict[str, Any]) -> None:
+        mw, sr = group.get("master_weights", False), group.get("stochastic_rounding", False)
+        sd, m8 = group.get("state_dtype"), group.get("min_8bit_size", _lowp.MIN_8BIT_SIZE)
+        if not isinstance(mw, bool):
+            raise ValueError(f"master_weights must be a bool, got {mw!r}")
+        if not isinstance(sr, bool):
+            raise ValueError(f"stochastic_rounding must be a bool, got {sr!r}")
+        if not any(sd is d or sd == d for d in STATE_DTYPES if not isinstance(d, str)) \
+                and sd != "8bit":
+            raise ValueError(f"state_dtype must be one of None, torch.float32, torch.bfloat16, "
+                             f"'8bit', got {sd!r}")
+        if isinstance(m8, bool) or not isinstance(m8, int) or m8 < 0:
+            raise ValueError(f"min_8bit_size must be an integer >= 0, got {m8!r}")
+        if mw and sr:
+            raise ValueError("master_weights=True and stochastic_rounding=True: choose one (the "
+                             "master copy keeps the exact value; stochastic rounding is for "
+                             "bf16 parameters without one)")
+        if sd == "8bit" and group.get("amsgrad"):
+            raise ValueError("state_dtype='8bit' and amsgrad=True: max_exp_avg_sq has no 8-bit "
+                             "storage; use state_dtype=torch.bfloat16 or amsgrad=False")
+        for i, p in enumerate(group["params"]):
+            if mw and p.dtype not in (torch.bfloat16, torch.float16):
+                raise ValueError(f"params[{i}]: master_weights=True needs bfloat16 or float16 "
+                                 f"parameters, got {p.dtype} (a float32 parameter is its own "
+                                 "master)")
+            if sr and p.dtype != torch.bfloat16:
+                raise ValueError(f"params[{i}]: stochastic_rounding=True needs bfloat16 "
+                                 f"parameters, got {p.dtype}")
+            if sr and is_dtensor(p) and any(getattr(pl, "dim", 0) != 0 for pl in p.placements
+                                            if hasattr(pl, "dim")):
+                raise ValueError(f"params[{i}]: stochastic_rounding=True with a parameter "
+                                 f"sharded on dim {p.placements[0].dim}: the generator indexes "
+                                 "elements of the whole parameter, which a shard on another dim "
+                                 "does not hold contiguously (Shard(0), as FSDP2, is supported)")
+
+    @property
+    def seed(self) -> int:
+        """The seed of stochastic rounding (in the state dict; settable between steps)."""
+        return self._seed
+
+    @seed.setter
+    def seed(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**64:
+            raise ValueError(f"seed must be an integer in [0, 2**64), got {value!r}")
+        self._seed = value
+        self._tables.invalidate()
+
+    @staticmethod
+    def _storage(p: torch.Tensor, group: dict[str, Any]):
+        """The storage of ``p``'s states: a torch dtype or ``"8bit"`` (decided on the whole
+        parameter's size, the same on every rank)."""
+        sd = group.get("state_dtype")
+        if sd == "8bit":
+            return "8bit" if p.numel() >= group.get("min_8bit_size", _lowp.MIN_8BIT_SIZE) \
+                else torch.float32
+        if sd is None:
+            return torch.float32 if group.get("master_weights") else p.dtype
+        return sd
+
+    def _new_state(self, p, group, state, name: str) -> None:
+        """A zero state ``name`` of ``p`` in the group's storage (codes + scales for 8-bit)."""
+        store = self._storage(p, group)
+        if store == "8bit":
+            state[name + "_code"] = torch.zeros_like(p, dtype=torch.uint8)
+            state[name + "_scale"] = torch.zeros(_lowp.n_blocks(local(p).numel()),
+                                                 dtype=torch.float32, device=p.device)
+        else:
+            state[name] = torch.zeros_like(p, dtype=store, memory_format=torch.preserve_format)
+
+    def _convert_states(self, p, group, state) -> None:
+        """States (and the master) into the group's storage: a full-precision state (a torch
+        checkpoint, or ``state_dtype`` changed) is quantised, codes of a group that is no
+        longer 8-bit are dequantised; every state follows ``p``'s layout."""
+        store = self._storage(p, group)
+        for k, name in enumerate(self._state_names):
+            signed = k != 1  # exp_avg_sq is the one unsigned state
+            v, codes = state.get(name), state.get(name + "_code")
+            if store == "8bit" and isinstance(v, torch.Tensor) and v.shape == p.shape:
+                if is_dtensor(p):
+                    raise ValueError(f"state_dtype='8bit' for a DTensor parameter: loading a "
+                                     f"full-precision {name!r} into 8-bit states is not "
+                                     "supported under torch.distributed (load with the "
+                                     "state_dtype it was saved with)")
+                state[name + "_code"], state[name + "_scale"] = quantize_like(p, v, signed)
+                del state[name]
+            elif store != "8bit" and isinstance(codes, torch.Tensor):
+                scale = state.pop(name + "_scale")
+                state[name] = dequantize_like(p, codes, scale, signed).to(store)
+                del state[name + "_code"]
+            elif store != "8bit" and isinstance(v, torch.Tensor) and v.shape == p.shape and (
+                    v.stride() != p.stride() or v.dtype != store or v.device != p.device):
+                # p.data replaced since the state was made (model.to(memory_format=
+                # torch.channels_last)), or another storage: the kernels walk p and its
+                # states as flat arrays in one layout
+                state[name] = torch.empty_like(p, dtype=store).copy_(v)
+            elif store == "8bit" and isinstance(codes, torch.Tensor):
+                if codes.device != p.device or codes.stride() != p.stride():
+                    full = dequantize_like(codes, codes, state[name + "_scale"], signed)
+                    state[name + "_code"], state[name + "_scale"] = quantize_like(p, full,
+                                                                                  signed)
+        if group.get("master_weights"):
+            m = state.get("master_param")
+            if not isinstance(m, torch.Tensor) or m.shape != p.shape:
+                state["master_param"] = torch.empty_like(p, dtype=torch.float32).copy_(p)
+            elif m.dtype != torch.float32 or m.stride() != p.stride() or m.device != p.device:
+                state["master_param"] = torch.empty_like(p, dtype=torch.float32).copy_(m)
+        else:
+            # master_weights turned off: the parameter is the weight from here on
+            state.pop("master_param", None)
+
+    def _state_tensor(self, p, group, name: str):
+        return self.state[p].get(name + "_code" if self._storage(p, group) == "8bit" else name)
+
+    def _lowp_entry(self, p, group, position: int) -> LowP | None:
+        """The table builder's view of ``p``'s storage (None: all in ``p``'s dtype)."""
+        store = self._storage(p, group)
+        mw, sr = group.get("master_weights", False), group.get("stochastic_rounding", False)
+        if store == p.dtype and not mw and not sr:
+            return None
+        st = self.state[p]
+        mode = (L.MODE_MASTER if mw else 0) | (L.MODE_SR if sr else 0)
+        scales = (None, None)
+        if store == "8bit":
+            names = self._state_names
+            scales = (st.get(names[0] + "_scale"),
+                      st.get(names[1] + "_scale") if len(names) > 1 else None)
+            scales = tuple(None if s is None else local(s) for s in scales)
+        key = _lowp.sr_key(self._seed, position) if sr else 0
+        return LowP(L.STATE_8BIT if store == "8bit" else _STATE_CODE[store], mode,
+                    st.get("master_param") if mw else None, scales, key,
+                    _elem0(p) if sr else 0)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def _stash_lowp(self, sd: dict) -> dict:
+        """Take the entries that torch's ``load_state_dict`` would cast to the parameter's dtype
+        (it casts every floating state but ``step``: uint8 codes, float32 scales and masters, and
+        states in another dtype than the parameter) out of ``sd``; returns them by index."""
+        out: dict = {}
+        state = sd.get("state", {})
+        new_state = {}
+        for pid, st in state.items():
+            keep, taken = {}, {}
+            for k, v in st.items():
+                if isinstance(v, torch.Tensor) and k != "step" and not is_dtensor(v) and (
+                        k == "master_param" or k.endswith(("_code", "_scale"))
+                        or v.dtype in (torch.float32, torch.bfloat16)):
+                    taken[k] = v
+                else:
+                    keep[k] = v
+            new_state[pid] = keep
+            if taken:
+                out[pid] = taken
+        sd["state"] = new_state
+        return out
+
+    def _restore_lowp(self, sd: dict, taken: dict) -> None:
+        ids = [i for g in sd["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        by_id = dict(zip(ids, params))
+        for pid, entries in taken.items():
+            p = by_id.get(pid)
+            if p is None:
+                continue
+            st = self.state[p]
+            for k, v in entries.items():
+                st[k] = v.to(p.device)
+
+    def export_state_dict(self) -> dict[str, Any]:
+        """The state dict in ``torch.optim``'s format: 8-bit states dequantised to float32
+        under torch's names, masters and scales dropped, the options below fp32 left out of the
+        groups. ``torch.optim.AdamW.load_state_dict`` reads it (and casts the states to the
+        parameters' dtype, as it does for any checkpoint)."""
+        sd = self.state_dict()
+        sd.pop("fastsched", None)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for pid, st in sd["state"].items():
+            p = params[pid]
+            for k, name in enumerate(self._state_names):
+                if name + "_code" in st:
+                    st[name] = dequantize_like(p, st.pop(name + "_code"),
+                                               st.pop(name + "_scale"), k != 1)
+            st.pop("master_param", None)
+        for g in sd["param_groups"]:
+            for k in LOWP_KEYS:
+                g.pop(k, None)
+        return sd
+
+
+def _elem0(p) -> int:
+    """Index in the whole parameter of the local shard's first element (Shard(0) or plain)."""
+    if not is_dtensor(p):
+        return 0
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    _, offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    row = 1
+    for s in p.shape[1:]:
+        row *= s
+    return int(offset[0]) * row if p.dim() else 0
