@@ -40,7 +40,6 @@ LOWP_KEYS = {"master_weights": False, "stochastic_rounding": False, "state_dtype
              "min_8bit_size": _lowp.MIN_8BIT_SIZE}
 _STATE_CODE = {torch.float32: L.STATE_F32, torch.bfloat16: L.STATE_BF16,
                torch.float16: L.STATE_F16, torch.float64: L.STATE_F64}
-_NAMES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "8bit": "8bit"}
 
 
 def dtype_name(v) -> str | None:
@@ -94,6 +93,11 @@ class PrecisionMixin:
             raise ValueError("state_dtype='8bit' and amsgrad=True: max_exp_avg_sq has no 8-bit "
                              "storage; use state_dtype=torch.bfloat16 or amsgrad=False")
         for i, p in enumerate(group["params"]):
+            if sd == "8bit" and is_dtensor(p):
+                raise ValueError(f"params[{i}]: state_dtype='8bit' with a DTensor (FSDP2 / tensor "
+                                 "parallel) parameter is not supported: the block scales belong "
+                                 "to each rank's shard and torch.distributed.checkpoint would "
+                                 "keep one rank's only; use state_dtype=torch.bfloat16")
             if mw and p.dtype not in (torch.bfloat16, torch.float16):
                 raise ValueError(f"params[{i}]: master_weights=True needs bfloat16 or float16 "
                                  f"parameters, got {p.dtype} (a float32 parameter is its own "

@@ -224,6 +224,30 @@ def refusal(make) -> str | None:
     return None
 
 
+def fsdp_stochastic_rounding(rank, world, tmp):
+    """bf16 parameters with stochastic rounding (bf16 states, a schedule, no global norms):
+    FSDP2 against one process, 10 steps; both sets of full parameters, for a bitwise
+    comparison (the generator indexes elements of the whole parameter)."""
+    out = {}
+    for backend in ("auto", "reference"):
+        runs = []
+        for sharded in (True, False):
+            model = make_model().to(torch.bfloat16)
+            if sharded:
+                model = shard(model)
+            opt = fastsched.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, seed=7,
+                                  stochastic_rounding=True, backend=backend,
+                                  schedule=Cosine(total_steps=40, warmup_steps=3))
+            for s in range(10):
+                x, y = batch(s)
+                torch.nn.functional.mse_loss(model(x.bfloat16()), y.bfloat16()).backward()
+                opt.step()
+                opt.zero_grad()
+            runs.append(params_of(model))
+        out[backend] = runs
+    return out
+
+
 def ddp_and_tensor_parallel(rank, world, tmp):
     """DDP equals one process; hand-placed DTensors (Shard(0), Shard(1), Replicate, 1-D) with
     ALLoRA units spanning ranks; the Triton backend (interpreter) on shards; clear errors.

@@ -173,6 +173,16 @@ REFUSED = {  # parameter name -> what the error says (at construction, naming th
 }
 
 
+def test_fsdp2_stochastic_rounding_equals_single_process(tmp_path):
+    """Stochastic rounding under FSDP2 (uneven Shard(0) shards at world size 2) draws, for
+    every element, the bits the one-process run draws: the parameters are equal bit for bit."""
+    ranks = spawn("fsdp_stochastic_rounding", 2, tmp_path)
+    for rank, res in enumerate(ranks):
+        for backend, (sharded, single) in res.items():
+            assert_equal(sharded, single, what=f"rank {rank} backend {backend}")
+            assert any(p.dtype == torch.bfloat16 for p in sharded)
+
+
 def test_ddp_tensor_parallel_triton_and_errors(tmp_path):
     """DDP equals one process; Shard(0) / Shard(1) / Replicate DTensors on a 1-D mesh with ALLoRA
     column, row and tensor units spanning ranks equal one process; the Triton kernels on shards;

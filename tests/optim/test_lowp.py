@@ -360,3 +360,48 @@ def test_state_dtype_change_converts_states():
     _step(opt, [p], [torch.zeros(5000)])
     assert "exp_avg_code" not in opt.state[p]
     torch.testing.assert_close(opt.state[p]["exp_avg"], 0.9 * m)
+
+
+@pytest.mark.parametrize("kw", [dict(state_dtype="8bit", min_8bit_size=0),
+                                dict(master_weights=True),
+                                dict(stochastic_rounding=True)])
+def test_skipped_step_touches_nothing(kw):
+    """A non-finite gradient under the guard: parameters, masters, codes and scales unchanged;
+    the next step applies (clipping, statistics and a schedule on)."""
+    params = _params(torch.bfloat16, 8)
+    opt = fastsched.AdamW(params, lr=1e-2, backend="reference", max_grad_norm=1.0, stats=True,
+                          schedule=fastsched.schedules.Cosine(20, warmup_steps=2), **kw)
+    _step(opt, params, _grads(params, 0))
+    before = [(p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()})
+              for p in params]
+    grads = _grads(params, 1)
+    grads[-1].view(-1)[3] = float("nan")
+    _step(opt, params, grads)
+    assert opt.stats_dict()["skipped"]
+    for p, (p0, st) in zip(params, before):
+        assert torch.equal(p, p0)
+        assert all(torch.equal(opt.state[p][k], v) for k, v in st.items())
+    _step(opt, params, _grads(params, 2))
+    assert not opt.stats_dict()["skipped"]
+    assert not torch.equal(params[-1], before[-1][0])
+
+
+def test_grad_scaler_composes_with_8bit_and_master():
+    """torch.amp.GradScaler: the scaled gradients are unscaled in the step (grad_scale) and an
+    inf skips it (found_inf), as for fp32 states."""
+    params = _params(torch.bfloat16, 9, [(40, 300)])
+    twin = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    kw = dict(lr=1e-2, backend="reference", master_weights=True, state_dtype="8bit",
+              min_8bit_size=0)
+    opt, ref = fastsched.AdamW(params, **kw), fastsched.AdamW(twin, **kw)
+    g = _grads(params, 3)[0]
+    opt.grad_scale = torch.tensor([1024.0])
+    opt.found_inf = torch.tensor([0.0])
+    _step(opt, params, [(g.float() * 1024).bfloat16()])
+    _step(ref, twin, [g])
+    torch.testing.assert_close(opt.state[params[0]]["master_param"],
+                               ref.state[twin[0]]["master_param"], rtol=1e-6, atol=1e-7)
+    opt.found_inf = torch.tensor([1.0])
+    before = params[0].detach().clone()
+    _step(opt, params, [(g.float() * 1024).bfloat16()])
+    assert torch.equal(params[0], before)
