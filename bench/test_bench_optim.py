@@ -13,7 +13,14 @@ import pytest
 import torch
 
 import fastsched
-from fastsched.bench.contenders import ALLORA_ETA, CLIP_NORM, HYPER, params_of
+from fastsched.bench.contenders import (
+    ALLORA_ETA,
+    CLIP_NORM,
+    CONFIGS,
+    HYPER,
+    LOWP_CONFIGS,
+    params_of,
+)
 from fastsched.bench.shapes import SHAPE_SETS
 from fastsched.schedules import Cosine
 
@@ -99,5 +106,23 @@ def test_reference_step_bf16(benchmark, set_name):
     """The reference step in bf16: per-tensor host cost dominates on many small tensors."""
     opt = _fastsched(_params(set_name, 1e-3, torch.bfloat16), "adamw", backend="reference")
     benchmark.group = f"step bf16: {set_name} at scale 0.001"
+    opt.step()
+    benchmark(opt.step)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("config", LOWP_CONFIGS)
+def test_lowp_step(benchmark, config, backend):
+    """A step below fp32 (``fastsched bench --lowp``'s configurations, fp32 parameters where the
+    configuration allows them, else bf16) on GPT-2 small at 1% size, per backend."""
+    from fastsched.optim import _cpu
+
+    if backend == "cpu" and not (_cpu.available() and getattr(_cpu, "SUPPORTS_LOWP", False)):
+        pytest.skip("the compiled CPU backend does not run the options below fp32 here")
+    cfg = CONFIGS[config]
+    dtype = torch.float32 if cfg.allows(torch.float32) else torch.bfloat16
+    opt = fastsched.AdamW(_params("gpt2", 0.01, dtype), **HYPER, schedule=SCHEDULE,
+                          backend=backend, **cfg.storage.options())
+    benchmark.group = f"step below fp32: gpt2 at scale 0.01, {backend}"
     opt.step()
     benchmark(opt.step)

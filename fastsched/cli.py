@@ -236,12 +236,26 @@ def _registries_help(sets_flag: str, configs_flag: str, contenders_flag: str) ->
             for s in SHAPE_SETS.values())),
         described(f"configurations ({configs_flag}; the benchmark's default: "
                   f"{', '.join(DEFAULT_CONFIGS)}):", (
-            (c.key, f"{c.title}. {c.description}. Bytes: {c.elements} elements per parameter "
-                    f"({c.bytes_note})") for c in CONFIGS.values())),
+            (c.key, f"{c.title}. {c.description}. " + _bytes_help(c)) for c in CONFIGS.values())),
         described(f"contenders ({contenders_flag}):", (
             (c.key, c.description + (f" (configurations: {', '.join(runs_in[c.key])})"
                                      if runs_in[c.key] else "")) for c in CONTENDERS.values())),
     ))
+
+
+def _bytes_help(c) -> str:
+    import torch
+
+    from .bench.harness import DTYPES
+    from .bench.report import fmt_bpp
+
+    if c.storage is None:
+        return f"Bytes: {c.elements} elements per parameter ({c.bytes_note})"
+    runs = [d for d in DTYPES if c.allows(d)]
+    per = ", ".join(f"{d} {fmt_bpp(c.bytes_per_param(DTYPES[d]))} B moved, "
+                    f"{fmt_bpp(c.state_bytes_per_param(DTYPES[d]))} B held" for d in runs)
+    note = c.note_for(DTYPES[runs[0]] if runs else torch.float32)
+    return f"Bytes: {c.elements} elements per parameter, each of its own size ({note}): {per}"
 
 
 # -- the parser ---------------------------------------------------------------------------------
@@ -254,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
         CPU_DEFAULT_SCALE,
         CPU_DEFAULT_SETS,
         DTYPES,
+        LOWP_CONFIGS,
     )
     from .bench.shapes import SHAPE_SETS
     from .tools.cli import add_subcommands as add_tool_subcommands
@@ -286,6 +301,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--contenders", type=list_of(CONTENDERS, "contender"), default=None,
                    metavar="LIST", help=f"only these contenders: {', '.join(CONTENDERS)} "
                    "(default: every one that runs the configuration)")
+    b.add_argument("--lowp", action="store_true",
+                   help=f"the configurations below fp32 ({','.join(LOWP_CONFIGS)}; --configs "
+                   "picks among them), each with torch's fused fp32 AdamW timed in the same "
+                   "rounds (the 'vs fp32 AdamW' ratio) and the torch, torchao and bitsandbytes "
+                   "optimizers that do the same job where they are installed; a configuration "
+                   "runs in the dtypes it is for (bf16 + master: bf16, fp16; stochastic "
+                   "rounding: bf16)")
     b.add_argument("--scale", type=positive_float, default=None,
                    help="multiply every tensor's element count (tensor count kept, >= 1 "
                    f"element); default 1 on a GPU, {CPU_DEFAULT_SCALE:g} on the CPU")
@@ -320,6 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the README performance section generated from a results file")
     b.add_argument("--report", type=Path, default=None, metavar="RESULTS.json",
                    help="print the tables of a results file and rewrite its .md and .png")
+    b.add_argument("--table", type=Path, default=None, metavar="RESULTS.json",
+                   help="print the Markdown table of bytes per parameter below fp32 (moved per "
+                   "step, held as state: formula and measured) from a results file of a --lowp "
+                   "run, for the README")
     b.set_defaults(func=_cmd_bench)
 
     pr = sub.add_parser("profile", help="profile N optimizer steps under torch.profiler",
@@ -391,6 +417,16 @@ def _cmd_bench(args, argv) -> int:
         sys.stdout.write(render_readme(res, source=str(args.readme),
                                        image=str(png) if png.exists() else None))
         return 0
+    if args.table is not None:
+        res = _load(prog, "--table", args.table)
+        from .bench.report import render_bytes_table
+
+        if not any(c.get("storage") for k, c in res["configs"].items()
+                   if k in res["meta"]["configs"]):
+            fail(prog, "--table", f"{args.table} has no configuration below fp32; run "
+                 "`fastsched bench --lowp` first")
+        sys.stdout.write(render_bytes_table(res))
+        return 0
     if args.report is not None:
         res = _load(prog, "--report", args.report)
         from .bench.harness import save_results
@@ -400,12 +436,30 @@ def _cmd_bench(args, argv) -> int:
         paths = save_results(res, args.report.parent, plot=not args.no_plot)
         print("\n".join(f"wrote {p}" for p in paths.values()))
         return 0
-    from .bench.harness import BenchOptions, run_bench, save_json, save_results
+    from .bench.harness import (
+        LOWP_CONFIGS,
+        BenchOptions,
+        check_dtypes,
+        run_bench,
+        save_json,
+        save_results,
+    )
     from .bench.report import print_table
 
     # None: the device's default sets and configurations (the CPU runs fewer)
     sets = args.sets if args.sets is not None else ([] if args.shapes is not None else None)
-    opts = BenchOptions(sets=sets, custom=args.shapes, dtypes=args.dtypes, configs=args.configs,
+    configs = args.configs
+    if args.lowp:
+        if configs is not None and (bad := [c for c in configs if c not in LOWP_CONFIGS]):
+            fail(prog, "--configs", f"{', '.join(bad)} is not below fp32; with --lowp choose "
+                 f"among {', '.join(LOWP_CONFIGS)}")
+        configs = configs or list(LOWP_CONFIGS)
+    if configs is not None:
+        try:
+            check_dtypes(configs, args.dtypes or ["fp32", "bf16"])
+        except ValueError as e:
+            fail(prog, "--dtypes", str(e))
+    opts = BenchOptions(sets=sets, custom=args.shapes, dtypes=args.dtypes, configs=configs,
                         contenders=args.contenders, scale=args.scale, quick=args.quick,
                         compile=args.compile, compile_budget_s=args.compile_budget,
                         compile_max_tensors=args.compile_max_tensors, device=args.device,

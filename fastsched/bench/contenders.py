@@ -1,15 +1,24 @@
 """Optimizer configurations and the contenders that implement each one.
 
 A *configuration* is the work one training step asks of the optimizer (AdamW; clipping + AdamW +
-a learning-rate schedule; ALLoRA + AdamW; SGD with momentum) with the minimal bytes per parameter
+a learning-rate schedule; ALLoRA + AdamW; SGD with momentum; AdamW below fp32: bf16 weights with
+an fp32 master or stochastic rounding, bf16 or 8-bit states) with the minimal bytes per parameter
 that work must move. A *contender* is one way to do it: torch's for-loop, foreach, fused and
-compiled implementations, with or without a CUDA graph, and fastsched. Every contender of a
-configuration gets its own clone of the same parameters and gradients.
+compiled implementations, with or without a CUDA graph, torchao's and bitsandbytes' low-precision
+optimizers where they are installed, and fastsched. Every contender of a configuration gets its
+own clone of the same parameters and gradients.
+
+The configurations below fp32 (:data:`LOWP_CONFIGS`) carry a :class:`Storage`; their bytes per
+parameter, moved by a step and held as state, are computed from it (:meth:`Config.bytes_per_param`,
+:meth:`Config.state_bytes_per_param`) with fastsched's 8-bit constants (one float32 scale per
+``Q_BLOCK`` elements, float32 states below ``MIN_8BIT_SIZE`` elements). The state a contender
+holds is measured after its first step (:func:`state_nbytes`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,8 +26,9 @@ import torch
 
 from .device import Device
 
-__all__ = ["Config", "Contender", "CONFIGS", "CONTENDERS", "Built", "Setup", "Unavailable",
-           "Skipped", "contenders_for", "HYPER", "CLIP_NORM", "ALLORA_ETA", "CPU_CONTENDERS"]
+__all__ = ["Config", "Storage", "Contender", "CONFIGS", "CONTENDERS", "Built", "Setup",
+           "Unavailable", "Skipped", "contenders_for", "HYPER", "CLIP_NORM", "ALLORA_ETA",
+           "CPU_CONTENDERS", "LOWP_CONFIGS", "state_nbytes", "library_versions"]
 
 #: hyperparameters shared by every contender
 HYPER = {"lr": 1e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
@@ -35,18 +45,154 @@ class Skipped(Exception):
     """The contender is left out of this run, for the reason given."""
 
 
+def _esize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+#: the benchmark's dtype names (as ``--dtypes`` spells them)
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def _q8() -> tuple[int, int]:
+    """(elements per 8-bit scale, smallest tensor with 8-bit states): fastsched's constants."""
+    from ..kernels import layout as L
+    from ..optim._lowp import MIN_8BIT_SIZE
+
+    return L.Q_BLOCK, MIN_8BIT_SIZE
+
+
+@dataclass(frozen=True)
+class Storage:
+    """How an AdamW configuration below fp32 stores weights and states (fastsched's options).
+
+    ``states``: None (the weights' dtype: the master's float32 with ``master``, else the
+    parameter's), ``"fp32"``, ``"bf16"`` or ``"8bit"`` (uint8 codes + one float32 scale per
+    ``Q_BLOCK`` elements; tensors under ``MIN_8BIT_SIZE`` elements keep float32 states).
+    """
+
+    master: bool = False  # an fp32 master copy is the weight; the parameter is only written
+    sr: bool = False  # bf16 parameter written with stochastic rounding
+    states: str | None = None
+
+    def options(self) -> dict[str, Any]:
+        """fastsched's constructor keywords for this storage."""
+        kw: dict[str, Any] = {}
+        if self.master:
+            kw["master_weights"] = True
+        if self.sr:
+            kw["stochastic_rounding"] = True
+        if self.states is not None:
+            kw["state_dtype"] = {"fp32": torch.float32, "bf16": torch.bfloat16,
+                                 "8bit": "8bit"}[self.states]
+        return kw
+
+    def accesses(self, n_states: int) -> int:
+        """Elements read plus written per parameter by the one-pass step, each of its own size
+        (the parameter written, plus read without a master; the gradient; master; states)."""
+        return (3 if self.master else 2) + 1 + 2 * n_states
+
+    def _state_size(self, dtype: torch.dtype) -> int:
+        if self.states is None:
+            return 4 if self.master else _esize(dtype)
+        return {"fp32": 4, "bf16": 2}[self.states]
+
+    def tensor_bytes(self, dtype: torch.dtype, numel: int | None, n_states: int
+                     ) -> tuple[float, float]:
+        """(bytes moved by one step, bytes held as state) of a tensor of ``numel`` elements
+        (None: per element of a large tensor)."""
+        n = 1 if numel is None else numel
+        p = _esize(dtype)
+        moved = (p + 8 if self.master else 2 * p) + p  # parameter (+ master), gradient read
+        held = 4 * n if self.master else 0
+        moved *= n
+        block, min8 = _q8()
+        if self.states == "8bit" and (numel is None or numel >= min8):
+            scales = 4 / block if numel is None else 4 * math.ceil(numel / block)
+            held += n_states * (n + scales)
+            moved += n_states * 2 * (n + scales)  # codes and scales, read and written
+        else:
+            s = 4 if self.states == "8bit" else self._state_size(dtype)
+            held += n_states * s * n
+            moved += n_states * 2 * s * n
+        return moved, held
+
+    def note(self, dtype: torch.dtype, n_states: int) -> str:
+        p = DTYPE_NAMES.get(dtype, str(dtype))
+        w = (f"write p ({p}), read + write the fp32 master" if self.master else
+             f"read + write p ({p}{', stochastic rounding' if self.sr else ''})")
+        names = "m, v" if n_states == 2 else "the state"
+        if self.states == "8bit":
+            block, min8 = _q8()
+            st = (f"read + write {names} as 8-bit codes + one fp32 scale per {block} "
+                  f"(fp32 below {min8} elements)")
+        else:
+            st = (f"read + write {names} "
+                  f"({'fp32' if self.states is None and self.master else self.states or p})")
+        return f"{w}; read g ({p}); {st}"
+
+
 @dataclass(frozen=True)
 class Config:
     key: str
     title: str
-    #: elements of parameter size read plus written by the minimal one-pass step
+    #: elements of parameter size read plus written by the minimal one-pass step (a
+    #: configuration with a ``storage``: elements of their own sizes, computed from it, as are
+    #: its bytes)
     elements: int
     bytes_note: str
     description: str
+    #: the parameter dtypes it runs in (None: every one)
+    dtypes: tuple[str, ...] | None = None
+    storage: Storage | None = None
+    #: optimizer states per parameter element (Adam: exp_avg, exp_avg_sq; SGD: the momentum)
+    n_states: int = 2
 
-    def bytes_per_param(self, dtype: torch.dtype) -> int:
-        return self.elements * torch.empty((), dtype=dtype).element_size()
+    def __post_init__(self) -> None:
+        if self.storage is not None:
+            object.__setattr__(self, "elements", self.storage.accesses(self.n_states))
 
+    def allows(self, dtype: torch.dtype | str) -> bool:
+        name = dtype if isinstance(dtype, str) else DTYPE_NAMES.get(dtype, str(dtype))
+        return self.dtypes is None or name in self.dtypes
+
+    def _bytes(self, dtype: torch.dtype, shapes: Sequence[Sequence[int]] | None, held: bool):
+        if not self.allows(dtype):
+            return None
+        if self.storage is None:
+            per = (self.n_states if held else self.elements) * _esize(dtype)
+            return per
+        if shapes is None:
+            return _tidy(self.storage.tensor_bytes(dtype, None, self.n_states)[held])
+        sizes = [math.prod(s) for s in shapes]
+        total = sum(self.storage.tensor_bytes(dtype, n, self.n_states)[held] for n in sizes)
+        return _tidy(total / max(1, sum(sizes)))
+
+    def bytes_per_param(self, dtype: torch.dtype,
+                        shapes: Sequence[Sequence[int]] | None = None) -> float | None:
+        """Bytes read + written per parameter by the minimal one-pass step; exact for the
+        tensors ``shapes`` (8-bit: small tensors keep fp32 states, scales round up), else
+        for large tensors. None where the configuration does not run in ``dtype``."""
+        return self._bytes(dtype, shapes, held=False)
+
+    def state_bytes_per_param(self, dtype: torch.dtype,
+                              shapes: Sequence[Sequence[int]] | None = None) -> float | None:
+        """Bytes of optimizer state (and fp32 master) held per parameter, as for
+        :meth:`bytes_per_param`."""
+        return self._bytes(dtype, shapes, held=True)
+
+    def note_for(self, dtype: torch.dtype) -> str:
+        return self.bytes_note if self.storage is None else self.storage.note(dtype,
+                                                                               self.n_states)
+
+
+def _tidy(x: float) -> float | int:
+    """An integral byte count as an int (28, not 28.0), else the float."""
+    return int(x) if float(x).is_integer() else float(x)
+
+
+_BASE_ADAMW = ("AdamW, constant lr for torch; fastsched with the cosine schedule evaluated on the "
+               "device; torch's fused fp32 AdamW (fp32 copies of the parameters) runs beside "
+               "every contender as the baseline of the 'vs fp32 AdamW' ratio")
 
 CONFIGS: dict[str, Config] = {c.key: c for c in (
     Config("adamw", "AdamW", 7, "read p, g, m, v; write p, m, v",
@@ -63,10 +209,39 @@ CONFIGS: dict[str, Config] = {c.key: c for c in (
            "AdamW; torch: eager per-row norms and scaling + fused AdamW; fastsched: parameter "
            "group options allora_eta=1, allora_unit='row', with the cosine schedule"),
     Config("sgd", "SGD + momentum", 5, "read p, g, buf; write p, buf",
-           "SGD with momentum 0.9; torch at a constant lr, fastsched with the cosine schedule"),
+           "SGD with momentum 0.9; torch at a constant lr, fastsched with the cosine schedule",
+           n_states=1),
+    # below fp32: bytes from the storage
+    Config("adamw-master", "AdamW, bf16 + fp32 master", 0, "",
+           "bf16 (or fp16) parameters and gradients, an fp32 master copy and fp32 states. "
+           "fastsched: master_weights=True (the master in state['master_param']); torch: what "
+           "apex / Transformer Engine do, fused fp32 AdamW on fp32 master copies (gradients "
+           "copied into fp32 master gradients, the masters copied back into the parameters). "
+           + _BASE_ADAMW, dtypes=("bf16", "fp16"), storage=Storage(master=True)),
+    Config("adamw-sr", "AdamW, bf16 + stochastic rounding", 0, "",
+           "bf16 parameters written with stochastic rounding, bf16 states. fastsched: "
+           "stochastic_rounding=True; torchao: _AdamW(bf16_stochastic_round=True). "
+           + _BASE_ADAMW, dtypes=("bf16",), storage=Storage(sr=True)),
+    Config("adamw-bf16-states", "AdamW, bf16 states", 0, "",
+           "states stored in bf16. fastsched: state_dtype=torch.bfloat16 (on fp32 parameters "
+           "too); torch: fused AdamW, which keeps the states in the parameters' dtype (bf16 "
+           "parameters only). " + _BASE_ADAMW, dtypes=("fp32", "bf16"),
+           storage=Storage(states="bf16")),
+    Config("adamw-8bit", "AdamW, 8-bit states", 0, "",
+           "block-scaled 8-bit states. fastsched: state_dtype='8bit'; torchao: AdamW8bit; "
+           "bitsandbytes: bnb.optim.AdamW8bit (both 256-element blocks with a dynamic "
+           "quantisation map). " + _BASE_ADAMW, dtypes=("fp32", "bf16"),
+           storage=Storage(states="8bit")),
+    Config("adamw-sr-8bit", "AdamW, bf16 + SR + 8-bit states", 0, "",
+           "bf16 parameters with stochastic rounding and 8-bit states. fastsched: "
+           "stochastic_rounding=True, state_dtype='8bit'; torchao: "
+           "AdamW8bit(bf16_stochastic_round=True). " + _BASE_ADAMW, dtypes=("bf16",),
+           storage=Storage(sr=True, states="8bit")),
 )}
 
 DEFAULT_CONFIGS = ("adamw", "adamw-clip", "allora")
+#: the configurations below fp32 (``fastsched bench --lowp``)
+LOWP_CONFIGS = ("adamw-master", "adamw-sr", "adamw-bf16-states", "adamw-8bit", "adamw-sr-8bit")
 
 
 @dataclass
@@ -89,17 +264,88 @@ class Built:
     info: dict[str, Any] = field(default_factory=dict)
     after_first: Callable[[], None] | None = None
     keep: Any = None  # objects that must live as long as the step (optimizer, graph, ...)
+    #: the per-parameter state dicts the optimizer holds (measured after the first step); None:
+    #: ``keep``'s ``state`` when it is an optimizer, else not measured
+    states: Callable[[], Iterable[dict]] | None = None
 
 
 @dataclass(frozen=True)
 class Contender:
     key: str
     title: str
-    family: str  # "torch", "fastsched" or "ceiling" (a bandwidth reference, not an optimizer)
+    #: "torch", "library" (torchao, bitsandbytes), "fastsched", "baseline" (torch's fused fp32
+    #: AdamW beside the configurations below fp32) or "ceiling" (a bandwidth reference)
+    family: str
     build: Callable[[Setup], Built]
     graph: bool = False
     compiles: bool = False
     description: str = ""
+    #: the configuration (and dtype; None: the run's) whose bytes it moves whatever the
+    #: configuration it is listed in (the baseline: "adamw" in fp32; the stream: "adamw")
+    fixed: tuple[str, torch.dtype | None] | None = None
+
+    def _fixed(self, config: Config, dtype: torch.dtype) -> tuple[Config, torch.dtype]:
+        if self.fixed is None:
+            return config, dtype
+        return CONFIGS[self.fixed[0]], self.fixed[1] or dtype
+
+    def bytes_per_param(self, config: Config, dtype: torch.dtype, shapes=None):
+        """The bytes its GB/s is computed at: its configuration's (the baseline's own)."""
+        cfg, dt = self._fixed(config, dtype)
+        return cfg.bytes_per_param(dt, shapes)
+
+    def state_formula(self, config: Config, dtype: torch.dtype, shapes=None):
+        """The state bytes per parameter its configuration holds (for fastsched and the
+        baseline, which hold exactly that; the libraries' rules differ in detail)."""
+        cfg, dt = self._fixed(config, dtype)
+        return cfg.state_bytes_per_param(dt, shapes)
+
+
+def state_nbytes(states: Iterable[dict]) -> int:
+    """Bytes of every tensor in the optimizer's per-parameter ``states`` except ``step``.
+
+    Tensor subclasses (torchao's ``OptimState8bit``: codes, scales, quantisation map) count
+    their inner tensors, DTensors their local shard; a tensor shared by several states
+    (bitsandbytes' quantisation map) counts once.
+    """
+    seen: set[tuple[int, int, int]] = set()
+    total = 0
+
+    def add(t: torch.Tensor) -> None:
+        nonlocal total
+        if hasattr(t, "to_local") and hasattr(t, "placements"):
+            t = t.to_local()
+        flatten = getattr(type(t), "__tensor_flatten__", None)
+        if flatten is not None and type(t) is not torch.Tensor \
+                and not isinstance(t, torch.nn.Parameter):
+            names, _ = t.__tensor_flatten__()
+            for n in names:
+                add(getattr(t, n))
+            return
+        key = (t.data_ptr(), t.numel(), t.element_size())
+        if t.numel() and key in seen:
+            return
+        seen.add(key)
+        total += t.numel() * t.element_size()
+
+    for st in states:
+        for k, v in st.items():
+            if k != "step" and isinstance(v, torch.Tensor):
+                add(v)
+    return total
+
+
+def library_versions() -> dict[str, str | None]:
+    """Installed versions of the optional contenders' libraries (None: not installed)."""
+    import importlib.metadata as md
+
+    out: dict[str, str | None] = {}
+    for name in ("torchao", "bitsandbytes"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    return out
 
 
 # -- building blocks --------------------------------------------------------------------------
@@ -182,6 +428,13 @@ def _scheduler(setup: Setup, opt):
 
 def _build_torch(impl: str) -> Callable[[Setup], Built]:
     def build(setup: Setup) -> Built:
+        st = setup.config.storage
+        if st is not None and st.states is not None \
+                and {"bf16": torch.bfloat16, "fp32": torch.float32}.get(st.states) != setup.dtype:
+            raise Skipped(f"torch.optim keeps the states in the parameters' dtype: no torch "
+                          f"optimizer holds {st.states} states of "
+                          f"{DTYPE_NAMES.get(setup.dtype, setup.dtype)} parameters (the 'vs "
+                          "fp32 AdamW' column compares with torch's fused fp32 AdamW)")
         opt = _torch_opt(setup, impl)
         clip = setup.config.key == "adamw-clip"
         body = _torch_body(setup, opt, clip)
@@ -326,6 +579,9 @@ def _fastsched_opt(setup: Setup):
 
     key = setup.config.key
     try:
+        if setup.config.storage is not None:
+            return fastsched.AdamW(setup.params, **HYPER, schedule=setup.schedule,
+                                   **setup.config.storage.options())
         if key == "sgd":
             return fastsched.SGD(setup.params, lr=SGD_HYPER["lr"],
                                  momentum=SGD_HYPER["momentum"], schedule=setup.schedule)
@@ -344,9 +600,39 @@ def _fastsched_opt(setup: Setup):
         raise Unavailable(f"TypeError: {e}") from e
 
 
+def _effective_backend(opt) -> tuple[str, str]:
+    """(the backend that runs the step, a note when it is not the one ``opt.backend`` names):
+    the compiled CPU executor sends tensors with options below fp32 to the reference backend
+    until it supports them (``fastsched.optim._cpu.SUPPORTS_LOWP``)."""
+    backend = opt.backend
+    if backend != "cpu":
+        return backend, ""
+    from ..optim import _cpu
+
+    if getattr(_cpu, "SUPPORTS_LOWP", False):
+        return backend, ""
+    try:
+        pos, lowp = 0, False
+        for group in opt.param_groups:
+            for p in group["params"]:
+                lowp = lowp or opt._lowp_entry(p, group, pos) is not None
+                pos += 1
+    except Exception:  # noqa: BLE001 - a fastsched without these options: nothing to say
+        return backend, ""
+    if not lowp:
+        return backend, ""
+    return "reference", ("ran on the reference backend (PyTorch operators): the compiled CPU "
+                         "executor does not run these options yet "
+                         "(fastsched.optim._cpu.SUPPORTS_LOWP is not set)")
+
+
 def _build_fastsched(setup: Setup) -> Built:
     opt = _fastsched_opt(setup)
-    return Built(opt.step, info={"backend": opt.backend}, keep=opt)
+    backend, note = _effective_backend(opt)
+    info = {"backend": backend}
+    if note:
+        info["note"] = note
+    return Built(opt.step, info=info, keep=opt)
 
 
 def _build_fastsched_graph(setup: Setup) -> Built:
@@ -354,6 +640,114 @@ def _build_fastsched_graph(setup: Setup) -> Built:
     opt = _fastsched_opt(setup)
     graph = _capture(opt.step, setup.dev)
     return Built(graph.replay, info={"backend": opt.backend}, keep=(opt, graph))
+
+
+# -- below fp32: torch's master weights, torchao, bitsandbytes, the fp32 baseline -----------------
+
+def _build_torch_master(setup: Setup) -> Built:
+    """What apex's and Transformer Engine's master weights do, with torch's fused AdamW: fp32
+    copies of the bf16 parameters own the optimizer; each step copies the bf16 gradients into
+    fp32 master gradients, steps the masters and copies them back into the parameters."""
+    if setup.dtype not in (torch.bfloat16, torch.float16):
+        raise Skipped("master weights are for bf16 / fp16 parameters")
+    params = setup.params
+    masters = [torch.nn.Parameter(p.detach().float()) for p in params]
+    for m in masters:
+        m.grad = torch.zeros_like(m)
+    opt = torch.optim.AdamW(masters, **HYPER, fused=True)
+    low = [p.detach() for p in params]
+    grads = [p.grad for p in params]
+    mgrads = [m.grad for m in masters]
+    mdata = [m.detach() for m in masters]
+
+    @torch.no_grad()
+    def step() -> None:
+        torch._foreach_copy_(mgrads, grads)
+        opt.step()
+        torch._foreach_copy_(low, mdata)
+
+    n = sum(p.numel() for p in params)
+    extra = sum(g.numel() * g.element_size() for g in mgrads) / max(1, n)
+    e = _esize(setup.dtype)
+    info = {"other_held_bytes_per_param": extra,
+            "note": f"also holds fp32 master gradients ({extra:g} B/param, not optimizer "
+                    f"state); moves {2 * e + 8} B/param more than the one-pass step: the "
+                    f"gradient copy ({e} + 4) and the copy back (4 + {e})"}
+    return Built(step, info=info, keep=(opt, masters),
+                 states=lambda: [{**opt.state[m], "master_param": m} for m in masters])
+
+
+def _import(module: str, package: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except Exception as e:  # noqa: BLE001 - a broken install is "not importable" too
+        raise Skipped(f"{package} is not importable ({type(e).__name__}: {str(e)[:200]}); "
+                      f"pip install {package} (or fastsched[contenders])") from e
+
+
+def _first_step_or_skip(opt, setup: Setup, what: str) -> None:
+    """Run the first step inside the build: a library that cannot run on this device is
+    skipped with the reason, not recorded as a failure of the benchmark."""
+    try:
+        opt.step()
+    except Exception as e:  # noqa: BLE001
+        first = (str(e).strip().splitlines() or [""])[0][:200]
+        raise Skipped(f"{what} does not run on {setup.dev.kind} tensors here "
+                      f"({type(e).__name__}: {first})") from e
+
+
+_TORCHAO_NOTE = ("torchao compiles its per-tensor step with torch.compile (one graph per "
+                 "shape and state kind): the first step includes those compiles")
+
+
+def _build_torchao_sr(setup: Setup) -> Built:
+    if setup.dtype != torch.bfloat16:
+        raise Skipped("stochastic rounding is for bf16 parameters")
+    ao = _import("torchao.optim", "torchao")
+    cls = getattr(ao, "AdamW", None) or getattr(ao, "_AdamW", None)
+    if cls is None:
+        raise Skipped("this torchao has neither torchao.optim.AdamW nor torchao.optim._AdamW")
+    try:
+        opt = cls(setup.params, **HYPER, bf16_stochastic_round=True)
+    except TypeError as e:
+        raise Skipped(f"torchao {cls.__name__} takes no bf16_stochastic_round ({e})") from e
+    _first_step_or_skip(opt, setup, f"torchao {cls.__name__}(bf16_stochastic_round=True)")
+    return Built(opt.step, info={"note": _TORCHAO_NOTE, "class": f"torchao.optim.{cls.__name__}"},
+                 keep=opt)
+
+
+def _build_torchao_8bit(setup: Setup) -> Built:
+    ao = _import("torchao.optim", "torchao")
+    sr = bool(setup.config.storage and setup.config.storage.sr)
+    if sr and setup.dtype != torch.bfloat16:
+        raise Skipped("stochastic rounding is for bf16 parameters")
+    opt = ao.AdamW8bit(setup.params, **HYPER, bf16_stochastic_round=sr)
+    _first_step_or_skip(opt, setup, "torchao AdamW8bit")
+    return Built(opt.step, info={"note": _TORCHAO_NOTE + "; tensors under 4096 elements or "
+                                 "not a multiple of 256 keep states in the parameters' dtype"},
+                 keep=opt)
+
+
+def _build_bnb_8bit(setup: Setup) -> Built:
+    bnb = _import("bitsandbytes", "bitsandbytes")
+    opt = bnb.optim.AdamW8bit(setup.params, **HYPER)
+    _first_step_or_skip(opt, setup, f"bitsandbytes {getattr(bnb, '__version__', '')} AdamW8bit")
+    return Built(opt.step, info={"note": "bitsandbytes keeps fp32 states for tensors under "
+                                 "4096 elements (min_8bit_size)"}, keep=opt)
+
+
+def _build_baseline(setup: Setup) -> Built:
+    """torch's fused AdamW on fp32 copies of the parameters: the step every configuration below
+    fp32 would replace, timed in the same rounds (the 'vs fp32 AdamW' ratio)."""
+    params = [torch.nn.Parameter(p.detach().float()) for p in setup.params]
+    for p, q in zip(params, setup.params):
+        p.grad = q.grad.float()
+    for q in setup.params:
+        q.grad = None
+    opt = torch.optim.AdamW(params, **HYPER, fused=True)
+    return Built(opt.step, keep=(opt, params))
 
 
 # -- the ceiling: the compiled CPU extension's stream kernel -------------------------------------
@@ -404,7 +798,27 @@ CONTENDERS: dict[str, Contender] = {c.key: c for c in (
               "or the PyTorch reference backend where the extension is not built)"),
     Contender("fastsched-graph", "fastsched, CUDA graph", "fastsched", _build_fastsched_graph,
               graph=True, description="the fastsched step captured once and replayed"),
-    Contender("stream", "stream ceiling", "ceiling", _build_stream,
+    Contender("fp32-baseline", "torch fused AdamW fp32 (baseline)", "baseline", _build_baseline,
+              fixed=("adamw", torch.float32),
+              description="below fp32: torch.optim.AdamW(fused=True) on fp32 copies of the "
+              "parameters, the step the configuration replaces, timed in the same rounds; GB/s "
+              "at its own 28 B/param; 'vs fp32 AdamW' = its time / a contender's"),
+    Contender("torch-master", "torch fused on fp32 masters", "torch", _build_torch_master,
+              description="bf16 parameters with fp32 master copies as apex / Transformer Engine "
+              "keep them: _foreach_copy_ of the bf16 gradients into fp32 master gradients, "
+              "torch.optim.AdamW(fused=True) on the masters, _foreach_copy_ of the masters into "
+              "the parameters"),
+    Contender("torchao-sr", "torchao AdamW, bf16 SR", "library", _build_torchao_sr,
+              description="torchao.optim._AdamW(bf16_stochastic_round=True) (torchao.optim.AdamW "
+              "where a torchao exports it): bf16 states, stochastic rounding of the parameters; "
+              "per-tensor steps compiled with torch.compile"),
+    Contender("torchao-8bit", "torchao AdamW8bit", "library", _build_torchao_8bit,
+              description="torchao.optim.AdamW8bit (block 256, dynamic map; "
+              "bf16_stochastic_round=True in the SR configuration); per-tensor steps compiled "
+              "with torch.compile"),
+    Contender("bnb-8bit", "bitsandbytes AdamW8bit", "library", _build_bnb_8bit,
+              description="bitsandbytes bnb.optim.AdamW8bit (blockwise, min_8bit_size 4096)"),
+    Contender("stream", "stream ceiling", "ceiling", _build_stream, fixed=("adamw", None),
               description="CPU only: the compiled extension's in-place kernel with AdamW's "
               "access pattern (4 reads, 3 writes of each 32-bit word, no arithmetic) on "
               "AdamW's bytes: the bandwidth an AdamW step can reach on this machine"),
@@ -412,7 +826,8 @@ CONTENDERS: dict[str, Contender] = {c.key: c for c in (
 
 #: the contenders of a CPU run unless --contenders says otherwise: torch's fastest CPU
 #: implementation (fused), fastsched (the compiled CPU backend) and the stream ceiling
-CPU_CONTENDERS = ("torch-fused", "fastsched", "stream")
+CPU_CONTENDERS = ("torch-fused", "fastsched", "stream", "fp32-baseline", "torch-master",
+                  "torchao-sr", "torchao-8bit", "bnb-8bit")
 
 _BY_CONFIG = {
     "adamw": ("torch-forloop", "torch-foreach", "torch-fused", "torch-fused-graph",
@@ -422,6 +837,13 @@ _BY_CONFIG = {
     "allora": ("torch-fused", "torch-fused-graph", "fastsched", "fastsched-graph"),
     "sgd": ("torch-forloop", "torch-foreach", "torch-fused", "torch-fused-graph", "fastsched",
             "fastsched-graph"),
+    # below fp32: the fp32 baseline, the contenders doing the same job, fastsched (and, with
+    # 8-bit states, the stream ceiling of the set and dtype: % of stream for every entry)
+    "adamw-master": ("fp32-baseline", "torch-master", "fastsched"),
+    "adamw-sr": ("fp32-baseline", "torchao-sr", "fastsched"),
+    "adamw-bf16-states": ("fp32-baseline", "torch-fused", "fastsched"),
+    "adamw-8bit": ("fp32-baseline", "torchao-8bit", "bnb-8bit", "fastsched", "stream"),
+    "adamw-sr-8bit": ("fp32-baseline", "torchao-8bit", "fastsched"),
 }
 
 

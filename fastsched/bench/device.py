@@ -241,6 +241,21 @@ def _git_commit() -> str | None:
     return None
 
 
+def _git_changes(limit: int = 30) -> list[str] | None:
+    """Tracked files with uncommitted changes (``git status --porcelain``, untracked left out):
+    a run on a modified tree says so. None where git cannot tell."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                             capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    files = [line[3:] for line in out.stdout.splitlines() if line.strip()]
+    return files[:limit] + ([f"... {len(files) - limit} more"] if len(files) > limit else [])
+
+
 def environment(dev: Device, argv: Sequence[str] | None = None) -> dict:
     """Device name, versions, date and command line, for the results file."""
     try:
@@ -259,6 +274,7 @@ def environment(dev: Device, argv: Sequence[str] | None = None) -> dict:
         "python": platform.python_version(),
         "fastsched": getattr(fastsched, "__version__", None),
         "git_commit": _git_commit(),
+        "git_uncommitted": _git_changes(),
         "platform": platform.platform(),
         "cpu": _cpu_model(),
         "cpu_count": os.cpu_count(),

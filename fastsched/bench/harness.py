@@ -8,11 +8,15 @@ Timing (per contender, after a first step and a warm-up):
   time counts); median, p10 and p90.
 
 Derived numbers are computed from the recorded timings by :func:`derive`, never typed:
-GB/s = bytes per parameter x parameters / back-to-back median; % of the copy bandwidth measured
-in the same run; speedup = the best torch contender's back-to-back median in the same (shape set,
-dtype, configuration, thread count) / this contender's; % of stream = GB/s / the stream
-ceiling's GB/s (CPU: the compiled extension's in-place kernel with AdamW's access pattern, timed
-in the same run).
+GB/s = bytes per parameter x parameters / back-to-back median (the bytes of the configuration,
+computed from its storage for the configurations below fp32); % of the copy bandwidth measured
+in the same run; speedup = the best torch (or torchao / bitsandbytes) contender's back-to-back
+median in the same (shape set, dtype, configuration, thread count) / this contender's; % of
+stream = GB/s / the stream ceiling's GB/s (CPU: the compiled extension's in-place kernel with
+AdamW's access pattern, timed in the same run); vs fp32 AdamW (configurations below fp32) = the
+back-to-back median of torch's fused fp32 AdamW timed in the same rounds / this contender's.
+The optimizer state each contender holds is measured after its first step (bytes of every state
+tensor but ``step``, per parameter).
 
 On the CPU the contenders of one configuration are built together and timed in interleaved
 rounds (one block of every contender per round, the order reversed every other round), so that
@@ -45,6 +49,7 @@ from .contenders import (
     CONTENDERS,
     DEFAULT_CONFIGS,
     HYPER,
+    LOWP_CONFIGS,
     SGD_HYPER,
     Built,
     Contender,
@@ -52,14 +57,16 @@ from .contenders import (
     Skipped,
     Unavailable,
     contenders_for,
+    library_versions,
     params_of,
+    state_nbytes,
 )
 from .device import Device, MemoryMeter, copy_bandwidth, environment, quantiles, slug
 from .shapes import SHAPE_SETS, ShapeSet, get_shape_set
 
 __all__ = ["BenchOptions", "TimingPlan", "run_bench", "derive", "save_results", "DTYPES",
            "CPU_DEFAULT_SCALE", "CPU_DEFAULT_SETS", "CPU_DEFAULT_CONFIGS", "SCHEMA",
-           "thread_counts"]
+           "thread_counts", "LOWP_CONFIGS", "check_dtypes"]
 
 SCHEMA = "fastsched-bench/1"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -251,7 +258,8 @@ def _start_entry(sset: ShapeSet, dtype: str, config: str, key: str, master, dev:
         "set": sset.name, "dtype": dtype, "config": config, "contender": key,
         "title": cont.title, "family": cont.family, "graph": cont.graph,
         "params": sset.params, "tensors": sset.tensors, "threads": threads,
-        "bytes_per_param": cfg.bytes_per_param(tdtype), "status": "ok", "reason": "",
+        "bytes_per_param": cont.bytes_per_param(cfg, tdtype, sset.shapes), "status": "ok",
+        "reason": "",
     }
     built = None
     meter = MemoryMeter(dev)
@@ -277,6 +285,7 @@ def _start_entry(sset: ShapeSet, dtype: str, config: str, key: str, master, dev:
             if built.after_first is not None:
                 built.after_first()
             rec["first_step_s"] = first_s
+            _record_state(rec, built, cont, cfg, tdtype, sset)
             if cont.compiles and "compile_s" not in built.info:
                 shared["compile"]["compile_s"] = first_s
                 rec["compile_s"] = first_s
@@ -286,6 +295,37 @@ def _start_entry(sset: ShapeSet, dtype: str, config: str, key: str, master, dev:
         _failed(rec, e, cont, config, shared)
         built = None
     return rec, built, meter
+
+
+def _optimizer_in(obj) -> Any:
+    """The optimizer among what a built contender keeps (an object with a ``state`` mapping)."""
+    if isinstance(obj, torch.optim.Optimizer):
+        return obj
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    if isinstance(obj, list | tuple):
+        for o in obj:
+            found = _optimizer_in(o)
+            if found is not None:
+                return found
+    return None
+
+
+def _record_state(rec: dict, built: Built, cont: Contender, cfg, tdtype, sset) -> None:
+    """The optimizer state held after the first step, per parameter (every state tensor but
+    ``step``; a contender with no optimizer, the stream ceiling, records none)."""
+    if built.states is not None:
+        states = list(built.states())
+    else:
+        opt = _optimizer_in(built.keep)
+        if opt is None:
+            return
+        states = list(opt.state.values())
+    nbytes = state_nbytes(states)
+    rec["state_bytes"] = nbytes
+    rec["state_bytes_per_param"] = nbytes / max(1, sset.params)
+    if cont.family in ("fastsched", "baseline"):
+        rec["state_bytes_formula"] = cont.state_formula(cfg, tdtype, sset.shapes)
 
 
 def _failed(rec: dict, e: BaseException, cont: Contender, config: str, shared: dict) -> None:
@@ -390,22 +430,37 @@ def _skipped_entry(sset: ShapeSet, dtype: str, config: str, key: str, why: str,
     return {"set": sset.name, "dtype": dtype, "config": config, "contender": key,
             "title": cont.title, "family": cont.family, "graph": cont.graph,
             "params": sset.params, "tensors": sset.tensors, "threads": threads,
-            "bytes_per_param": CONFIGS[config].bytes_per_param(DTYPES[dtype]),
+            "bytes_per_param": cont.bytes_per_param(CONFIGS[config], DTYPES[dtype],
+                                                    sset.shapes),
             "status": "skipped", "reason": why}
 
 
+#: the families a speedup is measured against: torch's and the libraries' optimizers
+PEER_FAMILIES = ("torch", "library")
+
+
 def derive(results: dict[str, Any]) -> dict[str, Any]:
-    """Fill GB/s, % of copy and speedups of every entry from the recorded timings (in place)."""
+    """Fill GB/s, % of copy, speedups and the ratio to torch's fused fp32 AdamW of every entry
+    from the recorded timings (in place)."""
     copy = results["copy"]["gbps"]
     entries = results["results"]
     best: dict[tuple, dict] = {}
     best_lat: dict[tuple, dict] = {}
     stream: dict[tuple, float] = {}
+    baseline: dict[tuple, dict] = {}  # (set, dtype, config, threads): fp32 AdamW, same rounds
+    fp32_adamw: dict[tuple, dict] = {}  # (set, threads): the adamw entry of torch fused, fp32
+    for r in entries:
+        if r["status"] != "ok":
+            continue
+        if r["family"] == "baseline":
+            baseline[(r["set"], r["dtype"], r["config"], r.get("threads"))] = r
+        if (r["config"], r["contender"], r["dtype"]) == ("adamw", "torch-fused", "fp32"):
+            fp32_adamw[(r["set"], r.get("threads"))] = r
     for r in entries:
         if r["status"] == "ok" and r["family"] == "ceiling":
             stream[(r["set"], r["dtype"], r.get("threads"))] = (
                 r["bytes_per_param"] * r["params"] / r["b2b_s"]["median"] / 1e9)
-        if r["status"] != "ok" or r["family"] != "torch":
+        if r["status"] != "ok" or r["family"] not in PEER_FAMILIES:
             continue
         k = (r["set"], r["dtype"], r["config"], r.get("threads"))
         if k not in best or r["b2b_s"]["median"] < best[k]["b2b_s"]["median"]:
@@ -423,7 +478,7 @@ def derive(results: dict[str, Any]) -> dict[str, Any]:
         ceiling = stream.get((r["set"], r["dtype"], r.get("threads")))
         r["pct_stream"] = None if ceiling is None else 100.0 * r["gbps"] / ceiling
         k = (r["set"], r["dtype"], r["config"], r.get("threads"))
-        if k in best and r["family"] != "ceiling":
+        if k in best and r["family"] not in ("ceiling", "baseline"):
             r["speedup"] = best[k]["b2b_s"]["median"] / t
             r["speedup_vs"] = best[k]["contender"]
             r["speedup_latency"] = best_lat[k]["latency_s"]["median"] / r["latency_s"]["median"]
@@ -431,6 +486,18 @@ def derive(results: dict[str, Any]) -> dict[str, Any]:
         else:
             r["speedup"] = r["speedup_latency"] = None
             r["speedup_vs"] = r["speedup_latency_vs"] = None
+        # below fp32: against torch's fused fp32 AdamW, timed in the same rounds (else the
+        # adamw entry of the same set and thread count)
+        lowp = bool(results.get("configs", {}).get(r["config"], {}).get("storage"))
+        base = baseline.get(k)
+        source = "same rounds"
+        if base is None and lowp:
+            base, source = fp32_adamw.get((r["set"], r.get("threads"))), "adamw entry"
+        if base is not None and r["family"] != "ceiling":
+            r["vs_fp32"] = base["b2b_s"]["median"] / t
+            r["vs_fp32_source"] = source
+        else:
+            r["vs_fp32"] = r["vs_fp32_source"] = None
     return results
 
 
@@ -526,6 +593,20 @@ def _entries(opts: BenchOptions, cpu: bool) -> list[tuple[str, str]]:
     return out
 
 
+def _for_dtype(entries: list[tuple[str, str]], dtype: str) -> list[tuple[str, str]]:
+    """The entries whose configuration runs in ``dtype`` (bf16 + master: bf16 and fp16 only)."""
+    return [(c, k) for c, k in entries if CONFIGS[c].allows(dtype)]
+
+
+def check_dtypes(configs: list[str], dtypes: list[str]) -> None:
+    """ValueError naming a configuration that runs in none of ``dtypes``."""
+    for c in configs:
+        cfg = CONFIGS[c]
+        if not any(cfg.allows(d) for d in dtypes):
+            raise ValueError(f"configuration {c!r} runs in {', '.join(cfg.dtypes or ())} "
+                             f"parameters, none of the dtypes {', '.join(dtypes)}")
+
+
 def cpu_threads(dev: Device, threads: int | None) -> int | None:
     """The torch thread count of ``fastsched profile``: one on the CPU unless told otherwise.
 
@@ -588,6 +669,7 @@ def _run_bench(opts: BenchOptions, dev: Device, on_entry, on_group) -> dict[str,
                         budget, opts.compile_max_tensors)
     sets = _shape_sets(opts, scale)
     dtypes = opts.dtypes or ["fp32", "bf16"]
+    check_dtypes(opts.configs, dtypes)
     counts = thread_counts(dev, opts.threads)
     interleave = not dev.is_cuda
     schedule = Cosine(1000, warmup_steps=100, min_ratio=0.1)
@@ -602,6 +684,7 @@ def _run_bench(opts: BenchOptions, dev: Device, on_entry, on_group) -> dict[str,
                  torch.get_num_threads(),
                  "threads": counts, "cpu": _cpu_facts(dev), "complete": False,
                  "dtypes": dtypes, "configs": opts.configs,
+                 "libraries": library_versions(), "fastsched_cpu_lowp": _cpu_lowp(),
                  "time_limit_s": opts.time_limit_s,
                  "compile": {"enabled": compile_on, "budget_s": budget,
                              "max_tensors": opts.compile_max_tensors},
@@ -616,10 +699,7 @@ def _run_bench(opts: BenchOptions, dev: Device, on_entry, on_group) -> dict[str,
                  "schedule": schedule.to_dict(),
                  "hyper": {"adamw": {**HYPER, "betas": list(HYPER["betas"])},
                            "sgd": SGD_HYPER, "clip_norm": CLIP_NORM}},
-        "configs": {k: {"title": c.title, "description": c.description,
-                        "bytes_note": c.bytes_note,
-                        "bytes_per_param": {d: c.bytes_per_param(DTYPES[d]) for d in DTYPES}}
-                    for k, c in CONFIGS.items()},
+        "configs": {k: _config_record(c, dtypes) for k, c in CONFIGS.items()},
         "contenders": {k: {"title": c.title, "family": c.family, "graph": c.graph,
                            "description": c.description} for k, c in CONTENDERS.items()},
         "shape_sets": [{"name": s.name, "description": s.description, "params": s.params,
@@ -637,7 +717,8 @@ def _run_bench(opts: BenchOptions, dev: Device, on_entry, on_group) -> dict[str,
                 and time.perf_counter() - started > opts.time_limit_s)
 
     with _progress(opts.progress) as prog:
-        prog.start(len(counts) * len(dtypes) * len(sets) * len(entries) + 2)
+        prog.start(len(counts) * len(sets) * sum(len(_for_dtype(entries, d)) for d in dtypes)
+                   + 2)
         results["copy"] = copy_bandwidth(dev, copy_mib << 20, reps=20 if dev.is_cuda else 6)
         prog.advance(f"copy bandwidth: {results['copy']['gbps']:.4g} GB/s")
         for nt in counts:
@@ -667,8 +748,11 @@ def _run_group(sset, dtype, nt, entries, opts, dev, plan, schedule, gate, interl
         prog.advance(_entry_line(rec))
 
     if over_time():
-        for config, key in entries:
+        for config, key in _for_dtype(entries, dtype):
             record(_skipped_entry(sset, dtype, config, key, time_why, nt))
+        return
+    entries = _for_dtype(entries, dtype)
+    if not entries:
         return
     master = params_of(sset.shapes, DTYPES[dtype], dev.torch_device, opts.seed)
     shared: dict[str, Any] = {}
@@ -700,6 +784,30 @@ def _run_group(sset, dtype, nt, entries, opts, dev, plan, schedule, gate, interl
         _dynamo_reset()  # compiled graphs may hold the parameters
     del master
     _free(dev)
+
+
+def _config_record(c, dtypes: list[str]) -> dict[str, Any]:
+    """A configuration in the results: bytes moved and held per parameter for every dtype
+    (None where it does not run), for large tensors (entries have their shape set's)."""
+    shown = next((d for d in dtypes if c.allows(d)), (c.dtypes or ("fp32",))[0])
+    return {"title": c.title, "description": c.description,
+            "bytes_note": c.note_for(DTYPES[shown]),
+            "bytes_notes": {d: c.note_for(DTYPES[d]) for d in DTYPES if c.allows(d)},
+            "dtypes": list(c.dtypes) if c.dtypes else None,
+            "storage": asdict(c.storage) if c.storage else None,
+            "bytes_per_param": {d: c.bytes_per_param(DTYPES[d]) for d in DTYPES},
+            "state_bytes_per_param": {d: c.state_bytes_per_param(DTYPES[d]) for d in DTYPES}}
+
+
+def _cpu_lowp() -> bool | None:
+    """Whether the compiled CPU executor runs the options below fp32 (``SUPPORTS_LOWP``);
+    None where it is not built."""
+    try:
+        from ..optim import _cpu
+
+        return bool(getattr(_cpu, "SUPPORTS_LOWP", False)) if _cpu.available() else None
+    except Exception:  # noqa: BLE001
+        return None
 
 
 def _cpu_facts(dev: Device) -> dict[str, Any] | None:

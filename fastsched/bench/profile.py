@@ -150,6 +150,16 @@ def _within(t: float, ranges: list[tuple[float, float]]) -> bool:
     return any(a <= t <= b for a, b in ranges)
 
 
+def _update_bytes(params: list[torch.Tensor], config: str) -> int:
+    """Bytes of one step's update pass: the configuration's elements per parameter, or (below
+    fp32) the bytes its storage moves for these tensors."""
+    if config in _UPDATE_ELEMENTS:
+        return _bytes_per_step(params, _UPDATE_ELEMENTS[config])
+    cfg = CONFIGS[config]
+    return round(cfg.bytes_per_param(params[0].dtype, [p.shape for p in params])
+                 * sum(p.numel() for p in params))
+
+
 def _analyse(prof, dev: Device, n: int, params, config: str, copy_gbps: float,
              top: int) -> dict[str, Any]:
     from torch.autograd import DeviceType
@@ -188,18 +198,18 @@ def _analyse(prof, dev: Device, n: int, params, config: str, copy_gbps: float,
             k = kernels.setdefault(e.name, {"time_s": 0.0, "calls": 0})
             k["time_s"] += e.self_cpu_time_total / 1e6
             k["calls"] += 1
-    update_elems = _UPDATE_ELEMENTS[config]
+    update_bytes = _update_bytes(params, config)
     total = sum(k["time_s"] for k in kernels.values())
     rows = []
     for name, k in sorted(kernels.items(), key=lambda kv: -kv[1]["time_s"]):
         per_step = k["time_s"] / n
-        elems = next(((update_elems if el is None else el) for pat, el in KNOWN_BYTES
+        elems = next(((0 if el is None else el) for pat, el in KNOWN_BYTES
                       if pat.search(name)), None)
         row = {"name": name, "calls_per_step": k["calls"] / n, "time_per_step_s": per_step,
                "share": k["time_s"] / total if total else 0.0, "bytes_per_step": None, "gbps": None,
                "pct_copy": None}
         if elems is not None and per_step > 0:
-            b = _bytes_per_step(params, elems)
+            b = update_bytes if elems == 0 else _bytes_per_step(params, elems)
             row.update(bytes_per_step=b, gbps=b / per_step / 1e9,
                        pct_copy=100.0 * b / per_step / 1e9 / copy_gbps)
         rows.append(row)
@@ -245,6 +255,9 @@ def _run_profile(opts: ProfileOptions, dev: Device) -> dict[str, Any]:
         for p, g in zip(params, mg):
             p.grad = g
         what = {"set": sset.name, "scale": scale, "description": sset.description}
+    if not cfg.allows(params[0].dtype):
+        raise ValueError(f"configuration {opts.config!r} runs in {', '.join(cfg.dtypes or ())} "
+                         f"parameters, not {params[0].dtype} (--dtype)")
     n_params = sum(p.numel() for p in params)
     copy = copy_bandwidth(dev, (256 if dev.is_cuda else 64) << 20, reps=10 if dev.is_cuda else 5)
     cont = CONTENDERS[opts.contender]
@@ -290,7 +303,8 @@ def _run_profile(opts: ProfileOptions, dev: Device) -> dict[str, Any]:
         "first_step_s": first_s,
         "host_time_per_step_s": quantiles(host),
         "latency_s": quantiles(lat),
-        "bytes_per_step": _bytes_per_step(params, cfg.elements),
+        "bytes_per_step": (_bytes_per_step(params, cfg.elements) if cfg.storage is None
+                           else _update_bytes(params, opts.config)),
         **summary,
     }
     if opts.out is not None:

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from typing import Any
 
 __all__ = ["render_markdown", "render_readme", "print_table", "plot_results", "fmt_time",
-           "table_rows"]
+           "table_rows", "render_bytes_table", "columns_for"]
 
 _NAMES = {"gpt2": "GPT-2 small", "llama-1b": "Llama-like 1B", "lora-7b": "LoRA r16 on a 7B Llama",
           "many-small": "many small tensors"}
@@ -55,6 +55,13 @@ def _speedup(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}x"
 
 
+def fmt_bpp(x: float | None) -> str:
+    """Bytes per parameter: ``28``, ``16.06``, ``2.03``; ``-`` for none."""
+    if x is None or not math.isfinite(x):
+        return "-"
+    return f"{x:.2f}".rstrip("0").rstrip(".")
+
+
 def _gbps(x: float | None) -> str:
     if x is None:
         return "-"
@@ -91,14 +98,22 @@ def _ms(s: float | None) -> str:
     return "-" if s is None or not math.isfinite(s) else f"{s * 1e3:.3g}"
 
 
-def table_rows(entries: Iterable[dict], configs: dict) -> list[list[str]]:
-    """One row of strings per entry, in the order of :data:`COLUMNS`; a contender that did not
-    run shows its status in the time column (the reasons: :func:`table_notes`)."""
+def _config_title(configs: dict, r: dict) -> str:
+    return configs[r["config"]]["title"]
+
+
+def table_rows(entries: Iterable[dict], configs: dict,
+               columns: list[str] | None = None) -> list[list[str]]:
+    """One row of strings per entry, in the order of ``columns`` (default :data:`COLUMNS`); a
+    contender that did not run shows its status in the time column (the reasons:
+    :func:`table_notes`)."""
+    columns = COLUMNS if columns is None else columns
     rows = []
     for r in entries:
-        cfg = configs[r["config"]]["title"]
+        cfg = _config_title(configs, r)
         if r["status"] != "ok":
-            rows.append([cfg, r["title"], r["status"]] + [""] * (len(COLUMNS) - 3))
+            cells = {"configuration": cfg, "contender": r["title"], "ms/step": r["status"]}
+            rows.append([cells.get(c, "") for c in columns])
             continue
         b, lat = r["b2b_s"], r["latency_s"]
         first = fmt_time(r.get("first_step_s"))
@@ -106,13 +121,25 @@ def table_rows(entries: Iterable[dict], configs: dict) -> list[list[str]]:
             first += " (compiled above)"
         elif r.get("compile_s") is not None:
             first += " (compile)"
-        rows.append([
-            cfg, r["title"], _ms(b["median"]), f"{_ms(b['p10'])}-{_ms(b['p90'])}",
-            _ms(lat["median"]), _gbps(r["gbps"]), f"{r['pct_copy']:.1f}%",
-            _pct(r.get("pct_stream")), _speedup(r.get("speedup")),
-            _fmt_bytes(r.get("peak_mem_bytes")), first,
-        ])
+        cells = {
+            "configuration": cfg, "contender": r["title"], "ms/step": _ms(b["median"]),
+            "p10-p90": f"{_ms(b['p10'])}-{_ms(b['p90'])}", "sync'd ms": _ms(lat["median"]),
+            "B/param": fmt_bpp(r.get("bytes_per_param")), "GB/s": _gbps(r["gbps"]),
+            "% of copy": f"{r['pct_copy']:.1f}%", "% of stream": _pct(r.get("pct_stream")),
+            "speedup": _speedup(r.get("speedup")), "vs fp32 AdamW": _speedup(r.get("vs_fp32")),
+            "state B/param": fmt_bpp(r.get("state_bytes_per_param")),
+            "peak mem": _fmt_bytes(r.get("peak_mem_bytes")), "first step": first,
+        }
+        rows.append([cells[c] for c in columns])
     return rows
+
+
+def columns_for(entries: Iterable[dict]) -> list[str]:
+    """:data:`COLUMNS`, with '% of stream' and 'vs fp32 AdamW' only where an entry has them."""
+    entries = list(entries)
+    drop = {col for col, key in (("% of stream", "pct_stream"), ("vs fp32 AdamW", "vs_fp32"))
+            if not any(r.get(key) is not None for r in entries)}
+    return [c for c in COLUMNS if c not in drop]
 
 
 def table_notes(entries: Iterable[dict]) -> list[str]:
@@ -126,8 +153,9 @@ def table_notes(entries: Iterable[dict]) -> list[str]:
     return [f"{why} ({', '.join(dict.fromkeys(who))})" for why, who in by.items()]
 
 
-COLUMNS = ["configuration", "contender", "ms/step", "p10-p90", "sync'd ms", "GB/s", "% of copy",
-           "% of stream", "speedup", "peak mem", "first step"]
+COLUMNS = ["configuration", "contender", "ms/step", "p10-p90", "sync'd ms", "B/param", "GB/s",
+           "% of copy", "% of stream", "speedup", "vs fp32 AdamW", "state B/param", "peak mem",
+           "first step"]
 
 
 def _header_lines(results: dict[str, Any]) -> list[str]:
@@ -136,13 +164,25 @@ def _header_lines(results: dict[str, Any]) -> list[str]:
         f"device: {m['device']} ({m['device_kind']})",
         "versions: " + ", ".join(f"{k} {m[k]}" for k in ("torch", "triton", "python",
                                                          "cuda_runtime", "driver") if m.get(k)),
-        f"date: {m['date']}; command: `{m['command']}`; scale {m['scale']:g}",
+        f"date: {m['date']}; command: `{m['command']}`; scale {m['scale']:g}"
+        + (f"; git {m['git_commit']}" if m.get("git_commit") else "")
+        + (f" with uncommitted changes to {', '.join(m['git_uncommitted'])}"
+           if m.get("git_uncommitted") else ""),
         f"copy bandwidth ({_fmt_bytes(c['bytes_moved'] / 2)} copied, read + write): "
         f"{_gbps(c['gbps'])} (p10-p90 {_gbps(c['gbps_p10'])}-{_gbps(c['gbps_p90'])})"
         + (f"; at the end of the run {_gbps(results['copy_end']['gbps'])}"
            if "copy_end" in results else ""),
         f"peak memory: {m['peak_mem_method']}",
     ]
+    libs = {k: v for k, v in (m.get("libraries") or {}).items()}
+    if libs and any(r["family"] == "library" for r in results["results"]):
+        lines.append("libraries: " + ", ".join(f"{k} {v or 'not installed'}"
+                                               for k, v in libs.items()))
+    if m.get("fastsched_cpu_lowp") is False and any(
+            results["configs"].get(r["config"], {}).get("storage") and r["family"] == "fastsched"
+            for r in results["results"]):
+        lines.append("fastsched below fp32 on the CPU: the reference backend (the compiled CPU "
+                     "executor does not run these options yet)")
     cpu = m.get("cpu")
     if cpu:
         llc = (f"; last-level cache (L{cpu['llc_level']}) {_fmt_bytes(cpu['llc_bytes'])}"
@@ -169,10 +209,11 @@ def print_table(results: dict[str, Any], file=None) -> None:
     for sset, dtype, entries in _groups(results):
         table = Table(title=f"{_set_title(sset)}, {dtype}", title_justify="left",
                       show_lines=False)
-        for i, col in enumerate(COLUMNS):
+        columns = columns_for(entries)
+        for i, col in enumerate(columns):
             table.add_column(col, justify="left" if i < 2 else "right", overflow="fold")
         last = None
-        for r, row in zip(entries, table_rows(entries, results["configs"])):
+        for r, row in zip(entries, table_rows(entries, results["configs"], columns)):
             if last is not None and r["config"] != last:
                 table.add_section()
             last = r["config"]
@@ -183,6 +224,12 @@ def print_table(results: dict[str, Any], file=None) -> None:
         console.print(table)
         for note in table_notes(entries):
             console.print(f"  {note}", highlight=False, markup=False, style="dim")
+    if _has_lowp(results):
+        console.print("")
+        for line in target_lines(results):
+            console.print(line, highlight=False, markup=False)
+        for line in render_bytes_table(results).splitlines():
+            console.print(line, highlight=False, markup=False)
 
 
 def _print_plain(results: dict[str, Any], file=None) -> None:
@@ -193,12 +240,18 @@ def _print_plain(results: dict[str, Any], file=None) -> None:
         print(line.replace("`", ""), file=out)
     for sset, dtype, entries in _groups(results):
         print(f"\n{_set_title(sset)}, {dtype}", file=out)
-        rows = [COLUMNS] + table_rows(entries, results["configs"])
-        widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
+        columns = columns_for(entries)
+        rows = [columns] + table_rows(entries, results["configs"], columns)
+        widths = [max(len(r[i]) for r in rows) for i in range(len(columns))]
         for row in rows:
             print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip(), file=out)
         for note in table_notes(entries):
             print(f"  {note}", file=out)
+    if _has_lowp(results):
+        print("", file=out)
+        for line in target_lines(results):
+            print(line, file=out)
+        print("\n" + render_bytes_table(results), file=out)
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -221,10 +274,17 @@ def render_markdown(results: dict[str, Any], image: str | None = None) -> str:
         lines += [f"![results]({image})", ""]
     lines += ["## Bytes per parameter (the minimal one-pass step)", ""]
     dtypes = m["dtypes"]
-    rows = [[c["title"], c["bytes_note"]] + [str(c["bytes_per_param"][d]) for d in dtypes]
+    rows = [[c["title"], c["bytes_note"]] + [fmt_bpp(c["bytes_per_param"][d]) for d in dtypes]
+            + [fmt_bpp((c.get("state_bytes_per_param") or {}).get(d)) for d in dtypes]
             for k, c in results["configs"].items() if k in m["configs"]]
-    lines += _md_table(["configuration", "what is moved"] + [f"{d} B/param" for d in dtypes],
-                       rows)
+    lines += _md_table(["configuration", "what is moved"] + [f"{d} B/param" for d in dtypes]
+                       + [f"{d} state B/param" for d in dtypes], rows)
+    if _has_lowp(results):
+        targets = target_lines(results)
+        if targets:
+            lines += ["", "## The CPU target of 8-bit states", ""] + [f"- {t}" for t in targets]
+        lines += ["", "## Below fp32: bytes per parameter, moved and held", ""]
+        lines += render_bytes_table(results).splitlines()
     lines += ["", "## Configurations", ""]
     lines += [f"- **{c['title']}**: {c['description']}" for k, c in results["configs"].items()
               if k in m["configs"]]
@@ -236,12 +296,16 @@ def render_markdown(results: dict[str, Any], image: str | None = None) -> str:
               "synchronisation before and after (host launch time included). "
               "GB/s = bytes per parameter x parameters / back-to-back time; "
               "% of stream = GB/s / the stream ceiling's GB/s in the same set, dtype and thread "
-              "count; speedup = the fastest torch contender's "
-              "back-to-back time in the same configuration (and thread count) / this one's.",
+              "count; speedup = the fastest torch (or torchao / bitsandbytes) contender's "
+              "back-to-back time in the same configuration (and thread count) / this one's; "
+              "vs fp32 AdamW = torch's fused fp32 AdamW's back-to-back time, timed in the same "
+              "rounds, / this one's (above 1: faster); state B/param = bytes of the optimizer's "
+              "state tensors (all but step) after the first step / parameters.",
               ""]
     for sset, dtype, entries in _groups(results):
         lines += [f"## {_set_title(sset)}, {dtype}", ""]
-        lines += _md_table(COLUMNS, table_rows(entries, results["configs"])) + [""]
+        columns = columns_for(entries)
+        lines += _md_table(columns, table_rows(entries, results["configs"], columns)) + [""]
         notes = table_notes(entries)
         lines += [f"- {n}" for n in notes] + ([""] if notes else [])
     return "\n".join(lines) + "\n"
@@ -280,7 +344,7 @@ def render_readme(results: dict[str, Any], source: str = "RESULTS.json",
     if image:
         lines += [f"![% of copy bandwidth per contender]({image})", ""]
     dtypes = [d for d in m["dtypes"]]
-    bytes_rows = [[cf["title"]] + [str(cf["bytes_per_param"][d]) for d in dtypes]
+    bytes_rows = [[cf["title"]] + [fmt_bpp(cf["bytes_per_param"][d]) for d in dtypes]
                   for k, cf in results["configs"].items() if k in m["configs"]]
     lines += _md_table(["configuration"] + [f"B/param {d}" for d in dtypes], bytes_rows) + [""]
     reasons: dict[str, None] = {}
@@ -327,6 +391,107 @@ def render_readme(results: dict[str, Any], source: str = "RESULTS.json",
     return "\n".join(lines)
 
 
+def target_lines(results: dict[str, Any]) -> list[str]:
+    """The CPU target of 8-bit states, stated from the run: fastsched's 8-bit AdamW step against
+    torch's fused fp32 AdamW timed in the same rounds, per shape set, dtype and thread count."""
+    out = []
+    for r in results["results"]:
+        if r["config"] != "adamw-8bit" or r["family"] != "fastsched" or r["status"] != "ok" \
+                or r.get("vs_fp32") is None:
+            continue
+        met = "met" if r["vs_fp32"] >= 1.0 else "not met"
+        out.append(f"8-bit states no slower than torch's fused fp32 AdamW ({r['set']}, "
+                   f"{r['dtype']} parameters{_threads(r.get('threads'))}, backend "
+                   f"{r.get('backend', '?')}): {r['vs_fp32']:.2f}x its speed "
+                   f"({fmt_time(r['b2b_s']['median'])} against "
+                   f"{fmt_time(r['b2b_s']['median'] * r['vs_fp32'])}, "
+                   f"{r['vs_fp32_source']}): {met}")
+    return out
+
+
+def _has_lowp(results: dict[str, Any]) -> bool:
+    return any(results["configs"].get(r["config"], {}).get("storage")
+               for r in results["results"])
+
+
+def _weights(storage: dict, dtype: str) -> str:
+    if storage.get("master"):
+        return f"{dtype} + fp32 master"
+    return f"{dtype}, stochastic rounding" if storage.get("sr") else dtype
+
+
+def _states(storage: dict, dtype: str) -> str:
+    st = storage.get("states")
+    if st == "8bit":
+        return "8-bit + fp32 scale per 256"
+    if st is None:
+        return "fp32" if storage.get("master") else dtype
+    return st
+
+
+def render_bytes_table(results: dict[str, Any]) -> str:
+    """Markdown for the README: bytes per parameter of each configuration below fp32 (and of
+    torch's fused fp32 AdamW), moved by a step and held as state: the formula for large tensors,
+    and the state measured after a step of fastsched and of each contender on the run's first
+    shape set (tensors under 4096 elements keep fp32 states under 8-bit)."""
+    configs = results["configs"]
+    sets = {s["name"]: s for s in results["shape_sets"]}
+    ok = [r for r in results["results"] if r["status"] == "ok"
+          and r.get("state_bytes_per_param") is not None]
+    first_set = next((r["set"] for r in ok), None)
+    ok = [r for r in ok if r["set"] == first_set]
+
+    def measured(config: str | None, dtype: str, family: str | None = None,
+                 contender: str | None = None) -> list[dict]:
+        out: dict[str, dict] = {}
+        for r in ok:
+            if (config is None or r["config"] == config) and r["dtype"] == dtype \
+                    and (family is None or r["family"] == family) \
+                    and (contender is None or r["contender"] == contender):
+                out.setdefault(r["contender"], r)
+        return list(out.values())
+
+    rows = []
+    base = [r for r in ok if r["family"] == "baseline"]
+    if base:
+        b = base[0]
+        a = configs["adamw"]
+        rows.append(["AdamW (torch fused, the baseline)", "fp32", "fp32",
+                     fmt_bpp(a["bytes_per_param"]["fp32"]),
+                     fmt_bpp(a["state_bytes_per_param"]["fp32"]), "-",
+                     f"{b['title']}: {fmt_bpp(b['state_bytes_per_param'])}"])
+    seen = set()
+    for r in results["results"]:
+        cf = configs.get(r["config"], {})
+        st = cf.get("storage")
+        key = (r["config"], r["dtype"])
+        if not st or key in seen:
+            continue
+        seen.add(key)
+        fs = measured(r["config"], r["dtype"], family="fastsched")
+        others = [e for e in measured(r["config"], r["dtype"])
+                  if e["family"] in ("torch", "library")]
+        rows.append([cf["title"], _weights(st, r["dtype"]), _states(st, r["dtype"]),
+                     fmt_bpp(cf["bytes_per_param"][r["dtype"]]),
+                     fmt_bpp(cf["state_bytes_per_param"][r["dtype"]]),
+                     fmt_bpp(fs[0]["state_bytes_per_param"]) if fs else "-",
+                     "; ".join(f"{e['title']}: {fmt_bpp(e['state_bytes_per_param'])}"
+                               + (f" (+{fmt_bpp(e['other_held_bytes_per_param'])} fp32 "
+                                  "master grads)" if e.get("other_held_bytes_per_param") else "")
+                               for e in others) or "-"])
+    head = ["configuration", "weights", "states", "moved B/param", "held B/param",
+            "fastsched held (measured)", "contenders held (measured)"]
+    where = (f"{_set_title(sets[first_set])}" if first_set in sets else "no run")
+    lines = [f"Bytes per parameter below fp32: moved by one step (read + written: parameter, "
+             f"gradient, master, states, 8-bit scales) and held as optimizer state (states, "
+             f"scales, fp32 master), for large tensors (8-bit: 1 B per state + 4 B per 256 "
+             f"elements); measured: the state tensors after a step, per parameter, on {where}, "
+             f"where tensors under 4096 elements keep fp32 states under 8-bit. Generated by "
+             f"`fastsched bench --table RESULTS.json`.", ""]
+    lines += _md_table(head, rows)
+    return "\n".join(lines) + "\n"
+
+
 def plot_results(results: dict[str, Any], path) -> bool:
     """A bar chart of % of copy bandwidth per contender: a row per shape set, a column per dtype.
 
@@ -351,7 +516,8 @@ def plot_results(results: dict[str, Any], path) -> bool:
                              figsize=(8 * len(dtypes), 1.2 + 0.28 * sum(heights)
                                       + 0.6 * len(set_names)),
                              gridspec_kw={"height_ratios": heights}, squeeze=False)
-    colors = {"torch": "#8c8c8c", "fastsched": "#d9541e", "ceiling": "#4c72b0"}
+    colors = {"torch": "#8c8c8c", "fastsched": "#d9541e", "ceiling": "#4c72b0",
+              "baseline": "#bcbcbc", "library": "#8172b3"}
     copy = results["copy"]["gbps"]
     for i, name in enumerate(set_names):
         for j, dtype in enumerate(dtypes):

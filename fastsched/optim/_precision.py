@@ -15,9 +15,10 @@ group like any hyperparameter):
   per 256 elements; parameters of fewer than ``min_8bit_size`` elements keep float32 states).
 
 Bytes per parameter of an AdamW step (read + written; p, g, states, master):
-fp32: 4+4 p, 4 g, 16 m/v = 28 B, 8 B of state held; bf16 params + master + fp32 states: 2+2 p,
-2 g, 4+4 master, 16 m/v = 30 B, 12 B held; bf16 + stochastic rounding + bf16 states: 2+2, 2,
-8 = 14 B, 4 B held; bf16 + SR + 8-bit: 2+2, 2, 4 (+0.06 scales) = ~10 B, ~2.03 B held.
+fp32: 4+4 p, 4 g, 16 m/v = 28 B, 8 B of state held; bf16 params + master + fp32 states: 2 p
+(written only: the step reads the master), 2 g, 4+4 master, 16 m/v = 28 B, 12 B held; bf16 +
+stochastic rounding + bf16 states: 2+2, 2, 8 = 14 B, 4 B held; bf16 + SR + 8-bit: 2+2, 2, 4
+(+0.06 scales) = ~10 B, ~2.03 B held (``fastsched bench --lowp`` measures them).
 """
 
 from __future__ import annotations

@@ -14,6 +14,9 @@ import torch
 
 from ..kernels import layout as L
 
+_STATE_NAMES = {L.STATE_F32: "float32", L.STATE_BF16: "bfloat16", L.STATE_F16: "float16",
+                L.STATE_F64: "float64", L.STATE_8BIT: "8bit"}
+
 __all__ = ["stats_tensors", "stats_to_host", "history_to_host", "StatsMixin"]
 
 
@@ -148,7 +151,9 @@ class StatsMixin:
         """The launches of the last step's tables, in order (empty before the first step):
         per launch the pass (``"stats"``, ``"reduce"``, ``"finalize"``, ``"update"`` or
         ``"units"`` for ALLoRA), the storage dtype, the programs, the tensors it covers (names
-        as in :meth:`stats_names`) and its variant (alignment hints, ALLoRA tile).
+        as in :meth:`stats_names`) and its variant (alignment hints, ALLoRA tile; below fp32
+        ``"states"``, the storage of the states, and ``"mode"``: ``"master"`` or
+        ``"stochastic_rounding"``).
         The reference backend runs the same passes as PyTorch operations."""
         plan = self._tables.plan
         if plan is None:
@@ -175,6 +180,10 @@ class StatsMixin:
         for b in plan.buckets:
             d = {"pass": "units" if b.units else "update", "dtype": b.dtype,
                  "programs": b.n_blocks, "tensors": names[b.lo:b.hi], "aligned": b.aligned}
+            if b.state is not None:
+                d["states"] = _STATE_NAMES[b.state]
+            if b.mode:
+                d["mode"] = "master" if b.mode & L.MODE_MASTER else "stochastic_rounding"
             if b.units:
                 d.update(units_per_program=b.units, chunk=b.chunk,
                          unit_length=[r[L.T_ULEN] for r in plan.host_rows[b.lo:b.hi]])
