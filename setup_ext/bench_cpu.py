@@ -3,7 +3,11 @@
     python setup_ext/bench_cpu.py [--scale 0.1] [--rounds 9] [--steps 4] [--threads 1 2]
 
 GPT-2 small shapes (``fastsched.bench.shapes``, ``gpt2`` scaled by ``--scale``: 0.1 gives 148
-tensors, 12.5M parameters), float32 (the SGD pair marked bf16: bfloat16 p, grad, buffer). Every contender owns its tensors; rounds are interleaved
+tensors, 12.5M parameters), float32 (the SGD pair marked bf16: bfloat16 p, grad, buffer; the
+AdamW contenders below fp32: 8-bit states of fp32 parameters, bfloat16 parameters with an fp32
+master or stochastic rounding, each against torch's fused fp32 AdamW, the step it would
+replace). ``--only`` keeps the contenders whose name contains one of its words (and the torch
+ones they are compared with). Every contender owns its tensors; rounds are interleaved
 (one batch of ``--steps`` steps of every contender per round) and the median of the rounds is
 reported, per thread count, with GB/s at 28 B/param (AdamW: p, g, m, v read, p, m, v written)
 and the ratio to the torch contender it replaces. ``stream`` is the extension's bandwidth
@@ -63,6 +67,25 @@ def contenders(shapes, total_steps):
         ours(max_grad_norm=1.0, stats=True, nonfinite="skip"), "torch clip+fused AdamW+LambdaLR")
     out["fastsched AdamW cpu ALLoRA rows +schedule"] = (
         ours(allora_eta=0.1, allora_unit="row"), "torch fused AdamW")
+    # below fp32 (each against torch's fused fp32 AdamW, the step it would replace)
+    out["fastsched AdamW cpu 8-bit states"] = (ours(state_dtype="8bit"), "torch fused AdamW")
+    out["fastsched AdamW cpu 8-bit states clip+stats+guard"] = (
+        ours(state_dtype="8bit", max_grad_norm=1.0, stats=True, nonfinite="skip"),
+        "torch clip+fused AdamW+LambdaLR")
+    out["fastsched AdamW cpu 8-bit states ALLoRA rows"] = (
+        ours(state_dtype="8bit", allora_eta=0.1, allora_unit="row"), "torch fused AdamW")
+
+    def ours_bf16(**kw):
+        o = fastsched.AdamW(_params(shapes, 0, torch.bfloat16), lr=1e-3, weight_decay=0.1,
+                            backend="cpu", schedule=lam, **kw)
+        return o.step
+
+    out["fastsched AdamW cpu bf16 + fp32 master"] = (ours_bf16(master_weights=True),
+                                                     "torch fused AdamW")
+    out["fastsched AdamW cpu bf16 stochastic rounding"] = (
+        ours_bf16(stochastic_rounding=True), "torch fused AdamW")
+    out["fastsched AdamW cpu bf16 SR + 8-bit states"] = (
+        ours_bf16(stochastic_rounding=True, state_dtype="8bit"), "torch fused AdamW")
 
     ps = _params(shapes, 0)
     sgd = torch.optim.SGD(ps, lr=1e-2, momentum=0.9, fused=True)
@@ -95,9 +118,14 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--only", nargs="+", default=None)
     a = ap.parse_args(argv)
     shapes = SHAPE_SETS["gpt2"].scaled(a.scale).shapes
     runs, n = contenders(shapes, total_steps=10 * a.rounds * a.steps * len(a.threads) + 100)
+    if a.only:
+        keep = {k for k in runs if any(w in k for w in a.only)}
+        keep |= {runs[k][1] for k in keep if runs[k][1]}
+        runs = {k: v for k, v in runs.items() if k in keep}
     print(f"gpt2 x{a.scale}: {len(shapes)} tensors, {n / 1e6:.2f}M params, float32; "
           f"torch {torch.__version__}; median of {a.rounds} interleaved rounds of {a.steps} "
           f"steps")

@@ -3,6 +3,10 @@
 // A plain CPython extension (no torch headers): every function takes integer addresses and
 // sizes, and walks the tables of fastsched.optim._tables (column names generated from
 // kernels/layout.py into generated/layout.h). See fastsched/optim/_cpu.py for the Python side.
+// Below fp32 the update reads each row's T_SDTYPE (state storage: float32 / bfloat16 / float16
+// / float64 / 8-bit codes with block scales at T_Q1 / T_Q2) and T_MODE (the float32 master at
+// T_MASTER, stochastic rounding keyed by T_SR_KEY / T_ELEM0); the dtypes array is the
+// parameters'. Rows stored as their parameter and written to nearest keep the fast paths.
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
@@ -51,7 +55,70 @@ inline int64_t inblock_len(Row r) {
     if (r[L::T_ESTRIDE] != 1 || nu < 1 || ulen < 1 || ulen > BLK || nu * ulen != r[L::T_NUMEL])
         return 0;
     if (nu > 1 && r[L::T_USTRIDE] != ulen) return 0;
-    return (BLK / ulen) * ulen;
+    int64_t u = ulen;
+    if (r[L::T_SDTYPE] == L::STATE_8BIT && (r[L::T_S1] || r[L::T_S2])) {
+        // 8-bit states: a block holds whole quantisation blocks too (their scales are of the
+        // new values of all their elements); units whose lcm with Q_BLOCK is over a block are
+        // summed by a pass of their own, the update then in blocks of BLK
+        int64_t a = ulen, b = L::Q_BLOCK;
+        while (b) {
+            const int64_t t = a % b;
+            a = b;
+            b = t;
+        }
+        u = ulen / a * L::Q_BLOCK;
+        if (u > BLK) return 0;
+    }
+    return (BLK / u) * u;
+}
+
+// the state storage of a row (a STATE_* code; a row without states: its parameter's dtype)
+inline int64_t state_code(Row r, int64_t dtype) {
+    if (!r[L::T_S1] && !r[L::T_S2] && !r[L::T_S3]) return dtype;
+    return r[L::T_SDTYPE];
+}
+
+// the weights the step reads: the float32 master (MODE_MASTER) or the parameter; returns the
+// dtype code of *out's T_P (buf: storage of a row copy pointing T_P at the master)
+inline int64_t weights(Row r, int64_t dtype, int64_t* buf, Row* out) {
+    if (!(r[L::T_MODE] & L::MODE_MASTER)) {
+        *out = r;
+        return dtype;
+    }
+    for (int64_t c = 0; c < L::T_COLS; c++) buf[c] = r[c];
+    buf[L::T_P] = r[L::T_MASTER];
+    *out = Row{buf};
+    return F32;
+}
+
+// the low-precision columns of every row (update pass); false with the error set
+bool check_rows(const int64_t* tensors, const int64_t* dtypes, int64_t n) {
+    for (int64_t i = 0; i < n; i++) {
+        Row r = row(tensors, i);
+        const int64_t sd = r[L::T_SDTYPE], mode = r[L::T_MODE];
+        const char* bad = nullptr;
+        if (sd < L::STATE_F32 || sd > L::STATE_8BIT)
+            bad = "unknown state storage code (T_SDTYPE)";
+        else if (mode & ~(L::MODE_MASTER | L::MODE_SR))
+            bad = "unknown mode bits (T_MODE)";
+        else if ((mode & L::MODE_MASTER) && (mode & L::MODE_SR))
+            bad = "MODE_MASTER and MODE_SR together";
+        else if ((mode & L::MODE_MASTER) && !r[L::T_MASTER])
+            bad = "MODE_MASTER without a master copy (T_MASTER = 0)";
+        else if ((mode & L::MODE_SR) && dtypes[i] != BF16)
+            bad = "stochastic rounding (MODE_SR) of a parameter that is not bfloat16";
+        else if (sd == L::STATE_8BIT && r[L::T_S3])
+            bad = "8-bit states with amsgrad (max_exp_avg_sq is never 8-bit)";
+        else if (sd == L::STATE_8BIT &&
+                 ((r[L::T_S1] && !r[L::T_Q1]) || (r[L::T_S2] && !r[L::T_Q2])))
+            bad = "8-bit states without their scales (T_Q1 / T_Q2 = 0)";
+        if (bad) {
+            PyErr_Format(PyExc_ValueError, "row %lld: %s (T_SDTYPE %lld, T_MODE %lld)",
+                         (long long)i, bad, (long long)sd, (long long)mode);
+            return false;
+        }
+    }
+    return true;
 }
 
 bool check_dtypes(const int64_t* dtypes, int64_t n) {
@@ -302,9 +369,11 @@ bool unit_sums(const int64_t* tensors, const int64_t* dtypes, int64_t n, const i
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
     for (int64_t k = 0; k < ni; k++) {
         const UItem& it = items[k];
-        Row r = row(tensors, it.t);
+        int64_t wbuf[L::T_COLS];
+        Row r;
+        const int64_t code = weights(row(tensors, it.t), dtypes[it.t], wbuf, &r);
         double* us = usums + uoff[it.t];
-        switch (dtypes[it.t]) {
+        switch (code) {
             case F32: unit_item<TF32>(it, r, us, &part[k]); break;
             case BF16: unit_item<TBF16>(it, r, us, &part[k]); break;
             case F16: unit_item<TF16>(it, r, us, &part[k]); break;
@@ -462,6 +531,173 @@ void dry_block(int64_t kind, const Scal& s, Row r, int64_t start, int64_t len,
     block<E, true>(kind, s, Row{fake}, start, len, scales, ls);
 }
 
+//: elements per chunk of the low-precision path: whole quantisation blocks (a block of the
+//: update pass starts at a multiple of Q_BLOCK of an 8-bit tensor: see inblock_len)
+constexpr int64_t CH = 512;
+static_assert(CH % L::Q_BLOCK == 0 && BLK % CH == 0, "chunks of whole quantisation blocks");
+
+inline int64_t addr_at(const void* base, int64_t elem, int64_t size) {  // base - elem elements
+    return reinterpret_cast<int64_t>(base) - elem * size;
+}
+
+// the fused loop of adam_fused for a row's types (E: parameter, WM: mode, S: states)
+template <class E, int WM, bool STATS>
+void fused_s(const AdamScal& s, const FusedIo& io, int64_t st, int64_t n, Lanes* ls,
+             const UnitMul* um) {
+    if (um) {
+        if (st == F32)
+            adam_fused<E, WM, TF32, STATS, true>(s, io, n, ls, um);
+        else if (st == BF16)
+            adam_fused<E, WM, TBF16, STATS, true>(s, io, n, ls, um);
+        else
+            adam_fused<E, WM, TQ8, STATS, true>(s, io, n, ls, um);
+    } else {
+        if (st == F32)
+            adam_fused<E, WM, TF32, STATS, false>(s, io, n, ls, um);
+        else if (st == BF16)
+            adam_fused<E, WM, TBF16, STATS, false>(s, io, n, ls, um);
+        else
+            adam_fused<E, WM, TQ8, STATS, false>(s, io, n, ls, um);
+    }
+}
+template <class E, bool STATS>
+void fused_wm(const AdamScal& s, const FusedIo& io, int64_t mode, int64_t st, int64_t n,
+              Lanes* ls, const UnitMul* um) {
+    if (mode & L::MODE_MASTER)
+        fused_s<E, WM_MASTER, STATS>(s, io, st, n, ls, um);
+    else if (std::is_same<E, TBF16>::value && (mode & L::MODE_SR))
+        fused_s<E, WM_SR, STATS>(s, io, st, n, ls, um);
+    else
+        fused_s<E, WM_PLAIN, STATS>(s, io, st, n, ls, um);
+}
+
+// the elements [start, start + n) of row r through adam_fused, n the most it takes (0: none;
+// the rest: lowp_block's chunks): Adam without amsgrad, float32 or bfloat16 parameters,
+// float32, bfloat16 or 8-bit states; scales: the ALLoRA multipliers of the units (or null)
+template <bool STATS>
+int64_t fused_prefix(int64_t kind, const Scal& s, Row r, int64_t pt, int64_t st, int64_t start,
+                     int64_t len, const float* scales, Lanes* ls) {
+    if (kind != L::KIND_ADAM || r[L::T_S3] || !r[L::T_S1] || !r[L::T_S2]) return 0;
+    if ((pt != F32 && pt != BF16) || (st != F32 && st != BF16 && st != L::STATE_8BIT)) return 0;
+    const int64_t mode = r[L::T_MODE];
+    if ((mode & L::MODE_SR) && pt != BF16) return 0;
+    const int64_t unit = st == L::STATE_8BIT ? L::Q_BLOCK : 16;  // whole blocks, whole groups
+    const int64_t n = len / unit * unit;
+    if (n == 0) return 0;
+    UnitMul um{scales, 0, 0, start, s.adam.upd};
+    if (scales) {  // as block(): units of rows or the tensor, or columns
+        if (r[L::T_ESTRIDE] == 1)
+            um.ulen = r[L::T_NUNITS] == 1 ? r[L::T_NUMEL] : r[L::T_ULEN];
+        else
+            um.cols = r[L::T_ESTRIDE];
+        if (um.ulen < 1 && um.cols < 1) return 0;
+    }
+    const int64_t psz = dtype_size(pt), ssz = st == L::STATE_8BIT ? 1 : dtype_size(st);
+    FusedIo io;
+    io.p = r.ptr<char>(L::T_P) + start * psz;
+    io.g = r.ptr<const char>(L::T_G) + start * psz;
+    io.master = (mode & L::MODE_MASTER) ? r.ptr<float>(L::T_MASTER) + start : nullptr;
+    io.m = r.ptr<char>(L::T_S1) + start * ssz;
+    io.v = r.ptr<char>(L::T_S2) + start * ssz;
+    io.mq = st == L::STATE_8BIT ? r.ptr<float>(L::T_Q1) + start / L::Q_BLOCK : nullptr;
+    io.vq = st == L::STATE_8BIT ? r.ptr<float>(L::T_Q2) + start / L::Q_BLOCK : nullptr;
+    io.src = (mode & L::MODE_SR) ? sr_c(static_cast<uint32_t>(r[L::T_SR_KEY]),
+                                        static_cast<uint32_t>(*r.ptr<const float>(L::T_STEP)))
+                                 : 0;
+    io.idx0 = static_cast<uint64_t>(r[L::T_ELEM0] + start);
+    const UnitMul* ump = scales ? &um : nullptr;
+    if (pt == F32)
+        fused_wm<TF32, STATS>(s.adam, io, mode, st, n, ls, ump);
+    else
+        fused_wm<TBF16, STATS>(s.adam, io, mode, st, n, ls, ump);
+    return n;
+}
+
+// A block of a row with states stored other than as its parameter (T_SDTYPE), 8-bit states,
+// a master copy or stochastic rounding (T_MODE), chunk by chunk: the chunk's weights (the
+// master or the parameter), gradient and states in float32 (8-bit: decoded), the float32 block
+// of the fast path on them (the same operations), then the parameter (rounded to nearest even
+// from the master, stochastically, or to its dtype), the states (8-bit: re-encoded per
+// quantisation block) and the master written back. dry (a skipped step with statistics): every
+// value in a buffer, nothing written back. What adam_fused takes goes there first.
+template <bool STATS>
+void lowp_block(int64_t kind, const Scal& s, Row r, int64_t pt, int64_t st, int64_t start,
+                int64_t len, const float* scales, Lanes* ls, bool dry) {
+    alignas(64) float bw[CH], bg[CH], bs[3][CH];
+    int64_t fake[L::T_COLS];
+    for (int64_t c = 0; c < L::T_COLS; c++) fake[c] = r[c];
+    const int64_t mode = r[L::T_MODE];
+    const bool master = mode & L::MODE_MASTER, sr = mode & L::MODE_SR;
+    const int64_t psz = dtype_size(pt), ssz = st == L::STATE_8BIT ? 1 : dtype_size(st);
+    auto* p = r.ptr<char>(L::T_P);
+    const auto* g = r.ptr<const char>(L::T_G);
+    float* mw = master ? r.ptr<float>(L::T_MASTER) : nullptr;
+    const int64_t scol[3] = {L::T_S1, L::T_S2, L::T_S3}, qcol[3] = {L::T_Q1, L::T_Q2, 0};
+    const uint32_t src = sr ? sr_c(static_cast<uint32_t>(r[L::T_SR_KEY]),
+                                   static_cast<uint32_t>(*r.ptr<const float>(L::T_STEP)))
+                            : 0;
+    if (!dry) {  // the fast loop for what it takes
+        const int64_t nf = fused_prefix<STATS>(kind, s, r, pt, st, start, len, scales, ls);
+        start += nf;
+        len -= nf;
+    }
+    const int64_t end = start + len;
+    for (int64_t c0 = start; c0 < end; c0 += CH) {
+        const int64_t cn = end - c0 < CH ? end - c0 : CH;
+        if (master) {
+            if (dry) std::memcpy(bw, mw + c0, cn * sizeof(float));
+            fake[L::T_P] = dry ? addr_at(bw, c0, 4) : r[L::T_MASTER];
+        } else if (pt == F32 && !dry) {
+            fake[L::T_P] = r[L::T_P];
+        } else {
+            cvt_load(pt, p + c0 * psz, cn, bw);
+            fake[L::T_P] = addr_at(bw, c0, 4);
+        }
+        if (pt != F32) {
+            cvt_load(pt, g + c0 * psz, cn, bg);
+            fake[L::T_G] = addr_at(bg, c0, 4);
+        }
+        for (int k = 0; k < 3; k++) {
+            const int64_t col = scol[k];
+            if (!r[col] || (st == F32 && !dry)) continue;  // float32 states in place
+            const char* sp = r.ptr<const char>(col) + c0 * ssz;
+            if (st == L::STATE_8BIT) {
+                const float* q = r.ptr<const float>(qcol[k]) + c0 / L::Q_BLOCK;
+                if (k == 0)
+                    QCodec<true>::decode(reinterpret_cast<const uint8_t*>(sp), q, cn, bs[k]);
+                else
+                    QCodec<false>::decode(reinterpret_cast<const uint8_t*>(sp), q, cn, bs[k]);
+            } else {
+                cvt_load(st, sp, cn, bs[k]);
+            }
+            fake[col] = addr_at(bs[k], c0, 4);
+        }
+        block<TF32, STATS>(kind, s, Row{fake}, c0, cn, scales, ls);
+        if (dry) continue;
+        if (master)
+            cvt_store(pt, p + c0 * psz, cn, mw + c0);
+        else if (sr)
+            sr_bf16(bw, cn, reinterpret_cast<uint16_t*>(p) + c0, src,
+                    static_cast<uint64_t>(r[L::T_ELEM0] + c0));
+        else if (pt != F32)
+            cvt_store(pt, p + c0 * psz, cn, bw);
+        for (int k = 0; k < 3; k++) {
+            const int64_t col = scol[k];
+            if (!r[col] || st == F32) continue;
+            char* sp = r.ptr<char>(col) + c0 * ssz;
+            if (st == L::STATE_8BIT) {
+                float* q = r.ptr<float>(qcol[k]) + c0 / L::Q_BLOCK;
+                if (k == 0)
+                    QCodec<true>::encode(bs[k], cn, reinterpret_cast<uint8_t*>(sp), q);
+                else
+                    QCodec<false>::encode(bs[k], cn, reinterpret_cast<uint8_t*>(sp), q);
+            } else {
+                cvt_store(st, sp, cn, bs[k]);
+            }
+        }
+    }
+}
+
 // the ALLoRA sums and multipliers of the units of one block of an in-block tensor: the same
 // sum_sq as unit_sums, read just before the update reads the block again from cache
 template <class E>
@@ -486,7 +722,7 @@ PyObject* py_update(PyObject*, PyObject* args) {
     auto* ustat = reinterpret_cast<double*>(usa);
     auto* uoff = reinterpret_cast<const int64_t*>(ua);
     auto* usums = reinterpret_cast<double*>(sumsa);
-    if (!check_dtypes(dtypes, n)) return nullptr;
+    if (!check_dtypes(dtypes, n) || !check_rows(tensors, dtypes, n)) return nullptr;
     if (n == 0) Py_RETURN_NONE;
     const bool active = scal[L::S_ACTIVE] != 0.0f;
     if (!active && !stats) Py_RETURN_NONE;  // a skipped step touches nothing
@@ -526,18 +762,33 @@ PyObject* py_update(PyObject*, PyObject* args) {
         Row r = row(tensors, k.t);
         const Scal s = read_scal(scal + k.t * L::S_COLS, kind);
         const float* sc = uoff[k.t] >= 0 ? scales.data() + uoff[k.t] : nullptr;
+        const int64_t pt = dtypes[k.t], st = state_code(r, pt);
+        // the fast paths: states stored as the parameter, the parameter read and written
+        const bool plain = st == pt && r[L::T_MODE] == 0;
         if (blen[k.t] > 0) {
             double* us = usums + uoff[k.t];
             float* sw = scales.data() + uoff[k.t];
             const float ie2 = scal[k.t * L::S_COLS + L::S_INV_ETA2];
-            switch (dtypes[k.t]) {
-                case F32: block_units<TF32>(r, k, us, sw, ie2); break;
-                case BF16: block_units<TBF16>(r, k, us, sw, ie2); break;
-                case F16: block_units<TF16>(r, k, us, sw, ie2); break;
-                default: block_units<TF64>(r, k, us, sw, ie2); break;
+            int64_t wbuf[L::T_COLS];
+            Row wr;
+            switch (weights(r, pt, wbuf, &wr)) {
+                case F32: block_units<TF32>(wr, k, us, sw, ie2); break;
+                case BF16: block_units<TBF16>(wr, k, us, sw, ie2); break;
+                case F16: block_units<TF16>(wr, k, us, sw, ie2); break;
+                default: block_units<TF64>(wr, k, us, sw, ie2); break;
             }
         }
-        if (stats) {
+        if (!plain) {
+            Lanes ls{};
+            if (stats)
+                lowp_block<true>(kind, s, r, pt, st, k.start, k.len, sc, &ls, !active);
+            else
+                lowp_block<false>(kind, s, r, pt, st, k.start, k.len, sc, nullptr, false);
+            if (stats) {
+                part[2 * b] = lane_sum(ls.p0, ls.p1);
+                part[2 * b + 1] = lane_sum(ls.u0, ls.u1);
+            }
+        } else if (stats) {
             Lanes ls{};
             if (!active) {
                 switch (dtypes[k.t]) {
@@ -584,6 +835,55 @@ PyObject* py_update(PyObject*, PyObject* args) {
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
+
+// -- the codec and the generator alone (tests: against fastsched.optim._lowp) ------------------
+
+PyObject* py_quantize(PyObject*, PyObject* args) {
+    long long xa, n, ca, sa;
+    int sgn;
+    if (!PyArg_ParseTuple(args, "LLiLL", &xa, &n, &sgn, &ca, &sa)) return nullptr;
+    auto* x = reinterpret_cast<const float*>(xa);
+    auto* c = reinterpret_cast<uint8_t*>(ca);
+    auto* q = reinterpret_cast<float*>(sa);
+    Py_BEGIN_ALLOW_THREADS
+    if (sgn)
+        QCodec<true>::encode(x, n, c, q);
+    else
+        QCodec<false>::encode(x, n, c, q);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+PyObject* py_dequantize(PyObject*, PyObject* args) {
+    long long ca, sa, n, oa;
+    int sgn;
+    if (!PyArg_ParseTuple(args, "LLLiL", &ca, &sa, &n, &sgn, &oa)) return nullptr;
+    auto* c = reinterpret_cast<const uint8_t*>(ca);
+    auto* q = reinterpret_cast<const float*>(sa);
+    auto* out = reinterpret_cast<float*>(oa);
+    Py_BEGIN_ALLOW_THREADS
+    if (sgn)
+        QCodec<true>::decode(c, q, n, out);
+    else
+        QCodec<false>::decode(c, q, n, out);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+PyObject* py_sr_round(PyObject*, PyObject* args) {
+    long long xa, n, elem0, oa;
+    unsigned long long key, step;
+    if (!PyArg_ParseTuple(args, "LLKKLL", &xa, &n, &key, &step, &elem0, &oa)) return nullptr;
+    auto* x = reinterpret_cast<const float*>(xa);
+    auto* out = reinterpret_cast<uint16_t*>(oa);
+    const uint32_t c = sr_c(static_cast<uint32_t>(key), static_cast<uint32_t>(step));
+    Py_BEGIN_ALLOW_THREADS
+    sr_bf16(x, n, out, c, static_cast<uint64_t>(elem0));
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+PyObject* py_q_top(PyObject*, PyObject*) { return PyFloat_FromDouble(Q_TOP); }
 
 PyObject* py_dtype_codes(PyObject*, PyObject*) {
     return Py_BuildValue("{s:i,s:i,s:i,s:i}", "float32", (int)F32, "bfloat16", (int)BF16,
@@ -642,6 +942,13 @@ PyMethodDef methods[] = {
      "unit_sums(tensors, dtypes, n, uoff, usums, nthreads): ALLoRA sums of squares per unit."},
     {"update", py_update, METH_VARARGS,
      "update(kind, tensors, dtypes, n, scal, ustat, uoff, usums, sums_ready, stats, nthreads)"},
+    {"quantize", py_quantize, METH_VARARGS,
+     "quantize(x, n, signed, codes, scales): float32 x -> 8-bit codes and block scales."},
+    {"dequantize", py_dequantize, METH_VARARGS,
+     "dequantize(codes, scales, n, signed, out): 8-bit codes -> float32."},
+    {"sr_round", py_sr_round, METH_VARARGS,
+     "sr_round(x, n, key, step, elem0, out): float32 -> bfloat16 by stochastic rounding."},
+    {"q_top", py_q_top, METH_NOARGS, "The largest code magnitude (layout.Q_TOP)."},
     {"stream", py_stream, METH_VARARGS,
      "stream(p, g, m, v, n, nthreads): bandwidth ceiling, 4 reads + 3 writes per element."},
     {nullptr, nullptr, 0, nullptr}};

@@ -1,4 +1,6 @@
-// The passes of the fused step on CPU: element types, schedule evaluation, statistics, update.
+// The passes of the fused step on CPU: element types, schedule evaluation, statistics, update;
+// below fp32: the 8-bit block-scaled codec and stochastic rounding of fastsched/optim/_lowp.py
+// (bit for bit), the fused Adam loop of the low-precision storage.
 // Formulas follow fastsched/optim/_reference.py (the oracle) operation by operation in fp32
 // (no FMA contraction: built with -ffp-contract=off), finalize in float64.
 #pragma once
@@ -8,6 +10,8 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <array>
+#include <utility>
 
 #include "layout.h"
 
@@ -560,6 +564,617 @@ void sgd_span(const SgdScal& s, typename E::T* __restrict p, const typename E::T
         p_new = pf;
         u_out = d;
     });
+}
+
+// -- low precision: 8-bit block-scaled states, stochastic rounding, storage conversions --------
+// fastsched/optim/_lowp.py is the definition (bit for bit); see kernels/layout.py Q_*, MODE_*.
+
+static_assert(L::Q_BLOCK % 16 == 0 && BLK % L::Q_BLOCK == 0, "quantisation blocks in 16s");
+
+//: the largest magnitude of a code (layout.Q_TOP: a float, not in the generated header;
+//: fastsched.optim._cpu compares it with q_top() of the extension at import)
+constexpr float Q_TOP = 1.875f;
+
+typedef int32_t v16i __attribute__((vector_size(64)));
+typedef uint8_t v16b __attribute__((vector_size(16)));
+
+inline constexpr float pow2f(int e) {  // 2^e, exactly (normal range)
+    float r = 1.0f;
+    for (; e > 0; e--) r *= 2.0f;
+    for (; e < 0; e++) r *= 0.5f;
+    return r;
+}
+
+// 16 bytes widened to 32-bit lanes, and back (GCC lowers the generic conversions lane by lane)
+inline v16u u8_ld16(const uint8_t* p) {
+#if defined(__AVX512F__)
+    return (v16u)_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#else
+    v16b b;
+    std::memcpy(&b, p, 16);
+    return __builtin_convertvector(b, v16u);
+#endif
+}
+inline void u8_st16(uint8_t* p, v16u x) {  // the low byte of each lane
+#if defined(__AVX512F__)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtepi32_epi8((__m512i)x));
+#else
+    const v16b b = __builtin_convertvector(x, v16b);
+    std::memcpy(p, &b, 16);
+#endif
+}
+
+template <bool SIGNED>
+struct QCodec {
+    static constexpr int BIAS = SIGNED ? L::Q_BIAS_SIGNED : L::Q_BIAS_UNSIGNED;
+    static constexpr int M = L::Q_MANT;
+    static constexpr uint32_t EOFF = uint32_t(127 - BIAS) << M;   // exponent offset of a code
+    static constexpr float SUBQ = pow2f(1 - BIAS - M);             // the subnormal quantum
+    static constexpr float MAGIC = pow2f(24 - BIAS - M);           // ulp(MAGIC) = SUBQ
+    static constexpr float SUBMAX = pow2f(1 - BIAS);               // below: subnormal codes
+    static constexpr uint32_t MASK = SIGNED ? 0x7Fu : 0xFFu;
+    static constexpr float KDEC = pow2f(127 - BIAS);  // float32 bits of a code -> its value
+    // the low byte of a code is all that is stored: EOFF and the bits of MAGIC subtracted mod
+    // 256 (MAGIC's low byte is 0; EOFF's is 0 or 0x80, subtracted as an exclusive or)
+    static constexpr uint32_t LOWB_EOFF = EOFF & 0xFFu;
+    //: the rounding constant of enc16: half an ulp of the code less one, and -EOFF mod 256 in
+    //: the bits above the shift (a carry out of bit 31 drops 2^12 codes: 0 mod 256)
+    static constexpr uint32_t RND =
+        ((1u << (22 - M)) - 1u) + (((256u - LOWB_EOFF) & 0xFFu) << (23 - M));
+    static_assert(LOWB_EOFF == 0 || LOWB_EOFF == 0x80, "EOFF mod 256 as an exclusive or");
+    static_assert(24 - BIAS - M > -127 && 24 - BIAS - M < 128, "MAGIC: a normal float32");
+
+    // magnitude codes of a in [0, Q_TOP] (or NaN): _lowp._encode, mod 256
+    static v16u enc(v16f a) {
+        const v16u sub = (v16u)(a + MAGIC) - float_to_bits(MAGIC);
+        const v16u b = (v16u)a;
+        const v16u r = ((b + ((1u << (22 - M)) - 1u) + ((b >> (23 - M)) & 1u)) >> (23 - M)) - EOFF;
+        return (v16u)(a < SUBMAX) ? sub : r;
+    }
+    static uint32_t enc1(float a) {
+        const uint32_t b = float_to_bits(a);
+        if (a < SUBMAX) return float_to_bits(a + MAGIC) - float_to_bits(MAGIC);
+        return ((b + ((1u << (22 - M)) - 1u) + ((b >> (23 - M)) & 1u)) >> (23 - M)) - EOFF;
+    }
+    // fp32 values of 16 codes with the block's scale (_lowp.dequantize): the magnitude's bits
+    // in place as a float32 (exponent field E, the 3 mantissa bits on top; E = 0: a float32
+    // subnormal) times 2^(127 - BIAS) is the decoded magnitude exactly (E = 0: mag *
+    // 2^(1 - BIAS - M), as _decode), then the scale (one rounding), then the sign
+    static v16f dec(v16u c, float scale) {
+        const v16f d = (v16f)((c << (23 - M)) & (MASK << (23 - M))) * KDEC;
+        v16f v = d * scale;
+        if (SIGNED) v = (v16f)((v16u)v ^ ((c << 24) & 0x80000000u));  // -(d * scale)
+        return v;
+    }
+    // the multiplier of dec16 for a block's scale: KDEC * scale, exact when finite (a power of
+    // 2 times a float); 0 when not finite (a NaN scale, or an overflow): use dec then
+    static float kscale(float scale) {
+        const float k = KDEC * scale;
+        return std::isfinite(k) ? k : 0.0f;
+    }
+    // dec of 16 codes at p with ks = kscale(scale) != 0: (bits * KDEC) * scale is
+    // bits * (KDEC * scale), one rounding of the same exact product; the sign in place before
+    // the multiplication (-(d * s) = (-d) * s: rounding to nearest is symmetric) from the sign
+    // extended byte, whose bits 27..31 are all the sign
+    static v16f dec16(const uint8_t* p, float ks) {
+#if defined(__AVX512F__)
+        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+        __m512i c = SIGNED ? _mm512_cvtepi8_epi32(b) : _mm512_cvtepu8_epi32(b);
+        c = _mm512_slli_epi32(c, 23 - M);
+        if (SIGNED)
+            c = _mm512_and_si512(c, _mm512_set1_epi32(int(0x80000000u | (MASK << (23 - M)))));
+        return (v16f)_mm512_mul_ps(_mm512_castsi512_ps(c), _mm512_set1_ps(ks));
+#else
+        const v16u c = u8_ld16(p);
+        v16u b = (c & MASK) << (23 - M);
+        if (SIGNED) b |= (c << 24) & 0x80000000u;
+        return (v16f)b * ks;
+#endif
+    }
+    static float dec1(uint32_t c, float scale) {
+        const uint32_t mag = c & MASK;
+        const float d = mag < (1u << M) ? static_cast<float>(mag) * SUBQ
+                                        : bits_to_float((mag + EOFF) << (23 - M));
+        float v = d * scale;
+        if (SIGNED && (c & 0x80u)) v = -v;
+        return v;
+    }
+
+    // the bits of max |x| and min |x| of n values (the integer order of |x| bits is the float
+    // order, NaN above inf)
+    static uint32_t absmax_bits(const float* __restrict x, int64_t n, uint32_t* mnp = nullptr) {
+        v16u vm = {}, vn = {};
+        vn = ~vn;
+        int64_t i = 0;
+        for (; i + 16 <= n; i += 16) {
+            v16u b;
+            std::memcpy(&b, x + i, 64);
+            b &= 0x7FFFFFFFu;
+            vm = vm > b ? vm : b;
+            vn = vn < b ? vn : b;
+        }
+        uint32_t mx = 0, mn = ~0u;
+        for (int j = 0; j < 16; j++) {
+            mx = vm[j] > mx ? vm[j] : mx;
+            mn = vn[j] < mn ? vn[j] : mn;
+        }
+        for (int64_t k = 0; k < (n & 15); k++) {  // the last partial group
+            const uint32_t b = float_to_bits(x[i + k]) & 0x7FFFFFFFu;
+            mx = b > mx ? b : mx;
+            mn = b < mn ? b : mn;
+        }
+        if (mnp) *mnp = mn;
+        return mx;
+    }
+    // a block's scale from its absmax bits; the multiplier inv of its values; false: the block
+    // has a NaN or inf (scale NaN, every code 0 but for the sign bits, as _lowp)
+    static bool scale_of(uint32_t mx, float* scale, float* inv) {
+        if (mx >= 0x7F800000u) {
+            *scale = bits_to_float(0x7FC00000u);
+            *inv = 0.0f;
+            return false;
+        }
+        const float absmax = bits_to_float(mx);
+        *scale = absmax / Q_TOP;
+        // torch's Q_TOP / absmax is reciprocal(absmax) * Q_TOP: two roundings
+        *inv = absmax > 0.0f ? (1.0f / absmax) * Q_TOP : 0.0f;
+        return true;
+    }
+    // the codes of 16 values of a finite block (multiplier inv). NORMAL (normal_block): every
+    // |x| * inv of the block is at least SUBMAX and at most Q_TOP(1 + 2^-22): no subnormal
+    // codes, and the clamp at Q_TOP changes no code (Q_TOP's code is the top one of its binade)
+    template <bool NORMAL>
+    static void enc16(const float* __restrict x, uint8_t* __restrict codes, float inv) {
+#if defined(__AVX512F__)  // the low byte only: see LOWB_EOFF, added before the shift
+        const __m512i xb = _mm512_loadu_si512(x);
+        const __m512i one = _mm512_set1_epi32(1), rnd = _mm512_set1_epi32(int(RND));
+        if (NORMAL) {
+            // x * inv with its sign: no zero or NaN here, so x < 0 is the sign bit, which the
+            // rounding below carries to bit 11 of r (out of the low byte) and nothing else
+            const __m512i b = _mm512_castps_si512(
+                _mm512_mul_ps(_mm512_castsi512_ps(xb), _mm512_set1_ps(inv)));
+            const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 23 - M), one);
+            __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(b, rnd), lsb), 23 - M);
+            if (SIGNED)  // r | (sign: bit 11 to bit 7)
+                r = _mm512_ternarylogic_epi32(r, _mm512_srli_epi32(r, 4),
+                                              _mm512_set1_epi32(0x80), 0xF8);
+            _mm_storeu_si128(reinterpret_cast<__m128i*>(codes), _mm512_cvtepi32_epi8(r));
+            return;
+        }
+        __m512 a = _mm512_mul_ps(
+            _mm512_castsi512_ps(_mm512_and_si512(xb, _mm512_set1_epi32(0x7FFFFFFF))),
+            _mm512_set1_ps(inv));
+        a = _mm512_min_ps(_mm512_set1_ps(Q_TOP), a);  // clamp: a NaN stays NaN
+        const __m512i b = _mm512_castps_si512(a);
+        const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 23 - M), one);
+        __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(b, rnd), lsb), 23 - M);
+        const __mmask16 ks = _mm512_cmp_ps_mask(a, _mm512_set1_ps(SUBMAX), _CMP_LT_OQ);
+        r = _mm512_mask_mov_epi32(r, ks,
+                                  _mm512_castps_si512(_mm512_add_ps(a, _mm512_set1_ps(MAGIC))));
+        if (SIGNED) {
+            const __mmask16 kn = _mm512_cmp_ps_mask(_mm512_castsi512_ps(xb),
+                                                    _mm512_setzero_ps(), _CMP_LT_OQ);
+            r = _mm512_mask_or_epi32(r, kn, r, _mm512_set1_epi32(0x80));
+        }
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(codes), _mm512_cvtepi32_epi8(r));
+#else
+        const v16f zero = {}, top = zero + Q_TOP;
+        v16f xv;
+        std::memcpy(&xv, x, 64);
+        v16f a = (v16f)((v16u)xv & 0x7FFFFFFFu) * inv;
+        a = a > top ? top : a;  // torch.clamp(max=): a NaN stays NaN
+        v16u m = enc(a);
+        if (SIGNED) m |= (v16u)(xv < zero) & 0x80u;
+        u8_st16(codes, m);
+#endif
+    }
+    // whether enc16<true> encodes a finite block with multiplier inv and min |x| bits mn
+    static bool normal_block(uint32_t mn, float inv) {
+        return inv <= FLT_MAX && bits_to_float(mn) * inv >= SUBMAX;
+    }
+    static uint8_t enc_one(float x, float inv, bool fin) {
+        float a = std::fabs(x) * inv;
+        a = a > Q_TOP ? Q_TOP : a;
+        if (!fin) a = 0.0f;
+        uint32_t m = enc1(a);
+        if (SIGNED && x < 0.0f) m |= 0x80u;
+        return static_cast<uint8_t>(m);
+    }
+    // n (<= Q_BLOCK) new fp32 values of one block -> codes and the block's scale
+    static void encode_block(const float* __restrict x, int64_t n, uint8_t* __restrict codes,
+                             float* __restrict scale) {
+        float inv;
+        uint32_t mn;
+        const bool fin = scale_of(absmax_bits(x, n, &mn), scale, &inv);
+        int64_t i = 0;
+        if (fin && normal_block(mn, inv))
+            for (; i + 16 <= n; i += 16) enc16<true>(x + i, codes + i, inv);
+        else if (fin)
+            for (; i + 16 <= n; i += 16) enc16<false>(x + i, codes + i, inv);
+        for (; i < n; i++) codes[i] = enc_one(x[i], inv, fin);
+    }
+    // n values from the start of a block: codes, one scale per Q_BLOCK
+    static void encode(const float* __restrict x, int64_t n, uint8_t* __restrict codes,
+                       float* __restrict scales) {
+        for (int64_t b = 0; b * L::Q_BLOCK < n; b++) {
+            const int64_t o = b * L::Q_BLOCK;
+            encode_block(x + o, n - o < L::Q_BLOCK ? n - o : L::Q_BLOCK, codes + o, scales + b);
+        }
+    }
+    static void decode(const uint8_t* __restrict codes, const float* __restrict scales,
+                       int64_t n, float* __restrict out) {
+        for (int64_t b = 0; b * L::Q_BLOCK < n; b++) {
+            const int64_t o = b * L::Q_BLOCK, m = n - o < L::Q_BLOCK ? n - o : L::Q_BLOCK;
+            const float s = scales[b], ks = kscale(s);
+            int64_t i = 0;
+            if (ks != 0.0f)
+                for (; i + 16 <= m; i += 16) {
+                    const v16f v = dec16(codes + o + i, ks);
+                    std::memcpy(out + o + i, &v, 64);
+                }
+            for (; i + 16 <= m; i += 16) {
+                const v16f v = dec(u8_ld16(codes + o + i), s);
+                std::memcpy(out + o + i, &v, 64);
+            }
+            for (; i < m; i++) out[o + i] = dec1(codes[o + i], s);
+        }
+    }
+};
+
+// -- stochastic rounding to bf16: _lowp.sr_bits / stochastic_round_bf16 -------------------------
+
+// U: uint32_t or a vector of them (v16u): the same operations lane by lane
+template <class U>
+inline U fmix32(U h) {
+    h ^= h >> 16;
+    h *= 0x85EBCA6Bu;
+    h ^= h >> 13;
+    h *= 0xC2B2AE35u;
+    return h ^ (h >> 16);
+}
+//: the per-tensor, per-step word c = fmix32(key ^ step)
+inline uint32_t sr_c(uint32_t key, uint32_t step) { return fmix32(key ^ step); }
+inline uint16_t sr_one(float x, uint32_t c, uint64_t idx) {
+    const uint32_t h =
+        fmix32(fmix32(static_cast<uint32_t>(idx) ^ c) + static_cast<uint32_t>(idx >> 32));
+    const uint32_t r = (float_to_bits(x) + (h & 0xFFFFu)) >> 16;
+    return x != x ? static_cast<uint16_t>(0x7FC0) : static_cast<uint16_t>(r);
+}
+inline void u16_st16(uint16_t* p, v16u x) {  // the low half of each lane
+#if defined(__AVX512F__)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16((__m512i)x));
+#else
+    const v16h h = __builtin_convertvector(x, v16h);
+    std::memcpy(p, &h, sizeof h);
+#endif
+}
+// 16 values rounded stochastically, the first with index idx (its low word + 15 < 2^32)
+inline v16u sr16(v16f x, uint32_t c, uint64_t idx) {
+    const v16u iota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    const v16u lo = iota + static_cast<uint32_t>(idx);
+    const v16u h = fmix32(fmix32(lo ^ c) + static_cast<uint32_t>(idx >> 32));
+    v16u r = ((v16u)x + (h & 0xFFFFu)) >> 16;
+    const v16u nan = (v16u)(x != x);
+    return (r & ~nan) | (nan & 0x7FC0u);
+}
+inline void sr_st16(uint16_t* __restrict out, v16f x, uint32_t c, uint64_t idx) {
+    if (static_cast<uint32_t>(idx) <= 0xFFFFFFF0u) {
+        u16_st16(out, sr16(x, c, idx));
+        return;
+    }
+    for (int j = 0; j < 16; j++) out[j] = sr_one(x[j], c, idx + j);  // the low word wraps
+}
+// out[i] = stochastic_round_bf16(x[i]) with the element index idx0 + i
+inline void sr_bf16(const float* __restrict x, int64_t n, uint16_t* __restrict out, uint32_t c,
+                    uint64_t idx0) {
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        v16f xv;
+        std::memcpy(&xv, x + i, 64);
+        sr_st16(out + i, xv, c, idx0 + static_cast<uint64_t>(i));
+    }
+    for (; i < n; i++) out[i] = sr_one(x[i], c, idx0 + static_cast<uint64_t>(i));
+}
+
+// -- conversions between a storage dtype (Dtype code) and float32 buffers ----------------------
+
+inline int64_t dtype_size(int64_t code) { return code == F32 ? 4 : code == F64 ? 8 : 2; }
+
+// dst[0..n) = float32 of src[0..n) (src: elements of the dtype code)
+inline void cvt_load(int64_t code, const void* src, int64_t n, float* __restrict dst) {
+    switch (code) {
+        case F32: std::memcpy(dst, src, n * sizeof(float)); break;
+        case BF16: {
+            auto* s = static_cast<const uint16_t*>(src);
+            int64_t i = 0;
+            for (; i + 16 <= n; i += 16) {
+                const v16f v = bf16_ld16(s + i);
+                std::memcpy(dst + i, &v, 64);
+            }
+            for (; i < n; i++) dst[i] = TBF16::ld(s[i]);
+            break;
+        }
+        case F16: {
+            auto* s = static_cast<const _Float16*>(src);
+            for (int64_t i = 0; i < n; i++) dst[i] = TF16::ld(s[i]);
+            break;
+        }
+        default: {
+            auto* s = static_cast<const double*>(src);
+            for (int64_t i = 0; i < n; i++) dst[i] = TF64::ld(s[i]);
+            break;
+        }
+    }
+}
+
+// dst[0..n) = src[0..n) rounded to nearest even in the dtype code
+inline void cvt_store(int64_t code, void* dst, int64_t n, const float* __restrict src) {
+    switch (code) {
+        case F32: std::memcpy(dst, src, n * sizeof(float)); break;
+        case BF16: {
+            auto* d = static_cast<uint16_t*>(dst);
+            int64_t i = 0;
+            for (; i + 16 <= n; i += 16) {
+                v16f v;
+                std::memcpy(&v, src + i, 64);
+                bf16_st16(d + i, v);
+            }
+            for (; i < n; i++) d[i] = TBF16::st(src[i]);
+            break;
+        }
+        case F16: {
+            auto* d = static_cast<_Float16*>(dst);
+            for (int64_t i = 0; i < n; i++) d[i] = TF16::st(src[i]);
+            break;
+        }
+        default: {
+            auto* d = static_cast<double*>(dst);
+            for (int64_t i = 0; i < n; i++) d[i] = TF64::st(src[i]);
+            break;
+        }
+    }
+}
+
+// -- fused Adam / AdamW below fp32 -------------------------------------------------------------
+// One loop over a block of a tensor without amsgrad: the weights (float32 parameter,
+// the master, or a bfloat16 parameter), the gradient and the states (float32, bfloat16 or 8-bit
+// codes) read 16 at a time, the float32 operations of adam_span's loop in the same order, and
+// the parameter (float32, rounded to nearest even, stochastically; the master), the states
+// (rounded, or into a buffer) written back; 8-bit states: a quantisation block is encoded while
+// the next one is updated (the integer work of the codes next to the divisions and the square
+// root of the update, which leave most execution ports idle). ALLoRA: the multipliers of the
+// units filled a quantisation block at a time.
+
+template <class E>
+inline v16f ld16(const typename E::T* p);
+template <>
+inline v16f ld16<TF32>(const float* p) {
+    v16f v;
+    std::memcpy(&v, p, 64);
+    return v;
+}
+template <>
+inline v16f ld16<TBF16>(const uint16_t* p) { return bf16_ld16(p); }
+template <class E>
+inline void st16(typename E::T* p, v16f x);
+template <>
+inline void st16<TF32>(float* p, v16f x) { std::memcpy(p, &x, 64); }
+template <>
+inline void st16<TBF16>(uint16_t* p, v16f x) { bf16_st16(p, x); }
+
+inline v16f sqrt16(v16f x) {
+#if defined(__AVX512F__)
+    return (v16f)_mm512_sqrt_ps((__m512)x);
+#else
+    for (int j = 0; j < 16; j++) x[j] = std::sqrt(x[j]);
+    return x;
+#endif
+}
+
+//: how the fused loop writes the parameter (the T_MODE bits)
+constexpr int WM_PLAIN = 0, WM_MASTER = 1, WM_SR = 2;
+//: 8-bit states in the fused loop (its state type argument)
+struct TQ8 {
+    using T = uint8_t;
+};
+
+struct FusedIo {  // pointers at the block's first element (scales: at its first scale)
+    void* p;
+    const void* g;
+    float* master;
+    void* m;
+    void* v;
+    float* mq;
+    float* vq;
+    uint32_t src;  // stochastic rounding: fmix32(key ^ step)
+    uint64_t idx0;  // stochastic rounding: the index of the block's first element
+};
+
+// ALLoRA multipliers of the elements of a fused range (as block(): one per unit of rows or the
+// tensor, one per column of column units); upd: they multiply the step, else the gradient
+struct UnitMul {
+    const float* scales;  // per unit
+    int64_t ulen;  // rows / the tensor: element e has scales[e / ulen]
+    int64_t cols;  // columns (ulen 0): element e has scales[e % cols]
+    int64_t e0;  // the index in the tensor of the range's first element
+    bool upd;
+    // out[k] = the multiplier of element i + k of the range
+    void fill(int64_t i, int64_t n, float* __restrict out) const {
+        const int64_t e = e0 + i;
+        if (ulen > 0) {
+            int64_t u = e / ulen, off = e - u * ulen;
+            for (int64_t k = 0; k < n; u++, off = 0) {
+                const int64_t run = ulen - off < n - k ? ulen - off : n - k;
+                for (int64_t j = 0; j < run; j++) out[k + j] = scales[u];
+                k += run;
+            }
+        } else {
+            int64_t c = e % cols;
+            for (int64_t k = 0; k < n; c = 0) {
+                const int64_t run = cols - c < n - k ? cols - c : n - k;
+                std::memcpy(out + k, scales + c, run * sizeof(float));
+                k += run;
+            }
+        }
+    }
+};
+
+// n elements: a multiple of 16 (8-bit states: of Q_BLOCK); STATS: the lanes of sum p^2 and
+// sum u^2 as span_loop (lane = index % 16); MUL: ALLoRA multipliers um (else none: 1)
+template <class E, int WM, class S, bool STATS, bool MUL>
+void adam_fused(const AdamScal& s, const FusedIo& io, int64_t n, Lanes* ls, const UnitMul* um) {
+    using T = typename E::T;
+    T* __restrict p = static_cast<T*>(io.p);
+    const T* __restrict g = static_cast<const T*>(io.g);
+    float* __restrict w32 = io.master;
+    const float gmul = s.gmul, step_size = s.step_size, bc2s = s.bc2s, decay = s.decay;
+    const float l2 = s.l2, omb1 = s.omb1, omb1c = s.omb1c, omb2 = s.omb2, omb2c = s.omb2c;
+    const float eps = s.eps;
+    const bool lo = s.lo, one_gmul = gmul == 1.0f;
+    Lanes st = STATS ? *ls : Lanes{};
+    const bool upd = MUL && um->upd;
+    constexpr int64_t MB = 256;  // multipliers filled at a time (a quantisation block)
+    alignas(64) float mul[MUL ? MB : 1];
+    // one group of 16: mf, vf the states in, the new ones out; sc: the ALLoRA multipliers of
+    // the group (MUL; else 1, left out as adam_span's multiplications by 1: x * 1 is x)
+    auto group = [&](int64_t i, v16f& mf, v16f& vf, const float* sc) {
+        v16f pf = WM == WM_MASTER ? ld16<TF32>(w32 + i) : ld16<E>(p + i);
+        v16f gf = ld16<E>(g + i);
+        if (!one_gmul) gf = gf * gmul;  // x * 1 is x
+        v16f scv = {};
+        if (MUL) {
+            scv = ld16<TF32>(sc);
+            if (!upd) gf = gf * scv;
+        }
+        pf = pf * decay;
+        gf = gf + l2 * pf;
+        const v16f d = gf - mf;
+        mf = lo ? mf + omb1 * d : gf - d * omb1c;
+        vf = omb2c * vf + omb2 * gf * gf;
+        v16f u = mf / (sqrt16(vf) / bc2s + eps);
+        if (MUL && upd) u = u * scv;
+        pf = pf - step_size * u;
+        if (WM == WM_MASTER) {
+            st16<TF32>(w32 + i, pf);
+            st16<E>(p + i, pf);
+        } else if (WM == WM_SR) {
+            sr_st16(reinterpret_cast<uint16_t*>(p) + i, pf, io.src, io.idx0 + i);
+        } else {
+            st16<E>(p + i, pf);
+        }
+        if (STATS) {
+            alignas(64) float pn[16], un[16];
+            std::memcpy(pn, &pf, 64);
+            std::memcpy(un, &u, 64);
+            acc16(pn, un, st);
+        }
+    };
+    if constexpr (!std::is_same<S, TQ8>::value) {
+        using ST = typename S::T;
+        ST* __restrict m = static_cast<ST*>(io.m);
+        ST* __restrict v = static_cast<ST*>(io.v);
+        for (int64_t i = 0; i < n; i += 16) {
+            if (MUL && i % MB == 0) um->fill(i, n - i < MB ? n - i : MB, mul);
+            v16f mf = ld16<S>(m + i), vf = ld16<S>(v + i);
+            group(i, mf, vf, mul + (MUL ? i % MB : 0));
+            st16<S>(m + i, mf);
+            st16<S>(v + i, vf);
+        }
+    } else {
+        constexpr int64_t QB = L::Q_BLOCK;
+        uint8_t* __restrict mc = static_cast<uint8_t*>(io.m);
+        uint8_t* __restrict vc = static_cast<uint8_t*>(io.v);
+        alignas(64) float bm[2][QB], bv[2][QB];  // the new states of this block and the last
+        float invm = 0.0f, invv = 0.0f;
+        // the last block: 0 both states' codes are to be computed by encode_block (a NaN or
+        // an inf), 1 by enc16<false>, 2 by enc16<true>
+        int how = 0;
+        const int64_t nq = n / QB;
+        // block q: decode, update into the buffers, |x| range; HOW: encode block q - 1 alongside
+        auto update = [&](int64_t q, auto how_c) {
+            constexpr int HOW = decltype(how_c)::value;
+            const int64_t o = q * QB, po = o - QB;
+            float* __restrict nm = bm[q & 1];
+            float* __restrict nv = bv[q & 1];
+            const float* __restrict pm = bm[(q + 1) & 1];
+            const float* __restrict pv = bv[(q + 1) & 1];
+            const float sm = io.mq[q], sv = io.vq[q];
+            const float km = QCodec<true>::kscale(sm), kv = QCodec<false>::kscale(sv);
+            const bool kk = km != 0.0f && kv != 0.0f;
+            v16u xm = {}, xv = {}, nnm = {}, nnv = {};
+            nnm = ~nnm;
+            nnv = ~nnv;
+            if (MUL) um->fill(o, QB, mul);
+            for (int64_t j = 0; j < QB; j += 16) {
+                v16f mf, vf;
+                if (kk) {
+                    mf = QCodec<true>::dec16(mc + o + j, km);
+                    vf = QCodec<false>::dec16(vc + o + j, kv);
+                } else {
+                    mf = QCodec<true>::dec(u8_ld16(mc + o + j), sm);
+                    vf = QCodec<false>::dec(u8_ld16(vc + o + j), sv);
+                }
+                group(o + j, mf, vf, mul + (MUL ? j : 0));
+                std::memcpy(nm + j, &mf, 64);
+                std::memcpy(nv + j, &vf, 64);
+                const v16u am = (v16u)mf & 0x7FFFFFFFu, av = (v16u)vf & 0x7FFFFFFFu;
+                xm = xm > am ? xm : am;
+                xv = xv > av ? xv : av;
+                nnm = nnm < am ? nnm : am;
+                nnv = nnv < av ? nnv : av;
+                if (HOW > 0) {
+                    QCodec<true>::template enc16<HOW == 2>(pm + j, mc + po + j, invm);
+                    QCodec<false>::template enc16<HOW == 2>(pv + j, vc + po + j, invv);
+                }
+            }
+            uint32_t r[4] = {0, 0, ~0u, ~0u};
+            for (int j = 0; j < 16; j++) {
+                r[0] = xm[j] > r[0] ? xm[j] : r[0];
+                r[1] = xv[j] > r[1] ? xv[j] : r[1];
+                r[2] = nnm[j] < r[2] ? nnm[j] : r[2];
+                r[3] = nnv[j] < r[3] ? nnv[j] : r[3];
+            }
+            return std::array<uint32_t, 4>{r[0], r[1], r[2], r[3]};
+        };
+        // block q - 1 alone (after the last block, or with a NaN or inf: encoded as _lowp)
+        auto encode_last = [&](int64_t q) {
+            const int64_t po = (q - 1) * QB;
+            const float* pm = bm[(q + 1) & 1];
+            const float* pv = bv[(q + 1) & 1];
+            if (how == 0) {
+                QCodec<true>::encode_block(pm, QB, mc + po, io.mq + q - 1);
+                QCodec<false>::encode_block(pv, QB, vc + po, io.vq + q - 1);
+                return;
+            }
+            for (int64_t j = 0; j < QB; j += 16) {
+                if (how == 2) {
+                    QCodec<true>::template enc16<true>(pm + j, mc + po + j, invm);
+                    QCodec<false>::template enc16<true>(pv + j, vc + po + j, invv);
+                } else {
+                    QCodec<true>::template enc16<false>(pm + j, mc + po + j, invm);
+                    QCodec<false>::template enc16<false>(pv + j, vc + po + j, invv);
+                }
+            }
+        };
+        for (int64_t q = 0; q < nq; q++) {
+            std::array<uint32_t, 4> r;
+            if (q > 0 && how == 2) {
+                r = update(q, std::integral_constant<int, 2>{});
+            } else if (q > 0 && how == 1) {
+                r = update(q, std::integral_constant<int, 1>{});
+            } else {
+                r = update(q, std::integral_constant<int, 0>{});
+                if (q > 0) encode_last(q);
+            }
+            const bool fm = QCodec<true>::scale_of(r[0], io.mq + q, &invm);
+            const bool fv = QCodec<false>::scale_of(r[1], io.vq + q, &invv);
+            const bool nb = QCodec<true>::normal_block(r[2], invm) &&
+                            QCodec<false>::normal_block(r[3], invv);
+            how = !(fm && fv) ? 0 : nb ? 2 : 1;
+        }
+        if (nq > 0) encode_last(nq);
+    }
+    if (STATS) *ls = st;
 }
 
 }  // namespace fs

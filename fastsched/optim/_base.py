@@ -307,11 +307,6 @@ class FusedOptimizer(GroupsMixin, PrecisionMixin, StatsMixin, CheckpointMixin,
             return loss
         buffers = self._step_buffers()
         options = self._options
-        if backend == "cpu" and plan.lowp:
-            from . import _cpu
-
-            if not getattr(_cpu, "SUPPORTS_LOWP", False):  # an extension built before them
-                backend = "reference"
         run_step(plan, buffers, rows, schedule=self.schedule, options=options,
                  grads=plan.grads_in_order(grads) if backend == "reference" else None,
                  grad_scale=getattr(self, "grad_scale", None),

@@ -3,9 +3,11 @@
 The extension (C++ with OpenMP, sources in ``setup_ext/``) executes the passes of
 :mod:`._reference` on the same tables (``plan.tensors`` addresses, ``plan.scal``, ``tstat``,
 ``ustat`` and the :class:`~._buffers.StepBuffers`): statistics, finalize (schedule, clip
-coefficient, skip flag, per-tensor scalars in float64), update (Adam / AdamW / SGD, ALLoRA units),
-with fixed-size blocks whose partial sums are combined in block order, so results do not depend
-on the thread count (``torch.get_num_threads()``, read at every step).
+coefficient, skip flag, per-tensor scalars in float64), update (Adam / AdamW / SGD, ALLoRA units;
+below fp32: master weights, stochastic rounding, states stored as float32 / bfloat16 / 8-bit
+codes, bit for bit as :mod:`._lowp` and the reference), with fixed-size blocks whose partial
+sums are combined in block order, so results do not depend on the thread count
+(``torch.get_num_threads()``, read at every step).
 
 It is built by ``pip install -e .`` when a C++ compiler with OpenMP is there; without it
 :func:`available` is False, :func:`reason` says why, and ``backend="auto"`` falls back to the
@@ -23,12 +25,19 @@ import torch
 
 from ..kernels import layout as L
 
-__all__ = ["available", "reason", "warn_fallback", "run_step", "DTYPE_CODES", "ext"]
+__all__ = ["available", "reason", "warn_fallback", "run_step", "DTYPE_CODES", "ext",
+           "SUPPORTS_LOWP"]
 
 #: storage dtype codes of the extension (its ``dtype_codes()`` must agree)
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
+#: the extension runs the options below fp32 (``plan.lowp``: master weights, stochastic
+#: rounding, states stored as float32 / bfloat16 / float16 / float64 / 8-bit codes, read from
+#: the tensors table's T_SDTYPE / T_MODE columns); a build without them is refused at load
+SUPPORTS_LOWP = True
 _API = ("layout", "dtype_codes", "block", "grad_stats", "finalize", "unit_sums", "update",
-        "stream")
+        "stream", "quantize", "dequantize", "sr_round", "q_top")
+_STATE_CODES = {torch.float32: L.STATE_F32, torch.bfloat16: L.STATE_BF16,
+                torch.float16: L.STATE_F16, torch.float64: L.STATE_F64, torch.uint8: L.STATE_8BIT}
 HOW = ("install a C++ compiler with OpenMP (e.g. `apt-get install g++`) and reinstall with "
        "`pip install -e .`")
 
@@ -71,6 +80,10 @@ def _load():
         _reason = (f"fastsched._cpu_ext was built from another kernels/layout.py (differs in "
                    f"{diff[:5]}); rebuild it with `pip install -e .`")
         return None
+    if ext.q_top() != L.Q_TOP:  # a float: not among the generated constants
+        _reason = (f"fastsched._cpu_ext was built with Q_TOP {ext.q_top()}, kernels/layout.py "
+                   f"has {L.Q_TOP}; update setup_ext/kernels.h and rebuild")
+        return None
     codes = {getattr(torch, k): v for k, v in ext.dtype_codes().items()}
     if codes != DTYPE_CODES:
         _reason = f"fastsched._cpu_ext has dtype codes {codes}, expected {DTYPE_CODES}"
@@ -112,11 +125,53 @@ def ext():
     return m
 
 
+def _check_lowp(plan) -> None:
+    """The storage each row's T_SDTYPE / T_MODE promise, against the tensors the plan holds:
+    the extension reads raw addresses, so a disagreement would read or write wrong memory."""
+    for i, p in enumerate(plan.params):
+        lp = plan.lowp[i] if plan.lowp else None
+        row = plan.host_rows[i]
+        states = [t for t in plan.states[i] if t is not None]
+        where = f"backend='cpu': parameter {i} (shape {tuple(p.shape)}, {p.dtype})"
+        codes = {_STATE_CODES.get(t.dtype) for t in states}
+        if len(codes) > 1 or None in codes:
+            raise ValueError(f"{where}: states of dtypes {[t.dtype for t in states]}: the "
+                             "compiled executor needs one storage per tensor")
+        if states and codes != {row[L.T_SDTYPE]}:
+            raise ValueError(f"{where}: the table says states stored as code "
+                             f"{row[L.T_SDTYPE]}, they are {states[0].dtype}")
+        if lp is None:
+            if row[L.T_MODE]:
+                raise ValueError(f"{where}: T_MODE {row[L.T_MODE]} without low-precision "
+                                 "options")
+            continue
+        if lp.mode & L.MODE_SR and (p.dtype != torch.bfloat16 or lp.master is not None):
+            raise ValueError(f"{where}: stochastic rounding needs bfloat16 parameters without "
+                             "a master copy")
+        if lp.master is not None:
+            m = lp.master
+            if m.dtype != torch.float32 or m.numel() != plan.local_params[i].numel() \
+                    or m.stride() != plan.local_params[i].stride():
+                raise ValueError(f"{where}: the master copy must be float32 laid out like the "
+                                 f"parameter (got {m.dtype}, strides {m.stride()})")
+        if lp.sdtype == L.STATE_8BIT:
+            if plan.states[i][2] is not None:
+                raise ValueError(f"{where}: 8-bit states with amsgrad are not supported")
+            for k, t in enumerate(plan.states[i][:2]):
+                q = lp.scales[k]
+                if t is not None and (q is None or q.dtype != torch.float32
+                                      or q.numel() < -(-t.numel() // L.Q_BLOCK)
+                                      or not q.is_contiguous()):
+                    raise ValueError(f"{where}: 8-bit state {k} needs contiguous float32 "
+                                     f"scales, one per {L.Q_BLOCK} elements")
+
+
 class _Meta:
     """What the extension needs besides the tables, per plan (params and units fixed)."""
 
     def __init__(self, plan):
         n = len(plan)
+        _check_lowp(plan)
         self.dtypes = torch.tensor([DTYPE_CODES[p.dtype] for p in plan.params],
                                    dtype=torch.int64)
         uoff, total = [], 0

@@ -138,12 +138,12 @@ def _decode(mag: torch.Tensor, bias: int) -> torch.Tensor:
 def quantize(x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(uint8 codes shaped like ``x``, float32 scales of its ``Q_BLOCK`` blocks).
 
-    Per block: ``absmax`` of the fp32 values, ``scale = absmax / Q_TOP`` (stored),
-    ``inv = Q_TOP / absmax`` (0 when absmax is 0); per element ``a = min(|x| * inv, Q_TOP)``,
-    code = magnitude code of ``a`` (| 0x80 when ``x < 0``, signed codes). A block whose absmax
-    is not finite gets codes 0 and scale NaN (its values decode to NaN: a non-finite state is
-    not lost silently; only ``nonfinite="ignore"`` lets one through, where torch's would hold
-    it).
+    Per block: ``absmax`` of the fp32 values, ``scale = absmax / Q_TOP`` (stored, one fp32
+    division), ``inv = fp32(1 / absmax) * Q_TOP`` (two roundings; 0 when absmax is 0); per
+    element ``a = min(|x| * inv, Q_TOP)``, code = magnitude code of ``a`` (| 0x80 when
+    ``x < 0``, signed codes). A block whose absmax is not finite gets magnitude 0 (the sign bits
+    kept) and scale NaN (its values decode to NaN: a non-finite state is not lost silently; only
+    ``nonfinite="ignore"`` lets one through, where torch's would hold it).
     """
     x32 = x.detach().to(torch.float32).reshape(-1)
     n = x32.numel()
@@ -155,7 +155,9 @@ def quantize(x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]
     absmax = torch.where(torch.isnan(blocks).any(1), float("nan"), absmax)
     finite = torch.isfinite(absmax)
     scale = torch.where(finite, absmax / L.Q_TOP, float("nan")).to(torch.float32)
-    inv = torch.where(finite & (absmax > 0), L.Q_TOP / absmax, 0.0).to(torch.float32)
+    # the reciprocal rounded, then the product rounded (torch's scalar / tensor, spelled out)
+    inv = torch.where(finite & (absmax > 0), torch.reciprocal(absmax) * L.Q_TOP,
+                      0.0).to(torch.float32)
     a = torch.clamp(blocks.abs() * inv[:, None], max=L.Q_TOP)
     a = torch.where(finite[:, None], a, 0.0)  # a non-finite block: codes 0, scale NaN
     mag = _encode(a, L.Q_BIAS_SIGNED if signed else L.Q_BIAS_UNSIGNED)

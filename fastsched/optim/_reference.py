@@ -156,6 +156,9 @@ def _scales(plan, rows):
         if unit is None:
             out.append((None, None))
             continue
+        lp = plan.lowp[i] if plan.lowp else None
+        if lp is not None and lp.master is not None:
+            p = lp.master  # the weights the step updates: the unit norms of the master
         row = rows[plan.group_index[i]]
         red = None if plan.dist is None else (lambda t, i=i: plan.dist.reduce_units(i, t))
         scale = allora_scales(p, unit, row[L.G_INV_ETA2], red)
@@ -232,6 +235,12 @@ def _flat_or(t, io):
     return t if io.lp is None or t is None else _flat(t)
 
 
+def _flat_scale(x, io):
+    """An ALLoRA multiplier shaped like its parameter (often a broadcast view), flat in the
+    parameter's storage order: ALLoRA parameters are contiguous, so the logical order."""
+    return x if io.lp is None or x is None else x.reshape(-1)
+
+
 def adam_update(plan, grads, rows, *, stats: bool) -> None:
     """Adam / AdamW update of every tensor from ``plan.scal``, as ``torch.optim.Adam(W)`` with
     ``fused=True``: fp32 arithmetic, one rounding to the storage dtype; on a skipped step
@@ -249,7 +258,7 @@ def adam_update(plan, grads, rows, *, stats: bool) -> None:
         io = _Io(plan, i, act)
         m_t, v_t, vmax_t = plan.states[i]
         g = _flat_or(grads[i], io).to(torch.float32) * s[L.S_GRAD_MUL]
-        g_scale, u_scale = (_flat_or(x, io) for x in scales[i])
+        g_scale, u_scale = (_flat_scale(x, io) for x in scales[i])
         if g_scale is not None:
             g = g * g_scale
         p32 = io.param(p) * s[L.S_ADAM_DECAY_MUL]  # AdamW: p * (1 - lr * wd)
@@ -290,7 +299,7 @@ def sgd_update(plan, grads, rows, *, stats: bool) -> None:
         io = _Io(plan, i, act)
         p32 = io.param(p)
         d = _flat_or(grads[i], io).to(torch.float32) * s[L.S_GRAD_MUL]
-        g_scale, u_scale = (_flat_or(x, io) for x in scales[i])
+        g_scale, u_scale = (_flat_scale(x, io) for x in scales[i])
         if g_scale is not None:
             d = d * g_scale
         d = d + s[L.S_SGD_WEIGHT_DECAY] * p32
