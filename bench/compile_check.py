@@ -33,9 +33,9 @@ from fastsched.kernels import optim as ko
 from fastsched.kernels import schedule as ks
 from triton.runtime.jit import KernelInterface
 
-from fastsched.optim import functional
+from fastsched.optim import _lowp, functional
 from fastsched.optim._buffers import StepBuffers
-from fastsched.optim._tables import DEFAULT_BLOCK, UNIT_CLASSES, Entry, TableBuilder
+from fastsched.optim._tables import DEFAULT_BLOCK, UNIT_CLASSES, Entry, LowP, TableBuilder
 from fastsched.optim.functional import StepOptions
 from fastsched.schedules import Constant, Cosine
 
@@ -62,13 +62,17 @@ class Config:
     options: StepOptions
     scaler: bool  # GradScaler's grad_scale / found_inf handed to the step
     unit: str | None  # ALLoRA unit of the extra tensors (one per unit class); None: none
+    #: below fp32: (STATE_* code of the states, MODE_* bits); None: as torch (the states in the
+    #: parameter's dtype, rounding to nearest)
+    lowp: tuple | None = None
 
     def __str__(self) -> str:
         o = self.options
+        lp = "" if self.lowp is None else f" state={self.lowp[0]} mode={self.lowp[1]}"
         return (f"{'adam' if self.kind == L.KIND_ADAM else 'sgd'} {str(self.dtype)[6:]} "
                 f"aligned={self.aligned} flag={self.flag} max_grad_norm={o.max_grad_norm} "
                 f"stats={o.stats} nonfinite={o.mode} history={o.history} "
-                f"scaler={self.scaler} allora={self.unit}")
+                f"scaler={self.scaler} allora={self.unit}{lp}")
 
 
 @dataclass
@@ -115,6 +119,38 @@ def configs() -> list[Config]:
                                                   opts, (True, False), ALLORA_UNITS)]
 
 
+#: the variants below fp32: (parameter dtype, STATE_* code of the states, MODE_* bits)
+LOWP = ((torch.bfloat16, L.STATE_F32, L.MODE_MASTER),  # bf16 params + fp32 master and states
+        (torch.float16, L.STATE_F32, L.MODE_MASTER),
+        (torch.bfloat16, L.STATE_BF16, L.MODE_MASTER),
+        (torch.bfloat16, L.STATE_BF16, L.MODE_SR),  # the states in the parameter's dtype
+        (torch.bfloat16, L.STATE_F32, 0),
+        (torch.float32, L.STATE_BF16, 0),
+        (torch.float32, L.STATE_8BIT, 0),
+        (torch.bfloat16, L.STATE_8BIT, 0),
+        (torch.bfloat16, L.STATE_8BIT, L.MODE_SR),
+        (torch.bfloat16, L.STATE_8BIT, L.MODE_MASTER))
+
+
+def lowp_configs() -> list[Config]:
+    """The steps below fp32 (:data:`LOWP`) x kinds x aligned x flag x stats x ALLoRA settings;
+    8-bit states neither with amsgrad (refused by the host) nor in ALLoRA unit tiles (refused
+    by the launcher). Kept apart from :func:`configs`: the variants of the torch semantics stay
+    what they were (``tests/kernels/test_compile.py`` counts them)."""
+    opts = (StepOptions(), StepOptions(stats=True))
+    out = []
+    for (dtype, state, mode), kind, aligned, flag, o, unit in itertools.product(
+            LOWP, KINDS, (True, False), (True, False), opts, ALLORA_UNITS):
+        if state == L.STATE_8BIT and (unit is not None or (kind == L.KIND_ADAM and flag)):
+            continue
+        out.append(Config(kind, dtype, aligned, flag, o, False, unit, (state, mode)))
+    return out
+
+
+_STATE_DTYPES = {L.STATE_F32: torch.float32, L.STATE_BF16: torch.bfloat16,
+                 L.STATE_F16: torch.float16, L.STATE_8BIT: torch.uint8}
+
+
 # ALLoRA shapes whose unit length falls in each class of UNIT_CLASSES (<= 16, <= 128, longer):
 # row: unit = a row (shape[1]); column: a column (shape[0]); tensor: the whole tensor
 _ALLORA_SHAPES = {"row": ((4, 8), (4, 100), (2, 300)), "column": ((8, 4), (100, 4), (300, 2)),
@@ -138,12 +174,22 @@ def _entries(cfg: Config) -> list[Entry]:
         p = _tensor(shape, cfg.dtype, cfg.aligned)
         g = _tensor(shape, cfg.dtype, cfg.aligned)
         # states as _init_state makes them: fresh allocations, so aligned whatever p is
+        sd = p.dtype if cfg.lowp is None else _STATE_DTYPES[cfg.lowp[0]]
         if cfg.kind == L.KIND_ADAM:
-            states = (torch.zeros_like(p), torch.zeros_like(p),
-                      torch.zeros_like(p) if cfg.flag else None)
+            states = (torch.zeros_like(p, dtype=sd), torch.zeros_like(p, dtype=sd),
+                      torch.zeros_like(p, dtype=sd) if cfg.flag else None)
         else:
-            states = (torch.zeros_like(p) if cfg.flag else None, None, None)
-        out.append(Entry(p, g, 0, states, torch.zeros((), dtype=torch.float32), unit))
+            states = (torch.zeros_like(p, dtype=sd) if cfg.flag else None, None, None)
+        lowp = None
+        if cfg.lowp is not None:
+            state, mode = cfg.lowp
+            master = torch.zeros(shape) if mode & L.MODE_MASTER else None
+            scales = (None, None)
+            if state == L.STATE_8BIT:
+                scales = tuple(None if s is None else torch.zeros(_lowp.n_blocks(p.numel()))
+                               for s in states[:2])
+            lowp = LowP(state, mode, master, scales, _lowp.sr_key(0, len(out)), 0)
+        out.append(Entry(p, g, 0, states, torch.zeros((), dtype=torch.float32), unit, lowp))
     return out
 
 
@@ -263,13 +309,14 @@ def recording(sink: list, source: list):
                 f.run = old
 
 
-def variants() -> tuple[list[Variant], int]:
-    """(the distinct variants in first-launch order, how many configurations launched them).
+def variants(lowp: bool = False) -> tuple[list[Variant], int]:
+    """(the distinct variants in first-launch order, how many configurations launched them);
+    ``lowp``: the steps of :func:`lowp_configs` too (after the others).
 
     Raises on the first configuration whose host path fails, naming it."""
     launched: list[Variant] = []
     source = [""]
-    cfgs = configs()
+    cfgs = configs() + (lowp_configs() if lowp else [])
     with _one_thread(), recording(launched, source):
         for cfg in cfgs:
             source[0] = str(cfg)
@@ -290,8 +337,10 @@ def variants() -> tuple[list[Variant], int]:
 def _features(v: Variant) -> tuple:
     # most flags on; then bf16 storage, the only dtype that takes _to_storage's rounding by bit
     # arithmetic; ties keep the first launched (Adam before SGD)
-    flags = sum(1 for x in v.constexprs.values() if x is True)
-    return (flags, str(v.constexprs.get("DTYPE")) == "bf16")
+    # (below fp32: 8-bit states, then the highest MODE, i.e. stochastic rounding)
+    c = v.constexprs
+    flags = sum(1 for x in c.values() if x is True)
+    return (flags, str(c.get("SDTYPE")) == "uint8", c.get("MODE", 0), str(c.get("DTYPE")) == "bf16")
 
 
 def pick_quick(vs: list[Variant]) -> list[Variant]:
@@ -326,9 +375,49 @@ UPDATE_KERNELS = ("_update_kernel", "_units_update_kernel")
 #: in bf16/fp16: scalar accesses (a tile's alignment is unknown) with one 64-bit address per
 #: element hold 255 registers already at 1 warp (8 programs x 8-12 KB tiles: 64-96 KB). The fp32
 #: units pass since optim._UNITS_WARPS (Adam 2 warps, SGD 1: 128-192 KB).
+#: The variants below fp32 are keyed (kernel, kind, DTYPE, SDTYPE, MODE, FLAG) (``short_key``):
+#: bf16 parameters with 8-bit states (plain, SR, master) sit at 255 registers at 1 warp (8
+#: programs; 2 warps: 4-6 programs, less) on blocks of 2048 x 6 (Adam) / 5 (SGD momentum) bytes:
+#: 80-112 KB, fewer bytes per element than the 128 KB floor was set for (Adam with the master
+#: reaches 128 KB); the new states of a 256-block stay live until its absmax is known.
+#: bf16 SGD with stochastic rounding: the
+#: generator (two fmix32 rounds on the 64-bit index) holds 231-255 registers at 1 warp with
+#: momentum (96 KB; 2 warps: 72 KB) and 246 with stats without (64 KB; 2 warps 96 KB, but then
+#: the variant without stats drops from 128 KB).
 KNOWN_SHORT = {("_update_kernel", L.KIND_SGD, True, True): 108,
                ("_units_update_kernel", L.KIND_SGD, True, False): 64,
-               ("_units_update_kernel", L.KIND_SGD, True, True): 96}
+               ("_units_update_kernel", L.KIND_SGD, True, True): 96,
+               ("_update_kernel", L.KIND_ADAM, "bf16", "uint8", 0, False): 96,
+               ("_update_kernel", L.KIND_ADAM, "bf16", "uint8", L.MODE_SR, False): 96,
+               ("_update_kernel", L.KIND_SGD, "bf16", "uint8", 0, True): 80,
+               ("_update_kernel", L.KIND_SGD, "bf16", "uint8", L.MODE_SR, True): 80,
+               ("_update_kernel", L.KIND_SGD, "bf16", "uint8", L.MODE_MASTER, True): 112,
+               ("_update_kernel", L.KIND_SGD, "bf16", "bf16", L.MODE_SR, True): 96,
+               ("_update_kernel", L.KIND_SGD, "bf16", "bf16", L.MODE_SR, False): 64,
+               # ALLoRA units below fp32: scalar accesses at ~255 registers, 8 programs (fp32
+               # Adam: 4 at 2 warps) of tiles with fewer bytes an element than the 128 KB need
+               ("_units_update_kernel", L.KIND_ADAM, "fp32", "bf16", 0, True): 112,
+               ("_units_update_kernel", L.KIND_ADAM, "fp32", "bf16", 0, False): 96,
+               ("_units_update_kernel", L.KIND_SGD, "bf16", "fp32", 0, False): 64,
+               ("_units_update_kernel", L.KIND_SGD, "bf16", "fp32", L.MODE_MASTER, False): 96,
+               ("_units_update_kernel", L.KIND_SGD, "fp16", "fp32", L.MODE_MASTER, False): 96,
+               ("_units_update_kernel", L.KIND_SGD, "bf16", "bf16", L.MODE_MASTER, False): 96,
+               ("_units_update_kernel", L.KIND_SGD, "bf16", "bf16", L.MODE_SR, True): 96,
+               ("_units_update_kernel", L.KIND_SGD, "bf16", "bf16", L.MODE_SR, False): 64}
+
+
+def is_lowp(v: Variant) -> bool:
+    """A variant below fp32: states in another storage than the parameter, or a MODE."""
+    c = v.constexprs
+    return "SDTYPE" in c and (str(c["SDTYPE"]) != str(c["DTYPE"]) or bool(c.get("MODE")))
+
+
+def short_key(v: Variant) -> tuple:
+    """The KNOWN_SHORT key of an update variant."""
+    c = v.constexprs
+    if is_lowp(v):
+        return (v.name, c["KIND"], str(c["DTYPE"]), str(c["SDTYPE"]), c["MODE"], c["FLAG"])
+    return (v.name, c["KIND"], _esize(v) == 2, c["FLAG"])
 
 
 def _bin(name: str) -> str:
@@ -365,19 +454,24 @@ def residency(regs: int, warps: int, smem: int) -> int:
     return max(0, min(by_regs, SM_WARPS // warps, SM_PROGRAMS, by_smem))
 
 
-def _esize(v: Variant) -> int:
-    return {"fp32": 4, "bf16": 2, "fp16": 2}.get(str(v.constexprs.get("DTYPE")), 4)
+_SIZES = {"fp32": 4, "bf16": 2, "fp16": 2, "uint8": 1}
+
+
+def _esize(v: Variant, name: str = "DTYPE") -> int:
+    return _SIZES.get(str(v.constexprs.get(name, v.constexprs.get("DTYPE"))), 4)
 
 
 def program_bytes(v: Variant) -> int:
     """Bytes one program of ``v`` loads (the data, not the table rows): a block (update,
     statistics) or one tile of the update loop (ALLoRA units), with the optional state of the
-    FLAG variants counted."""
+    FLAG variants counted; below fp32: the states in SDTYPE, the fp32 master in place of the
+    parameter (MODE_MASTER; the 8-bit scales, 1/64 of the codes, left out)."""
     c = v.constexprs
     if v.name in UPDATE_KERNELS:
         n = c["BLOCK"] if v.name == "_update_kernel" else c["UNITS"] * c["CHUNK"]
-        arrays = (4 if c["KIND"] == L.KIND_ADAM else 2) + (1 if c["FLAG"] else 0)
-        return n * arrays * _esize(v)
+        states = (2 if c["KIND"] == L.KIND_ADAM else 0) + (1 if c["FLAG"] else 0)
+        param = 4 if c.get("MODE", 0) & L.MODE_MASTER else _esize(v)
+        return n * (param + _esize(v) + states * _esize(v, "SDTYPE"))
     if v.name == "_grad_stats_kernel":
         return c["BLOCK"] * _esize(v)
     return 0
@@ -432,9 +526,7 @@ def requirements(v: Variant, code: Code) -> list[str]:
             bad.append(f"fences or acquiring atomics: {fences}")
     if v.name in UPDATE_KERNELS:
         inflight = code.programs * program_bytes(v)
-        c = v.constexprs
-        floor = min(MIN_INFLIGHT, 1024 * KNOWN_SHORT.get(
-            (v.name, c["KIND"], _esize(v) == 2, c["FLAG"]), MIN_INFLIGHT // 1024))
+        floor = min(MIN_INFLIGHT, 1024 * KNOWN_SHORT.get(short_key(v), MIN_INFLIGHT // 1024))
         if inflight < floor:
             bad.append(f"{inflight // 1024} KB in flight per SM < {floor // 1024} KB")
     if v.name in ("_update_kernel", "_grad_stats_kernel"):
@@ -471,6 +563,8 @@ def main(argv=None) -> int:
     ap.add_argument("--one-unit-class", action="store_true",
                     help="ALLoRA units: only the variants of the first unit class (the classes "
                          "differ in tile shape only; CI, to stay within its time)")
+    ap.add_argument("--no-lowp", action="store_true",
+                    help="leave out the variants below fp32 (lowp_configs)")
     ap.add_argument("--require", action="store_true",
                     help="fail a variant whose code breaks the properties of requirements() "
                          "(implies --table)")
@@ -483,14 +577,15 @@ def main(argv=None) -> int:
     target = GPUTarget("cuda", args.arch, 32)
     t0 = time.perf_counter()
     try:
-        vs, n_cfg = variants()
+        vs, n_cfg = variants(lowp=not args.no_lowp)
     except RuntimeError as e:
         print(f"FAIL {e}")
         print(f"0 compiled, 1 failed (sm_{args.arch})")
         return 1
     n_all = len(vs)
-    if args.quick:
-        vs = pick_quick(vs)
+    if args.quick:  # and one variant below fp32 of each update kernel
+        vs = pick_quick([v for v in vs if not is_lowp(v)]) + pick_quick(
+            [v for v in vs if is_lowp(v)])
     if args.kernels:
         vs = [v for v in vs if v.name in args.kernels.split(",")]
     if args.one_unit_class:

@@ -282,6 +282,99 @@ def _typed(addr, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
     return p
 
 
+# -- below fp32 (the definition: fastsched.optim._lowp; bit for bit) ------------------------------
+# 8-bit codes: constants of the codec per bias (signed: exp_avg / momentum, unsigned: exp_avg_sq)
+_Q_TOP = tl.constexpr(L.Q_TOP)
+#: the magic constant 2^(24 - bias - Q_MANT) whose ulp is the subnormal quantum, and its bits
+_Q_MAGIC_S = tl.constexpr(2.0 ** (24 - L.Q_BIAS_SIGNED - L.Q_MANT))
+_Q_MAGIC_U = tl.constexpr(2.0 ** (24 - L.Q_BIAS_UNSIGNED - L.Q_MANT))
+_Q_MAGIC_BITS_S = tl.constexpr((127 + 24 - L.Q_BIAS_SIGNED - L.Q_MANT) << 23)
+_Q_MAGIC_BITS_U = tl.constexpr((127 + 24 - L.Q_BIAS_UNSIGNED - L.Q_MANT) << 23)
+#: the smallest normal magnitude 2^(1 - bias) and the subnormal quantum 2^(1 - bias - Q_MANT)
+_Q_NORMAL_S = tl.constexpr(2.0 ** (1 - L.Q_BIAS_SIGNED))
+_Q_NORMAL_U = tl.constexpr(2.0 ** (1 - L.Q_BIAS_UNSIGNED))
+_Q_QUANTUM_S = tl.constexpr(2.0 ** (1 - L.Q_BIAS_SIGNED - L.Q_MANT))
+_Q_QUANTUM_U = tl.constexpr(2.0 ** (1 - L.Q_BIAS_UNSIGNED - L.Q_MANT))
+#: exponent rebias of a normal code ((127 - bias) << Q_MANT)
+_Q_REBIAS_S = tl.constexpr((127 - L.Q_BIAS_SIGNED) << L.Q_MANT)
+_Q_REBIAS_U = tl.constexpr((127 - L.Q_BIAS_UNSIGNED) << L.Q_MANT)
+_Q_SHIFT = tl.constexpr(23 - L.Q_MANT)
+_Q_HALF = tl.constexpr((1 << (23 - L.Q_MANT - 1)) - 1)
+_Q_SUBN = tl.constexpr(1 << L.Q_MANT)
+
+
+@triton.jit
+def _fmix32(h):
+    """MurmurHash3's finaliser on uint32 (wrapping multiplications), as ``_lowp.fmix32``."""
+    h = h ^ (h >> 16)
+    h = h * 0x85EBCA6B
+    h = h ^ (h >> 13)
+    h = h * 0xC2B2AE35
+    return h ^ (h >> 16)
+
+
+@triton.jit
+def _sr_bf16(x, c, idx):
+    """fp32 ``x`` -> bf16 with stochastic rounding (``_lowp.stochastic_round_bf16``): ``c`` =
+    fmix32(key ^ step) (uint32, per tensor), ``idx`` the elements' int64 indices in the whole
+    parameter; NaN -> 0x7FC0."""
+    lo = idx.to(tl.uint32)  # the low 32 bits (truncation)
+    hi = (idx >> 32).to(tl.uint32)
+    r = _fmix32(_fmix32(lo ^ c) + hi)
+    bits = x.to(tl.uint32, bitcast=True)
+    out = (bits + (r & 0xFFFF)) >> 16
+    out = tl.where(x != x, 0x7FC0, out)
+    return out.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _q_decode(code, scale, SIGNED: tl.constexpr):
+    """fp32 values of uint8 ``code`` with their block's ``scale`` (``_lowp.dequantize``)."""
+    c = code.to(tl.uint32)
+    if SIGNED:
+        mag = c & 0x7F
+        sub = mag.to(tl.float32) * _Q_QUANTUM_S
+        normal = ((mag + _Q_REBIAS_S) << _Q_SHIFT).to(tl.float32, bitcast=True)
+    else:
+        mag = c
+        sub = mag.to(tl.float32) * _Q_QUANTUM_U
+        normal = ((mag + _Q_REBIAS_U) << _Q_SHIFT).to(tl.float32, bitcast=True)
+    v = tl.where(mag < _Q_SUBN, sub, normal) * scale
+    if SIGNED:
+        v = tl.where(c >= 0x80, -v, v)
+    return v
+
+
+@triton.jit
+def _q_encode(x, mask, MASKED: tl.constexpr, SIGNED: tl.constexpr):
+    """(uint8 codes, float32 scale per row) of fp32 ``x`` [rows, Q_BLOCK], each row one block
+    (``_lowp.quantize``): elements outside ``mask`` (MASKED) are left out of the absmax; a row
+    with a NaN or inf gets scale NaN and magnitude codes 0."""
+    ax = tl.abs(x)
+    bad = (x != x) | (ax == float("inf"))
+    if MASKED:
+        ax = tl.where(mask, ax, 0.0)
+        bad = bad & mask
+    absmax = tl.max(ax, 1)
+    nonfinite = tl.max(bad.to(tl.int32), 1) != 0
+    scale = tl.where(nonfinite, float("nan"), tl.div_rn(absmax, _Q_TOP))
+    # torch's Q_TOP / absmax (Tensor.__rtruediv__) is reciprocal(absmax) * Q_TOP: two roundings
+    inv = tl.where(nonfinite | (absmax == 0.0), 0.0, tl.div_rn(1.0, absmax) * _Q_TOP)
+    a = ax * inv[:, None]
+    a = tl.where(a > _Q_TOP, _Q_TOP, a)  # torch.clamp(max=): keeps a NaN (0 * inf)
+    a = tl.where(nonfinite[:, None], 0.0, a)
+    b = a.to(tl.uint32, bitcast=True)
+    r = (b + _Q_HALF + ((b >> _Q_SHIFT) & 1)) >> _Q_SHIFT  # nearest even on the fp32 bits
+    if SIGNED:
+        sub = (a + _Q_MAGIC_S).to(tl.uint32, bitcast=True) - _Q_MAGIC_BITS_S
+        mag = tl.where(a < _Q_NORMAL_S, sub, r - _Q_REBIAS_S)
+        mag = mag | tl.where(x < 0.0, 0x80, 0).to(tl.uint32)
+    else:
+        sub = (a + _Q_MAGIC_U).to(tl.uint32, bitcast=True) - _Q_MAGIC_BITS_U
+        mag = tl.where(a < _Q_NORMAL_U, sub, r - _Q_REBIAS_U)
+    return mag.to(tl.uint8), scale
+
+
 @triton.jit
 def _ld(ptr, offs, mask, MASKED: tl.constexpr):
     if MASKED:
@@ -297,6 +390,73 @@ def _st(ptr, offs, x, mask, DTYPE: tl.constexpr, MASKED: tl.constexpr):
         tl.store(ptr + offs, _to_storage(x, DTYPE), mask=mask)
     else:
         tl.store(ptr + offs, _to_storage(x, DTYPE))
+
+
+@triton.jit
+def _ld_s(ptr, q_ptr, offs, qoffs, mask, qmask, MASKED: tl.constexpr, SDTYPE: tl.constexpr,
+          SIGNED: tl.constexpr):
+    """A state as fp32: its storage (the pointer's type), or 8-bit codes (SDTYPE uint8) times
+    their block's scale (``q_ptr + qoffs``: one per row of a [rows, Q_BLOCK] tile)."""
+    if SDTYPE == tl.uint8:
+        if MASKED:
+            c = tl.load(ptr + offs, mask=mask, other=0)
+            s = tl.load(q_ptr + qoffs, mask=qmask, other=0.0)
+        else:
+            c = tl.load(ptr + offs)
+            s = tl.load(q_ptr + qoffs)
+        return _q_decode(c, s[:, None], SIGNED)
+    else:
+        return _ld(ptr, offs, mask, MASKED)
+
+
+@triton.jit
+def _st_s(ptr, q_ptr, offs, qoffs, x, mask, qmask, MASKED: tl.constexpr, SDTYPE: tl.constexpr,
+          SIGNED: tl.constexpr):
+    """Store a state (fp32 ``x``): in its storage with nearest-even rounding, or as 8-bit codes
+    and the scales of its rows (SDTYPE uint8: each row of the tile one whole Q_BLOCK)."""
+    if SDTYPE == tl.uint8:
+        codes, scale = _q_encode(x, mask, MASKED, SIGNED)
+        if MASKED:
+            tl.store(ptr + offs, codes, mask=mask)
+            tl.store(q_ptr + qoffs, scale, mask=qmask)
+        else:
+            tl.store(ptr + offs, codes)
+            tl.store(q_ptr + qoffs, scale)
+    else:
+        _st(ptr, offs, x, mask, SDTYPE, MASKED)
+
+
+@triton.jit
+def _st_p(p_ptr, w_ptr, offs, w, mask, sr_c, elem0, DTYPE: tl.constexpr, MASKED: tl.constexpr,
+          MODE: tl.constexpr):
+    """Store the new fp32 parameter ``w``: MODE_MASTER: into the fp32 master and, rounded to
+    nearest even, into the parameter; MODE_SR (bf16): stochastically rounded (``sr_c``:
+    fmix32(key ^ step), ``elem0``: the index of the local tensor's first element); else rounded
+    to nearest even."""
+    if (MODE & L.MODE_MASTER) != 0:
+        _st(w_ptr, offs, w, mask, tl.float32, MASKED)
+        _st(p_ptr, offs, w, mask, DTYPE, MASKED)
+    elif (MODE & L.MODE_SR) != 0:
+        tl.static_assert(DTYPE == tl.bfloat16, "stochastic rounding: bf16 parameters only")
+        x = _sr_bf16(w, sr_c, elem0 + offs)
+        if MASKED:
+            tl.store(p_ptr + offs, x, mask=mask)
+        else:
+            tl.store(p_ptr + offs, x)
+    else:
+        _st(p_ptr, offs, w, mask, DTYPE, MASKED)
+
+
+@triton.jit
+def _sr_prologue(row, MODE: tl.constexpr):
+    """(fmix32(key ^ step), index of the first element) of a MODE_SR tensor: the step is the
+    tensor's counter after this step's increment (finalize wrote it); (0, 0) otherwise."""
+    if (MODE & L.MODE_SR) != 0:
+        key = tl.load(row + L.T_SR_KEY).to(tl.uint32)
+        step = tl.load(tl.load(row + L.T_STEP).to(tl.pointer_type(tl.float32)))
+        return _fmix32(key ^ step.to(tl.uint32)), tl.load(row + L.T_ELEM0)
+    else:
+        return 0, 0
 
 
 @triton.jit
@@ -329,8 +489,9 @@ def _scalars(scal_ptr, tidx, KIND: tl.constexpr, STATS: tl.constexpr):
 
 @triton.jit
 def _apply(p_ptr, g_ptr, s1_ptr, s2_ptr, s3_ptr, has3, offs, mask, g_scale, u_scale, grad_mul,
-           c0, c1, c2, c3, c4, c5, c6, c7, KIND: tl.constexpr, DTYPE: tl.constexpr,
-           MASKED: tl.constexpr, FLAG: tl.constexpr, STATS: tl.constexpr):
+           c0, c1, c2, c3, c4, c5, c6, c7, w_ptr, q1_ptr, q2_ptr, qoffs, qmask, sr_c, elem0,
+           KIND: tl.constexpr, DTYPE: tl.constexpr, MASKED: tl.constexpr, FLAG: tl.constexpr,
+           STATS: tl.constexpr, SDTYPE: tl.constexpr, MODE: tl.constexpr):
     """Load, update and store the elements ``offs`` (any block shape; ``mask`` used only when
     MASKED) of one tensor; ``c0..c7``: :func:`_scalars`.
 
@@ -341,13 +502,21 @@ def _apply(p_ptr, g_ptr, s1_ptr, s2_ptr, s3_ptr, has3, offs, mask, g_scale, u_sc
     rounded sqrt and division; SGD follows ``torch.optim.SGD``. ``has3``: the optional state
     exists (FLAG variants): amsgrad's ``max_exp_avg_sq`` at ``s3_ptr`` (Adam), the momentum
     buffer at ``s1_ptr`` (SGD).
+    Below fp32: the states are stored in SDTYPE (uint8: 8-bit codes, ``offs`` a [rows,
+    Q_BLOCK] tile whose rows are whole blocks, their scales at ``q1_ptr`` / ``q2_ptr`` +
+    ``qoffs``, ``qmask`` the rows holding an element); MODE_MASTER reads and writes the fp32
+    master at ``w_ptr``; MODE_SR stores the parameter with stochastic rounding (``sr_c``,
+    ``elem0``: :func:`_sr_prologue`). See :func:`_st_p`.
     Returns the sums of p^2 and u^2 of these elements (STATS; else 0).
     """
-    p = _ld(p_ptr, offs, mask, MASKED)
+    if (MODE & L.MODE_MASTER) != 0:
+        p = _ld(w_ptr, offs, mask, MASKED)
+    else:
+        p = _ld(p_ptr, offs, mask, MASKED)
     g = _ld(g_ptr, offs, mask, MASKED) * grad_mul * g_scale
     if KIND == L.KIND_ADAM:
-        m = _ld(s1_ptr, offs, mask, MASKED)
-        v = _ld(s2_ptr, offs, mask, MASKED)
+        m = _ld_s(s1_ptr, q1_ptr, offs, qoffs, mask, qmask, MASKED, SDTYPE, True)
+        v = _ld_s(s2_ptr, q2_ptr, offs, qoffs, mask, qmask, MASKED, SDTYPE, False)
         p = p * c2  # AdamW: p * (1 - lr * wd); Adam: 1
         g = g + c3 * p  # Adam: L2 penalty in the gradient; AdamW: 0
         # torch lerp_(g, w = 1 - beta1): from the nearer end, so beta1 = 0 gives m = g exactly
@@ -355,27 +524,29 @@ def _apply(p_ptr, g_ptr, s1_ptr, s2_ptr, s3_ptr, has3, offs, mask, g_scale, u_sc
         v = (1.0 - c5) * v + c5 * g * g
         vv = v
         if FLAG:  # amsgrad for the groups that have a max_exp_avg_sq (address != 0)
+            tl.static_assert(SDTYPE != tl.uint8, "amsgrad's max_exp_avg_sq is never 8-bit")
             if has3:
                 vmax = tl.maximum(_ld(s3_ptr, offs, mask, MASKED), v)
-                _st(s3_ptr, offs, vmax, mask, DTYPE, MASKED)
+                _st(s3_ptr, offs, vmax, mask, SDTYPE, MASKED)
                 vv = vmax
         denom = tl.div_rn(tl.sqrt_rn(vv), c1) + c6
         u = tl.div_rn(m, denom) * u_scale
         p = p - c0 * u
-        _st(s1_ptr, offs, m, mask, DTYPE, MASKED)
-        _st(s2_ptr, offs, v, mask, DTYPE, MASKED)
+        _st_s(s1_ptr, q1_ptr, offs, qoffs, m, mask, qmask, MASKED, SDTYPE, True)
+        _st_s(s2_ptr, q2_ptr, offs, qoffs, v, mask, qmask, MASKED, SDTYPE, False)
         if STATS:
             u = u / c7  # the unscaled update m_hat / (sqrt(v_hat) + eps)
     else:
         d = g + c3 * p
         if FLAG:  # groups without momentum have no buffer (address 0): d passes through
             if has3:
-                buf = c1 * _ld(s1_ptr, offs, mask, MASKED) + c2 * d
-                _st(s1_ptr, offs, buf, mask, DTYPE, MASKED)
+                buf = c1 * _ld_s(s1_ptr, q1_ptr, offs, qoffs, mask, qmask, MASKED, SDTYPE,
+                                 True) + c2 * d
+                _st_s(s1_ptr, q1_ptr, offs, qoffs, buf, mask, qmask, MASKED, SDTYPE, True)
                 d = tl.where(c4 != 0.0, d + c5 * buf, buf)
         u = d * u_scale
         p = p - c0 * u
-    _st(p_ptr, offs, p, mask, DTYPE, MASKED)
+    _st_p(p_ptr, w_ptr, offs, p, mask, sr_c, elem0, DTYPE, MASKED, MODE)
     psq = 0.0
     usq = 0.0
     if STATS:  # per-tensor sums of the new p^2 and of u^2 over these elements
@@ -400,9 +571,15 @@ def _add_stats(us_ptr, psq, usq, STATS: tl.constexpr):
 @triton.jit(do_not_specialize=["advance"])
 def _update_kernel(tensors_ptr, blocks_ptr, scal_ptr, ustat_ptr, clock_ptr, advance,
                    KIND: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
-                   FLAG: tl.constexpr, STATS: tl.constexpr):
+                   FLAG: tl.constexpr, STATS: tl.constexpr, SDTYPE: tl.constexpr,
+                   MODE: tl.constexpr):
     """One program per ``BLOCK`` elements of a tensor (rows of ``blocks``). ``advance``: this
-    launch advances the clock (program 0; the launcher sets it on one launch of the step)."""
+    launch advances the clock (program 0; the launcher sets it on one launch of the step).
+
+    SDTYPE: storage of the states (DTYPE: as the parameter; uint8: 8-bit codes, the block in
+    [BLOCK // Q_BLOCK, Q_BLOCK] tiles so that each row is one quantisation block, BLOCK a
+    multiple of Q_BLOCK); MODE: MODE_* bits (master copy, stochastic rounding). With
+    SDTYPE == DTYPE and MODE 0 the code is that of the variants before either existed."""
     pid = tl.program_id(0)
     tidx = tl.load(blocks_ptr + pid * L.B_COLS + L.B_TENSOR)
     start = tl.multiple_of(tl.load(blocks_ptr + pid * L.B_COLS + L.B_START), BLOCK)
@@ -420,35 +597,75 @@ def _update_kernel(tensors_ptr, blocks_ptr, scal_ptr, ustat_ptr, clock_ptr, adva
     # the optional state of the FLAG variants (absent states have address 0: aligned)
     has3 = (s3 if KIND == L.KIND_ADAM else s1) != 0
     grad_mul, c0, c1, c2, c3, c4, c5, c6, c7 = _scalars(scal_ptr, tidx, KIND, STATS)
-    if (start + BLOCK <= numel) & (((pa | ga | s1 | s2 | s3) & 15) == 0):
-        offs = start + tl.arange(0, BLOCK)
+    wa = pa  # the master's address (MODE_MASTER; otherwise never read)
+    if (MODE & L.MODE_MASTER) != 0:
+        wa = tl.load(row + L.T_MASTER)
+    q1 = pa  # the scales of 8-bit S1 / S2 (read with SDTYPE uint8 only)
+    q2 = pa
+    if SDTYPE == tl.uint8:
+        q1 = tl.load(row + L.T_Q1)
+        q2 = tl.load(row + L.T_Q2)
+    sr_c, elem0 = _sr_prologue(row, MODE)
+    if (start + BLOCK <= numel) & ((
+            (pa | ga | s1 | s2 | s3 | (wa if (MODE & L.MODE_MASTER) != 0 else 0)) & 15) == 0):
+        # uint8 codes of a BLOCK-aligned block of a 16-byte-aligned state are 16-byte aligned
+        if SDTYPE == tl.uint8:
+            qrow = tl.arange(0, BLOCK // L.Q_BLOCK)
+            offs = start + qrow[:, None] * L.Q_BLOCK + tl.arange(0, L.Q_BLOCK)[None, :]
+            qoffs = start // L.Q_BLOCK + qrow
+        else:
+            offs = start + tl.arange(0, BLOCK)
+            qoffs = offs
         psq, usq = _apply(_typed(pa, DTYPE, True), _typed(ga, DTYPE, True),
-                          _typed(s1, DTYPE, True), _typed(s2, DTYPE, True),
-                          _typed(s3, DTYPE, True), has3, offs, offs, 1.0, 1.0, grad_mul, c0, c1, c2,
-                          c3, c4, c5, c6, c7, KIND, DTYPE, False, FLAG, STATS)
+                          _typed(s1, SDTYPE, True), _typed(s2, SDTYPE, True),
+                          _typed(s3, SDTYPE, True), has3, offs, offs, 1.0, 1.0, grad_mul, c0, c1,
+                          c2, c3, c4, c5, c6, c7, _typed(wa, tl.float32, True),
+                          _typed(q1, tl.float32, False), _typed(q2, tl.float32, False), qoffs,
+                          qoffs, sr_c, elem0, KIND, DTYPE, False, FLAG, STATS, SDTYPE, MODE)
     else:
         # the last block, unaligned tensors: scalar accesses (a masked element cannot share a
         # 16-byte instruction with its neighbours), in quarter blocks so that this path, one
         # register per element, does not set the kernel's register count (bf16 at 4 warps: 161
-        # registers with the whole block at once)
+        # registers with the whole block at once); 8-bit states: in whole quantisation blocks
         psq = tl.zeros([], dtype=tl.float32)
         usq = tl.zeros([], dtype=tl.float32)
-        for s0 in range(0, BLOCK, BLOCK // 4):
-            offs = start + s0 + tl.arange(0, BLOCK // 4)
-            a, b = _apply(_typed(pa, DTYPE, False), _typed(ga, DTYPE, False),
-                          _typed(s1, DTYPE, False), _typed(s2, DTYPE, False),
-                          _typed(s3, DTYPE, False), has3, offs, offs < numel, 1.0, 1.0,
-                          grad_mul, c0,
-                          c1, c2, c3, c4, c5, c6, c7, KIND, DTYPE, True, FLAG, STATS)
-            psq += a
-            usq += b
+        if SDTYPE == tl.uint8:
+            QR: tl.constexpr = (BLOCK + 4 * L.Q_BLOCK - 1) // (4 * L.Q_BLOCK)
+            # (names apart from the other path's: Triton merges the variables of both)
+            mrow = tl.arange(0, QR)
+            for s0 in range(0, BLOCK, QR * L.Q_BLOCK):
+                r0 = start + s0 + mrow * L.Q_BLOCK
+                offs = r0[:, None] + tl.arange(0, L.Q_BLOCK)[None, :]
+                a, b = _apply(_typed(pa, DTYPE, False), _typed(ga, DTYPE, False),
+                              _typed(s1, SDTYPE, False), _typed(s2, SDTYPE, False),
+                              _typed(s3, SDTYPE, False), has3, offs, offs < numel, 1.0, 1.0,
+                              grad_mul, c0, c1, c2, c3, c4, c5, c6, c7,
+                              _typed(wa, tl.float32, False), _typed(q1, tl.float32, False),
+                              _typed(q2, tl.float32, False), (start + s0) // L.Q_BLOCK + mrow,
+                              r0 < numel, sr_c, elem0, KIND, DTYPE, True, FLAG, STATS, SDTYPE,
+                              MODE)
+                psq += a
+                usq += b
+        else:
+            for s0 in range(0, BLOCK, BLOCK // 4):
+                offs = start + s0 + tl.arange(0, BLOCK // 4)
+                a, b = _apply(_typed(pa, DTYPE, False), _typed(ga, DTYPE, False),
+                              _typed(s1, SDTYPE, False), _typed(s2, SDTYPE, False),
+                              _typed(s3, SDTYPE, False), has3, offs, offs < numel, 1.0, 1.0,
+                              grad_mul, c0, c1, c2, c3, c4, c5, c6, c7,
+                              _typed(wa, tl.float32, False), _typed(q1, tl.float32, False),
+                              _typed(q2, tl.float32, False), offs, offs, sr_c, elem0, KIND,
+                              DTYPE, True, FLAG, STATS, SDTYPE, MODE)
+                psq += a
+                usq += b
     _add_stats(ustat_ptr + tidx * L.US_COLS, psq, usq, STATS)
 
 
 @triton.jit(do_not_specialize=["advance"])
 def _units_update_kernel(tensors_ptr, blocks_ptr, scal_ptr, ustat_ptr, clock_ptr, advance,
                          KIND: tl.constexpr, DTYPE: tl.constexpr, UNITS: tl.constexpr,
-                         CHUNK: tl.constexpr, FLAG: tl.constexpr, STATS: tl.constexpr):
+                         CHUNK: tl.constexpr, FLAG: tl.constexpr, STATS: tl.constexpr,
+                         SDTYPE: tl.constexpr, MODE: tl.constexpr):
     """ALLoRA-style update: each program owns ``UNITS`` whole units (rows, columns or the tensor)
     of one tensor; pass 1 reduces ||theta_unit||^2, pass 2 scales the unit's gradient by
     1 / sqrt(||theta_unit||^2 + 1/eta^2) and applies the update.
@@ -458,7 +675,12 @@ def _units_update_kernel(tensors_ptr, blocks_ptr, scal_ptr, ustat_ptr, clock_ptr
     along it (with the stride a runtime value, a warp load spanned 16-32 rows: 16 cache lines
     for 128 useful bytes at r=16). Columns have unit stride 1: lanes go across units, i.e.
     along the rows of the matrix. Table and scalar loads happen once, before the loops.
-    A unit belongs to one program, so no program reads what another writes."""
+    A unit belongs to one program, so no program reads what another writes.
+    SDTYPE / MODE as :func:`_update_kernel` (with MODE_MASTER the norms are those of the fp32
+    master, the weights the step updates, as in the reference and the C++ executor);
+    not 8-bit states: a unit tile does not cover whole quantisation blocks (the launcher
+    refuses them)."""
+    tl.static_assert(SDTYPE != tl.uint8, "8-bit states: not in ALLoRA unit tiles")
     pid = tl.program_id(0)
     tidx = tl.load(blocks_ptr + pid * L.B_COLS + L.B_TENSOR)
     u0 = tl.load(blocks_ptr + pid * L.B_COLS + L.B_START)
@@ -474,13 +696,21 @@ def _units_update_kernel(tensors_ptr, blocks_ptr, scal_ptr, ustat_ptr, clock_ptr
     n_units = tl.load(row + L.T_NUNITS)
     inv_eta2 = tl.load(sc + L.S_INV_ETA2)
     u_on = tl.load(sc + L.S_ALLORA_UPDATE)  # allora_apply: 1.0 "update", 0.0 "grad"
-    p_ptr = _typed(tl.load(row + L.T_P), DTYPE, False)
+    pa = tl.load(row + L.T_P)
+    p_ptr = _typed(pa, DTYPE, False)
     g_ptr = _typed(tl.load(row + L.T_G), DTYPE, False)
     s1 = tl.load(row + L.T_S1)
     s3 = tl.load(row + L.T_S3)
-    s1_ptr = _typed(s1, DTYPE, False)
-    s2_ptr = _typed(tl.load(row + L.T_S2), DTYPE, False)
-    s3_ptr = _typed(s3, DTYPE, False)
+    s1_ptr = _typed(s1, SDTYPE, False)
+    s2_ptr = _typed(tl.load(row + L.T_S2), SDTYPE, False)
+    s3_ptr = _typed(s3, SDTYPE, False)
+    if (MODE & L.MODE_MASTER) != 0:
+        w_ptr = _typed(tl.load(row + L.T_MASTER), tl.float32, False)
+        n_ptr = w_ptr  # the unit norms of the weights the step updates: the master's
+    else:
+        w_ptr = _typed(pa, tl.float32, False)  # never read
+        n_ptr = p_ptr
+    sr_c, elem0 = _sr_prologue(row, MODE)
     has3 = (s3 if KIND == L.KIND_ADAM else s1) != 0
     grad_mul, c0, c1, c2, c3, c4, c5, c6, c7 = _scalars(scal_ptr, tidx, KIND, STATS)
     psq = tl.zeros([], dtype=tl.float32)
@@ -494,7 +724,7 @@ def _units_update_kernel(tensors_ptr, blocks_ptr, scal_ptr, ustat_ptr, clock_ptr
             k = k0 + tl.arange(0, CHUNK)
             offs = base[:, None] + k[None, :]
             mask = umask[:, None] & (k[None, :] < unit_len)
-            p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            p = tl.load(n_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             acc += tl.sum(p * p, 1)
         scale = 1.0 / tl.sqrt(acc + inv_eta2)
         gs = tl.where(u_on != 0.0, 1.0, scale)[:, None]  # "grad": the gradient's multiplier
@@ -504,8 +734,9 @@ def _units_update_kernel(tensors_ptr, blocks_ptr, scal_ptr, ustat_ptr, clock_ptr
             offs = base[:, None] + k[None, :]
             mask = umask[:, None] & (k[None, :] < unit_len)
             a, b = _apply(p_ptr, g_ptr, s1_ptr, s2_ptr, s3_ptr, has3, offs, mask,
-                          gs, us, grad_mul, c0, c1, c2, c3, c4, c5, c6, c7, KIND, DTYPE, True,
-                          FLAG, STATS)
+                          gs, us, grad_mul, c0, c1, c2, c3, c4, c5, c6, c7, w_ptr, w_ptr,
+                          w_ptr, offs, mask, sr_c, elem0, KIND, DTYPE, True, FLAG, STATS,
+                          SDTYPE, MODE)
             psq += a
             usq += b
     else:  # column units: unit_stride == 1 (allora_units), the units of a tile are adjacent
@@ -513,7 +744,7 @@ def _units_update_kernel(tensors_ptr, blocks_ptr, scal_ptr, ustat_ptr, clock_ptr
             k = k0 + tl.arange(0, CHUNK)
             offs = units[:, None] + k[None, :] * elem_stride
             mask = umask[:, None] & (k[None, :] < unit_len)
-            p = tl.load(p_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+            p = tl.load(n_ptr + offs, mask=mask, other=0.0).to(tl.float32)
             acc += tl.sum(p * p, 1)
         scale = 1.0 / tl.sqrt(acc + inv_eta2)
         gs = tl.where(u_on != 0.0, 1.0, scale)[:, None]  # "grad": the gradient's multiplier
@@ -523,8 +754,9 @@ def _units_update_kernel(tensors_ptr, blocks_ptr, scal_ptr, ustat_ptr, clock_ptr
             offs = units[:, None] + k[None, :] * elem_stride
             mask = umask[:, None] & (k[None, :] < unit_len)
             a, b = _apply(p_ptr, g_ptr, s1_ptr, s2_ptr, s3_ptr, has3, offs, mask,
-                          gs, us, grad_mul, c0, c1, c2, c3, c4, c5, c6, c7, KIND, DTYPE, True,
-                          FLAG, STATS)
+                          gs, us, grad_mul, c0, c1, c2, c3, c4, c5, c6, c7, w_ptr, w_ptr,
+                          w_ptr, offs, mask, sr_c, elem0, KIND, DTYPE, True, FLAG, STATS,
+                          SDTYPE, MODE)
             psq += a
             usq += b
     _add_stats(ustat_ptr + tidx * L.US_COLS, psq, usq, STATS)
@@ -549,6 +781,28 @@ def tl_dtype(dtype: torch.dtype):
         raise ValueError(f"dtype must be one of {list(_TL_DTYPES)}, got {dtype}") from None
 
 
+#: the kernels' SDTYPE of each STATE_* code (uint8: 8-bit codes; STATE_F64 never reaches Triton)
+_TL_STATES = {L.STATE_F32: tl.float32, L.STATE_BF16: tl.bfloat16, L.STATE_F16: tl.float16,
+              L.STATE_8BIT: tl.uint8}
+_MODES = (0, L.MODE_MASTER, L.MODE_SR)
+
+
+def tl_state(state: int | None, dtype: torch.dtype, mode: int = 0):
+    """SDTYPE of an update variant: ``state`` (a STATE_* code; None: the parameter's
+    ``dtype``), checked with ``mode`` (0, MODE_MASTER or MODE_SR)."""
+    if mode not in _MODES:
+        raise ValueError(f"mode must be one of {list(_MODES)}, got {mode!r}")
+    if mode == L.MODE_SR and dtype != torch.bfloat16:
+        raise ValueError(f"stochastic rounding: bfloat16 parameters only, got {dtype}")
+    if state is None:
+        return tl_dtype(dtype)
+    try:
+        return _TL_STATES[state]
+    except KeyError:
+        raise ValueError(f"state must be one of {sorted(_TL_STATES)} (STATE_*), got "
+                         f"{state!r}") from None
+
+
 def _warps(elements: int, per_thread: int, most: int = 16) -> int:
     """Warps so that each thread owns ``per_thread`` elements (a power of two in 1..most)."""
     w = max(1, elements // (32 * per_thread))
@@ -567,17 +821,30 @@ def _warps(elements: int, per_thread: int, most: int = 16) -> int:
 #: without momentum, 108-132 KB with it (183-219 registers; 2 warps: 96-120 KB).
 _UPDATE_WARPS = {(L.KIND_ADAM, False): 4, (L.KIND_ADAM, True): 1,
                  (L.KIND_SGD, False): 4, (L.KIND_SGD, True): 1}
+#: num_warps of the update variants below fp32 by (kind, parameter dtype, state code or None,
+#: mode), where they differ from _UPDATE_WARPS (bench/compile_check.py --table, triton 3.6,
+#: sm_90). fp32 parameters with 8-bit states: the new m, v of a whole 256-block stay live until
+#: its absmax is known: Adam 127 registers at 4 warps (4 programs, 80 KB in flight), 255 at 1
+#: warp (8 programs, 160 KB); SGD momentum 94 at 4 warps (90 KB), 255 at 1 (144 KB). The other
+#: variants keep the warps of their parameter dtype (the sweep found nothing better).
+_LOWP_WARPS = {(L.KIND_ADAM, torch.float32, L.STATE_8BIT, 0): 1,
+               (L.KIND_SGD, torch.float32, L.STATE_8BIT, 0): 1}
 #: benchmarks only (bench/gpu_check.sh): FASTSCHED_UPDATE_WARPS=4 launches every update program
 #: with 4 warps (Triton's default, the launch configuration before the table above)
 _FORCE_WARPS = int(os.environ.get("FASTSCHED_UPDATE_WARPS", "0") or 0)
 
 
-def update_warps(kind: int, dtype: torch.dtype, elements: int) -> int:
+def update_warps(kind: int, dtype: torch.dtype, elements: int, state: int | None = None,
+                 mode: int = 0) -> int:
     """num_warps of an update launch whose programs own ``elements`` elements each (the table
-    above, scaled so a thread keeps the same elements at other block sizes; 1 to 16)."""
+    above, scaled so a thread keeps the same elements at other block sizes; 1 to 16); the
+    variants below fp32 (``state`` / ``mode``, see :func:`launch_update`) by
+    ``_LOWP_WARPS``."""
     if _FORCE_WARPS:
         return _FORCE_WARPS
     w = _UPDATE_WARPS[kind, torch.empty((), dtype=dtype).element_size() == 2]
+    if state is not None or mode:
+        w = _LOWP_WARPS.get((kind, dtype, state, mode), w)
     return max(1, min(16, w * elements // 2048))
 
 
@@ -629,15 +896,21 @@ def launch_finalize(tensors, groups, scal, sched_table, clock, n_tensors: int, k
 
 
 def launch_update(kind: int, tensors, blocks, scal, ustat, n_blocks: int, dtype: torch.dtype,
-                  block: int, flag: bool, stats: bool, clock, advance: bool) -> None:
+                  block: int, flag: bool, stats: bool, clock, advance: bool,
+                  state: int | None = None, mode: int = 0) -> None:
     """The update pass over every block of one dtype bucket (``flag``: amsgrad / momentum;
     ``stats``: per-tensor sums of p^2 and u^2 into ``ustat``; ``advance``: this launch
-    advances ``clock``, on exactly one launch of a step)."""
+    advances ``clock``, on exactly one launch of a step). ``state``: the STATE_* code of the
+    bucket's states (None: the parameter's dtype); ``mode``: 0, MODE_MASTER or MODE_SR."""
     if n_blocks:
+        sdtype = tl_state(state, dtype, mode)
+        if sdtype == tl.uint8 and (block % L.Q_BLOCK or (kind == L.KIND_ADAM and flag)):
+            raise ValueError("8-bit states: the block must be a multiple of Q_BLOCK and "
+                             "amsgrad's max_exp_avg_sq is never 8-bit")
         _update_kernel[(n_blocks,)](tensors, blocks, scal, ustat if stats else scal, clock,
                                     int(advance), KIND=kind, DTYPE=tl_dtype(dtype), BLOCK=block,
-                                    FLAG=flag, STATS=stats,
-                                    num_warps=update_warps(kind, dtype, block))
+                                    FLAG=flag, STATS=stats, SDTYPE=sdtype, MODE=mode,
+                                    num_warps=update_warps(kind, dtype, block, state, mode))
 
 
 #: num_warps of an ALLoRA unit tile (2048 elements) by (kind, 2-byte storage), from the sweep of
@@ -663,12 +936,19 @@ def units_warps(kind: int, dtype: torch.dtype, elements: int) -> int:
 
 def launch_units_update(kind: int, tensors, blocks, scal, ustat, n_blocks: int,
                         dtype: torch.dtype, units: int, chunk: int, flag: bool,
-                        stats: bool, clock, advance: bool) -> None:
+                        stats: bool, clock, advance: bool, state: int | None = None,
+                        mode: int = 0) -> None:
     """The ALLoRA update over the unit tiles of one (dtype, unit-length class) bucket; warps
-    by :func:`units_warps` for a tile of ``units * chunk`` elements."""
+    by :func:`units_warps` for a tile of ``units * chunk`` elements. ``state`` / ``mode`` as
+    :func:`launch_update`, except 8-bit states (ValueError: a unit tile does not own whole
+    quantisation blocks)."""
     if n_blocks:
+        sdtype = tl_state(state, dtype, mode)
+        if sdtype == tl.uint8:
+            raise ValueError("8-bit states of ALLoRA tensors are not supported by the Triton "
+                             "unit kernel")
         _units_update_kernel[(n_blocks,)](tensors, blocks, scal, ustat if stats else scal,
                                           clock, int(advance), KIND=kind,
                                           DTYPE=tl_dtype(dtype), UNITS=units, CHUNK=chunk,
-                                          FLAG=flag, STATS=stats,
+                                          FLAG=flag, STATS=stats, SDTYPE=sdtype, MODE=mode,
                                           num_warps=units_warps(kind, dtype, units * chunk))

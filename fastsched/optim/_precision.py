@@ -12,7 +12,8 @@ group like any hyperparameter):
 * ``state_dtype``: None (the dtype of the weights the step updates: the master's float32 with
   ``master_weights``, else the parameter's, as torch), ``torch.float32``, ``torch.bfloat16`` or
   ``"8bit"`` (block-scaled codes ``<name>_code`` uint8 and ``<name>_scale`` float32, one scale
-  per 256 elements; parameters of fewer than ``min_8bit_size`` elements keep float32 states).
+  per 256 elements; parameters of fewer than ``min_8bit_size`` elements and ALLoRA groups keep
+  float32 states).
 
 Bytes per parameter of an AdamW step (read + written; p, g, states, master):
 fp32: 4+4 p, 4 g, 16 m/v = 28 B, 8 B of state held; bf16 params + master + fp32 states: 2 p
@@ -131,8 +132,11 @@ class PrecisionMixin:
         parameter's size, the same on every rank)."""
         sd = group.get("state_dtype")
         if sd == "8bit":
-            return "8bit" if p.numel() >= group.get("min_8bit_size", _lowp.MIN_8BIT_SIZE) \
-                else torch.float32
+            # ALLoRA tensors keep float32 states as small ones do: a program of the Triton
+            # units kernel owns whole units, which do not hold whole 256-element blocks; they
+            # are LoRA adapters, a small share of the states (the base model is frozen)
+            small = p.numel() < group.get("min_8bit_size", _lowp.MIN_8BIT_SIZE)
+            return torch.float32 if small or group.get("allora_eta") is not None else "8bit"
         if sd is None:
             return torch.float32 if group.get("master_weights") else p.dtype
         return sd

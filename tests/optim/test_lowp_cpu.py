@@ -276,10 +276,9 @@ ALLORA_SHAPES = [(), (5,), (3, 8), (6, 17), (40, 300), (64, 96), (7, 1000), (3, 
 @pytest.mark.parametrize("name", ["adamw-8bit", "adamw-bf16-sr-8bit", "sgd-momentum-8bit",
                                   "adamw-bf16-sr", "adamw-fp32-bf16-states"])
 def test_allora_units_with_8bit_states(name, unit, apply, exact):
-    """Rows of 96 (in the update's blocks: 768 = lcm(96, 256) elements), 1000 (lcm over a
-    block: a pass of their own), 300, 17, columns, the tensor; quantisation blocks whole; also
-    below fp32 without 8-bit states. (Not with master weights: the executors take the unit norms
-    of the fp32 master, the reference of the rounded parameter.)"""
+    """ALLoRA groups keep float32 states under state_dtype="8bit" (the names say what the
+    configuration asks for); rows of 96, 1000, 300, 17, columns, the tensor; also below fp32
+    without 8-bit states."""
     cls, kw, dtype = CONFIGS[name]
     kw = {**kw, "allora_eta": 0.7, "allora_unit": unit, "allora_apply": apply, "stats": True}
     a, b = _both(cls, kw, ALLORA_SHAPES, dtype, 6, 5)
