@@ -94,9 +94,11 @@ class PrecisionMixin:
         if sd == "8bit" and group.get("amsgrad"):
             raise ValueError("state_dtype='8bit' and amsgrad=True: max_exp_avg_sq has no 8-bit "
                              "storage; use state_dtype=torch.bfloat16 or amsgrad=False")
+        names = group.get("param_names")
         for i, p in enumerate(group["params"]):
             if sd == "8bit" and is_dtensor(p):
-                raise ValueError(f"params[{i}]: state_dtype='8bit' with a DTensor (FSDP2 / tensor "
+                who = names[i] if names else f"params[{i}]"
+                raise ValueError(f"{who}: state_dtype='8bit' with a DTensor (FSDP2 / tensor "
                                  "parallel) parameter is not supported: the block scales belong "
                                  "to each rank's shard and torch.distributed.checkpoint would "
                                  "keep one rank's only; use state_dtype=torch.bfloat16")

@@ -346,6 +346,8 @@ def ddp_and_tensor_parallel(rank, world, tmp):
     ]
     out["refused"] = {params[-1][0]: refusal(lambda params=params: fastsched.AdamW(params))
                       for params in cases}
+    q8 = [("q8", distribute_tensor(torch.ones(64, 128), mesh, [Shard(0)]))]
+    out["refused"]["q8"] = refusal(lambda: fastsched.AdamW(q8, state_dtype="8bit"))
     return out
 
 

@@ -170,6 +170,7 @@ REFUSED = {  # parameter name -> what the error says (at construction, naming th
     "w2d": "2-D mesh",
     "part": "Partial",
     "plain": "plain tensor",
+    "q8": "state_dtype='8bit' with a DTensor",
 }
 
 
