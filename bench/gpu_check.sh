@@ -7,11 +7,14 @@
 #      kernels/optim.py against FASTSCHED_UPDATE_WARPS=4 (every update program at 4 warps,
 #      Triton's default and the configuration before), fastsched against the stream copy on
 #      llama-1b, fp32 and bf16, AdamW / clipped AdamW+stats / SGD / ALLoRA (under $out/launch-*);
-#   4. the full benchmark, bounded by --time-limit (JSON/Markdown/PNG under $out);
-#   5. the whole test suite natively on the GPU (kernels compiled, not interpreted).
+#   4. the configurations below fp32 (master weights, stochastic rounding, bf16 / 8-bit states)
+#      on the four shape sets at their own byte counts, beside torch / torchao / bitsandbytes
+#      where importable (under $out/lowp; GB/s and % of copy, target >= 90%);
+#   5. the full benchmark, bounded by --time-limit (JSON/Markdown/PNG under $out);
+#   6. the whole test suite natively on the GPU (kernels compiled, not interpreted).
 # Usage: OUT=/some/dir bash bench/gpu_check.sh   (default out: bench/results)
-# Budget: about 1 + 2.5 + 2 x 1.2 + 3 + 1.5 minutes (device time is 15 min a session, start
-# included); set CMP_LIMIT / BENCH_LIMIT / TEST_LIMIT (seconds) to change.
+# Budget: about 1 + 2.5 + 2 x 1.2 + 1.5 + 2.5 + 1.5 minutes (device time is 15 min a session,
+# start included); set CMP_LIMIT / LOWP_LIMIT / BENCH_LIMIT / TEST_LIMIT (seconds) to change.
 set -uo pipefail
 out="${OUT:-bench/results}"
 mkdir -p "$out"
@@ -33,10 +36,12 @@ for cfg in new old; do
     --configs adamw,adamw-clip,sgd,allora --contenders fastsched,stream --no-compile \
     --no-plot --quick --time-limit "${CMP_LIMIT:-60}" 2>&1 | tee "$out/launch-$cfg.log" | tail -14
 done
+timeout $(( ${LOWP_LIMIT:-75} + 30 )) fastsched bench --out "$out/lowp" --lowp --quick \
+  --no-compile --no-plot --time-limit "${LOWP_LIMIT:-75}" 2>&1 | tee "$out/lowp.log" | tail -30
 # --quick (fewer timed steps, smaller compile budget: ~2.5 min by estimate) so that every shape
 # set fits; FULL=1 for the full step counts
 quick=(--quick); [ -n "${FULL:-}" ] && quick=()
-timeout $(( ${BENCH_LIMIT:-150} + 45 )) fastsched bench --out "$out" "${quick[@]}" \
-  --time-limit "${BENCH_LIMIT:-150}" 2>&1 | tee "$out/gpu-bench.log" | tail -40
+timeout $(( ${BENCH_LIMIT:-120} + 45 )) fastsched bench --out "$out" "${quick[@]}" \
+  --time-limit "${BENCH_LIMIT:-120}" 2>&1 | tee "$out/gpu-bench.log" | tail -40
 timeout "${TEST_LIMIT:-90}" python3 -m pytest tests -q -x -p no:cacheprovider -m "not gpu" \
   2>&1 | tee "$out/gpu-tests-all.log" | tail -8
