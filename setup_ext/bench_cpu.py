@@ -5,8 +5,8 @@
 GPT-2 small shapes (``fastsched.bench.shapes``, ``gpt2`` scaled by ``--scale``: 0.1 gives 148
 tensors, 12.5M parameters), float32 (the SGD pair marked bf16: bfloat16 p, grad, buffer; the
 AdamW contenders below fp32: 8-bit states of fp32 parameters, bfloat16 parameters with an fp32
-master or stochastic rounding, each against torch's fused fp32 AdamW, the step it would
-replace). ``--only`` keeps the contenders whose name contains one of its words (and the torch
+master, 8-bit states or stochastic rounding, each against torch's fused fp32 AdamW, the step it
+would replace). ``--only`` keeps the contenders whose name contains one of its words (and the torch
 ones they are compared with). Every contender owns its tensors; rounds are interleaved
 (one batch of ``--steps`` steps of every contender per round) and the median of the rounds is
 reported, per thread count, with GB/s at 28 B/param (AdamW: p, g, m, v read, p, m, v written)
@@ -84,6 +84,8 @@ def contenders(shapes, total_steps):
                                                      "torch fused AdamW")
     out["fastsched AdamW cpu bf16 stochastic rounding"] = (
         ours_bf16(stochastic_rounding=True), "torch fused AdamW")
+    out["fastsched AdamW cpu bf16 + 8-bit states"] = (ours_bf16(state_dtype="8bit"),
+                                                     "torch fused AdamW")
     out["fastsched AdamW cpu bf16 SR + 8-bit states"] = (
         ours_bf16(stochastic_rounding=True, state_dtype="8bit"), "torch fused AdamW")
 

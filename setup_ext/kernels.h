@@ -725,38 +725,9 @@ struct QCodec {
     // codes, and the clamp at Q_TOP changes no code (Q_TOP's code is the top one of its binade)
     template <bool NORMAL>
     static void enc16(const float* __restrict x, uint8_t* __restrict codes, float inv) {
-#if defined(__AVX512F__)  // the low byte only: see LOWB_EOFF, added before the shift
-        const __m512i xb = _mm512_loadu_si512(x);
-        const __m512i one = _mm512_set1_epi32(1), rnd = _mm512_set1_epi32(int(RND));
-        if (NORMAL) {
-            // x * inv with its sign: no zero or NaN here, so x < 0 is the sign bit, which the
-            // rounding below carries to bit 11 of r (out of the low byte) and nothing else
-            const __m512i b = _mm512_castps_si512(
-                _mm512_mul_ps(_mm512_castsi512_ps(xb), _mm512_set1_ps(inv)));
-            const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 23 - M), one);
-            __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(b, rnd), lsb), 23 - M);
-            if (SIGNED)  // r | (sign: bit 11 to bit 7)
-                r = _mm512_ternarylogic_epi32(r, _mm512_srli_epi32(r, 4),
-                                              _mm512_set1_epi32(0x80), 0xF8);
-            _mm_storeu_si128(reinterpret_cast<__m128i*>(codes), _mm512_cvtepi32_epi8(r));
-            return;
-        }
-        __m512 a = _mm512_mul_ps(
-            _mm512_castsi512_ps(_mm512_and_si512(xb, _mm512_set1_epi32(0x7FFFFFFF))),
-            _mm512_set1_ps(inv));
-        a = _mm512_min_ps(_mm512_set1_ps(Q_TOP), a);  // clamp: a NaN stays NaN
-        const __m512i b = _mm512_castps_si512(a);
-        const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 23 - M), one);
-        __m512i r = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(b, rnd), lsb), 23 - M);
-        const __mmask16 ks = _mm512_cmp_ps_mask(a, _mm512_set1_ps(SUBMAX), _CMP_LT_OQ);
-        r = _mm512_mask_mov_epi32(r, ks,
-                                  _mm512_castps_si512(_mm512_add_ps(a, _mm512_set1_ps(MAGIC))));
-        if (SIGNED) {
-            const __mmask16 kn = _mm512_cmp_ps_mask(_mm512_castsi512_ps(xb),
-                                                    _mm512_setzero_ps(), _CMP_LT_OQ);
-            r = _mm512_mask_or_epi32(r, kn, r, _mm512_set1_epi32(0x80));
-        }
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(codes), _mm512_cvtepi32_epi8(r));
+#if defined(__AVX512F__)
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(codes),
+                         _mm512_cvtepi32_epi8(codes16<NORMAL>(x, inv)));
 #else
         const v16f zero = {}, top = zero + Q_TOP;
         v16f xv;
@@ -768,6 +739,48 @@ struct QCodec {
         u8_st16(codes, m);
 #endif
     }
+#if defined(__AVX512F__)
+    // b + rnd + (bit 23 - M of b): the rounding of enc with the even code's tie (the bit tested
+    // into a mask and added under it: one operation fewer than shift, and, add)
+    static __m512i round_up(__m512i b, __m512i rnd, __m512i one) {
+        const __mmask16 odd = _mm512_test_epi32_mask(b, _mm512_set1_epi32(1 << (23 - M)));
+        const __m512i t = _mm512_add_epi32(b, rnd);
+        return _mm512_mask_add_epi32(t, odd, t, one);
+    }
+    // the codes of enc16 in the low bytes of the lanes (the bits above: any)
+    template <bool NORMAL>
+    static __m512i codes16(const float* __restrict x, float inv) {
+        // the low byte only: see LOWB_EOFF, added before the shift
+        const __m512i xb = _mm512_loadu_si512(x);
+        const __m512i one = _mm512_set1_epi32(1), rnd = _mm512_set1_epi32(int(RND));
+        if (NORMAL) {
+            // x * inv with its sign: no zero or NaN here, so x < 0 is the sign bit, which the
+            // rounding below carries to bit 11 of r (out of the low byte) and nothing else
+            const __m512i b = _mm512_castps_si512(
+                _mm512_mul_ps(_mm512_castsi512_ps(xb), _mm512_set1_ps(inv)));
+            __m512i r = _mm512_srli_epi32(round_up(b, rnd, one), 23 - M);
+            if (SIGNED)  // r | (sign: bit 11 to bit 7)
+                r = _mm512_ternarylogic_epi32(r, _mm512_srli_epi32(r, 4),
+                                              _mm512_set1_epi32(0x80), 0xF8);
+            return r;
+        }
+        __m512 a = _mm512_mul_ps(
+            _mm512_castsi512_ps(_mm512_and_si512(xb, _mm512_set1_epi32(0x7FFFFFFF))),
+            _mm512_set1_ps(inv));
+        a = _mm512_min_ps(_mm512_set1_ps(Q_TOP), a);  // clamp: a NaN stays NaN
+        const __m512i b = _mm512_castps_si512(a);
+        __m512i r = _mm512_srli_epi32(round_up(b, rnd, one), 23 - M);
+        const __mmask16 ks = _mm512_cmp_ps_mask(a, _mm512_set1_ps(SUBMAX), _CMP_LT_OQ);
+        r = _mm512_mask_mov_epi32(r, ks,
+                                  _mm512_castps_si512(_mm512_add_ps(a, _mm512_set1_ps(MAGIC))));
+        if (SIGNED) {
+            const __mmask16 kn = _mm512_cmp_ps_mask(_mm512_castsi512_ps(xb),
+                                                    _mm512_setzero_ps(), _CMP_LT_OQ);
+            r = _mm512_mask_or_epi32(r, kn, r, _mm512_set1_epi32(0x80));
+        }
+        return r;
+    }
+#endif
     // whether enc16<true> encodes a finite block with multiplier inv and min |x| bits mn
     static bool normal_block(uint32_t mn, float inv) {
         return inv <= FLT_MAX && bits_to_float(mn) * inv >= SUBMAX;
@@ -848,14 +861,54 @@ inline void u16_st16(uint16_t* p, v16u x) {  // the low half of each lane
     std::memcpy(p, &h, sizeof h);
 #endif
 }
-// 16 values rounded stochastically, the first with index idx (its low word + 15 < 2^32)
-inline v16u sr16(v16f x, uint32_t c, uint64_t idx) {
+// r & 0xFFFF of sr_bits for the 16 indices from idx (its low word + 15 < 2^32)
+inline v16u sr_hash16(uint32_t c, uint64_t idx) {
+#if defined(__AVX512F__)
+    // the first step of the first fmix32 folded: (lo ^ c) ^ ((lo ^ c) >> 16) is
+    // lo ^ (lo >> 16) ^ (c ^ (c >> 16)), one three-way exclusive or (GCC lowers the generic
+    // version in 64-bit halves)
+    const __m512i lo = _mm512_add_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(idx))));
+    const __m512i k1 = _mm512_set1_epi32(int(0x85EBCA6Bu));
+    const __m512i k2 = _mm512_set1_epi32(int(0xC2B2AE35u));
+    __m512i h = _mm512_ternarylogic_epi32(lo, _mm512_srli_epi32(lo, 16),
+                                          _mm512_set1_epi32(int(c ^ (c >> 16))), 0x96);
+    h = _mm512_mullo_epi32(h, k1);
+    h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 13));
+    h = _mm512_mullo_epi32(h, k2);
+    h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
+    h = _mm512_add_epi32(h, _mm512_set1_epi32(static_cast<int>(static_cast<uint32_t>(idx >> 32))));
+    h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 16));
+    h = _mm512_mullo_epi32(h, k1);
+    h = _mm512_xor_si512(h, _mm512_srli_epi32(h, 13));
+    h = _mm512_mullo_epi32(h, k2);
+    // (h ^ (h >> 16)) & 0xFFFF
+    h = _mm512_ternarylogic_epi32(h, _mm512_srli_epi32(h, 16), _mm512_set1_epi32(0xFFFF), 0x28);
+    return (v16u)h;
+#else
     const v16u iota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
     const v16u lo = iota + static_cast<uint32_t>(idx);
-    const v16u h = fmix32(fmix32(lo ^ c) + static_cast<uint32_t>(idx >> 32));
-    v16u r = ((v16u)x + (h & 0xFFFFu)) >> 16;
+    return fmix32(fmix32(lo ^ c) + static_cast<uint32_t>(idx >> 32)) & 0xFFFFu;
+#endif
+}
+inline uint32_t sr_hash1(uint32_t c, uint64_t idx) {
+    return fmix32(fmix32(static_cast<uint32_t>(idx) ^ c) + static_cast<uint32_t>(idx >> 32)) &
+           0xFFFFu;
+}
+// 16 values rounded stochastically, the first with index idx (its low word + 15 < 2^32)
+inline v16u sr16(v16f x, uint32_t c, uint64_t idx) {
+    const v16u h = sr_hash16(c, idx);
+#if defined(__AVX512F__)
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32((__m512i)x, (__m512i)h), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask((__m512)x, (__m512)x, _CMP_UNORD_Q),
+                              _mm512_set1_epi32(0x7FC0));
+    return (v16u)r;
+#else
+    v16u r = ((v16u)x + h) >> 16;
     const v16u nan = (v16u)(x != x);
     return (r & ~nan) | (nan & 0x7FC0u);
+#endif
 }
 inline void sr_st16(uint16_t* __restrict out, v16f x, uint32_t c, uint64_t idx) {
     if (static_cast<uint32_t>(idx) <= 0xFFFFFFF0u) {
@@ -874,6 +927,36 @@ inline void sr_bf16(const float* __restrict x, int64_t n, uint16_t* __restrict o
         sr_st16(out + i, xv, c, idx0 + static_cast<uint64_t>(i));
     }
     for (; i < n; i++) out[i] = sr_one(x[i], c, idx0 + static_cast<uint64_t>(i));
+}
+
+// the 16 random bits of sr_bits for n (a multiple of 16) elements from index idx0, in the low
+// halves of out[0..n)
+inline void sr_words(uint32_t c, uint64_t idx0, int64_t n, uint32_t* __restrict out) {
+    for (int64_t i = 0; i < n; i += 16) {
+        const uint64_t idx = idx0 + static_cast<uint64_t>(i);
+        if (static_cast<uint32_t>(idx) <= 0xFFFFFFF0u) {
+            const v16u h = sr_hash16(c, idx);
+            std::memcpy(out + i, &h, 64);
+        } else {  // the low word wraps
+            for (int j = 0; j < 16; j++) out[i + j] = sr_hash1(c, idx + j);
+        }
+    }
+}
+// 16 values rounded stochastically with their words r of sr_words (sr16, bit for bit)
+inline void sr_st16_r(uint16_t* __restrict out, v16f x, const uint32_t* __restrict r) {
+#if defined(__AVX512F__)
+    const __m512i h = _mm512_loadu_si512(r);
+    __m512i t = _mm512_srli_epi32(_mm512_add_epi32((__m512i)x, h), 16);
+    t = _mm512_mask_mov_epi32(t, _mm512_cmp_ps_mask((__m512)x, (__m512)x, _CMP_UNORD_Q),
+                              _mm512_set1_epi32(0x7FC0));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtepi32_epi16(t));
+#else
+    v16u h;
+    std::memcpy(&h, r, 64);
+    v16u t = ((v16u)x + h) >> 16;
+    const v16u nan = (v16u)(x != x);
+    u16_st16(out, (t & ~nan) | (nan & 0x7FC0u));
+#endif
 }
 
 // -- conversions between a storage dtype (Dtype code) and float32 buffers ----------------------
@@ -1035,6 +1118,10 @@ void adam_fused(const AdamScal& s, const FusedIo& io, int64_t n, Lanes* ls, cons
     const bool upd = MUL && um->upd;
     constexpr int64_t MB = 256;  // multipliers filled at a time (a quantisation block)
     alignas(64) float mul[MUL ? MB : 1];
+    // stochastic rounding: the random words of MB elements at a time, before their loop (the
+    // integer chain of the hash apart from the update's)
+    constexpr bool SRB = WM == WM_SR && std::is_same<S, TQ8>::value;
+    alignas(64) uint32_t rnd[SRB ? MB : 1];
     // one group of 16: mf, vf the states in, the new ones out; sc: the ALLoRA multipliers of
     // the group (MUL; else 1, left out as adam_span's multiplications by 1: x * 1 is x)
     auto group = [&](int64_t i, v16f& mf, v16f& vf, const float* sc) {
@@ -1058,7 +1145,10 @@ void adam_fused(const AdamScal& s, const FusedIo& io, int64_t n, Lanes* ls, cons
             st16<TF32>(w32 + i, pf);
             st16<E>(p + i, pf);
         } else if (WM == WM_SR) {
-            sr_st16(reinterpret_cast<uint16_t*>(p) + i, pf, io.src, io.idx0 + i);
+            if (SRB)
+                sr_st16_r(reinterpret_cast<uint16_t*>(p) + i, pf, rnd + i % MB);
+            else
+                sr_st16(reinterpret_cast<uint16_t*>(p) + i, pf, io.src, io.idx0 + i);
         } else {
             st16<E>(p + i, pf);
         }
@@ -1091,8 +1181,10 @@ void adam_fused(const AdamScal& s, const FusedIo& io, int64_t n, Lanes* ls, cons
         int how = 0;
         const int64_t nq = n / QB;
         // block q: decode, update into the buffers, |x| range; HOW: encode block q - 1 alongside
-        auto update = [&](int64_t q, auto how_c) {
+        // KK: both scales' kscale are not 0 (dec16; else dec, a block alone: HOW 0)
+        auto update = [&](int64_t q, auto how_c, auto kk_c) {
             constexpr int HOW = decltype(how_c)::value;
+            constexpr bool KK = decltype(kk_c)::value;
             const int64_t o = q * QB, po = o - QB;
             float* __restrict nm = bm[q & 1];
             float* __restrict nv = bv[q & 1];
@@ -1100,14 +1192,14 @@ void adam_fused(const AdamScal& s, const FusedIo& io, int64_t n, Lanes* ls, cons
             const float* __restrict pv = bv[(q + 1) & 1];
             const float sm = io.mq[q], sv = io.vq[q];
             const float km = QCodec<true>::kscale(sm), kv = QCodec<false>::kscale(sv);
-            const bool kk = km != 0.0f && kv != 0.0f;
             v16u xm = {}, xv = {}, nnm = {}, nnv = {};
             nnm = ~nnm;
             nnv = ~nnv;
             if (MUL) um->fill(o, QB, mul);
+            if (SRB) sr_words(io.src, io.idx0 + o, QB, rnd);
             for (int64_t j = 0; j < QB; j += 16) {
                 v16f mf, vf;
-                if (kk) {
+                if (KK) {
                     mf = QCodec<true>::dec16(mc + o + j, km);
                     vf = QCodec<false>::dec16(vc + o + j, kv);
                 } else {
@@ -1158,12 +1250,18 @@ void adam_fused(const AdamScal& s, const FusedIo& io, int64_t n, Lanes* ls, cons
         };
         for (int64_t q = 0; q < nq; q++) {
             std::array<uint32_t, 4> r;
-            if (q > 0 && how == 2) {
-                r = update(q, std::integral_constant<int, 2>{});
-            } else if (q > 0 && how == 1) {
-                r = update(q, std::integral_constant<int, 1>{});
+            using K1 = std::true_type;
+            const bool kk = QCodec<true>::kscale(io.mq[q]) != 0.0f &&
+                            QCodec<false>::kscale(io.vq[q]) != 0.0f;
+            if (kk && q > 0 && how == 2) {
+                r = update(q, std::integral_constant<int, 2>{}, K1{});
+            } else if (kk && q > 0 && how == 1) {
+                r = update(q, std::integral_constant<int, 1>{}, K1{});
             } else {
-                r = update(q, std::integral_constant<int, 0>{});
+                if (kk)
+                    r = update(q, std::integral_constant<int, 0>{}, K1{});
+                else
+                    r = update(q, std::integral_constant<int, 0>{}, std::false_type{});
                 if (q > 0) encode_last(q);
             }
             const bool fm = QCodec<true>::scale_of(r[0], io.mq + q, &invm);
