@@ -57,6 +57,16 @@ class Adam(FusedOptimizer):
             describes; ``"grad"`` multiplies the gradient, which Adam's division by
             ``sqrt(v)`` normalises away (one AdamW step differs from plain AdamW by ~1e-7
             relative), so under Adam it is kept for SGD-type use and old checkpoints.
+        master_weights, stochastic_rounding, state_dtype, min_8bit_size: below fp32, per group
+            (:mod:`fastsched.optim._precision`): a float32 master of bf16 / fp16 parameters
+            (``state["master_param"]``, as apex's FusedAdam); bf16 parameters written with
+            stochastic rounding (Gupta et al. 2015, arXiv 1502.02551), unbiased and
+            reproducible from ``seed``; states stored as ``torch.float32``,
+            ``torch.bfloat16`` or ``"8bit"`` (block-wise quantisation, Dettmers et al. 2022,
+            arXiv 2110.02861: one scale per 256 elements; tensors under ``min_8bit_size``
+            elements and ALLoRA groups keep float32 states). ``None``: the master's float32
+            with ``master_weights``, else the parameter's dtype (torch).
+        seed: the seed of stochastic rounding (an integer in [0, 2**64); in the state dict).
         foreach, fused, capturable: accepted for compatibility and ignored (the step is always
             fused and capturable). ``differentiable=True`` is rejected.
 

@@ -30,7 +30,9 @@ class SGD(FusedOptimizer):
 
     Each parameter also keeps a float32 ``step`` counter in its state (ignored by
     ``torch.optim.SGD`` when loading); when loading a torch SGD checkpoint it is set to 1 where
-    a momentum buffer exists. ALLoRA (``allora_eta``, ``allora_unit``, ``allora_apply``): as
+    a momentum buffer exists. Below fp32 (``master_weights``, ``stochastic_rounding``,
+    ``state_dtype`` for the momentum buffer, ``min_8bit_size``, ``seed``): as
+    :class:`fastsched.Adam`. ALLoRA (``allora_eta``, ``allora_unit``, ``allora_apply``): as
     :class:`fastsched.Adam`; without momentum and weight decay "update" and "grad" give the same
     step. See :class:`fastsched.Adam` for ``schedule``, ``backend`` and
     ``block_size``.
