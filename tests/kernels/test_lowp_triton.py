@@ -287,22 +287,11 @@ def _compare(a, b, pa, pb, dtype):
                 torch.testing.assert_close(u, v, rtol=2e-6, atol=1e-7, msg=f"{i} {k}")
 
 
-def _host_has_lowp() -> bool:
-    import inspect
-
-    return "state_dtype" in inspect.signature(fastsched.AdamW).parameters
-
-
-needs_host = pytest.mark.skipif(not _host_has_lowp(), reason="the optimizers' low-precision "
-                                "options are not there yet")
-
-
 #: block 512: [2, 256] tiles of 8-bit states, several blocks per tensor; the default 2048 (the
 #: [8, 256] tiles of the full-block path) for the 8-bit cases
 _RUNS = [(c, 512) for c in CASES] + [(c, 2048) for c in CASES if "8bit" in c]
 
 
-@needs_host
 @pytest.mark.parametrize("case,block_size", _RUNS)
 def test_triton_matches_reference(case, block_size):
     cls, dtype, kw = CASES[case]
@@ -322,7 +311,6 @@ def test_triton_matches_reference(case, block_size):
     _compare(a, b, pa, pb, dtype)
 
 
-@needs_host
 @pytest.mark.parametrize("case", ["adamw-bf16-sr-8bit", "adamw-bf16-master-8bit",
                                   "sgd-f32-8bit"])
 def test_skipped_step_touches_nothing(case):
@@ -343,7 +331,6 @@ def test_skipped_step_touches_nothing(case):
                                sy[k].view(torch.uint8) if sy[k].dim() else sy[k]), k
 
 
-@needs_host
 def test_stochastic_rounding_is_exact_on_equal_inputs():
     """SGD without momentum or weight decay: w - lr * g in fp32 is the same on both backends, so
     the rounded parameters are bit for bit the same, step after step."""
@@ -354,7 +341,6 @@ def test_stochastic_rounding_is_exact_on_equal_inputs():
         assert torch.equal(x.view(torch.int16), y.view(torch.int16))
 
 
-@needs_host
 @pytest.mark.parametrize("unit", ["row", "column", "tensor"])
 @pytest.mark.parametrize("kw", [dict(state_dtype=torch.bfloat16),
                                 dict(stochastic_rounding=True, seed=3)], ids=["bf16states", "sr"])
@@ -435,7 +421,6 @@ def test_compile_check_sweeps_the_variants_below_fp32():
     assert cc.program_bytes(v) == 2048 * (4 + 4 + 1 + 1)
 
 
-@needs_host
 @pytest.mark.parametrize("elem0", [0, 2**32 - 1000, 5 * 2**32 + 3])
 def test_sr_step_of_a_shard(elem0):
     """Plain SGD through the tables of a local shard whose first element has index ``elem0`` in
@@ -466,7 +451,6 @@ def test_sr_step_of_a_shard(elem0):
         assert all(float(e.step) == step for e in entries)
 
 
-@needs_host
 @pytest.mark.parametrize("unit", ["row", "column", "tensor"])
 def test_allora_units_with_master(unit):
     """With a master copy the unit norms are those of the fp32 master (the weights the step
@@ -475,3 +459,14 @@ def test_allora_units_with_master(unit):
     pa, a = _run(fastsched.AdamW, "triton", torch.bfloat16, **kw)
     pb, b = _run(fastsched.AdamW, "reference", torch.bfloat16, **kw)
     _compare(a, b, pa, pb, torch.bfloat16)
+
+
+def test_launches_name_the_variant():
+    """``opt.launches()`` names each update launch's state storage and mode: one launch per
+    (parameter dtype, storage, mode); small tensors under "8bit" go to the float32-state launch."""
+    params, opt = _run(fastsched.AdamW, "triton", torch.bfloat16, steps=1, state_dtype="8bit",
+                       min_8bit_size=256, stochastic_rounding=True)
+    updates = [d for d in opt.launches() if d["pass"] == "update"]
+    kinds = {(d.get("states"), d.get("mode")) for d in updates}
+    assert kinds == {("8bit", "stochastic_rounding"), ("float32", "stochastic_rounding")}
+    assert len(updates) == 2 and sum(len(d["tensors"]) for d in updates) == len(params)
