@@ -24,6 +24,7 @@ import warnings
 import torch
 
 from ..kernels import layout as L
+from . import _lowp
 
 __all__ = ["available", "reason", "warn_fallback", "run_step", "DTYPE_CODES", "ext",
            "SUPPORTS_LOWP"]
@@ -36,8 +37,7 @@ DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.floa
 SUPPORTS_LOWP = True
 _API = ("layout", "dtype_codes", "block", "grad_stats", "finalize", "unit_sums", "update",
         "stream", "quantize", "dequantize", "sr_round", "q_top")
-_STATE_CODES = {torch.float32: L.STATE_F32, torch.bfloat16: L.STATE_BF16,
-                torch.float16: L.STATE_F16, torch.float64: L.STATE_F64, torch.uint8: L.STATE_8BIT}
+_STATE_CODES = _lowp.STATE_CODES
 HOW = ("install a C++ compiler with OpenMP (e.g. `apt-get install g++`) and reinstall with "
        "`pip install -e .`")
 

@@ -37,13 +37,24 @@ import torch
 
 from ..kernels import layout as L
 
-__all__ = ["fmix32", "sr_key", "sr_bits", "stochastic_round_bf16", "quantize", "dequantize",
-           "n_blocks", "MIN_8BIT_SIZE"]
+__all__ = ["STATE_CODES", "storage_flat", "fmix32", "sr_key", "sr_bits", "stochastic_round_bf16",
+           "quantize", "dequantize", "n_blocks", "MIN_8BIT_SIZE"]
 
 #: tensors with fewer elements keep float32 states under ``state_dtype="8bit"`` (as
 #: bitsandbytes' ``min_8bit_size``): biases and norms are few bytes and the most sensitive
 MIN_8BIT_SIZE = 4096
 _M32 = 0xFFFFFFFF
+#: the STATE_* code of each storage dtype of the states (uint8: 8-bit codes)
+STATE_CODES = {torch.float32: L.STATE_F32, torch.bfloat16: L.STATE_BF16,
+               torch.float16: L.STATE_F16, torch.float64: L.STATE_F64, torch.uint8: L.STATE_8BIT}
+
+
+def storage_flat(t):
+    """A dense tensor as a flat view in storage order (the order the kernels walk it in)."""
+    if t is None or t.is_contiguous():
+        return None if t is None else t.reshape(-1)
+    perm = sorted(range(t.dim()), key=lambda d: (-t.stride(d), -t.size(d)))
+    return t.permute(perm).reshape(-1)
 
 
 def _mul32(h: torch.Tensor, c: int) -> torch.Tensor:

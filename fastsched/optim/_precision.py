@@ -40,8 +40,6 @@ STATE_DTYPES = (None, torch.float32, torch.bfloat16, "8bit")
 #: group keys of these options and their defaults (left out of a state dict at the default)
 LOWP_KEYS = {"master_weights": False, "stochastic_rounding": False, "state_dtype": None,
              "min_8bit_size": _lowp.MIN_8BIT_SIZE}
-_STATE_CODE = {torch.float32: L.STATE_F32, torch.bfloat16: L.STATE_BF16,
-               torch.float16: L.STATE_F16, torch.float64: L.STATE_F64}
 
 
 def dtype_name(v) -> str | None:
@@ -49,10 +47,7 @@ def dtype_name(v) -> str | None:
     return v if v is None or isinstance(v, str) else str(v).removeprefix("torch.")
 
 
-def _flat(t: torch.Tensor) -> torch.Tensor:
-    from ._reference import _flat as f
-
-    return f(t)
+_flat = _lowp.storage_flat
 
 
 def quantize_like(p: torch.Tensor, v: torch.Tensor, signed: bool):
@@ -162,11 +157,7 @@ class PrecisionMixin:
             signed = k != 1  # exp_avg_sq is the one unsigned state
             v, codes = state.get(name), state.get(name + "_code")
             if store == "8bit" and isinstance(v, torch.Tensor) and v.shape == p.shape:
-                if is_dtensor(p):
-                    raise ValueError(f"state_dtype='8bit' for a DTensor parameter: loading a "
-                                     f"full-precision {name!r} into 8-bit states is not "
-                                     "supported under torch.distributed (load with the "
-                                     "state_dtype it was saved with)")
+                # (never a DTensor: _validate_lowp refuses 8-bit states for them)
                 state[name + "_code"], state[name + "_scale"] = quantize_like(p, v, signed)
                 del state[name]
             elif store != "8bit" and isinstance(codes, torch.Tensor):
@@ -212,7 +203,7 @@ class PrecisionMixin:
                       st.get(names[1] + "_scale") if len(names) > 1 else None)
             scales = tuple(None if s is None else local(s) for s in scales)
         key = _lowp.sr_key(self._seed, position) if sr else 0
-        return LowP(L.STATE_8BIT if store == "8bit" else _STATE_CODE[store], mode,
+        return LowP(L.STATE_8BIT if store == "8bit" else _lowp.STATE_CODES[store], mode,
                     st.get("master_param") if mw else None, scales, key,
                     _elem0(p) if sr else 0)
 

@@ -166,12 +166,7 @@ def _scales(plan, rows):
     return out
 
 
-def _flat(t):
-    """A dense tensor as a flat view in storage order (the order the kernels walk it in)."""
-    if t is None or t.is_contiguous():
-        return None if t is None else t.reshape(-1)
-    perm = sorted(range(t.dim()), key=lambda d: (-t.stride(d), -t.size(d)))
-    return t.permute(perm).reshape(-1)
+_flat = _lowp.storage_flat
 
 
 class _Io:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from ..kernels import layout as L
-from . import _distributed
+from . import _distributed, _lowp
 from ._distributed import local
 
 __all__ = ["Plan", "Bucket", "Entry", "LowP", "TableBuilder", "allora_units", "h2d",
@@ -176,9 +176,7 @@ def _block_table(counts: torch.Tensor, first_index: int, per: int, device) -> to
     return h2d(table, device)
 
 
-#: the STATE_* code of each storage dtype
-_STATE_OF = {torch.float32: L.STATE_F32, torch.bfloat16: L.STATE_BF16,
-             torch.float16: L.STATE_F16, torch.float64: L.STATE_F64}
+_STATE_OF = _lowp.STATE_CODES
 
 
 def _variant_of(lp: LowP | None, dtype: torch.dtype) -> tuple[int | None, int]:
