@@ -92,10 +92,14 @@ class Case:
         self.calib: list[float] = []
 
     def new_grads(self) -> None:
+        """New gradient objects made by a real backward(), as after zero_grad(set_to_none=True):
+        autograd's AccumulateGrad adopts the incoming gradient (a new C++ tensor over the
+        pool's storage, with no Python object until someone reads ``p.grad``), so the
+        addresses are the pool's while the objects, as in training, are new every step."""
         self.k += 1
         pool = self.pools[self.k % len(self.pools)]
-        for p, g in zip(self.params, pool):
-            p.grad = g.view_as(g)  # a new tensor object over the pool's storage
+        with torch.enable_grad():
+            torch.autograd.backward([p.view_as(p) for p in self.params], pool)
 
     def once(self) -> None:
         self.new_grads()

@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from . import layout as L
+from . import replay as _replay
 from .schedule import schedule_value
 
 KIND_ADAM = L.KIND_ADAM
@@ -848,8 +849,16 @@ def update_warps(kind: int, dtype: torch.dtype, elements: int, state: int | None
     return max(1, min(16, w * elements // 2048))
 
 
+def _go(fn, grid: tuple, args: tuple, kwargs: dict, rec) -> None:
+    """``fn[grid](*args, **kwargs)``, recorded into ``rec`` = (list, dynamic tensors) when
+    given (see :mod:`.replay`)."""
+    kernel = fn[grid](*args, **kwargs)
+    if rec is not None:
+        _replay.record(rec[0], fn, kernel, grid, args, kwargs, rec[1])
+
+
 def launch_grad_stats(tensors, blocks, part, n_blocks: int, dtype: torch.dtype, block: int,
-                      mask_bad: bool = True) -> None:
+                      mask_bad: bool = True, rec=None) -> None:
     """Statistics pass over the gradients of one dtype bucket (``part``: its rows of partials);
     ``mask_bad``: leave non-finite elements out of the sums (they are counted either way).
 
@@ -857,21 +866,21 @@ def launch_grad_stats(tensors, blocks, part, n_blocks: int, dtype: torch.dtype, 
     that the 32 programs an SM may hold keep 128-256 KB in flight."""
     if n_blocks:
         per = 128 // torch.empty((), dtype=dtype).element_size()
-        _grad_stats_kernel[(n_blocks,)](tensors, blocks, part, DTYPE=tl_dtype(dtype),
-                                        BLOCK=block, MASK_BAD=mask_bad,
-                                        num_warps=_warps(block, per, 8))
+        _go(_grad_stats_kernel, (n_blocks,), (tensors, blocks, part),
+            dict(DTYPE=tl_dtype(dtype), BLOCK=block, MASK_BAD=mask_bad,
+                 num_warps=_warps(block, per, 8)), rec)
 
 
-def launch_reduce(first, part, tstat, n_tensors: int, block_r: int = 256) -> None:
+def launch_reduce(first, part, tstat, n_tensors: int, block_r: int = 256, rec=None) -> None:
     """Per-tensor sums of the block partials, one program per tensor, in a fixed order."""
-    _reduce_kernel[(n_tensors,)](first, part, tstat, BLOCK_R=block_r)
+    _go(_reduce_kernel, (n_tensors,), (first, part, tstat), dict(BLOCK_R=block_r), rec)
 
 
 def launch_finalize(tensors, groups, scal, sched_table, clock, n_tensors: int, kind: int, *,
                     cfg, tstat, ustat, gstat, lr_out, hist, hist_pos, hist_len: int,
                     grad_scale, found_inf, stats: bool, clip: bool, guard: bool,
                     history: bool, advance: bool = False, block_t: int = FINALIZE_ROWS,
-                    block_s: int = 1024, seg_block: int = 64) -> None:
+                    block_s: int = 1024, seg_block: int = 64, rec=None) -> None:
     """Schedule, norms, clip coefficient, skip flag, per-tensor scalars, counters: one program
     per ``block_t`` tensors (at 2,000 tensors 16 programs in parallel where one program
     walked 16 chunks one after another, ~10-27 us).
@@ -885,19 +894,20 @@ def launch_finalize(tensors, groups, scal, sched_table, clock, n_tensors: int, k
     scaler = grad_scale is not None
     dummy = scal
     grid = 1 if advance else max(1, triton.cdiv(n_tensors, block_t))
-    _finalize_kernel[(grid,)](
+    _go(_finalize_kernel, (grid,), (
         tensors, groups, scal, sched_table, sched_table.shape[0], clock, n_tensors, cfg,
         tstat if stats else dummy, ustat if stats else dummy, gstat if stats else dummy,
         lr_out if stats else dummy, lr_out.numel() if stats else 0, hist if history else dummy,
         hist_pos if history else clock, max(hist_len, 1),
-        grad_scale if scaler else dummy, found_inf if scaler else dummy, int(advance),
-        KIND=kind, STATS=stats, CLIP=clip, GUARD=guard, SCALER=scaler, HISTORY=history,
-        BLOCK_T=block_t, BLOCK_S=block_s, SEG_BLOCK=seg_block, num_warps=FINALIZE_WARPS)
+        grad_scale if scaler else dummy, found_inf if scaler else dummy, int(advance)),
+        dict(KIND=kind, STATS=stats, CLIP=clip, GUARD=guard, SCALER=scaler, HISTORY=history,
+             BLOCK_T=block_t, BLOCK_S=block_s, SEG_BLOCK=seg_block, num_warps=FINALIZE_WARPS),
+        rec)
 
 
 def launch_update(kind: int, tensors, blocks, scal, ustat, n_blocks: int, dtype: torch.dtype,
                   block: int, flag: bool, stats: bool, clock, advance: bool,
-                  state: int | None = None, mode: int = 0) -> None:
+                  state: int | None = None, mode: int = 0, rec=None) -> None:
     """The update pass over every block of one dtype bucket (``flag``: amsgrad / momentum;
     ``stats``: per-tensor sums of p^2 and u^2 into ``ustat``; ``advance``: this launch
     advances ``clock``, on exactly one launch of a step). ``state``: the STATE_* code of the
@@ -907,10 +917,11 @@ def launch_update(kind: int, tensors, blocks, scal, ustat, n_blocks: int, dtype:
         if sdtype == tl.uint8 and (block % L.Q_BLOCK or (kind == L.KIND_ADAM and flag)):
             raise ValueError("8-bit states: the block must be a multiple of Q_BLOCK and "
                              "amsgrad's max_exp_avg_sq is never 8-bit")
-        _update_kernel[(n_blocks,)](tensors, blocks, scal, ustat if stats else scal, clock,
-                                    int(advance), KIND=kind, DTYPE=tl_dtype(dtype), BLOCK=block,
-                                    FLAG=flag, STATS=stats, SDTYPE=sdtype, MODE=mode,
-                                    num_warps=update_warps(kind, dtype, block, state, mode))
+        _go(_update_kernel, (n_blocks,),
+            (tensors, blocks, scal, ustat if stats else scal, clock, int(advance)),
+            dict(KIND=kind, DTYPE=tl_dtype(dtype), BLOCK=block, FLAG=flag, STATS=stats,
+                 SDTYPE=sdtype, MODE=mode,
+                 num_warps=update_warps(kind, dtype, block, state, mode)), rec)
 
 
 #: num_warps of an ALLoRA unit tile (2048 elements) by (kind, 2-byte storage), from the sweep of
@@ -937,7 +948,7 @@ def units_warps(kind: int, dtype: torch.dtype, elements: int) -> int:
 def launch_units_update(kind: int, tensors, blocks, scal, ustat, n_blocks: int,
                         dtype: torch.dtype, units: int, chunk: int, flag: bool,
                         stats: bool, clock, advance: bool, state: int | None = None,
-                        mode: int = 0) -> None:
+                        mode: int = 0, rec=None) -> None:
     """The ALLoRA update over the unit tiles of one (dtype, unit-length class) bucket; warps
     by :func:`units_warps` for a tile of ``units * chunk`` elements. ``state`` / ``mode`` as
     :func:`launch_update`, except 8-bit states (ValueError: a unit tile does not own whole
@@ -947,8 +958,8 @@ def launch_units_update(kind: int, tensors, blocks, scal, ustat, n_blocks: int,
         if sdtype == tl.uint8:
             raise ValueError("8-bit states of ALLoRA tensors are not supported by the Triton "
                              "unit kernel")
-        _units_update_kernel[(n_blocks,)](tensors, blocks, scal, ustat if stats else scal,
-                                          clock, int(advance), KIND=kind,
-                                          DTYPE=tl_dtype(dtype), UNITS=units, CHUNK=chunk,
-                                          FLAG=flag, STATS=stats, SDTYPE=sdtype, MODE=mode,
-                                          num_warps=units_warps(kind, dtype, units * chunk))
+        _go(_units_update_kernel, (n_blocks,),
+            (tensors, blocks, scal, ustat if stats else scal, clock, int(advance)),
+            dict(KIND=kind, DTYPE=tl_dtype(dtype), UNITS=units, CHUNK=chunk, FLAG=flag,
+                 STATS=stats, SDTYPE=sdtype, MODE=mode,
+                 num_warps=units_warps(kind, dtype, units * chunk)), rec)

@@ -11,6 +11,10 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# the host helper of step() (fastsched/optim/_hostext.py) is built in the foreground at the
+# first step, so that every test runs the same path from its first step on;
+# tests/optim/test_host_path.py runs both paths side by side
+os.environ.setdefault("FASTSCHED_HOST_EXT", "wait")
 
 import pytest  # noqa: E402
 from hypothesis import settings  # noqa: E402

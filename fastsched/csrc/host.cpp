@@ -1,0 +1,167 @@
+// fastsched host helper: the per-step checks of step() and the loop of zero_grad() in C++.
+//
+// step() may reuse its device tables only if every parameter, gradient and state is where the
+// tables say. In Python that costs ~0.25 us a parameter (p.grad, two data_ptr() calls, the
+// state dicts; 2-vCPU EPYC), more than torch's own `[p.grad for p in params]` (0.065 us) the
+// whole per-step budget is measured against; here it is ~0.012 us a parameter. Built at run
+// time against the installed torch (fastsched/optim/_hostext.py): it reads the at::Tensor
+// behind each Python object, which needs torch's headers and so cannot be built at install.
+//
+// Only objects of exactly torch.Tensor / nn.Parameter are read here; anything else (tensor
+// subclasses, DTensor, a parameter list that is not a list) makes check() answer "slow path"
+// and zero_grads() use Python's setattr, so both behave as the Python code they replace.
+#include <Python.h>
+
+#include <torch/csrc/autograd/python_variable.h>
+
+#include <cstdint>
+
+namespace {
+
+PyObject* g_params = nullptr;      // "params"
+PyObject* g_grad = nullptr;        // "grad"
+PyTypeObject* g_parameter = nullptr;  // torch.nn.Parameter (set by init())
+
+inline bool plain(PyObject* o) {
+    PyTypeObject* t = Py_TYPE(o);
+    return t == g_parameter || t == reinterpret_cast<PyTypeObject*>(THPVariableClass);
+}
+
+inline int64_t address(const at::Tensor& t) {
+    return reinterpret_cast<int64_t>(t.const_data_ptr());
+}
+
+// the parameter list of a param_groups entry (a borrowed reference), or nullptr
+inline PyObject* params_of(PyObject* group) {
+    if (!PyDict_Check(group)) return nullptr;
+    PyObject* ps = PyDict_GetItemWithError(group, g_params);
+    return ps != nullptr && PyList_Check(ps) ? ps : nullptr;
+}
+
+constexpr long SLOW = -1;  // check(): something else changed, take the Python path
+
+// check(param_groups, n, pptr, gptr, state, states, states_len) -> int
+//
+// pptr / gptr: addresses of int64[n] arrays with the data pointers of the n parameters and of
+// their gradients (0: no gradient) in param_groups order, as the tables were built for them.
+// Returns SLOW when a parameter moved or is not a plain tensor, the set of parameters with a
+// gradient changed, a gradient is laid out differently from its parameter (the kernels walk
+// both as one flat array) or has no strided storage, or the state dicts differ from `states`
+// (identity, order) or in total size; else the number of gradients at new addresses, written
+// into gptr (the caller rewrites the gradient column of its tables).
+PyObject* check(PyObject*, PyObject* args) {
+    PyObject *groups, *state, *states;
+    Py_ssize_t n, states_len;
+    unsigned long long pa, ga;
+    if (!PyArg_ParseTuple(args, "O!nKKO!O!n", &PyList_Type, &groups, &n, &pa, &ga, &PyDict_Type,
+                          &state, &PyList_Type, &states, &states_len))
+        return nullptr;
+    const int64_t* pptr = reinterpret_cast<const int64_t*>(pa);
+    int64_t* gptr = reinterpret_cast<int64_t*>(ga);
+    long moved = 0;
+    Py_ssize_t i = 0;
+    try {
+        for (Py_ssize_t k = 0; k < PyList_GET_SIZE(groups); k++) {
+            PyObject* ps = params_of(PyList_GET_ITEM(groups, k));
+            if (ps == nullptr) {
+                if (PyErr_Occurred()) return nullptr;
+                return PyLong_FromLong(SLOW);
+            }
+            const Py_ssize_t m = PyList_GET_SIZE(ps);
+            if (i + m > n) return PyLong_FromLong(SLOW);
+            for (Py_ssize_t j = 0; j < m; j++, i++) {
+                PyObject* o = PyList_GET_ITEM(ps, j);
+                if (!plain(o)) return PyLong_FromLong(SLOW);
+                const at::Tensor& p = THPVariable_Unpack(o);
+                if (!p.has_storage() || address(p) != pptr[i]) return PyLong_FromLong(SLOW);
+                const at::Tensor& g = p.unsafeGetTensorImpl()->grad();
+                int64_t a = 0;
+                if (g.defined()) {
+                    if (g.layout() != c10::kStrided || !g.has_storage())
+                        return PyLong_FromLong(SLOW);
+                    if (p.is_contiguous() ? !g.is_contiguous() : g.strides() != p.strides())
+                        return PyLong_FromLong(SLOW);
+                    a = address(g);
+                }
+                if ((a == 0) != (gptr[i] == 0)) return PyLong_FromLong(SLOW);
+                if (a != gptr[i]) {
+                    gptr[i] = a;
+                    moved++;
+                }
+            }
+        }
+    } catch (...) {  // a c10::Error from a tensor without data: the Python path says what
+        return PyLong_FromLong(SLOW);
+    }
+    if (i != n) return PyLong_FromLong(SLOW);
+    // the per-parameter state dicts: the same objects in the same order, the same total size
+    // (a state reset by opt.state.clear() or opt.state[p] = {} rebuilds the tables, as in torch)
+    if (PyDict_GET_SIZE(state) != PyList_GET_SIZE(states)) return PyLong_FromLong(SLOW);
+    Py_ssize_t pos = 0, j = 0, total = 0;
+    PyObject *key, *value;
+    while (PyDict_Next(state, &pos, &key, &value)) {
+        if (value != PyList_GET_ITEM(states, j++) || !PyDict_Check(value))
+            return PyLong_FromLong(SLOW);
+        total += PyDict_GET_SIZE(value);
+    }
+    return PyLong_FromLong(total == states_len ? moved : SLOW);
+}
+
+// zero_grads(param_groups): p.grad = None for every parameter (torch's zero_grad with
+// set_to_none=True); objects other than plain tensors go through their own setattr
+PyObject* zero_grads(PyObject*, PyObject* groups) {
+    if (!PyList_Check(groups)) {
+        PyErr_SetString(PyExc_TypeError, "param_groups must be a list");
+        return nullptr;
+    }
+    for (Py_ssize_t k = 0; k < PyList_GET_SIZE(groups); k++) {
+        PyObject* ps = params_of(PyList_GET_ITEM(groups, k));
+        if (ps == nullptr) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_TypeError, "a parameter group without a 'params' list");
+            return nullptr;
+        }
+        for (Py_ssize_t j = 0; j < PyList_GET_SIZE(ps); j++) {
+            PyObject* o = PyList_GET_ITEM(ps, j);
+            if (plain(o)) {
+                THPVariable_Unpack(o).mutable_grad().reset();
+            } else if (PyObject_SetAttr(o, g_grad, Py_None) < 0) {
+                return nullptr;
+            }
+        }
+    }
+    Py_RETURN_NONE;
+}
+
+PyObject* init(PyObject*, PyObject* parameter) {
+    if (!PyType_Check(parameter)) {
+        PyErr_SetString(PyExc_TypeError, "init() takes torch.nn.Parameter");
+        return nullptr;
+    }
+    Py_INCREF(parameter);
+    Py_XDECREF(reinterpret_cast<PyObject*>(g_parameter));
+    g_parameter = reinterpret_cast<PyTypeObject*>(parameter);
+    Py_RETURN_NONE;
+}
+
+PyObject* version(PyObject*, PyObject*) { return PyLong_FromLong(1); }
+
+PyMethodDef methods[] = {
+    {"check", check, METH_VARARGS,
+     "check(param_groups, n, pptr, gptr, state, states, states_len) -> int: -1 (rebuild) or "
+     "the number of gradients that moved (gptr rewritten)."},
+    {"zero_grads", zero_grads, METH_O, "zero_grads(param_groups): every p.grad = None."},
+    {"init", init, METH_O, "init(torch.nn.Parameter)"},
+    {"version", version, METH_NOARGS, "The interface version of this module."},
+    {nullptr, nullptr, 0, nullptr}};
+
+PyModuleDef module = {PyModuleDef_HEAD_INIT, "fastsched_host", nullptr, -1, methods};
+
+}  // namespace
+
+PyMODINIT_FUNC PyInit_fastsched_host() {
+    g_params = PyUnicode_InternFromString("params");
+    g_grad = PyUnicode_InternFromString("grad");
+    if (g_params == nullptr || g_grad == nullptr) return nullptr;
+    return PyModule_Create(&module);
+}
