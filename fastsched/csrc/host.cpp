@@ -15,6 +15,8 @@
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <cstdint>
+#include <utility>
+#include <vector>
 
 namespace {
 
@@ -48,7 +50,7 @@ constexpr long SLOW = -1;  // check(): something else changed, take the Python p
 // gradient changed, a gradient is laid out differently from its parameter (the kernels walk
 // both as one flat array) or has no strided storage, or the state dicts differ from `states`
 // (identity, order) or in total size; else the number of gradients at new addresses, written
-// into gptr (the caller rewrites the gradient column of its tables).
+// into gptr (the caller rewrites the gradient column of its tables); gptr is written only then.
 PyObject* check(PyObject*, PyObject* args) {
     PyObject *groups, *state, *states;
     Py_ssize_t n, states_len;
@@ -58,7 +60,9 @@ PyObject* check(PyObject*, PyObject* args) {
         return nullptr;
     const int64_t* pptr = reinterpret_cast<const int64_t*>(pa);
     int64_t* gptr = reinterpret_cast<int64_t*>(ga);
-    long moved = 0;
+    // gradients at new addresses, written into gptr only once everything else is known to
+    // match (a SLOW answer leaves gptr as it was)
+    std::vector<std::pair<Py_ssize_t, int64_t>> moved;
     Py_ssize_t i = 0;
     try {
         for (Py_ssize_t k = 0; k < PyList_GET_SIZE(groups); k++) {
@@ -84,10 +88,7 @@ PyObject* check(PyObject*, PyObject* args) {
                     a = address(g);
                 }
                 if ((a == 0) != (gptr[i] == 0)) return PyLong_FromLong(SLOW);
-                if (a != gptr[i]) {
-                    gptr[i] = a;
-                    moved++;
-                }
+                if (a != gptr[i]) moved.emplace_back(i, a);
             }
         }
     } catch (...) {  // a c10::Error from a tensor without data: the Python path says what
@@ -104,7 +105,9 @@ PyObject* check(PyObject*, PyObject* args) {
             return PyLong_FromLong(SLOW);
         total += PyDict_GET_SIZE(value);
     }
-    return PyLong_FromLong(total == states_len ? moved : SLOW);
+    if (total != states_len) return PyLong_FromLong(SLOW);
+    for (const auto& [k, a] : moved) gptr[k] = a;
+    return PyLong_FromSsize_t(static_cast<Py_ssize_t>(moved.size()));
 }
 
 // zero_grads(param_groups): p.grad = None for every parameter (torch's zero_grad with

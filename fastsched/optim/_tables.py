@@ -221,6 +221,17 @@ class TableBuilder:
         self._key = None
         self._armed = None
 
+    def armed(self) -> tuple:
+        """(key, parameter addresses, gradient addresses (int64 tensors in flat order, 0: no
+        gradient), their data pointers, the state dicts): the cached key as the helper reads
+        it, made from :attr:`_key` when that changed."""
+        key, armed = self._key, self._armed
+        if armed is None or armed[0] is not key:
+            pp = torch.tensor(key[1], dtype=torch.int64)
+            gp = torch.tensor(key[0], dtype=torch.int64)
+            armed = self._armed = (key, pp, gp, pp.data_ptr(), gp.data_ptr(), list(key[2]))
+        return armed
+
     def fast(self, hx, param_groups: list, state: dict) -> Plan | None:
         """The cached plan when nothing but (maybe) the gradient addresses changed, checked by
         the host helper ``hx`` (``fastsched/csrc/host.cpp``: ~0.012 us a parameter, against
@@ -230,11 +241,7 @@ class TableBuilder:
         plan, key = self.plan, self._key
         if plan is None or key is None or key[0] is None or plan.dist is not None:
             return None
-        armed = self._armed
-        if armed is None or armed[0] is not key:
-            pp = torch.tensor(key[1], dtype=torch.int64)
-            gp = torch.tensor(key[0], dtype=torch.int64)
-            armed = self._armed = (key, pp, gp, pp.data_ptr(), gp.data_ptr(), list(key[2]))
+        armed = self.armed()
         _, _, gp, pa, ga, states = armed
         moved = hx.check(param_groups, len(key[1]), pa, ga, state, states, key[3])
         if moved < 0:
@@ -313,9 +320,15 @@ class TableBuilder:
             if i is None or plan.params[i] is not e.param or plan.group_index[i] != e.group \
                     or plan.units[i] != e.unit or plan.steps[i] is not e.step \
                     or not _same_lowp(plan.lowp[i] if plan.lowp else None, e.lowp) \
-                    or plan.local_params[i].data_ptr() != local(e.param).data_ptr() \
                     or any(a is not (None if b is None else local(b))
                            for a, b in zip(plan.states[i], e.states)):
+                return False
+            # the addresses the rows hold, not the objects': `p.data = other` keeps the object
+            # and moves its storage (the old storage is freed: a stale row would write there)
+            r = plan.host_rows[i]
+            if r[L.T_P] != local(e.param).data_ptr() or any(
+                    r[col] != (0 if s is None else local(s).data_ptr())
+                    for col, s in zip(L.T_STATES, e.states)):
                 return False
         return True
 
