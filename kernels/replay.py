@@ -118,6 +118,10 @@ class Recording:
             if now is not then:
                 if now is None or then is None:
                     return False
+                # the kernel was specialised on the pointer's element type and alignment, and
+                # the JIT would refuse a tensor on another device
+                if now.dtype != then.dtype or now.device != then.device:
+                    return False
                 a = now.data_ptr()
                 if a & 15 or then.data_ptr() & 15:
                     return False

@@ -244,7 +244,8 @@ def _run_triton(plan, buffers, groups, cfg, table, options: StepOptions, gs, fi)
     # JIT); distributed steps interleave collectives and go through the JIT every step
     rec = None
     if replay.ENABLED and plan.dist is None:
-        key = (options, buffers, table, gs is None, fi is None)  # (options: by value)
+        # (options: by value; the rest by identity)
+        key = (options, buffers, buffers.lr, table, gs is None, fi is None)
         dynamic = (groups, cfg, gs, fi)
         r = plan.replay
         if r is not None and r.matches(key) and r.replay(dynamic):

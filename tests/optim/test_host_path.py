@@ -14,9 +14,9 @@ import weakref
 
 import pytest
 import torch
+from fastsched.kernels import layout as L
 
 import fastsched
-from fastsched.kernels import layout as L
 from fastsched.optim import _hostext
 from fastsched.optim._tables import TableBuilder
 
