@@ -9,10 +9,11 @@ optimizer kind, every backend behind it), :mod:`._reference` (the PyTorch execut
 
 from . import functional
 from ._base import BACKENDS, FusedOptimizer
+from ._hostext import status as host_helper_status
 from ._tables import UNIT_CLASSES
 from .adam import Adam, AdamW
 from .functional import StepOptions
 from .sgd import SGD
 
 __all__ = ["Adam", "AdamW", "SGD", "FusedOptimizer", "BACKENDS", "StepOptions", "functional",
-           "UNIT_CLASSES"]
+           "UNIT_CLASSES", "host_helper_status"]

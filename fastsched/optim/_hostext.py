@@ -174,7 +174,8 @@ def wait(timeout: float | None = None):
 
 
 def status() -> str:
-    """One line: whether the helper is in use, being built, or why not."""
+    """One line: whether the host helper of ``step()`` is in use, being built, or why not
+    (``fastsched.optim.host_helper_status``)."""
     if _module is not None:
         return f"loaded from {_target()}"
     if _reason is not None:
