@@ -394,6 +394,9 @@ KNOWN_SHORT = {("_update_kernel", L.KIND_SGD, True, True): 108,
                ("_update_kernel", L.KIND_SGD, "bf16", "uint8", L.MODE_MASTER, True): 112,
                ("_update_kernel", L.KIND_SGD, "bf16", "bf16", L.MODE_SR, True): 96,
                ("_update_kernel", L.KIND_SGD, "bf16", "bf16", L.MODE_SR, False): 64,
+               # fp32 Adam with bf16 states and statistics: 84 registers at 4 warps without FMA
+               # contraction (80 with it), 5 programs instead of 6 (144 KB without statistics)
+               ("_update_kernel", L.KIND_ADAM, "fp32", "bf16", 0, False): 120,
                # ALLoRA units below fp32: scalar accesses at ~255 registers, 8 programs (fp32
                # Adam: 4 at 2 warps) of tiles with fewer bytes an element than the 128 KB need
                ("_units_update_kernel", L.KIND_ADAM, "fp32", "bf16", 0, True): 112,
@@ -486,6 +489,9 @@ class Code:
     spill: int  # local memory bytes a thread
     smem: int
     ops: dict
+    #: floating-point instructions of the PTX that round differently from the CPU executor:
+    #: contracted multiply-adds (``fma.rn.f32``) and approximate division / square root
+    inexact: dict = field(default_factory=dict)
 
     @property
     def programs(self) -> int:
@@ -508,7 +514,21 @@ def read_code(ck) -> Code:
     reg = re.search(r"REG:(\d+)", res)
     local = re.search(r"LOCAL:(\d+)", res)
     return Code(ck.metadata.num_warps, int(reg.group(1)) if reg else -1,
-                int(local.group(1)) if local else 0, ck.metadata.shared, sass_ops(sass))
+                int(local.group(1)) if local else 0, ck.metadata.shared, sass_ops(sass),
+                ptx_inexact(ck.asm["ptx"]))
+
+
+_INEXACT = re.compile(r"\b(fma\.rn\.f32|div\.(?:full|approx)[.\w]*f32|sqrt\.approx[.\w]*f32|"
+                      r"rsqrt\.approx[.\w]*f32|rcp\.approx[.\w]*f32)\b")
+
+
+def ptx_inexact(ptx: str) -> dict:
+    """Counts of the fp32 instructions whose result may differ from the CPU's IEEE operations
+    done one by one (see :data:`Code.inexact`)."""
+    counts: dict = {}
+    for m in _INEXACT.finditer(ptx):
+        counts[m.group(1)] = counts.get(m.group(1), 0) + 1
+    return counts
 
 
 def requirements(v: Variant, code: Code) -> list[str]:
@@ -524,6 +544,11 @@ def requirements(v: Variant, code: Code) -> list[str]:
         fences = {k: n for k, n in code.ops.items() if k in ("MEMBAR", "CCTL", "ATOMG", "ATOM")}
         if fences:
             bad.append(f"fences or acquiring atomics: {fences}")
+    if v.name in UPDATE_KERNELS and code.inexact:
+        # the update's arithmetic is the CPU executor's, operation for operation (kernels/
+        # optim.py: _go compiles without contraction; div_rn / sqrt_rn), so that stochastic
+        # rounding bits and 8-bit codes equal the CPU's at rounding boundaries too
+        bad.append(f"fp32 instructions the CPU does not round alike: {code.inexact}")
     if v.name in UPDATE_KERNELS:
         inflight = code.programs * program_bytes(v)
         floor = min(MIN_INFLIGHT, 1024 * KNOWN_SHORT.get(short_key(v), MIN_INFLIGHT // 1024))
@@ -546,7 +571,7 @@ def row(v: Variant, code: Code) -> str:
     kb = code.programs * program_bytes(v) / 1024
     return (f"{v.name:22s} {' '.join(f'{k}={x}' for k, x in c.items()):62s} "
             f"w{code.warps:<2d} r{code.regs:<3d} sp{code.spill:<3d} p{code.programs:<2d} "
-            f"{kb:6.0f}KB  {ops}")
+            f"{kb:6.0f}KB  {ops}" + (f"  inexact {code.inexact}" if code.inexact else ""))
 
 
 def main(argv=None) -> int:
