@@ -2,7 +2,9 @@
 # One command for a lent GPU machine (torch and triton preinstalled, no network). In order of
 # priority, so that a run cut short still returns the most useful part:
 #   1. install the checkout without touching the machine's torch/triton;
-#   2. the gpu-marked tests (CUDA graphs, no host sync in step(), native kernel parity);
+#   2. the gpu-marked tests (CUDA graphs, no host sync in step(), native kernel parity), then
+#      host and device time per step on LoRA and 2,000 small tensors, eager and CUDA graph,
+#      fastsched beside torch fused (`fastsched profile`, under $out/host);
 #   3. the update kernels' launch configurations compared: the per-variant warps of
 #      kernels/optim.py against FASTSCHED_UPDATE_WARPS=4 (every update program at 4 warps,
 #      Triton's default and the configuration before), fastsched against the stream copy on
@@ -13,8 +15,9 @@
 #   5. the full benchmark, bounded by --time-limit (JSON/Markdown/PNG under $out);
 #   6. the whole test suite natively on the GPU (kernels compiled, not interpreted).
 # Usage: OUT=/some/dir bash bench/gpu_check.sh   (default out: bench/results)
-# Budget: about 1 + 2.5 + 2 x 1.2 + 1.5 + 2.5 + 1.5 minutes (device time is 15 min a session,
-# start included); set CMP_LIMIT / LOWP_LIMIT / BENCH_LIMIT / TEST_LIMIT (seconds) to change.
+# Budget: about 1 + 2.5 + 2 + 2 x 1.2 + 1.5 + 2.5 + 1.5 minutes (device time is 15 min a
+# session, start included); set HOST_LIMIT (per profile run) / CMP_LIMIT / LOWP_LIMIT /
+# BENCH_LIMIT / TEST_LIMIT (seconds) to change.
 set -uo pipefail
 out="${OUT:-bench/results}"
 mkdir -p "$out"
@@ -27,6 +30,16 @@ python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
 } 2>&1 | tee "$out/gpu-device.txt"
 timeout 150 python3 -m pytest tests -m gpu -q -p no:cacheprovider 2>&1 \
   | tee "$out/gpu-tests-marked.log" | tail -15
+# host and GPU time per step on the sets where the host can be the bottleneck (LoRA, 2,000 small
+# tensors): fastsched and torch's fused AdamW, eager and replayed as a CUDA graph (`fastsched
+# profile`: host time of the call, device time per step, launches, syncs; under $out/host)
+for set in lora-7b many-small; do
+  for c in fastsched fastsched-graph torch-fused torch-fused-graph; do
+    timeout "${HOST_LIMIT:-30}" fastsched profile --set "$set" --contender "$c" --steps 10 \
+      --top 3 --out "$out/host" 2>&1 | tee "$out/host-$set-$c.log" \
+      | grep -E "host time|device time|launches|GB/s" | head -5
+  done
+done
 # launch configurations: same shapes, contenders and time limit for both; the stream contender
 # is the copy ceiling measured in the same run (compare GB/s and the fraction of copy)
 for cfg in new old; do
