@@ -184,7 +184,7 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, signed: bool) -> torch.
     c = codes.reshape(-1).to(torch.int64)
     n = c.numel()
     blk = torch.arange(n, device=c.device) // L.Q_BLOCK
-    s = scale.to(torch.float32)[blk]
+    s = scale.to(torch.float32).reshape(-1)[blk]  # (a DTensor's scales: (rows, blocks a row))
     if signed:
         v = _decode(c & 0x7F, L.Q_BIAS_SIGNED) * s
         v = torch.where(c >= 0x80, -v, v)

@@ -24,6 +24,8 @@ stochastic rounding + bf16 states: 2+2, 2, 8 = 14 B, 4 B held; bf16 + SR + 8-bit
 
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Any
 
 import torch
@@ -50,20 +52,72 @@ def dtype_name(v) -> str | None:
 _flat = _lowp.storage_flat
 
 
+def blocks_in_rows(p) -> bool:
+    """Whether 8-bit states of ``p`` keep the same blocks on any sharding: always for a plain
+    tensor; for a DTensor (FSDP2) when it is sharded on dim 0 only (or replicated), has at least
+    two dims, its local shard is contiguous and a row (one index of dim 0) is a whole number of
+    ``Q_BLOCK`` blocks. Then a shard's flat blocks are whole rows' blocks, its scales are whole
+    rows of a ``(rows, row // Q_BLOCK)`` scale tensor sharded like the parameter, and
+    torch.distributed.checkpoint moves codes and scales row by row to any world size."""
+    if not is_dtensor(p):
+        return True
+    if p.dim() < 2 or math.prod(p.shape[1:]) % L.Q_BLOCK:
+        return False
+    if not all(pl.is_replicate() or pl.is_shard(dim=0) for pl in p.placements):
+        return False
+    return local(p).is_contiguous()
+
+
+def _like(p, t: torch.Tensor, shape=None):
+    """``t`` (a local tensor) as a DTensor sharded like ``p`` (of ``shape``, default ``p``'s);
+    ``t`` itself when ``p`` is a plain tensor."""
+    if not is_dtensor(p):
+        return t
+    from torch.distributed.tensor import DTensor
+
+    shape = tuple(p.shape) if shape is None else tuple(shape)
+    stride = tuple(math.prod(shape[i + 1:]) for i in range(len(shape)))
+    return DTensor.from_local(t, p.device_mesh, p.placements, run_check=False, shape=shape,
+                              stride=stride)
+
+
+def scale_shape(p, shard: bool = False) -> tuple:
+    """Shape of an 8-bit state's scales: one per block of the flat tensor; for a DTensor,
+    ``(rows, row // Q_BLOCK)``, sharded like it (see :func:`blocks_in_rows`); ``shard``: the
+    local shard's."""
+    if is_dtensor(p):
+        rows = local(p).shape[0] if shard else p.shape[0]
+        return (rows, math.prod(p.shape[1:]) // L.Q_BLOCK)
+    return (_lowp.n_blocks(p.numel()),)
+
+
+def _local_like(p, v: torch.Tensor) -> torch.Tensor:
+    """The local shard of ``v`` (a state of ``p``'s shape) in ``p``'s sharding."""
+    if is_dtensor(v):
+        if is_dtensor(p) and (v.device_mesh != p.device_mesh or v.placements != p.placements):
+            v = v.redistribute(p.device_mesh, p.placements)
+        return local(v)
+    return v
+
+
 def quantize_like(p: torch.Tensor, v: torch.Tensor, signed: bool):
-    """(codes laid out like ``p``, scales) of a full-precision state ``v`` of ``p``'s shape."""
-    full = torch.empty_like(p, dtype=torch.float32).copy_(v)
+    """(codes laid out like ``p``, scales) of a full-precision state ``v`` of ``p``'s shape
+    (DTensors: quantised shard by shard, codes and scales sharded like ``p``)."""
+    lp = local(p)
+    full = torch.empty_like(lp, dtype=torch.float32).copy_(_local_like(p, v))
     codes, scale = _lowp.quantize(_flat(full), signed)
-    out = torch.empty_like(p, dtype=torch.uint8)
+    out = torch.empty_like(lp, dtype=torch.uint8)
     _flat(out).copy_(codes)
-    return out, scale
+    return _like(p, out), _like(p, scale.reshape(scale_shape(p, shard=True)), scale_shape(p))
 
 
 def dequantize_like(p: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, signed: bool):
-    """The float32 state (laid out like ``p``) of ``codes`` and ``scale``."""
-    out = torch.empty_like(p, dtype=torch.float32)
-    _flat(out).copy_(_lowp.dequantize(_flat(codes), scale.to(codes.device), signed))
-    return out
+    """The float32 state (laid out like ``p``, a DTensor like it) of ``codes`` and ``scale``."""
+    lp = local(p)
+    lc, ls = _local_like(p, codes), _local_like(p, scale).reshape(-1)
+    out = torch.empty_like(lp, dtype=torch.float32)
+    _flat(out).copy_(_lowp.dequantize(_flat(lc), ls.to(lc.device), signed))
+    return _like(p, out)
 
 
 class PrecisionMixin:
@@ -90,13 +144,11 @@ class PrecisionMixin:
             raise ValueError("state_dtype='8bit' and amsgrad=True: max_exp_avg_sq has no 8-bit "
                              "storage; use state_dtype=torch.bfloat16 or amsgrad=False")
         names = group.get("param_names")
+        rowless = []
         for i, p in enumerate(group["params"]):
-            if sd == "8bit" and is_dtensor(p):
-                who = names[i] if names else f"params[{i}]"
-                raise ValueError(f"{who}: state_dtype='8bit' with a DTensor (FSDP2 / tensor "
-                                 "parallel) parameter is not supported: the block scales belong "
-                                 "to each rank's shard and torch.distributed.checkpoint would "
-                                 "keep one rank's only; use state_dtype=torch.bfloat16")
+            if sd == "8bit" and not blocks_in_rows(p) and p.numel() >= m8 \
+                    and group.get("allora_eta") is None:
+                rowless.append(names[i] if names else f"params[{i}]")
             if mw and p.dtype not in (torch.bfloat16, torch.float16):
                 raise ValueError(f"params[{i}]: master_weights=True needs bfloat16 or float16 "
                                  f"parameters, got {p.dtype} (a float32 parameter is its own "
@@ -110,6 +162,14 @@ class PrecisionMixin:
                                  f"sharded on dim {p.placements[0].dim}: the generator indexes "
                                  "elements of the whole parameter, which a shard on another dim "
                                  "does not hold contiguously (Shard(0), as FSDP2, is supported)")
+        if rowless and not group.get("_rowless_warned"):
+            warnings.warn(
+                f"state_dtype='8bit': {', '.join(rowless[:8])}{' ...' if len(rowless) > 8 else ''}"
+                f" keep float32 states: a DTensor parameter has 8-bit states only when it is "
+                f"sharded on dim 0 (FSDP2) and each row holds whole {L.Q_BLOCK}-element blocks "
+                "(2-D or more, row length a multiple of 256), so that every world size has the "
+                "same blocks and checkpoints reshard", stacklevel=4)
+            group["_rowless_warned"] = True
 
     @property
     def seed(self) -> int:
@@ -133,7 +193,9 @@ class PrecisionMixin:
             # units kernel owns whole units, which do not hold whole 256-element blocks; they
             # are LoRA adapters, a small share of the states (the base model is frozen)
             small = p.numel() < group.get("min_8bit_size", _lowp.MIN_8BIT_SIZE)
-            return torch.float32 if small or group.get("allora_eta") is not None else "8bit"
+            # and DTensors whose blocks would depend on the sharding (blocks_in_rows)
+            return torch.float32 if small or group.get("allora_eta") is not None \
+                or not blocks_in_rows(p) else "8bit"
         if sd is None:
             return torch.float32 if group.get("master_weights") else p.dtype
         return sd
@@ -143,8 +205,9 @@ class PrecisionMixin:
         store = self._storage(p, group)
         if store == "8bit":
             state[name + "_code"] = torch.zeros_like(p, dtype=torch.uint8)
-            state[name + "_scale"] = torch.zeros(_lowp.n_blocks(local(p).numel()),
-                                                 dtype=torch.float32, device=p.device)
+            state[name + "_scale"] = _like(p, torch.zeros(
+                scale_shape(p, shard=True), dtype=torch.float32, device=local(p).device),
+                scale_shape(p))
         else:
             state[name] = torch.zeros_like(p, dtype=store, memory_format=torch.preserve_format)
 
@@ -157,7 +220,6 @@ class PrecisionMixin:
             signed = k != 1  # exp_avg_sq is the one unsigned state
             v, codes = state.get(name), state.get(name + "_code")
             if store == "8bit" and isinstance(v, torch.Tensor) and v.shape == p.shape:
-                # (never a DTensor: _validate_lowp refuses 8-bit states for them)
                 state[name + "_code"], state[name + "_scale"] = quantize_like(p, v, signed)
                 del state[name]
             elif store != "8bit" and isinstance(codes, torch.Tensor):
@@ -203,8 +265,10 @@ class PrecisionMixin:
                       st.get(names[1] + "_scale") if len(names) > 1 else None)
             scales = tuple(None if s is None else local(s) for s in scales)
         key = _lowp.sr_key(self._seed, position) if sr else 0
+        # the executors work on local shards: the master's too (a DTensor under FSDP2)
+        master = st.get("master_param") if mw else None
         return LowP(L.STATE_8BIT if store == "8bit" else _lowp.STATE_CODES[store], mode,
-                    st.get("master_param") if mw else None, scales, key,
+                    None if master is None else local(master), scales, key,
                     _elem0(p) if sr else 0)
 
     # -- checkpoints ----------------------------------------------------------------------------
@@ -218,7 +282,9 @@ class PrecisionMixin:
         for pid, st in state.items():
             keep, taken = {}, {}
             for k, v in st.items():
-                if isinstance(v, torch.Tensor) and k != "step" and not is_dtensor(v) and (
+                # (DTensors too: FSDP2's checkpoints come through here, and torch would cast a
+                # float32 master or uint8 codes to a bf16 / fp32 parameter's dtype)
+                if isinstance(v, torch.Tensor) and k != "step" and (
                         k == "master_param" or k.endswith(("_code", "_scale"))
                         or v.dtype in (torch.float32, torch.bfloat16)):
                     taken[k] = v

@@ -221,7 +221,7 @@ class _Io:
             codes, scale = _lowp.quantize(x, signed=k == 0)
             q = lp.scales[k]
             tf.copy_(torch.where(act, codes, tf))
-            q.copy_(torch.where(act, scale, q))
+            q.copy_(torch.where(act, scale.reshape(q.shape), q))
         else:
             tf.copy_(torch.where(act, x.to(t.dtype), tf))
 

@@ -64,7 +64,8 @@ class Adam(FusedOptimizer):
             reproducible from ``seed``; states stored as ``torch.float32``,
             ``torch.bfloat16`` or ``"8bit"`` (block-wise quantisation, Dettmers et al. 2022,
             arXiv 2110.02861: one scale per 256 elements; tensors under ``min_8bit_size``
-            elements and ALLoRA groups keep float32 states). ``None``: the master's float32
+            elements, ALLoRA groups and DTensors whose rows hold no whole 256-element blocks
+            keep float32 states). ``None``: the master's float32
             with ``master_weights``, else the parameter's dtype (torch).
         seed: the seed of stochastic rounding (an integer in [0, 2**64); in the state dict).
         foreach, fused, capturable: accepted for compatibility and ignored (the step is always

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 import traceback
+import warnings
 from datetime import timedelta
 from pathlib import Path
 
@@ -346,9 +347,118 @@ def ddp_and_tensor_parallel(rank, world, tmp):
     ]
     out["refused"] = {params[-1][0]: refusal(lambda params=params: fastsched.AdamW(params))
                       for params in cases}
+    # rows of 128 elements hold no whole 256-element block: float32 states, with a warning
+    # naming the parameter (FSDP2 with whole-block rows: fsdp_8bit)
     q8 = [("q8", distribute_tensor(torch.ones(64, 128), mesh, [Shard(0)]))]
-    out["refused"]["q8"] = refusal(lambda: fastsched.AdamW(q8, state_dtype="8bit"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        o8 = fastsched.AdamW(q8, state_dtype="8bit")
+    out["q8_warnings"] = [str(w.message) for w in caught]
+    out["q8_storage"] = str(o8._storage(q8[0][1], o8.param_groups[0]))
     return out
+
+
+#: layer widths of the 8-bit model: a weight of 48 rows of 512 (8-bit: 24 rows a rank at world
+#: size 2, 12 at 4), one of 256 rows of 48 and the biases (float32 states)
+ROWS8 = (512, 48, 256)
+
+
+def make_model8(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(ROWS8[0], ROWS8[1]), torch.nn.Tanh(),
+                               torch.nn.Linear(ROWS8[1], ROWS8[2]))
+
+
+def train8(model, opt, steps, start=0):
+    dt = next(model.parameters()).dtype
+    for s in range(start, start + steps):
+        g = torch.Generator().manual_seed(2000 + s)
+        x, y = torch.randn(8, ROWS8[0], generator=g), torch.randn(8, ROWS8[2], generator=g)
+        torch.nn.functional.mse_loss(model(x.to(dt)), y.to(dt)).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def opt8(model, backend="auto"):
+    """8-bit AdamW states for the 48 x 512 weight, float32 for the rest (the 256 x 48 weight
+    would keep float32 states under FSDP2 anyway: the one-process run must store alike), with a
+    schedule (elementwise only: no global norms, so that FSDP2 and one process compute every
+    element alike)."""
+    ps = list(model.parameters())
+    return fastsched.AdamW([{"params": ps[:1], "state_dtype": "8bit"}, {"params": ps[1:]}],
+                           lr=1e-2, weight_decay=0.1, backend=backend,
+                           schedule=Cosine(total_steps=40, warmup_steps=3))
+
+
+def codes_of(opt):
+    """Full (gathered) 8-bit codes and scales of every parameter, in parameter order."""
+    out = []
+    for g in opt.param_groups:
+        for p in g["params"]:
+            st = opt.state[p]
+            out.append({k: full(v.detach()).cpu().clone() for k, v in sorted(st.items())
+                        if k.endswith(("_code", "_scale"))})
+    return out
+
+
+def fsdp_8bit(rank, world, tmp):
+    """8-bit states under FSDP2 (world size 2) against one process, 10 steps: full parameters,
+    codes and scales (bitwise: the blocks are the same rows' blocks); the state types; a DCP
+    checkpoint, then 5 more steps (what the loading runs must reproduce)."""
+    import torch.distributed.checkpoint as dcp
+
+    out = {}
+    for backend in ("auto", "reference"):
+        model, ref_model = shard(make_model8()), make_model8()
+        opt, ref = opt8(model, backend), opt8(ref_model, backend)
+        train8(model, opt, 10)
+        train8(ref_model, ref, 10)
+        out[backend] = {
+            "params": params_of(model), "ref_params": params_of(ref_model),
+            "codes": codes_of(opt), "ref_codes": codes_of(ref),
+            "state_types": sorted({(k, type(v).__name__) for st in opt.state.values()
+                                   for k, v in st.items() if k != "step"})}
+        if backend == "auto":
+            dcp.save(dcp_state(model, opt), checkpoint_id=str(tmp / "ckpt-8bit"))
+            train8(model, opt, MORE, start=10)
+            final = params_of(model)
+            if rank == 0:
+                torch.save(final, tmp / "after-8bit.pt")
+    # bf16 parameters with float32 masters and 8-bit states: the checkpoint of the masters
+    model = shard(make_model8().to(torch.bfloat16))
+    opt = master8(model)
+    train8(model, opt, 3)
+    dcp.save(dcp_state(model, opt), checkpoint_id=str(tmp / "ckpt-master"))
+    out["masters"] = masters_of(opt)
+    return out
+
+
+def master8(model):
+    ps = list(model.parameters())
+    return fastsched.AdamW([{"params": ps[:1], "state_dtype": "8bit"}, {"params": ps[1:]}],
+                           lr=1e-2, master_weights=True)
+
+
+def masters_of(opt):
+    return [full(opt.state[p]["master_param"].detach()).cpu().clone()
+            for g in opt.param_groups for p in g["params"]]
+
+
+def fsdp_8bit_load(rank, world, tmp):
+    """The world-size-2 8-bit checkpoint at this world size: codes and scales as saved, then 5
+    more steps (the test compares them with the uninterrupted run)."""
+    model = shard(make_model8(seed=5))
+    opt = opt8(model)
+    dcp_load(model, opt, tmp / "ckpt-8bit")
+    res = {"codes": codes_of(opt), "clock": int(opt.clock.item())}
+    train8(model, opt, MORE, start=10)
+    res["params"] = params_of(model)
+    model = shard(make_model8(seed=5).to(torch.bfloat16))
+    opt = master8(model)
+    dcp_load(model, opt, tmp / "ckpt-master")
+    res["masters"] = masters_of(opt)
+    res["master_codes"] = codes_of(opt)
+    return res
 
 
 def nccl_no_sync(rank, world, tmp):

@@ -163,6 +163,61 @@ def test_dcp_checkpoint_reshards(trained, world):
         assert_close(r["torch_params"], after_torch, what=f"{what}: torch.optim.AdamW checkpoint")
 
 
+# -- 8-bit states under FSDP2, DCP resharding (world size 2, then 1 and 4) ----------------------
+
+@pytest.fixture(scope="module")
+def trained8(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fsdp2-8bit")
+    return tmp, spawn("fsdp_8bit", 2, tmp)
+
+
+def test_fsdp2_8bit_states_equal_single_process(trained8):
+    """8-bit AdamW states of FSDP2 shards (weights of 48 rows of 512: 24 rows a rank) are the
+    one-process run's bit for bit (codes, scales and parameters, 10 steps, default and
+    reference backends): a shard's blocks are whole rows' blocks. The codes and scales are
+    DTensors sharded like the parameter (what DCP reshards)."""
+    _, ranks = trained8
+    for rank, res in enumerate(ranks):
+        for backend in ("auto", "reference"):
+            r = res[backend]
+            what = f"rank {rank} backend {backend}"
+            assert_equal(r["params"], r["ref_params"], what=what)
+            assert len(r["codes"]) == len(r["ref_codes"]), what
+            n8 = 0
+            for a, b in zip(r["codes"], r["ref_codes"]):
+                assert a.keys() == b.keys(), what
+                for k in a:
+                    # the sharded scales are (rows, blocks a row); the plain ones flat
+                    assert torch.equal(a[k].reshape(-1), b[k].reshape(-1)), (what, k)
+                n8 += bool(a)
+            assert n8 == 1, what  # the 48 x 512 weight
+            types = dict(r["state_types"])
+            assert types["exp_avg_code"] == "DTensor" and types["exp_avg_scale"] == "DTensor"
+            assert types["exp_avg"] == "DTensor", what  # the float32 states of the others
+
+
+@pytest.mark.parametrize("world", [1, 4])
+def test_dcp_reshards_8bit_states(trained8, world):
+    """The world-size-2 checkpoint with 8-bit states loads at world size 1 and 4: codes and
+    scales as saved (moved row by row), and 5 more steps equal the uninterrupted run bit for
+    bit; float32 masters of bf16 parameters load as saved."""
+    tmp, saved = trained8
+    ranks = spawn("fsdp_8bit_load", world, tmp)
+    after = torch.load(tmp / "after-8bit.pt", weights_only=True)
+    for rank, r in enumerate(ranks):
+        what = f"DCP 8-bit 2 -> {world} rank {rank}"
+        assert r["clock"] == 10, what
+        for a, b in zip(r["codes"], saved[0]["auto"]["codes"]):
+            assert a.keys() == b.keys(), what
+            for k in a:
+                assert torch.equal(a[k], b[k]), (what, k)
+        assert_equal(r["params"], after, what=what)
+        # float32 masters of bf16 parameters come back as saved, not cast to bf16 on the way
+        assert all(m.dtype == torch.float32 for m in r["masters"]), what
+        assert_equal(r["masters"], saved[0]["masters"], what=f"{what}: masters")
+        assert r["master_codes"][0], what  # the 48 x 512 weight: 8-bit beside its master
+
+
 # -- DDP and tensor parallel (world size 2) ----------------------------------------------------
 
 REFUSED = {  # parameter name -> what the error says (at construction, naming the parameter)
@@ -170,7 +225,6 @@ REFUSED = {  # parameter name -> what the error says (at construction, naming th
     "w2d": "2-D mesh",
     "part": "Partial",
     "plain": "plain tensor",
-    "q8": "state_dtype='8bit' with a DTensor",
 }
 
 
@@ -229,6 +283,10 @@ def test_ddp_tensor_parallel_triton_and_errors(tmp_path):
             err = r["refused"][name]
             assert err is not None, f"rank {rank}: no error for {msg} ({name})"
             assert msg in err and name in err, (rank, name, err)
+        # 8-bit asked for a DTensor whose rows hold no whole block: float32, saying so
+        assert r["q8_storage"] == "torch.float32", rank
+        assert any("q8" in w and "keep float32 states" in w for w in r["q8_warnings"]), \
+            (rank, r["q8_warnings"])
 
     # the ranks agree with each other
     for key in ("tp", "triton"):
