@@ -291,3 +291,52 @@ def test_mode_and_build_errors(monkeypatch, tmp_path):
         assert _hostext.get() is None and "false failed" in _hostext.status()
     finally:
         _hostext._reset_for_tests(*prev)
+
+
+def test_auto_mode_builds_in_the_background_and_switches_paths(monkeypatch, tmp_path):
+    """The default: the first step starts the build and takes the Python path; once the module
+    is there, steps take it (same tables, same results). A fresh cache directory, so this
+    really compiles (~10-15 s)."""
+    monkeypatch.setenv("FASTSCHED_HOST_EXT", "auto")
+    monkeypatch.setenv("FASTSCHED_CACHE_DIR", str(tmp_path))
+    prev = _hostext._reset_for_tests(None, None)
+    saved_thread = _hostext._thread
+    _hostext._thread = None
+    try:
+        params = _params()
+        opt = fastsched.AdamW(params, lr=1e-2, backend="cpu")
+        gen = torch.Generator().manual_seed(0)
+        for p, g in zip(params, _grads(params, gen)):
+            p.grad = g
+        opt.step()  # starts the build; the Python path runs meanwhile
+        assert _hostext._thread is not None
+        assert _hostext.status() in ("being built",) or _hostext._module is not None
+        mod = _hostext.wait(120)
+        assert mod is not None, _hostext.status()
+        assert list(tmp_path.rglob("fastsched_host*")), "the module is in the cache directory"
+        assert "loaded from" in _hostext.status()
+        ref_params = _params()
+        ref = fastsched.AdamW(ref_params, lr=1e-2, backend="cpu")
+        prev_mod = _hostext._reset_for_tests(None, "off")
+        try:
+            gen2 = torch.Generator().manual_seed(0)
+            for p, g in zip(ref_params, _grads(ref_params, gen2)):
+                p.grad = g
+            ref.step()
+        finally:
+            _hostext._reset_for_tests(*prev_mod)
+        for _ in range(3):  # helper on ours, Python path on the reference: the same steps
+            opt.zero_grad()
+            _hostext._reset_for_tests(None, "off")
+            ref.zero_grad()
+            gs = _grads(params, gen)
+            for p, q, g in zip(params, ref_params, gs):
+                p.grad, q.grad = g, g.clone()
+            ref.step()
+            _hostext._reset_for_tests(mod, None)
+            opt.step()
+        for a, b in zip(params, ref_params):
+            assert torch.equal(a, b)
+    finally:
+        _hostext._reset_for_tests(*prev)
+        _hostext._thread = saved_thread
