@@ -18,15 +18,18 @@ leaves the Python path; :func:`status` says why.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
+import shlex
 import shutil
 import subprocess
 import sys
 import sysconfig
-import tempfile
 import threading
+import time
+import uuid
 import warnings
 from pathlib import Path
 
@@ -73,17 +76,30 @@ def _command(cxx: str, src: Path, out: Path, std: str) -> list[str]:
     libs = [f"-L{p}" for p in cpp_extension.library_paths()]
     rpath = [f"-Wl,-rpath,{p}" for p in cpp_extension.library_paths()]
     abi = f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}"
+    extra = ["-undefined", "dynamic_lookup"] if sys.platform == "darwin" else []
     return [cxx, "-O2", "-shared", "-fPIC", f"-std={std}", "-w", abi, *inc, str(src), "-o",
-            str(out), *libs, *rpath, "-ltorch_python", "-ltorch_cpu", "-lc10"]
+            str(out), *libs, *rpath, "-ltorch_python", "-ltorch_cpu", "-lc10", *extra]
+
+
+def _torch_lib() -> str:
+    """What identifies the torch binary the module links against: libtorch_python's path,
+    size and modification time (a torch rebuilt in place at the same version differs here)."""
+    lib = Path(torch.__file__).parent / "lib"
+    found = sorted(lib.glob("libtorch_python*"))
+    if not found:
+        return str(lib)
+    st = found[0].stat()
+    return f"{found[0]}:{st.st_size}:{st.st_mtime_ns}"
 
 
 def _target() -> Path:
-    """Where the module for this torch / Python / source lives."""
+    """Where the module for this torch / Python / source / compile command lives."""
     h = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), torch.__version__.encode(), torch.__file__.encode(),
-                 str(getattr(torch.version, "git_version", "")).encode(),
-                 sys.version.encode(), sysconfig.get_config_var("EXT_SUFFIX").encode()):
-        h.update(part)
+    for part in (SOURCE.read_bytes(), torch.__version__, torch.__file__, _torch_lib(),
+                 str(getattr(torch.version, "git_version", "")), sys.version,
+                 str(sysconfig.get_config_var("EXT_SUFFIX")),
+                 " ".join(_command("CXX", Path("SRC"), Path("OUT"), "STD"))):
+        h.update(part if isinstance(part, bytes) else part.encode())
     suffix = sysconfig.get_config_var("EXT_SUFFIX") or ".so"
     return _cache_dir() / f"host-{h.hexdigest()[:16]}" / f"fastsched_host{suffix}"
 
@@ -98,10 +114,12 @@ def _import(path: Path):
     return mod
 
 
-def build() -> Path:
-    """Compile the helper for this torch into the cache (atomically: concurrent processes, e.g.
-    the ranks of one job, each compile into a temporary file and rename it into place) and
-    return its path. Raises RuntimeError with the compiler's message on failure."""
+def _start_build() -> tuple[subprocess.Popen, Path, Path] | Path:
+    """Start compiling the helper into the cache; the module's path when it is already there,
+    else (the compiler's process, the log, the target). The compiler runs in a session of its
+    own and renames its output into place itself, so a build finishes (and is not wasted) when
+    the process that started it exits first; concurrent builds (the ranks of one job) each write
+    a file of their own and rename it atomically."""
     out = _target()
     if out.exists():
         return out
@@ -111,34 +129,59 @@ def build() -> Path:
     if cxx is None:
         raise RuntimeError("no C++ compiler (c++, g++ or clang++ on PATH; or set CXX)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=out.suffix, dir=out.parent)
-    os.close(fd)
+    now = time.time()
+    for old in out.parent.glob(".build-*"):  # left by builds killed mid-way
+        with contextlib.suppress(OSError):
+            if now - old.stat().st_mtime > 3600:
+                old.unlink()
+    tag = f".build-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp, log = out.parent / (tag + out.suffix), out.parent / (tag + ".log")
+    # torch >= 2.10 headers want C++20, older ones C++17
+    tries = " || ".join(shlex.join(_command(cxx, SOURCE, tmp, std)) for std in ("c++20", "c++17"))
+    script = f"({tries}) && mv -f {shlex.quote(str(tmp))} {shlex.quote(str(out))}"
+    with open(log, "w") as f:
+        proc = subprocess.Popen(["sh", "-c", script], stdout=f, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    return proc, log, out
+
+
+def build(started=None) -> Path:
+    """Compile the helper for this torch into the cache (see :func:`_start_build`; ``started``:
+    a build it started) and return its path. Raises RuntimeError with the compiler's message on
+    failure."""
+    if started is None:
+        started = _start_build()
+    if isinstance(started, Path):
+        return started
+    proc, log, out = started
+    rc = proc.wait()
     try:
-        err = ""
-        for std in ("c++20", "c++17"):  # torch >= 2.10 headers want C++20, older ones 17
-            r = subprocess.run(_command(cxx, SOURCE, Path(tmp), std), capture_output=True,
-                               text=True)
-            if r.returncode == 0:
-                os.replace(tmp, out)
-                return out
-            err = (r.stderr or r.stdout).strip()
-        raise RuntimeError(f"{Path(cxx).name} failed:\n" + "\n".join(err.splitlines()[-15:]))
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        msg = log.read_text().strip()
+    except OSError:
+        msg = ""
+    with contextlib.suppress(OSError):
+        log.unlink()
+    if rc != 0 or not out.exists():
+        cxx = Path(_compiler() or "the compiler").name
+        raise RuntimeError(f"{cxx} failed:\n" + "\n".join(msg.splitlines()[-15:]))
+    return out
 
 
-def _load(foreground: bool) -> None:
+def _load(foreground: bool, started=None) -> None:
     global _module, _reason
     try:
-        mod = _import(build())
+        mod = _import(build(started))
     except Exception as e:  # noqa: BLE001 - any failure leaves the (correct) Python path
         with _lock:
             _reason = f"{type(e).__name__}: {e}"
-        warnings.warn(f"fastsched: the host helper of step() could not be built ({_reason}); "
-                      "step() and zero_grad() take the Python path (~0.25 us more a "
-                      "parameter). FASTSCHED_HOST_EXT=off silences this.", RuntimeWarning,
-                      stacklevel=4 if foreground else 1)
+        try:  # (from the build thread, a warnings filter set to "error" has no one to tell)
+            warnings.warn(f"fastsched: the host helper of step() could not be built "
+                          f"({_reason}); step() and zero_grad() take the Python path (~0.25 "
+                          "us more a parameter). FASTSCHED_HOST_EXT=off silences this.",
+                          RuntimeWarning, stacklevel=4 if foreground else 1)
+        except Warning:
+            if foreground:
+                raise
         return
     with _lock:
         _module = mod
@@ -156,10 +199,20 @@ def get():
     if mode == "off":
         _reason = "FASTSCHED_HOST_EXT=off"
         return None
-    if _target().exists() or mode == "wait":
+    try:
+        # the compiler starts here, in the caller's thread: a process that exits before the
+        # build ends still leaves the module in the cache (see _start_build)
+        started = _target() if mode == "wait" else _start_build()
+    except Exception as e:  # noqa: BLE001 - no cache directory (no HOME, no permission...)
+        _reason = f"{type(e).__name__}: {e}"
+        warnings.warn(f"fastsched: the host helper of step() cannot be built here "
+                      f"({_reason}); the Python path runs. Set FASTSCHED_CACHE_DIR, or "
+                      "FASTSCHED_HOST_EXT=off to silence this.", RuntimeWarning, stacklevel=3)
+        return None
+    if isinstance(started, Path):  # there already, or to be built in the foreground
         _load(True)
         return _module
-    _thread = threading.Thread(target=_load, args=(False,), name="fastsched-host-build",
+    _thread = threading.Thread(target=_load, args=(False, started), name="fastsched-host-build",
                                daemon=True)
     _thread.start()
     return None
@@ -177,12 +230,16 @@ def status() -> str:
     """One line: whether the host helper of ``step()`` is in use, being built, or why not
     (``fastsched.optim.host_helper_status``)."""
     if _module is not None:
-        return f"loaded from {_target()}"
+        return f"loaded from {_module.__file__}"
     if _reason is not None:
         return f"not in use: {_reason}"
     if _thread is not None and _thread.is_alive():
         return "being built"
-    return "not started (the first step() starts it)"
+    try:
+        where = _target()
+    except Exception as e:  # noqa: BLE001
+        return f"not in use: {type(e).__name__}: {e}"
+    return f"not started (the first step() builds it into {where.parent})"
 
 
 def _reset_for_tests(module=None, reason: str | None = None) -> tuple:

@@ -340,3 +340,45 @@ def test_auto_mode_builds_in_the_background_and_switches_paths(monkeypatch, tmp_
     finally:
         _hostext._reset_for_tests(*prev)
         _hostext._thread = saved_thread
+
+
+def test_a_build_outlives_the_process_that_started_it(tmp_path):
+    """A process shorter than the build (a CLI run, a short job) still leaves the module in the
+    cache: the compiler renames its own output."""
+    import subprocess
+    import sys
+    import time
+
+    env = {**__import__("os").environ, "FASTSCHED_HOST_EXT": "auto",
+           "FASTSCHED_CACHE_DIR": str(tmp_path)}
+    code = ("from fastsched.optim import _hostext; assert _hostext.get() is None; "
+            "assert _hostext._thread is not None")
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=60)
+    deadline = time.time() + 180
+    while time.time() < deadline and not list(tmp_path.rglob("fastsched_host*")):
+        time.sleep(1)
+    found = list(tmp_path.rglob("fastsched_host*"))
+    assert found, "the build did not finish after its process exited"
+    assert found[0].stat().st_mode & 0o044, "readable by others sharing the cache"
+
+
+def test_no_cache_directory_leaves_the_python_path(monkeypatch):
+    def nowhere():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(_hostext, "_cache_dir", nowhere)
+    monkeypatch.setenv("FASTSCHED_HOST_EXT", "auto")
+    prev = _hostext._reset_for_tests(None, None)
+    saved_thread, _hostext._thread = _hostext._thread, None
+    try:
+        params = _params()
+        opt = fastsched.AdamW(params, lr=1e-2, backend="cpu")
+        for p in params:
+            p.grad = torch.ones_like(p)
+        with pytest.warns(RuntimeWarning, match="cannot be built here"):
+            opt.step()
+        opt.zero_grad()
+        assert "home directory" in _hostext.status()
+    finally:
+        _hostext._reset_for_tests(*prev)
+        _hostext._thread = saved_thread
