@@ -518,8 +518,8 @@ def read_code(ck) -> Code:
                 ptx_inexact(ck.asm["ptx"]))
 
 
-_INEXACT = re.compile(r"\b(fma\.rn\.f32|div\.(?:full|approx)[.\w]*f32|sqrt\.approx[.\w]*f32|"
-                      r"rsqrt\.approx[.\w]*f32|rcp\.approx[.\w]*f32)\b")
+_INEXACT = re.compile(r"\b(fma\.rn(?:\.ftz)?(?:\.sat)?\.f32(?:x2)?|div\.(?:full|approx)[.\w]*f32|"
+                      r"(?:sqrt|rsqrt|rcp|ex2|lg2)\.approx[.\w]*f32)\b")
 
 
 def ptx_inexact(ptx: str) -> dict:

@@ -39,7 +39,9 @@ def _supported() -> bool:
         major, minor = (int(x) for x in triton.__version__.split(".")[:2])
     except ValueError:
         return False
-    return (major, minor) >= (3, 6)
+    # the launcher convention checked: 3.6 (stand-in driver, bench/launch_check.py) and 3.9
+    # (its source); a later Triton launches through the JIT until checked
+    return (3, 6) <= (major, minor) <= (3, 9)
 
 
 #: whether steps replay their launches (see the module docstring)
@@ -78,7 +80,9 @@ class Launch:
         # dynamic tensors, by identity: (argument position, index into `dynamic`)
         self.slots = tuple((i, j) for i, v in enumerate(vals) for j, d in enumerate(dynamic)
                            if d is not None and v is d)
-        self.keep = [v for v in vals if isinstance(v, torch.Tensor)]
+        # the tensors behind the addresses, and the compiled kernel whose module the function
+        # handle lives in (Triton unloads it when the CompiledKernel is collected)
+        self.keep = [kernel] + [v for v in vals if isinstance(v, torch.Tensor)]
         self.args = [_address(v) if isinstance(v, torch.Tensor) else v for v in vals]
         self.run = kernel.run
         self.function = kernel.function

@@ -42,22 +42,39 @@ inline PyObject* params_of(PyObject* group) {
 
 constexpr long SLOW = -1;  // check(): something else changed, take the Python path
 
-// check(param_groups, n, pptr, gptr, state, states, states_len) -> int
+// a parameter's shape and strides in one number (FNV-1a): `p.data = p.data.t()` keeps the
+// address and changes the layout the tables were built for
+inline int64_t layout_of(const at::Tensor& p) {
+    uint64_t h = 1469598103934665603ull;
+    auto mix = [&](int64_t v) { h = (h ^ static_cast<uint64_t>(v)) * 1099511628211ull; };
+    mix(p.dim());
+    for (int64_t v : p.sizes()) mix(v);
+    for (int64_t v : p.strides()) mix(v);
+    return static_cast<int64_t>(h);
+}
+
+// check(param_groups, n, pptr, gptr, layouts, state, states, states_len, group_sizes) -> int
 //
-// pptr / gptr: addresses of int64[n] arrays with the data pointers of the n parameters and of
-// their gradients (0: no gradient) in param_groups order, as the tables were built for them.
-// Returns SLOW when a parameter moved or is not a plain tensor, the set of parameters with a
+// pptr / gptr / layouts: addresses of int64[n] arrays with the data pointers of the n
+// parameters and of their gradients (0: no gradient) and the parameters' layout_of, in
+// param_groups order, as the tables were built for them; group_sizes: the parameters of each
+// group (a tuple). Returns SLOW when a parameter moved, changed its shape or strides, changed
+// group or is not a plain tensor, the set of parameters with a
 // gradient changed, a gradient is laid out differently from its parameter (the kernels walk
 // both as one flat array) or has no strided storage, or the state dicts differ from `states`
 // (identity, order) or in total size; else the number of gradients at new addresses, written
 // into gptr (the caller rewrites the gradient column of its tables); gptr is written only then.
 PyObject* check(PyObject*, PyObject* args) {
-    PyObject *groups, *state, *states;
+    PyObject *groups, *state, *states, *sizes;
     Py_ssize_t n, states_len;
-    unsigned long long pa, ga;
-    if (!PyArg_ParseTuple(args, "O!nKKO!O!n", &PyList_Type, &groups, &n, &pa, &ga, &PyDict_Type,
-                          &state, &PyList_Type, &states, &states_len))
+    unsigned long long pa, ga, la;
+    if (!PyArg_ParseTuple(args, "OnKKKO!OnO", &groups, &n, &pa, &ga, &la, &PyDict_Type, &state,
+                          &states, &states_len, &sizes))
         return nullptr;
+    if (!PyList_Check(groups) || !PyList_Check(states) || !PyTuple_Check(sizes) ||
+        PyTuple_GET_SIZE(sizes) != PyList_GET_SIZE(groups))
+        return PyLong_FromLong(SLOW);
+    const int64_t* lay = reinterpret_cast<const int64_t*>(la);
     const int64_t* pptr = reinterpret_cast<const int64_t*>(pa);
     int64_t* gptr = reinterpret_cast<int64_t*>(ga);
     // gradients at new addresses, written into gptr only once everything else is known to
@@ -72,12 +89,15 @@ PyObject* check(PyObject*, PyObject* args) {
                 return PyLong_FromLong(SLOW);
             }
             const Py_ssize_t m = PyList_GET_SIZE(ps);
-            if (i + m > n) return PyLong_FromLong(SLOW);
+            // the same parameters in the same order and the same group sizes: the same groups
+            if (i + m > n || m != PyLong_AsSsize_t(PyTuple_GET_ITEM(sizes, k)))
+                return PyLong_FromLong(SLOW);
             for (Py_ssize_t j = 0; j < m; j++, i++) {
                 PyObject* o = PyList_GET_ITEM(ps, j);
                 if (!plain(o)) return PyLong_FromLong(SLOW);
                 const at::Tensor& p = THPVariable_Unpack(o);
-                if (!p.has_storage() || address(p) != pptr[i]) return PyLong_FromLong(SLOW);
+                if (!p.has_storage() || address(p) != pptr[i] || layout_of(p) != lay[i])
+                    return PyLong_FromLong(SLOW);
                 const at::Tensor& g = p.unsafeGetTensorImpl()->grad();
                 int64_t a = 0;
                 if (g.defined()) {
@@ -110,6 +130,32 @@ PyObject* check(PyObject*, PyObject* args) {
     return PyLong_FromSsize_t(static_cast<Py_ssize_t>(moved.size()));
 }
 
+// layouts(param_groups, n, out): layout_of every parameter into int64 out[n]; False (nothing
+// written past what was read) when a parameter is not a plain tensor or the count differs
+PyObject* layouts(PyObject*, PyObject* args) {
+    PyObject* groups;
+    Py_ssize_t n;
+    unsigned long long oa;
+    if (!PyArg_ParseTuple(args, "OnK", &groups, &n, &oa)) return nullptr;
+    if (!PyList_Check(groups)) Py_RETURN_FALSE;
+    int64_t* out = reinterpret_cast<int64_t*>(oa);
+    Py_ssize_t i = 0;
+    for (Py_ssize_t k = 0; k < PyList_GET_SIZE(groups); k++) {
+        PyObject* ps = params_of(PyList_GET_ITEM(groups, k));
+        if (ps == nullptr) {
+            PyErr_Clear();
+            Py_RETURN_FALSE;
+        }
+        for (Py_ssize_t j = 0; j < PyList_GET_SIZE(ps); j++, i++) {
+            PyObject* o = PyList_GET_ITEM(ps, j);
+            if (i >= n || !plain(o)) Py_RETURN_FALSE;
+            out[i] = layout_of(THPVariable_Unpack(o));
+        }
+    }
+    if (i != n) Py_RETURN_FALSE;
+    Py_RETURN_TRUE;
+}
+
 // zero_grads(param_groups): p.grad = None for every parameter (torch's zero_grad with
 // set_to_none=True); objects other than plain tensors go through their own setattr
 PyObject* zero_grads(PyObject*, PyObject* groups) {
@@ -117,22 +163,36 @@ PyObject* zero_grads(PyObject*, PyObject* groups) {
         PyErr_SetString(PyExc_TypeError, "param_groups must be a list");
         return nullptr;
     }
-    for (Py_ssize_t k = 0; k < PyList_GET_SIZE(groups); k++) {
-        PyObject* ps = params_of(PyList_GET_ITEM(groups, k));
+    // a copy of the group list and of each parameter list, holding references: a subclass's
+    // grad setter (Python code) may change them while this loops
+    PyObject* gs = PySequence_List(groups);
+    if (gs == nullptr) return nullptr;
+    for (Py_ssize_t k = 0; k < PyList_GET_SIZE(gs); k++) {
+        PyObject* ps = params_of(PyList_GET_ITEM(gs, k));
         if (ps == nullptr) {
             if (!PyErr_Occurred())
                 PyErr_SetString(PyExc_TypeError, "a parameter group without a 'params' list");
+            Py_DECREF(gs);
             return nullptr;
         }
-        for (Py_ssize_t j = 0; j < PyList_GET_SIZE(ps); j++) {
-            PyObject* o = PyList_GET_ITEM(ps, j);
+        PyObject* copy = PySequence_List(ps);
+        if (copy == nullptr) {
+            Py_DECREF(gs);
+            return nullptr;
+        }
+        for (Py_ssize_t j = 0; j < PyList_GET_SIZE(copy); j++) {
+            PyObject* o = PyList_GET_ITEM(copy, j);
             if (plain(o)) {
                 THPVariable_Unpack(o).mutable_grad().reset();
             } else if (PyObject_SetAttr(o, g_grad, Py_None) < 0) {
+                Py_DECREF(copy);
+                Py_DECREF(gs);
                 return nullptr;
             }
         }
+        Py_DECREF(copy);
     }
+    Py_DECREF(gs);
     Py_RETURN_NONE;
 }
 
@@ -147,12 +207,13 @@ PyObject* init(PyObject*, PyObject* parameter) {
     Py_RETURN_NONE;
 }
 
-PyObject* version(PyObject*, PyObject*) { return PyLong_FromLong(1); }
+PyObject* version(PyObject*, PyObject*) { return PyLong_FromLong(2); }
 
 PyMethodDef methods[] = {
     {"check", check, METH_VARARGS,
-     "check(param_groups, n, pptr, gptr, state, states, states_len) -> int: -1 (rebuild) or "
-     "the number of gradients that moved (gptr rewritten)."},
+     "check(param_groups, n, pptr, gptr, layouts, state, states, states_len, group_sizes) -> "
+     "int: -1 (rebuild) or the number of gradients that moved (gptr rewritten)."},
+    {"layouts", layouts, METH_VARARGS, "layouts(param_groups, n, out) -> bool"},
     {"zero_grads", zero_grads, METH_O, "zero_grads(param_groups): every p.grad = None."},
     {"init", init, METH_O, "init(torch.nn.Parameter)"},
     {"version", version, METH_NOARGS, "The interface version of this module."},

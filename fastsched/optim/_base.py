@@ -210,15 +210,18 @@ class FusedOptimizer(GroupsMixin, PrecisionMixin, StatsMixin, CheckpointMixin,
         cheaper than checking a cached list element by element)."""
         return list(chain.from_iterable([g["params"] for g in self.param_groups]))
 
+    def _group_sizes(self) -> tuple:
+        return tuple(len(g["params"]) for g in self.param_groups)
+
     def _prepare(self, backend: str):
         """(plan, this step's flat gradient list) or (None, None) when no tensor has one."""
         hx = _hostext.get() if backend != "reference" and not self._mesh else None
-        if hx is not None and not _TF_MODE():
+        if hx is not None and not _TF_MODE() and type(self.param_groups) is list:
             plan = self._tables.fast(hx, self.param_groups, self.state)
             if plan is not None and plan.backend == backend:
                 return plan, None
         flat = self._flat_params()
-        key, grads = self._tables.key(flat, self.state, bool(self._mesh))
+        key, grads = self._tables.key(flat, self.state, bool(self._mesh), self._group_sizes())
         plan = self._tables.cached(key) or self._tables.repoint(key, grads)
         if plan is not None and plan.backend == backend:
             return plan, grads
@@ -263,6 +266,12 @@ class FusedOptimizer(GroupsMixin, PrecisionMixin, StatsMixin, CheckpointMixin,
                                        f"({p.dtype}, {tuple(p.shape)})")
                 if g.device != p.device:
                     raise RuntimeError(f"gradient on {g.device} for a parameter on {p.device}")
+                if local(g).numel() and not local(g).data_ptr() \
+                        and local(g).device.type != "meta":
+                    # a wrapper tensor subclass (its data lives in inner tensors): the tables
+                    # would hold address 0
+                    raise RuntimeError(f"{type(self).__name__} does not support gradients of "
+                                       f"type {type(g).__name__} (no storage of their own)")
                 if local(g).stride() != local(p).stride():
                     # the kernel walks p, g and the states as one flat array each: a gradient
                     # laid out differently costs one copy (read + write of g) this step
@@ -289,7 +298,8 @@ class FusedOptimizer(GroupsMixin, PrecisionMixin, StatsMixin, CheckpointMixin,
                        self._lowp_entry(p, self.param_groups[gi], pos))
                  for (p, g, gi), pos in zip(entries, order)]
         # the states exist now: the key must see them (a gradient copy is never reused)
-        key = None if copied else self._tables.key(flat, self.state, bool(self._mesh))[0]
+        key = None if copied else self._tables.key(flat, self.state, bool(self._mesh),
+                                                   self._group_sizes())[0]
         plan = self._tables.build(built, order, key, backend, lambda p: names[id(p)])
         return plan, grads
 

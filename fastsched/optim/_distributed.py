@@ -192,7 +192,9 @@ def check_state_dict(param_groups, state_dict) -> None:
                                  "its place")
             for k, v in (state.get(pid) or {}).items():
                 if k == "step" or k.endswith("_scale") or not isinstance(v, torch.Tensor):
-                    continue  # (8-bit block scales: one per 256 elements of the local shard)
+                    # (8-bit block scales, one per 256 elements: checked, and re-laid out or
+                    # re-quantised if they were saved for other blocks, when converted)
+                    continue
                 if tuple(v.shape) != tuple(p.shape):
                     raise ValueError(f"{name}: checkpoint state {k!r} has shape "
                                      f"{tuple(v.shape)}, the parameter {tuple(p.shape)}")

@@ -81,14 +81,43 @@ def _like(p, t: torch.Tensor, shape=None):
                               stride=stride)
 
 
+def _whole_rows(p) -> bool:
+    """Rows (one index of dim 0) of whole blocks, laid out row after row."""
+    return p.dim() >= 2 and math.prod(p.shape[1:]) % L.Q_BLOCK == 0 \
+        and local(p).is_contiguous()
+
+
 def scale_shape(p, shard: bool = False) -> tuple:
-    """Shape of an 8-bit state's scales: one per block of the flat tensor; for a DTensor,
-    ``(rows, row // Q_BLOCK)``, sharded like it (see :func:`blocks_in_rows`); ``shard``: the
-    local shard's."""
-    if is_dtensor(p):
+    """Shape of an 8-bit state's scales, one per block of the flat tensor: ``(rows, row //
+    Q_BLOCK)`` when the rows hold whole blocks (the matrices of a model; for a DTensor sharded
+    like it, see :func:`blocks_in_rows`), so that a checkpoint moves between one process and
+    FSDP2 shards; else flat. ``shard``: the local shard's."""
+    if _whole_rows(p):
         rows = local(p).shape[0] if shard else p.shape[0]
         return (rows, math.prod(p.shape[1:]) // L.Q_BLOCK)
     return (_lowp.n_blocks(p.numel()),)
+
+
+def _scale_fits(p, codes, scale) -> bool:
+    """The scales are laid out for ``p``: the shape of :func:`scale_shape`, and for a DTensor
+    codes and scales sharded like it."""
+    if is_dtensor(p):
+        return all(is_dtensor(t) and t.device_mesh == p.device_mesh
+                   and t.placements == p.placements for t in (codes, scale)) \
+            and tuple(scale.shape) == scale_shape(p)
+    return not is_dtensor(scale) and not is_dtensor(codes) \
+        and tuple(scale.shape) == scale_shape(p)
+
+
+def _full_values(codes, scale, signed: bool, what: str) -> torch.Tensor:
+    """The float32 values of 8-bit ``codes`` / ``scale`` of any layout or sharding (gathered:
+    every rank calls this for the same state, as they all load the same checkpoint)."""
+    c = codes.full_tensor() if is_dtensor(codes) else codes
+    sc = (scale.full_tensor() if is_dtensor(scale) else scale).reshape(-1)
+    if sc.numel() != _lowp.n_blocks(c.numel()):
+        raise ValueError(f"{what}: {sc.numel()} scales for {c.numel()} 8-bit codes (one per "
+                         f"{L.Q_BLOCK} elements expected)")
+    return _lowp.dequantize(_flat(c.contiguous()), sc.to(c.device), signed).reshape(c.shape)
 
 
 def _local_like(p, v: torch.Tensor) -> torch.Tensor:
@@ -97,6 +126,10 @@ def _local_like(p, v: torch.Tensor) -> torch.Tensor:
         if is_dtensor(p) and (v.device_mesh != p.device_mesh or v.placements != p.placements):
             v = v.redistribute(p.device_mesh, p.placements)
         return local(v)
+    if is_dtensor(p) and tuple(v.shape) == tuple(p.shape) != tuple(local(p).shape):
+        from torch.distributed.tensor import distribute_tensor
+
+        return local(distribute_tensor(v.to(local(p).device), p.device_mesh, p.placements))
     return v
 
 
@@ -162,14 +195,15 @@ class PrecisionMixin:
                                  f"sharded on dim {p.placements[0].dim}: the generator indexes "
                                  "elements of the whole parameter, which a shard on another dim "
                                  "does not hold contiguously (Shard(0), as FSDP2, is supported)")
-        if rowless and not group.get("_rowless_warned"):
+        warned = self.__dict__.setdefault("_rowless_warned", set())
+        if rowless and not set(rowless) <= warned:
             warnings.warn(
                 f"state_dtype='8bit': {', '.join(rowless[:8])}{' ...' if len(rowless) > 8 else ''}"
                 f" keep float32 states: a DTensor parameter has 8-bit states only when it is "
                 f"sharded on dim 0 (FSDP2) and each row holds whole {L.Q_BLOCK}-element blocks "
                 "(2-D or more, row length a multiple of 256), so that every world size has the "
                 "same blocks and checkpoints reshard", stacklevel=4)
-            group["_rowless_warned"] = True
+            warned.update(rowless)
 
     @property
     def seed(self) -> int:
@@ -232,6 +266,20 @@ class PrecisionMixin:
                 # torch.channels_last)), or another storage: the kernels walk p and its
                 # states as flat arrays in one layout
                 state[name] = torch.empty_like(p, dtype=store).copy_(v)
+            elif store == "8bit" and isinstance(codes, torch.Tensor) \
+                    and not _scale_fits(p, codes, state.get(name + "_scale")):
+                scale = state.get(name + "_scale")
+                if not isinstance(scale, torch.Tensor):
+                    raise ValueError(f"8-bit state {name!r} has codes but no {name}_scale")
+                if not is_dtensor(p) and not is_dtensor(scale) and not is_dtensor(codes) \
+                        and scale.numel() == math.prod(scale_shape(p)) \
+                        and codes.stride() == p.stride():
+                    # the same blocks, saved flat (checkpoints before the row layout)
+                    state[name + "_scale"] = scale.reshape(scale_shape(p)).to(p.device)
+                else:  # another layout or sharding: decoded whole, quantised in p's blocks
+                    full = _full_values(codes, scale, signed, name)
+                    state[name + "_code"], state[name + "_scale"] = quantize_like(p, full,
+                                                                                  signed)
             elif store == "8bit" and isinstance(codes, torch.Tensor):
                 if codes.device != p.device or codes.stride() != p.stride():
                     full = dequantize_like(codes, codes, state[name + "_scale"], signed)

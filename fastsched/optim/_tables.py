@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 import torch
@@ -221,40 +222,55 @@ class TableBuilder:
         self._key = None
         self._armed = None
 
-    def armed(self) -> tuple:
-        """(key, parameter addresses, gradient addresses (int64 tensors in flat order, 0: no
-        gradient), their data pointers, the state dicts): the cached key as the helper reads
-        it, made from :attr:`_key` when that changed."""
+    def armed(self, hx=None, param_groups: list | None = None) -> tuple | None:
+        """(key, parameter addresses, gradient addresses, parameter layouts (int64 tensors in
+        flat order; gradient 0: none), their data pointers, the state dicts): the cached key as
+        the helper reads it, made from :attr:`_key` when that changed; None when the parameters
+        are not laid out as the key says (the Python path decides then)."""
         key, armed = self._key, self._armed
         if armed is None or armed[0] is not key:
+            if hx is None:
+                return None
+            flat = list(chain.from_iterable([g["params"] for g in param_groups]))
+            if tuple(map(_STRIDE, flat)) != key[4][0]:
+                return None
             pp = torch.tensor(key[1], dtype=torch.int64)
             gp = torch.tensor(key[0], dtype=torch.int64)
-            armed = self._armed = (key, pp, gp, pp.data_ptr(), gp.data_ptr(), list(key[2]))
+            lay = torch.empty(len(key[1]), dtype=torch.int64)
+            if not hx.layouts(param_groups, len(key[1]), lay.data_ptr()):
+                return None
+            armed = self._armed = (key, pp, gp, lay, pp.data_ptr(), gp.data_ptr(),
+                                   lay.data_ptr(), list(key[2]))
         return armed
 
     def fast(self, hx, param_groups: list, state: dict) -> Plan | None:
         """The cached plan when nothing but (maybe) the gradient addresses changed, checked by
         the host helper ``hx`` (``fastsched/csrc/host.cpp``: ~0.012 us a parameter, against
         ~0.25 us for :meth:`key` + :meth:`cached`); None: take the Python path (:meth:`key`),
-        which also decides every case the helper leaves to it (a parameter moved, a gradient
-        appeared or vanished or is laid out differently, a state dict replaced, DTensors)."""
+        which also decides every case the helper leaves to it (a parameter moved or changed its
+        layout or group, a gradient appeared or vanished or is laid out differently, a state
+        dict replaced, DTensors)."""
         plan, key = self.plan, self._key
         if plan is None or key is None or key[0] is None or plan.dist is not None:
             return None
-        armed = self.armed()
-        _, _, gp, pa, ga, states = armed
-        moved = hx.check(param_groups, len(key[1]), pa, ga, state, states, key[3])
+        armed = self.armed(hx, param_groups)
+        if armed is None:
+            return None
+        gp, pa, ga, la, states = armed[2], armed[4], armed[5], armed[6], armed[7]
+        moved = hx.check(param_groups, len(key[1]), pa, ga, la, state, states, key[3],
+                         key[4][1])
         if moved < 0:
             return None
         if moved:  # new addresses (written into gp): the gradient column, and the key, follow
             gl = gp.tolist()
             self._set_gcol(plan, list(map(gl.__getitem__, plan.order)))
-            self._key = (tuple(gl), key[1], key[2], key[3])
+            self._key = (tuple(gl), *key[1:])
             self._armed = (self._key, *armed[1:])
         return plan
 
     @staticmethod
-    def key(params: list, state: dict, dtensors: bool = False) -> tuple[tuple, list]:
+    def key(params: list, state: dict, dtensors: bool = False,
+            sizes: tuple = ()) -> tuple[tuple, list]:
         """The one cache key of a step's tables, and the step's gradients (``p.grad`` of
         ``params``, None where a parameter has none).
 
@@ -282,16 +298,21 @@ class TableBuilder:
                 except TypeError:  # some parameter has no gradient this step
                     gkey = tuple(0 if g is None else g.data_ptr() for g in grads)
         except RuntimeError:  # a gradient without storage (sparse): the slow path refuses it
-            return (None, None, (), 0), grads
+            return (None, None, (), 0, ((), ())), grads
         states = list(state.values())
-        return (gkey, pkey, states, sum(map(len, states))), grads
+        # the parameters' strides (`p.data = p.data.t()` keeps the address) and the size of
+        # each group (moving a parameter to another group keeps the flat order)
+        layout = (tuple(map(_STRIDE, params)) if not dtensors
+                  else tuple(local(p).stride() for p in params), tuple(sizes))
+        return (gkey, pkey, states, sum(map(len, states)), layout), grads
 
     def cached(self, key: tuple) -> Plan | None:
         """The cached plan when ``key`` equals the key it was built or patched for."""
         last = self._key
         if self.plan is not None and last is not None and key[0] is not None \
                 and key[0] == last[0] and key[1] == last[1] and len(key[2]) == len(last[2]) \
-                and all(map(operator.is_, key[2], last[2])) and key[3] == last[3]:
+                and all(map(operator.is_, key[2], last[2])) and key[3] == last[3] \
+                and key[4] == last[4]:
             return self.plan
         return None
 
@@ -363,7 +384,8 @@ class TableBuilder:
         """
         plan, last = self.plan, self._key
         if plan is None or last is None or key[0] is None or plan.dist is not None \
-                or key[1] != last[1] or key[3] != last[3] or len(key[2]) != len(last[2]) \
+                or key[1] != last[1] or key[3] != last[3] or key[4] != last[4] \
+                or len(key[2]) != len(last[2]) \
                 or not all(map(operator.is_, key[2], last[2])):
             return None
         gk, lk = key[0], last[0]

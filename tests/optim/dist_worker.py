@@ -419,6 +419,17 @@ def fsdp_8bit(rank, world, tmp):
             "state_types": sorted({(k, type(v).__name__) for st in opt.state.values()
                                    for k, v in st.items() if k != "step"})}
         if backend == "auto":
+            # the one-process optimizer's full state dict, for loading into FSDP2 shards
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_optimizer_state_dict,
+            )
+
+            osd = get_optimizer_state_dict(ref_model, ref,
+                                           options=StateDictOptions(full_state_dict=True))
+            if rank == 0:
+                torch.save({"optim": osd, "model": ref_model.state_dict()},
+                           tmp / "ref-8bit-osd.pt")
             dcp.save(dcp_state(model, opt), checkpoint_id=str(tmp / "ckpt-8bit"))
             train8(model, opt, MORE, start=10)
             final = params_of(model)
@@ -458,6 +469,22 @@ def fsdp_8bit_load(rank, world, tmp):
     dcp_load(model, opt, tmp / "ckpt-master")
     res["masters"] = masters_of(opt)
     res["master_codes"] = codes_of(opt)
+    # the one-process run's full state dict into FSDP2 shards: codes and scales resharded by
+    # rows (set_optimizer_state_dict shards the flat tensors it is given by elements)
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    model = shard(make_model8(seed=5))
+    opt = opt8(model)
+    sd = torch.load(tmp / "ref-8bit-osd.pt", weights_only=False)
+    full = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, sd["model"], options=full)
+    set_optimizer_state_dict(model, opt, sd["optim"], options=full)
+    train8(model, opt, MORE, start=10)
+    res["full_sd_params"] = params_of(model)
     return res
 
 

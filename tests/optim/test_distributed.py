@@ -216,6 +216,9 @@ def test_dcp_reshards_8bit_states(trained8, world):
         assert all(m.dtype == torch.float32 for m in r["masters"]), what
         assert_equal(r["masters"], saved[0]["masters"], what=f"{what}: masters")
         assert r["master_codes"][0], what  # the 48 x 512 weight: 8-bit beside its master
+        # the one-process run's full state dicts (model and optimizer) loaded into the shards:
+        # 5 more steps equal the uninterrupted run (codes and scales resharded by rows)
+        assert_equal(r["full_sd_params"], after, what=f"{what}: one-process checkpoint")
 
 
 # -- DDP and tensor parallel (world size 2) ----------------------------------------------------

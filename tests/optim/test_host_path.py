@@ -44,15 +44,20 @@ def _params(seed=0):
     return [torch.nn.Parameter(torch.randn(s, generator=g)) for s in shapes]
 
 
-def _armed(opt):
-    a = opt._tables.armed()
+def _armed(hx, opt):
+    a = opt._tables.armed(hx, opt.param_groups)
     return a[0], a
+
+
+def _call(hx, opt, key, a):
+    return hx.check(opt.param_groups, len(key[1]), a[4], a[5], a[6], opt.state, a[7], key[3],
+                    key[4][1])
 
 
 def _check(hx, opt):
     """One call of the helper on the optimizer's cached key."""
-    key, a = _armed(opt)
-    return hx.check(opt.param_groups, len(key[1]), a[3], a[4], opt.state, a[5], key[3])
+    key, a = _armed(hx, opt)
+    return _call(hx, opt, key, a)
 
 
 def _grads(params, gen, pool=None):
@@ -77,9 +82,9 @@ def test_check_sees_every_change(hx):
     # two gradients at new addresses: counted, and the armed addresses follow
     params[2].grad = params[2].grad.clone()
     params[4].grad = params[4].grad.clone()
-    key, a = _armed(opt)
+    key, a = _armed(hx, opt)
     before = a[2].clone()
-    n = hx.check(opt.param_groups, len(key[1]), a[3], a[4], opt.state, a[5], key[3])
+    n = _call(hx, opt, key, a)
     assert n == 2
     assert a[2][2] == params[2].grad.data_ptr() and a[2][4] == params[4].grad.data_ptr()
     assert torch.equal(a[2][[0, 1, 3, 5]], before[[0, 1, 3, 5]])
@@ -87,16 +92,23 @@ def test_check_sees_every_change(hx):
 
 @pytest.mark.parametrize("change", [
     "param_moved", "grad_none", "grad_transposed", "state_reset", "state_added",
-    "state_cleared", "param_replaced", "group_added", "subclass"])
+    "state_cleared", "param_replaced", "group_added", "subclass", "param_transposed",
+    "group_moved"])
 def test_check_leaves_other_changes_to_the_python_path(hx, change):
     params = _params()
-    opt = fastsched.AdamW(params, lr=1e-2, backend="cpu")
+    opt = fastsched.AdamW([{"params": params[:4]}, {"params": params[4:]}], lr=1e-2,
+                          backend="cpu")
     gen = torch.Generator().manual_seed(1)
     for p, g in zip(params, _grads(params, gen)):
         p.grad = g
     opt.step()
     assert _check(hx, opt) == 0
-    if change == "param_moved":
+    if change == "param_transposed":  # the same storage, another layout
+        params[2].data = params[2].data.t()
+        params[2].grad = params[2].grad.t()
+    elif change == "group_moved":  # the same flat order, another group (hyperparameters)
+        opt.param_groups[1]["params"].insert(0, opt.param_groups[0]["params"].pop())
+    elif change == "param_moved":
         params[3].data = params[3].data.clone()
     elif change == "grad_none":
         params[1].grad = None
@@ -123,9 +135,8 @@ def test_check_leaves_other_changes_to_the_python_path(hx, change):
         q = P(params[3].detach().clone())
         q.grad = params[3].grad
         opt.param_groups[0]["params"][3] = q
-    key, a = _armed(opt)
-    assert hx.check(opt.param_groups, len(key[1]), a[3], a[4], opt.state, a[5],
-                    key[3]) == SLOW
+    key, a = _armed(hx, opt)
+    assert _call(hx, opt, key, a) == SLOW
 
 
 def _script(opt_params, opt, steps=12, seed=3):
@@ -382,3 +393,45 @@ def test_no_cache_directory_leaves_the_python_path(monkeypatch):
     finally:
         _hostext._reset_for_tests(*prev)
         _hostext._thread = saved_thread
+
+
+@pytest.mark.parametrize("path", ["helper", "python"])
+def test_layout_and_group_changes_between_steps_follow_torch(hx, path):
+    """`p.data = p.data.t()` (same storage, another layout) and a parameter moved to another
+    group with the flat order unchanged: both paths rebuild, and the steps equal torch's."""
+    torch.manual_seed(0)
+    mk = [torch.randn(6, 6), torch.randn(5), torch.randn(4)]
+    ours = [torch.nn.Parameter(t.clone()) for t in mk]
+    ref = [torch.nn.Parameter(t.clone()) for t in mk]
+    groups = lambda ps: [{"params": ps[:2], "lr": 0.1}, {"params": ps[2:], "lr": 0.0}]  # noqa
+    opt = fastsched.AdamW(groups(ours), backend="cpu", weight_decay=0.0)
+    topt = torch.optim.AdamW(groups(ref), weight_decay=0.0)
+    prev = _hostext._reset_for_tests(*((hx, None) if path == "helper" else (None, "off")))
+    try:
+        for k in range(4):
+            if k == 1:
+                for ps in (ours, ref):
+                    ps[0].data = ps[0].data.t()
+            if k == 2:  # b to the lr 0 group: [a], [b, c]
+                for o in (opt, topt):
+                    o.param_groups[1]["params"].insert(0, o.param_groups[0]["params"].pop())
+            g = [torch.randn(p.shape) for p in ours]
+            for p, q, x in zip(ours, ref, g):
+                p.grad, q.grad = x.clone(), x.clone()
+            opt.step()
+            topt.step()
+            for p, q in zip(ours, ref):
+                torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    finally:
+        _hostext._reset_for_tests(*prev)
+
+
+def test_a_gradient_without_storage_is_refused():
+    from torch.testing._internal.two_tensor import TwoTensor
+
+    p = torch.nn.Parameter(torch.zeros(4))
+    opt = fastsched.AdamW([p], lr=1e-2, backend="cpu")
+    p.grad = TwoTensor(torch.ones(4), torch.ones(4))
+    with pytest.raises(RuntimeError, match="does not support gradients of type TwoTensor"):
+        opt.step()
+    assert torch.equal(p.detach(), torch.zeros(4))

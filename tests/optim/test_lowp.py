@@ -4,6 +4,7 @@ tests/kernels/test_lowp_triton.py)."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -405,3 +406,32 @@ def test_grad_scaler_composes_with_8bit_and_master():
     before = params[0].detach().clone()
     _step(opt, params, [(g.float() * 1024).bfloat16()])
     assert torch.equal(params[0], before)
+
+
+def test_flat_scales_of_older_checkpoints_load_into_the_row_layout():
+    """Checkpoints before the row layout of 8-bit scales stored them flat: they load (the same
+    blocks) and the run continues as if uninterrupted."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(4, 512))
+    q = torch.nn.Parameter(p.detach().clone())
+    a = fastsched.AdamW([p], lr=1e-2, state_dtype="8bit", min_8bit_size=0, backend="reference")
+    b = fastsched.AdamW([q], lr=1e-2, state_dtype="8bit", min_8bit_size=0, backend="reference")
+    g = [torch.randn(4, 512) for _ in range(6)]
+    for x in g[:3]:
+        p.grad = x.clone()
+        a.step()
+    assert a.state[p]["exp_avg_scale"].shape == (4, 2)
+    sd = copy.deepcopy(a.state_dict())  # (the state dict holds a's own state tensors)
+    for k in ("exp_avg_scale", "exp_avg_sq_scale"):
+        sd["state"][0][k] = sd["state"][0][k].reshape(-1).clone()  # as saved before
+    with torch.no_grad():
+        q.copy_(p)
+    b.load_state_dict(sd)
+    for x in g[3:]:
+        p.grad, q.grad = x.clone(), x.clone()
+        a.step()
+        b.step()
+    assert torch.equal(p, q)
+    assert b.state[q]["exp_avg_scale"].shape == (4, 2)
+    for k in ("exp_avg_code", "exp_avg_scale", "exp_avg_sq_code", "exp_avg_sq_scale"):
+        assert torch.equal(a.state[p][k], b.state[q][k]), k
