@@ -163,36 +163,39 @@ PyObject* zero_grads(PyObject*, PyObject* groups) {
         PyErr_SetString(PyExc_TypeError, "param_groups must be a list");
         return nullptr;
     }
-    // a copy of the group list and of each parameter list, holding references: a subclass's
-    // grad setter (Python code) may change them while this loops
-    PyObject* gs = PySequence_List(groups);
-    if (gs == nullptr) return nullptr;
-    for (Py_ssize_t k = 0; k < PyList_GET_SIZE(gs); k++) {
-        PyObject* ps = params_of(PyList_GET_ITEM(gs, k));
+    // references held on the group, its parameter list and the parameter while it is used, and
+    // the sizes read again every iteration: a subclass's grad setter or a finalizer run by
+    // freeing a gradient (Python code) may change the lists while this loops (no copies: an
+    // allocation here can start a garbage collection, which costs more than the loop)
+    for (Py_ssize_t k = 0; k < PyList_GET_SIZE(groups); k++) {
+        PyObject* g = PyList_GET_ITEM(groups, k);
+        Py_INCREF(g);
+        PyObject* ps = params_of(g);
         if (ps == nullptr) {
             if (!PyErr_Occurred())
                 PyErr_SetString(PyExc_TypeError, "a parameter group without a 'params' list");
-            Py_DECREF(gs);
+            Py_DECREF(g);
             return nullptr;
         }
-        PyObject* copy = PySequence_List(ps);
-        if (copy == nullptr) {
-            Py_DECREF(gs);
-            return nullptr;
-        }
-        for (Py_ssize_t j = 0; j < PyList_GET_SIZE(copy); j++) {
-            PyObject* o = PyList_GET_ITEM(copy, j);
-            if (plain(o)) {
+        Py_INCREF(ps);
+        for (Py_ssize_t j = 0; j < PyList_GET_SIZE(ps); j++) {
+            PyObject* o = PyList_GET_ITEM(ps, j);
+            Py_INCREF(o);
+            int rc = 0;
+            if (plain(o))
                 THPVariable_Unpack(o).mutable_grad().reset();
-            } else if (PyObject_SetAttr(o, g_grad, Py_None) < 0) {
-                Py_DECREF(copy);
-                Py_DECREF(gs);
+            else
+                rc = PyObject_SetAttr(o, g_grad, Py_None);
+            Py_DECREF(o);
+            if (rc < 0) {
+                Py_DECREF(ps);
+                Py_DECREF(g);
                 return nullptr;
             }
         }
-        Py_DECREF(copy);
+        Py_DECREF(ps);
+        Py_DECREF(g);
     }
-    Py_DECREF(gs);
     Py_RETURN_NONE;
 }
 

@@ -237,7 +237,8 @@ class FusedOptimizer(GroupsMixin, PrecisionMixin, StatsMixin, CheckpointMixin,
         if not hasattr(self, "_zero_grad_profile_name"):
             self._patch_step_function()
         hx = _hostext.get()
-        if hx is not None and not _TF_MODE() and type(self.param_groups) is list:
+        if hx is not None and not _TF_MODE() and type(self.param_groups) is list \
+                and all(type(g.get("params")) is list for g in self.param_groups):
             if _PROFILING():
                 with torch.autograd.profiler.record_function(self._zero_grad_profile_name):
                     hx.zero_grads(self.param_groups)
