@@ -117,7 +117,9 @@ def _full_values(codes, scale, signed: bool, what: str) -> torch.Tensor:
     if sc.numel() != _lowp.n_blocks(c.numel()):
         raise ValueError(f"{what}: {sc.numel()} scales for {c.numel()} 8-bit codes (one per "
                          f"{L.Q_BLOCK} elements expected)")
-    return _lowp.dequantize(_flat(c.contiguous()), sc.to(c.device), signed).reshape(c.shape)
+    out = torch.empty_like(c, dtype=torch.float32)  # (blocks in c's storage order)
+    _flat(out).copy_(_lowp.dequantize(_flat(c), sc.to(c.device), signed))
+    return out
 
 
 def _local_like(p, v: torch.Tensor) -> torch.Tensor:
@@ -147,8 +149,11 @@ def quantize_like(p: torch.Tensor, v: torch.Tensor, signed: bool):
 def dequantize_like(p: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, signed: bool):
     """The float32 state (laid out like ``p``, a DTensor like it) of ``codes`` and ``scale``."""
     lp = local(p)
-    lc, ls = _local_like(p, codes), _local_like(p, scale).reshape(-1)
     out = torch.empty_like(lp, dtype=torch.float32)
+    if not _scale_fits(p, codes, scale):  # saved for other blocks or another sharding
+        out.copy_(_local_like(p, _full_values(codes, scale, signed, "8-bit state")))
+        return _like(p, out)
+    lc, ls = local(codes), local(scale).reshape(-1)
     _flat(out).copy_(_lowp.dequantize(_flat(lc), ls.to(lc.device), signed))
     return _like(p, out)
 
