@@ -459,6 +459,14 @@ inline v16f bf16_ld16(const uint16_t* p) {
     return (v16f)u;
 #endif
 }
+inline void u16_st16(uint16_t* p, v16u x) {  // the low half of each lane
+#if defined(__AVX512F__)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16((__m512i)x));
+#else
+    const v16h h = __builtin_convertvector(x, v16h);
+    std::memcpy(p, &h, sizeof h);
+#endif
+}
 inline void bf16_st16(uint16_t* p, v16f x) {
 #if defined(__AVX512BF16__) && defined(__AVX512DQ__)
     // the instruction rounds to nearest even as below, but subnormal inputs are read as zero
@@ -472,12 +480,7 @@ inline void bf16_st16(uint16_t* p, v16f x) {
     v16u r = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
     const v16u nan = (v16u)(x != x);  // all ones where x is NaN
     r = (r & ~nan) | (nan & 0x7FC0u);
-#if defined(__AVX512F__)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16((__m512i)r));
-#else
-    const v16h h = __builtin_convertvector(r, v16h);
-    std::memcpy(p, &h, sizeof h);
-#endif
+    u16_st16(p, r);
 }
 
 template <class E, bool MOM, bool STATS, bool SVEC>
@@ -852,14 +855,6 @@ inline uint16_t sr_one(float x, uint32_t c, uint64_t idx) {
         fmix32(fmix32(static_cast<uint32_t>(idx) ^ c) + static_cast<uint32_t>(idx >> 32));
     const uint32_t r = (float_to_bits(x) + (h & 0xFFFFu)) >> 16;
     return x != x ? static_cast<uint16_t>(0x7FC0) : static_cast<uint16_t>(r);
-}
-inline void u16_st16(uint16_t* p, v16u x) {  // the low half of each lane
-#if defined(__AVX512F__)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16((__m512i)x));
-#else
-    const v16h h = __builtin_convertvector(x, v16h);
-    std::memcpy(p, &h, sizeof h);
-#endif
 }
 // r & 0xFFFF of sr_bits for the 16 indices from idx (its low word + 15 < 2^32)
 inline v16u sr_hash16(uint32_t c, uint64_t idx) {

@@ -61,11 +61,8 @@ def blocks_in_rows(p) -> bool:
     torch.distributed.checkpoint moves codes and scales row by row to any world size."""
     if not is_dtensor(p):
         return True
-    if p.dim() < 2 or math.prod(p.shape[1:]) % L.Q_BLOCK:
-        return False
-    if not all(pl.is_replicate() or pl.is_shard(dim=0) for pl in p.placements):
-        return False
-    return local(p).is_contiguous()
+    return _whole_rows(p) and all(pl.is_replicate() or pl.is_shard(dim=0)
+                                  for pl in p.placements)
 
 
 def _like(p, t: torch.Tensor, shape=None):
