@@ -184,13 +184,14 @@ PyObject* py_grad_stats(PyObject*, PyObject* args) {
 // -- finalize: _reference.finalize, float64, one thread ----------------------------------------
 
 PyObject* py_finalize(PyObject*, PyObject* args) {
-    long long kind, ta, n, ga, n_groups, sa, scha, nseg, ca, cfga, tsa, gsta, lra, ha, hpa, hlen;
-    long long gsa, fia;
+    long long kind, ta, n, ga, n_groups, sa, s64a, scha, nseg, ca, cfga, tsa, gsta, lra, ha, hpa;
+    long long hlen, gsa, fia;
     int stats, clip, guard;
-    if (!PyArg_ParseTuple(args, "LLLLLLLLLLLLLLLLLLiii", &kind, &ta, &n, &ga, &n_groups, &sa,
-                          &scha, &nseg, &ca, &cfga, &tsa, &gsta, &lra, &ha, &hpa, &hlen, &gsa,
-                          &fia, &stats, &clip, &guard))
+    if (!PyArg_ParseTuple(args, "LLLLLLLLLLLLLLLLLLLiii", &kind, &ta, &n, &ga, &n_groups, &sa,
+                          &s64a, &scha, &nseg, &ca, &cfga, &tsa, &gsta, &lra, &ha, &hpa, &hlen,
+                          &gsa, &fia, &stats, &clip, &guard))
         return nullptr;
+    auto* scal64 = reinterpret_cast<double*>(s64a);  // the scalars before rounding (or null)
     auto* tensors = reinterpret_cast<const int64_t*>(ta);
     auto* groups = reinterpret_cast<const double*>(ga);
     auto* scal = reinterpret_cast<float*>(sa);
@@ -271,6 +272,8 @@ PyObject* py_finalize(PyObject*, PyObject* args) {
         out[L::S_ALLORA_UPDATE] = g[L::G_ALLORA_UPDATE];
         float* sc = scal + i * L::S_COLS;
         for (int64_t c = 0; c < L::S_COLS; c++) sc[c] = static_cast<float>(out[c]);
+        if (scal64)
+            for (int64_t c = 0; c < L::S_COLS; c++) scal64[i * L::S_COLS + c] = out[c];
         *step_ptr = static_cast<float>(new_step);
     }
     *clock += active ? 1 : 0;
@@ -419,6 +422,30 @@ void adam_call(const AdamScal& s, Row r, int64_t off, int64_t len, const float* 
         adam_span<E, false, STATS, SVEC>(s, p, g, m, v, nullptr, len, gs, ls);
 }
 
+template <bool STATS, bool SVEC>
+void adam_call64(const AdamScal64& s, Row r, int64_t off, int64_t len, const float* gs,
+                 Lanes* ls) {
+    double* p = r.ptr<double>(L::T_P) + off;
+    const double* g = r.ptr<const double>(L::T_G) + off;
+    double* m = r.ptr<double>(L::T_S1) + off;
+    double* v = r.ptr<double>(L::T_S2) + off;
+    if (r[L::T_S3])
+        adam_span64<true, STATS, SVEC>(s, p, g, m, v, r.ptr<double>(L::T_S3) + off, len, gs, ls);
+    else
+        adam_span64<false, STATS, SVEC>(s, p, g, m, v, nullptr, len, gs, ls);
+}
+
+template <bool STATS, bool SVEC>
+void sgd_call64(const SgdScal64& s, Row r, int64_t off, int64_t len, const float* gs,
+                Lanes* ls) {
+    double* p = r.ptr<double>(L::T_P) + off;
+    const double* g = r.ptr<const double>(L::T_G) + off;
+    if (r[L::T_S1])
+        sgd_span64<true, STATS, SVEC>(s, p, g, r.ptr<double>(L::T_S1) + off, len, gs, ls);
+    else
+        sgd_span64<false, STATS, SVEC>(s, p, g, nullptr, len, gs, ls);
+}
+
 template <class E, bool STATS, bool SVEC>
 void sgd_call(const SgdScal& s, Row r, int64_t off, int64_t len, const float* gs, Lanes* ls) {
     using T = typename E::T;
@@ -433,10 +460,15 @@ void sgd_call(const SgdScal& s, Row r, int64_t off, int64_t len, const float* gs
 struct Scal {
     AdamScal adam;
     SgdScal sgd;
+    AdamScal64 adam64;  // float64 tensors
+    SgdScal64 sgd64;
 };
 
-Scal read_scal(const float* sc, int64_t kind) {
+// a tensor's scalars: float32 from scal; float64 (a float64 tensor) from scal64, or when it is
+// absent the float32 values
+Scal read_scal(const float* sc, const double* sc64, int64_t kind) {
     Scal s{};
+    auto at = [&](int64_t c) { return sc64 ? sc64[c] : static_cast<double>(sc[c]); };
     if (kind == L::KIND_ADAM) {
         AdamScal& a = s.adam;
         a.gmul = sc[L::S_GRAD_MUL];
@@ -451,6 +483,19 @@ Scal read_scal(const float* sc, int64_t kind) {
         a.eps = sc[L::S_ADAM_EPS];
         a.lo = a.omb1 < 0.5f;
         a.upd = sc[L::S_ALLORA_UPDATE] != 0.0f;
+        AdamScal64& d = s.adam64;
+        d.gmul = at(L::S_GRAD_MUL);
+        d.step_size = at(L::S_ADAM_STEP_SIZE);
+        d.bc2s = at(L::S_ADAM_BC2_SQRT);
+        d.decay = at(L::S_ADAM_DECAY_MUL);
+        d.l2 = at(L::S_ADAM_L2);
+        d.omb1 = at(L::S_ADAM_OMB1);
+        d.omb1c = 1.0 - d.omb1;
+        d.omb2 = at(L::S_ADAM_OMB2);
+        d.omb2c = 1.0 - d.omb2;
+        d.eps = at(L::S_ADAM_EPS);
+        d.lo = d.omb1 < 0.5;
+        d.upd = a.upd;
     } else {
         SgdScal& g = s.sgd;
         g.gmul = sc[L::S_GRAD_MUL];
@@ -461,6 +506,15 @@ Scal read_scal(const float* sc, int64_t kind) {
         g.momentum = sc[L::S_SGD_MOMENTUM];
         g.nesterov = sc[L::S_SGD_NESTEROV] != 0.0f;
         g.upd = sc[L::S_ALLORA_UPDATE] != 0.0f;
+        SgdScal64& d = s.sgd64;
+        d.gmul = at(L::S_GRAD_MUL);
+        d.lr = at(L::S_LR);
+        d.mom_a = at(L::S_SGD_MOM_A);
+        d.mom_b = at(L::S_SGD_MOM_B);
+        d.wd = at(L::S_SGD_WEIGHT_DECAY);
+        d.momentum = at(L::S_SGD_MOMENTUM);
+        d.nesterov = g.nesterov;
+        d.upd = g.upd;
     }
     return s;
 }
@@ -470,6 +524,20 @@ Scal read_scal(const float* sc, int64_t kind) {
 template <class E, bool STATS>
 void span(int64_t kind, const Scal& s, Row r, int64_t off, int64_t len, const float* gs,
           bool svec, Lanes* ls) {
+    if constexpr (std::is_same<E, TF64>::value) {  // float64 states (else: lowp_block)
+        if (kind == L::KIND_ADAM) {
+            if (svec)
+                adam_call64<STATS, true>(s.adam64, r, off, len, gs, ls);
+            else
+                adam_call64<STATS, false>(s.adam64, r, off, len, gs, ls);
+        } else {
+            if (svec)
+                sgd_call64<STATS, true>(s.sgd64, r, off, len, gs, ls);
+            else
+                sgd_call64<STATS, false>(s.sgd64, r, off, len, gs, ls);
+        }
+        return;
+    }
     if (kind == L::KIND_ADAM) {
         if (svec)
             adam_call<E, STATS, true>(s.adam, r, off, len, gs, ls);
@@ -510,25 +578,6 @@ void block(int64_t kind, const Scal& s, Row r, int64_t start, int64_t len, const
             pos = stop;
         }
     }
-}
-
-// a skipped step with statistics: the reference reports the statistics of the update it did
-// not apply, so run it on copies
-template <class E>
-void dry_block(int64_t kind, const Scal& s, Row r, int64_t start, int64_t len,
-               const float* scales, Lanes* ls) {
-    using T = typename E::T;
-    std::vector<T> buf(4 * len);
-    int64_t fake[L::T_COLS];
-    for (int64_t c = 0; c < L::T_COLS; c++) fake[c] = r[c];
-    const int64_t cols[] = {L::T_P, L::T_S1, L::T_S2, L::T_S3};
-    for (int k = 0; k < 4; k++) {
-        if (!r[cols[k]]) continue;
-        T* dst = buf.data() + k * len;
-        std::memcpy(dst, r.ptr<T>(cols[k]) + start, len * sizeof(T));
-        fake[cols[k]] = reinterpret_cast<int64_t>(dst - start);
-    }
-    block<E, true>(kind, s, Row{fake}, start, len, scales, ls);
 }
 
 //: elements per chunk of the low-precision path: whole quantisation blocks (a block of the
@@ -618,11 +667,10 @@ int64_t fused_prefix(int64_t kind, const Scal& s, Row r, int64_t pt, int64_t st,
 // master or the parameter), gradient and states in float32 (8-bit: decoded), the float32 block
 // of the fast path on them (the same operations), then the parameter (rounded to nearest even
 // from the master, stochastically, or to its dtype), the states (8-bit: re-encoded per
-// quantisation block) and the master written back. dry (a skipped step with statistics): every
-// value in a buffer, nothing written back. What adam_fused takes goes there first.
+// quantisation block) and the master written back. What adam_fused takes goes there first.
 template <bool STATS>
 void lowp_block(int64_t kind, const Scal& s, Row r, int64_t pt, int64_t st, int64_t start,
-                int64_t len, const float* scales, Lanes* ls, bool dry) {
+                int64_t len, const float* scales, Lanes* ls) {
     alignas(64) float bw[CH], bg[CH], bs[3][CH];
     int64_t fake[L::T_COLS];
     for (int64_t c = 0; c < L::T_COLS; c++) fake[c] = r[c];
@@ -636,7 +684,7 @@ void lowp_block(int64_t kind, const Scal& s, Row r, int64_t pt, int64_t st, int6
     const uint32_t src = sr ? sr_c(static_cast<uint32_t>(r[L::T_SR_KEY]),
                                    static_cast<uint32_t>(*r.ptr<const float>(L::T_STEP)))
                             : 0;
-    if (!dry) {  // the fast loop for what it takes
+    {  // the fast loop for what it takes
         const int64_t nf = fused_prefix<STATS>(kind, s, r, pt, st, start, len, scales, ls);
         start += nf;
         len -= nf;
@@ -645,9 +693,8 @@ void lowp_block(int64_t kind, const Scal& s, Row r, int64_t pt, int64_t st, int6
     for (int64_t c0 = start; c0 < end; c0 += CH) {
         const int64_t cn = end - c0 < CH ? end - c0 : CH;
         if (master) {
-            if (dry) std::memcpy(bw, mw + c0, cn * sizeof(float));
-            fake[L::T_P] = dry ? addr_at(bw, c0, 4) : r[L::T_MASTER];
-        } else if (pt == F32 && !dry) {
+            fake[L::T_P] = r[L::T_MASTER];
+        } else if (pt == F32) {
             fake[L::T_P] = r[L::T_P];
         } else {
             cvt_load(pt, p + c0 * psz, cn, bw);
@@ -659,7 +706,7 @@ void lowp_block(int64_t kind, const Scal& s, Row r, int64_t pt, int64_t st, int6
         }
         for (int k = 0; k < 3; k++) {
             const int64_t col = scol[k];
-            if (!r[col] || (st == F32 && !dry)) continue;  // float32 states in place
+            if (!r[col] || st == F32) continue;  // float32 states in place
             const char* sp = r.ptr<const char>(col) + c0 * ssz;
             if (st == L::STATE_8BIT) {
                 const float* q = r.ptr<const float>(qcol[k]) + c0 / L::Q_BLOCK;
@@ -673,7 +720,6 @@ void lowp_block(int64_t kind, const Scal& s, Row r, int64_t pt, int64_t st, int6
             fake[col] = addr_at(bs[k], c0, 4);
         }
         block<TF32, STATS>(kind, s, Row{fake}, c0, cn, scales, ls);
-        if (dry) continue;
         if (master)
             cvt_store(pt, p + c0 * psz, cn, mw + c0);
         else if (sr)
@@ -711,11 +757,12 @@ void block_units(Row r, const Blk& k, double* usums, float* scales, float inv_et
 }
 
 PyObject* py_update(PyObject*, PyObject* args) {
-    long long kind, ta, da, n, sa, usa, ua, sumsa;
+    long long kind, ta, da, n, sa, s64a, usa, ua, sumsa;
     int ready, stats, nt;
-    if (!PyArg_ParseTuple(args, "LLLLLLLLiii", &kind, &ta, &da, &n, &sa, &usa, &ua, &sumsa,
-                          &ready, &stats, &nt))
+    if (!PyArg_ParseTuple(args, "LLLLLLLLLiii", &kind, &ta, &da, &n, &sa, &s64a, &usa, &ua,
+                          &sumsa, &ready, &stats, &nt))
         return nullptr;
+    auto* scal64 = reinterpret_cast<const double*>(s64a);  // null: none
     auto* tensors = reinterpret_cast<const int64_t*>(ta);
     auto* dtypes = reinterpret_cast<const int64_t*>(da);
     auto* scal = reinterpret_cast<const float*>(sa);
@@ -724,8 +771,11 @@ PyObject* py_update(PyObject*, PyObject* args) {
     auto* usums = reinterpret_cast<double*>(sumsa);
     if (!check_dtypes(dtypes, n) || !check_rows(tensors, dtypes, n)) return nullptr;
     if (n == 0) Py_RETURN_NONE;
-    const bool active = scal[L::S_ACTIVE] != 0.0f;
-    if (!active && !stats) Py_RETURN_NONE;  // a skipped step touches nothing
+    if (scal[L::S_ACTIVE] == 0.0f) {  // a skipped step touches nothing and updates nothing:
+        if (stats)                     // its update statistics are zero (as the kernels')
+            for (int64_t i = 0; i < n * L::US_COLS; i++) ustat[i] = 0.0;
+        Py_RETURN_NONE;
+    }
     // ALLoRA: unit sums (unless given, summed over ranks), then the multipliers
     int64_t total = 0;
     bool allora = false;
@@ -760,7 +810,8 @@ PyObject* py_update(PyObject*, PyObject* args) {
     for (int64_t b = 0; b < nb; b++) {
         const Blk& k = blocks[b];
         Row r = row(tensors, k.t);
-        const Scal s = read_scal(scal + k.t * L::S_COLS, kind);
+        const Scal s = read_scal(scal + k.t * L::S_COLS,
+                                 scal64 ? scal64 + k.t * L::S_COLS : nullptr, kind);
         const float* sc = uoff[k.t] >= 0 ? scales.data() + uoff[k.t] : nullptr;
         const int64_t pt = dtypes[k.t], st = state_code(r, pt);
         // the fast paths: states stored as the parameter, the parameter read and written
@@ -781,29 +832,20 @@ PyObject* py_update(PyObject*, PyObject* args) {
         if (!plain) {
             Lanes ls{};
             if (stats)
-                lowp_block<true>(kind, s, r, pt, st, k.start, k.len, sc, &ls, !active);
+                lowp_block<true>(kind, s, r, pt, st, k.start, k.len, sc, &ls);
             else
-                lowp_block<false>(kind, s, r, pt, st, k.start, k.len, sc, nullptr, false);
+                lowp_block<false>(kind, s, r, pt, st, k.start, k.len, sc, nullptr);
             if (stats) {
                 part[2 * b] = lane_sum(ls.p0, ls.p1);
                 part[2 * b + 1] = lane_sum(ls.u0, ls.u1);
             }
         } else if (stats) {
             Lanes ls{};
-            if (!active) {
-                switch (dtypes[k.t]) {
-                    case F32: dry_block<TF32>(kind, s, r, k.start, k.len, sc, &ls); break;
-                    case BF16: dry_block<TBF16>(kind, s, r, k.start, k.len, sc, &ls); break;
-                    case F16: dry_block<TF16>(kind, s, r, k.start, k.len, sc, &ls); break;
-                    default: dry_block<TF64>(kind, s, r, k.start, k.len, sc, &ls); break;
-                }
-            } else {
-                switch (dtypes[k.t]) {
-                    case F32: block<TF32, true>(kind, s, r, k.start, k.len, sc, &ls); break;
-                    case BF16: block<TBF16, true>(kind, s, r, k.start, k.len, sc, &ls); break;
-                    case F16: block<TF16, true>(kind, s, r, k.start, k.len, sc, &ls); break;
-                    default: block<TF64, true>(kind, s, r, k.start, k.len, sc, &ls); break;
-                }
+            switch (dtypes[k.t]) {
+                case F32: block<TF32, true>(kind, s, r, k.start, k.len, sc, &ls); break;
+                case BF16: block<TBF16, true>(kind, s, r, k.start, k.len, sc, &ls); break;
+                case F16: block<TF16, true>(kind, s, r, k.start, k.len, sc, &ls); break;
+                default: block<TF64, true>(kind, s, r, k.start, k.len, sc, &ls); break;
             }
             part[2 * b] = lane_sum(ls.p0, ls.p1);
             part[2 * b + 1] = lane_sum(ls.u0, ls.u1);
@@ -828,7 +870,11 @@ PyObject* py_update(PyObject*, PyObject* args) {
         }
         if (kind == L::KIND_ADAM)  // the unscaled update m_hat / (sqrt(v_hat) + eps): u / bc1
             for (int64_t i = 0; i < n; i++) {
-                const double bc1 = scal[i * L::S_COLS + L::S_ADAM_BC1];
+                Row r = row(tensors, i);
+                const bool f64 = scal64 && dtypes[i] == F64 && state_code(r, F64) == F64 &&
+                                 r[L::T_MODE] == 0;  // the float64 update: its bc1
+                const double bc1 = f64 ? scal64[i * L::S_COLS + L::S_ADAM_BC1]
+                                       : scal[i * L::S_COLS + L::S_ADAM_BC1];
                 ustat[i * L::US_COLS + L::US_UPDATE_SQ] /= bc1 * bc1;
             }
     }
@@ -936,12 +982,14 @@ PyMethodDef methods[] = {
     {"grad_stats", py_grad_stats, METH_VARARGS,
      "grad_stats(tensors, dtypes, n, tstat, guard, nthreads): the statistics pass."},
     {"finalize", py_finalize, METH_VARARGS,
-     "finalize(kind, tensors, n, groups, n_groups, scal, sched, n_seg, clock, config, tstat, "
-     "gstat, lr, history, history_pos, history_len, grad_scale, found_inf, stats, clip, guard)"},
+     "finalize(kind, tensors, n, groups, n_groups, scal, scal64, sched, n_seg, clock, config, "
+     "tstat, gstat, lr, history, history_pos, history_len, grad_scale, found_inf, stats, clip, "
+     "guard)"},
     {"unit_sums", py_unit_sums, METH_VARARGS,
      "unit_sums(tensors, dtypes, n, uoff, usums, nthreads): ALLoRA sums of squares per unit."},
     {"update", py_update, METH_VARARGS,
-     "update(kind, tensors, dtypes, n, scal, ustat, uoff, usums, sums_ready, stats, nthreads)"},
+     "update(kind, tensors, dtypes, n, scal, scal64, ustat, uoff, usums, sums_ready, stats, "
+     "nthreads)"},
     {"quantize", py_quantize, METH_VARARGS,
      "quantize(x, n, signed, codes, scales): float32 x -> 8-bit codes and block scales."},
     {"dequantize", py_dequantize, METH_VARARGS,

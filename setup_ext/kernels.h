@@ -105,7 +105,7 @@ struct TF16 {
         return d;
     }
 };
-struct TF64 {  // float64 parameters: fp32 arithmetic as the reference (p.to(float32))
+struct TF64 {  // float64: ld / st for float32 arithmetic (8-bit / bf16 states); else *_span64
     static constexpr bool NARROW = false;
     using T = double;
     static float ld(T x) { return static_cast<float>(x); }
@@ -564,6 +564,117 @@ void sgd_span(const SgdScal& s, typename E::T* __restrict p, const typename E::T
         d = d * (upd ? sc : 1.0f);
         pf = pf - lr * d;
         p[i] = E::st(pf);
+        p_new = pf;
+        u_out = d;
+    });
+}
+
+// -- float64 parameters and states: the update in float64 -------------------------------------
+// torch.optim steps float64 tensors in float64 (and so does _reference: a float64 tensor whose
+// states are float64 too): the operations of adam_span / sgd_span in the same order, from the
+// scalars of finalize before their rounding to float32 (scal64). ALLoRA's multiplier stays the
+// float32 value every dtype gets (exact in float64).
+
+struct AdamScal64 {
+    double gmul, step_size, bc2s, decay, l2, omb1, omb1c, omb2, omb2c, eps;
+    bool lo, upd;
+};
+
+struct SgdScal64 {
+    double gmul, lr, mom_a, mom_b, wd, momentum;
+    bool nesterov, upd;
+};
+
+// span_loop in float64: one(i, p_new, u); the squares of p_new and u go to lane i % 16 (no
+// fused multiply-add: built with -ffp-contract=off)
+template <bool STATS, class F>
+inline void span_loop64(int64_t n, Lanes* ls, F one) {
+    if (!STATS) {
+        double a, b;
+        for (int64_t i = 0; i < n; i++) one(i, a, b);
+        return;
+    }
+    Lanes s = *ls;
+    for (int64_t i = 0; i < n; i += W) {
+        alignas(64) double pn[W] = {0}, un[W] = {0};
+        const int64_t m = n - i < W ? n - i : W;
+        for (int64_t j = 0; j < m; j++) one(i + j, pn[j], un[j]);
+        v8d a, b, c, d;
+        std::memcpy(&a, pn, 64);
+        std::memcpy(&b, pn + 8, 64);
+        std::memcpy(&c, un, 64);
+        std::memcpy(&d, un + 8, 64);
+        s.p0 += a * a;
+        s.p1 += b * b;
+        s.u0 += c * c;
+        s.u1 += d * d;
+    }
+    *ls = s;
+}
+
+template <bool AMS, bool STATS, bool SVEC>
+void adam_span64(const AdamScal64& s, double* __restrict p, const double* __restrict g,
+                 double* __restrict m, double* __restrict v, double* __restrict vm, int64_t n,
+                 const float* __restrict gs, Lanes* ls) {
+    const double gmul = s.gmul, step_size = s.step_size, bc2s = s.bc2s, decay = s.decay;
+    const double l2 = s.l2, omb1 = s.omb1, omb1c = s.omb1c, omb2 = s.omb2, omb2c = s.omb2c;
+    const double eps = s.eps;
+    const bool lo = s.lo, upd = s.upd;
+    const double g0 = gs[0];
+    span_loop64<STATS>(n, ls, [&](int64_t i, double& p_new, double& u_out) {
+        double pf = p[i];
+        double gf = g[i] * gmul;
+        const double sc = SVEC ? static_cast<double>(gs[i]) : g0;
+        gf = gf * (upd ? 1.0 : sc);
+        pf = pf * decay;
+        gf = gf + l2 * pf;
+        double mf = m[i];
+        double vf = v[i];
+        const double d = gf - mf;
+        const double m_lo = mf + omb1 * d;
+        const double m_hi = gf - d * omb1c;
+        mf = lo ? m_lo : m_hi;
+        vf = omb2c * vf + omb2 * gf * gf;
+        double vv = vf;
+        if (AMS) {
+            const double a = vm[i];
+            double r = a > vf ? a : vf;
+            r = (a != a) ? a : r;  // torch.maximum: nan if either is nan
+            vv = r;
+            vm[i] = r;
+        }
+        const double u = mf / (std::sqrt(vv) / bc2s + eps) * (upd ? sc : 1.0);
+        pf = pf - step_size * u;
+        p[i] = pf;
+        m[i] = mf;
+        v[i] = vf;
+        p_new = pf;
+        u_out = u;
+    });
+}
+
+template <bool MOM, bool STATS, bool SVEC>
+void sgd_span64(const SgdScal64& s, double* __restrict p, const double* __restrict g,
+                double* __restrict buf, int64_t n, const float* __restrict gs, Lanes* ls) {
+    const double gmul = s.gmul, lr = s.lr, mom_a = s.mom_a, mom_b = s.mom_b, wd = s.wd;
+    const double momentum = s.momentum;
+    const bool nesterov = s.nesterov, upd = s.upd;
+    const double g0 = gs[0];
+    span_loop64<STATS>(n, ls, [&](int64_t i, double& p_new, double& u_out) {
+        double pf = p[i];
+        double d = g[i] * gmul;
+        const double sc = SVEC ? static_cast<double>(gs[i]) : g0;
+        d = d * (upd ? 1.0 : sc);
+        d = d + wd * pf;
+        if (MOM) {
+            const double b = mom_a * buf[i] + mom_b * d;
+            buf[i] = b;
+            const double dn = d + momentum * b;
+            d = nesterov ? dn : b;
+        }
+        d = d * (upd ? sc : 1.0);
+        pf = pf - lr * d;
+        p[i] = pf;
         p_new = pf;
         u_out = d;
     });

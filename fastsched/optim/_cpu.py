@@ -255,7 +255,7 @@ def run_step(plan, buffers, rows: tuple, table: torch.Tensor, options, gs, fi) -
     groups = buffers.groups
     with rng("finalize"):
         x.finalize(plan.kind, tensors, n, groups.data_ptr(), groups.shape[0],
-                   plan.scal.data_ptr(), table.data_ptr(), table.shape[0],
+                   plan.scal.data_ptr(), _addr(plan.scal64), table.data_ptr(), table.shape[0],
                    buffers.clock.data_ptr(), buffers.config.data_ptr(), plan.tstat.data_ptr(),
                    buffers.gstat.data_ptr(), buffers.lr.data_ptr(), buffers.history.data_ptr(),
                    buffers.history_pos.data_ptr(), buffers.history_len, _addr(gs), _addr(fi),
@@ -276,7 +276,7 @@ def run_step(plan, buffers, rows: tuple, table: torch.Tensor, options, gs, fi) -
     # (ALLoRA unit sums not summed over ranks are computed inside the update call)
     with rng("update"):
         x.update(plan.kind, tensors, meta.dtypes.data_ptr(), n, plan.scal.data_ptr(),
-                 plan.ustat.data_ptr(), meta.uoff.data_ptr(), meta.usums.data_ptr(), ready,
-                 int(options.stats), nt)
+                 _addr(plan.scal64), plan.ustat.data_ptr(), meta.uoff.data_ptr(),
+                 meta.usums.data_ptr(), ready, int(options.stats), nt)
     if plan.dist is not None and options.stats:  # whole-tensor norms
         plan.dist.reduce_rows(plan.ustat)

@@ -98,6 +98,8 @@ def finalize(plan, buffers, schedule_table: torch.Tensor, *, stats_pass: bool, c
     out[:, L.S_INV_ETA2] = rows[:, L.G_INV_ETA2]
     out[:, L.S_ALLORA_UPDATE] = rows[:, L.G_ALLORA_UPDATE]
     plan.scal.copy_(out)
+    if plan.scal64 is not None:  # float64 tensors: the scalars before their rounding
+        plan.scal64.copy_(out)
     for s, v in zip(plan.steps, new_step.to(torch.float32).unbind()):
         s.copy_(v)
     clock.add_(active.to(clock.dtype))
@@ -175,55 +177,65 @@ class _Io:
 
     def __init__(self, plan, i, act):
         self.lp = plan.lowp[i] if plan.lowp else None
-        self.act = act
+        # the arithmetic: float64 for a float64 tensor with float64 states (torch.optim's),
+        # else float32 (fused=True's, and every storage below fp32)
+        lp = self.lp
+        f64 = plan.local_params[i].dtype == torch.float64 and (lp is None or lp.mode == 0 and (
+            lp.sdtype == _lowp.STATE_CODES[torch.float64]
+            or all(t is None for t in plan.states[i])))
+        self.cdt = torch.float64 if f64 else torch.float32
+        self.scal = plan.scal64[i] if f64 else plan.scal[i]
+        self.act = act  # None: the step cannot be skipped (no guard, no scaler): plain writes
         self.step = plan.steps[i]  # after finalize's increment: the generator's step
 
     def param(self, p):
         lp = self.lp
         if lp is not None and lp.master is not None:
             return _flat(lp.master).to(torch.float32)
-        return (p if lp is None else _flat(p)).to(torch.float32)
+        return (p if lp is None else _flat(p)).to(self.cdt)
+
+    def _put(self, dst, x):
+        dst.copy_(x if self.act is None else torch.where(self.act, x, dst))
 
     def write_param(self, p, w):
-        lp, act = self.lp, self.act
+        lp = self.lp
         if lp is None:
-            p.copy_(torch.where(act, w.to(p.dtype), p))
+            self._put(p, w.to(p.dtype))
             return
         pf = _flat(p)
         if lp.master is not None:
-            mf = _flat(lp.master)
-            mf.copy_(torch.where(act, w, mf))
-            pf.copy_(torch.where(act, w.to(p.dtype), pf))
+            self._put(_flat(lp.master), w)
+            self._put(pf, w.to(p.dtype))
         elif lp.mode & L.MODE_SR:
-            r = _lowp.stochastic_round_bf16(w, lp.key, self.step, lp.elem0)
-            pf.copy_(torch.where(act, r, pf))
+            self._put(pf, _lowp.stochastic_round_bf16(w, lp.key, self.step, lp.elem0))
         else:
-            pf.copy_(torch.where(act, w.to(p.dtype), pf))
+            self._put(pf, w.to(p.dtype))
 
     def state(self, t, k):
-        """State ``k`` (0: S1, 1: S2, 2: S3) as fp32 (flat when low precision)."""
+        """State ``k`` (0: S1, 1: S2, 2: S3) in the arithmetic's dtype (flat when low
+        precision)."""
         lp = self.lp
         if t is None:
             return None
         if lp is None:
-            return t.to(torch.float32)
+            return t.to(self.cdt)
         if lp.sdtype == L.STATE_8BIT:
             return _lowp.dequantize(_flat(t), lp.scales[k], signed=k == 0)
-        return _flat(t).to(torch.float32)
+        return _flat(t).to(self.cdt)
 
     def write_state(self, t, k, x):
-        lp, act = self.lp, self.act
+        lp = self.lp
         if lp is None:
-            t.copy_(torch.where(act, x.to(t.dtype), t))
+            self._put(t, x.to(t.dtype))
             return
         tf = _flat(t)
         if lp.sdtype == L.STATE_8BIT:
             codes, scale = _lowp.quantize(x, signed=k == 0)
             q = lp.scales[k]
-            tf.copy_(torch.where(act, codes, tf))
-            q.copy_(torch.where(act, scale.reshape(q.shape), q))
+            self._put(tf, codes)
+            self._put(q, scale.reshape(q.shape))
         else:
-            tf.copy_(torch.where(act, x.to(t.dtype), tf))
+            self._put(tf, x.to(t.dtype))
 
 
 def _flat_or(t, io):
@@ -236,23 +248,36 @@ def _flat_scale(x, io):
     return x if io.lp is None or x is None else x.reshape(-1)
 
 
-def adam_update(plan, grads, rows, *, stats: bool) -> None:
+def _active(plan, can_skip):
+    """The step's active flag as a device tensor (writes go through ``torch.where``) when the
+    step can be skipped (non-finite guard or a GradScaler), else None (plain writes)."""
+    return plan.scal[0, L.S_ACTIVE] != 0 if can_skip else None
+
+
+def _put_ustat(plan, ustat, act) -> None:
+    """The update statistics; zero on a skipped step (no update ran), as the kernels."""
+    u = torch.stack(ustat)
+    plan.ustat.copy_(u if act is None else torch.where(act, u, 0.0))
+
+
+def adam_update(plan, grads, rows, *, stats: bool, can_skip: bool = True) -> None:
     """Adam / AdamW update of every tensor from ``plan.scal``, as ``torch.optim.Adam(W)`` with
-    ``fused=True``: fp32 arithmetic, one rounding to the storage dtype; on a skipped step
+    ``fused=True``: fp32 arithmetic (float64 for float64 tensors with float64 states, as
+    torch), one rounding to the storage dtype; on a skipped step
     nothing changes. With ``stats`` the per-tensor (sum of new p^2, sum of u^2) go to
     ``plan.ustat``, u the update m_hat / (sqrt(v_hat) + eps) (times the ALLoRA scale with
-    ``allora_apply="update"``). ``rows``: the groups table on the host. Low precision
-    (``plan.lowp``): the master copy, stochastic rounding and the state storage of
+    ``allora_apply="update"``), zero on a skipped step. ``rows``: the groups table on the host.
+    ``can_skip``: False when the step cannot be skipped (writes without ``torch.where``). Low
+    precision (``plan.lowp``): the master copy, stochastic rounding and the state storage of
     :mod:`._lowp`, on flat views in storage order."""
-    sc = plan.scal
-    act = sc[0, L.S_ACTIVE] != 0
+    act = _active(plan, can_skip)
     scales = _scales(plan, rows)
     ustat = []
     for i, p in enumerate(plan.local_params):
-        s = sc[i]
         io = _Io(plan, i, act)
+        s = io.scal
         m_t, v_t, vmax_t = plan.states[i]
-        g = _flat_or(grads[i], io).to(torch.float32) * s[L.S_GRAD_MUL]
+        g = _flat_or(grads[i], io).to(io.cdt) * s[L.S_GRAD_MUL]
         g_scale, u_scale = (_flat_scale(x, io) for x in scales[i])
         if g_scale is not None:
             g = g * g_scale
@@ -278,22 +303,21 @@ def adam_update(plan, grads, rows, *, stats: bool) -> None:
         io.write_state(m_t, 0, m)
         io.write_state(v_t, 1, v)
     if stats:
-        plan.ustat.copy_(torch.stack(ustat))
+        _put_ustat(plan, ustat, act)
 
 
-def sgd_update(plan, grads, rows, *, stats: bool) -> None:
+def sgd_update(plan, grads, rows, *, stats: bool, can_skip: bool = True) -> None:
     """SGD update as ``torch.optim.SGD`` (momentum, dampening, nesterov, weight decay,
     maximize) from ``plan.scal``; with ``stats`` (sum of new p^2, sum of d^2) per tensor; low
     precision as :func:`adam_update`."""
-    sc = plan.scal
-    act = sc[0, L.S_ACTIVE] != 0
+    act = _active(plan, can_skip)
     scales = _scales(plan, rows)
     ustat = []
     for i, p in enumerate(plan.local_params):
-        s = sc[i]
         io = _Io(plan, i, act)
+        s = io.scal
         p32 = io.param(p)
-        d = _flat_or(grads[i], io).to(torch.float32) * s[L.S_GRAD_MUL]
+        d = _flat_or(grads[i], io).to(io.cdt) * s[L.S_GRAD_MUL]
         g_scale, u_scale = (_flat_scale(x, io) for x in scales[i])
         if g_scale is not None:
             d = d * g_scale
@@ -310,4 +334,4 @@ def sgd_update(plan, grads, rows, *, stats: bool) -> None:
             ustat.append(torch.stack([(p32.double() ** 2).sum(), (d.double() ** 2).sum()]))
         io.write_param(p, p32)
     if stats:
-        plan.ustat.copy_(torch.stack(ustat))
+        _put_ustat(plan, ustat, act)

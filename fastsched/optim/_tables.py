@@ -146,6 +146,9 @@ class Plan:
     tstat: torch.Tensor  # (n, TS_COLS) float64
     ustat: torch.Tensor  # (n, US_COLS)
     lowp: list = field(default_factory=list)  # per row: LowP or None ([]: none has one)
+    # (n, S_COLS) float64: finalize's scalars before rounding, for the float64 update of float64
+    # tensors (CPU backends with a float64 parameter only; else None)
+    scal64: torch.Tensor | None = None
     dist: Any = None  # the communication plan of DTensor shards (see _distributed.py)
     tensors: torch.Tensor | None = None  # (n, T_COLS) int64: Triton backend only
     host_rows: list[list[int]] = field(default_factory=list)  # T_G: at build time (see gcol)
@@ -461,6 +464,8 @@ class TableBuilder:
             gcol=[r[L.T_G] for r in rows],
             strides=None if all(map(_IS_CONTIGUOUS, params)) else [p.stride() for p in params],
             lowp=[e.lowp for e in entries] if any(e.lowp for e in entries) else [],
+            scal64=torch.zeros((n, L.S_COLS), dtype=torch.float64, device=device)
+            if backend != "triton" and any(p.dtype == torch.float64 for p in params) else None,
             keep=[t for e in entries for t in (e.step, *e.states,
                                                *(e.lowp.tensors() if e.lowp else ()))
                   if t is not None])

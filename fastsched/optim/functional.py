@@ -219,7 +219,8 @@ def run_step(plan, buffers, rows: tuple, *, schedule, options: StepOptions, grad
                         clip=options.max_grad_norm is not None, guard=options.guard,
                         grad_scale=gs, found_inf=fi)
     update = _reference.adam_update if plan.kind == L.KIND_ADAM else _reference.sgd_update
-    update(plan, grads, rows, stats=options.stats)
+    # only the guard and a GradScaler's found_inf can skip a step
+    update(plan, grads, rows, stats=options.stats, can_skip=options.guard or fi is not None)
     if plan.dist is not None and options.stats:  # whole-tensor norms
         plan.dist.reduce_rows(plan.ustat)
 

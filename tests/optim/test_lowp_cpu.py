@@ -288,8 +288,9 @@ def test_allora_units_with_8bit_states(name, unit, apply, exact):
 @pytest.mark.parametrize("name", ["adamw-8bit", "adamw-bf16-sr-8bit", "adamw-bf16-master-8bit",
                                   "sgd-momentum-bf16-master-8bit", "adamw-bf16-sr"])
 def test_skipped_step_with_stats_touches_nothing(name, exact):
-    """A NaN gradient under nonfinite="skip" with statistics: the update runs on copies (its
-    statistics are reported) and nothing moves: parameters, masters, codes, scales."""
+    """A NaN gradient under nonfinite="skip" with statistics: nothing moves (parameters,
+    masters, codes, scales) and the update statistics are zero (no update ran), as the
+    kernels leave them."""
     cls, kw, dtype = CONFIGS[name]
     kw = {**kw, "max_grad_norm": 1.0, "stats": True, "nonfinite": "skip"}
     grads = _grads(SHAPES, 5, 3, bad_at=2)
@@ -303,6 +304,7 @@ def test_skipped_step_with_stats_touches_nothing(name, exact):
             assert _bits_equal(before[key], skipped[key]), key
     for x, y in zip(before["params"], skipped["params"]):
         assert _bits_equal(x, y)
+    assert not skipped["ustat"].any() and before["ustat"].all()
 
 
 @pytest.mark.parametrize("name", ["adamw-bf16-master-8bit", "adamw-bf16-sr-8bit"])
@@ -376,8 +378,8 @@ def test_bad_rows_are_refused(cols, words):
     usums = torch.zeros(1, dtype=torch.float64)
     with pytest.raises(ValueError, match=words):
         _cpu.ext().update(L.KIND_ADAM, tensors.data_ptr(), dtypes.data_ptr(), 1,
-                          scal.data_ptr(), ustat.data_ptr(), uoff.data_ptr(), usums.data_ptr(),
-                          0, 0, 1)
+                          scal.data_ptr(), 0, ustat.data_ptr(), uoff.data_ptr(),
+                          usums.data_ptr(), 0, 0, 1)
     assert not keep["p"].any()
 
 

@@ -17,6 +17,7 @@ import torch
 from optim_oracle import Hyper, Oracle, rel_err
 
 import fastsched
+from fastsched.optim import _cpu
 from fastsched.schedules import LinearWarmup
 
 BLOCK = 256
@@ -24,8 +25,10 @@ BLOCK = 256
 RTOL = 1e-5
 
 
-@pytest.fixture(params=["reference", "triton"])
-def backend(request):
+@pytest.fixture(params=["reference", "triton", "cpu"])
+def backend(request, kernel_device):
+    if request.param == "cpu" and (kernel_device != "cpu" or not _cpu.available()):
+        pytest.skip(f"compiled CPU backend: CPU tensors only; {_cpu.reason()}")
     return request.param
 
 
@@ -128,8 +131,10 @@ def test_statistics_match_float64_oracle(backend, kernel_device, config):
             t = sd["tensors"][n]
             assert t["grad_norm"] == pytest.approx(exp["tensor_grad_norm"][i], rel=1e-6,
                                                    abs=1e-12)
-            if exp["skipped"]:
+            if exp["skipped"]:  # no update ran: zero on the device, None in the dict
                 assert t["param_norm"] is None and t["update_rms"] is None
+                assert float(st["tensor_param_norm"][i]) == 0.0
+                assert float(st["tensor_update_rms"][i]) == 0.0
                 continue
             assert t["param_norm"] == pytest.approx(exp["tensor_param_norm"][i], rel=RTOL,
                                                     abs=1e-12)
