@@ -387,6 +387,52 @@ def test_float64_refused_on_triton(float64_tables):
         fastsched.AdamW([p], backend="triton")
 
 
+@needs_ext
+@pytest.mark.parametrize("nesterov", [False, True])
+@pytest.mark.parametrize("dampening", [0.0, 0.3])
+@pytest.mark.parametrize("scaled", ["none", "maximize", "clip", "allora-update"])
+def test_bf16_sgd_loop_variants_bit_for_bit(scaled, dampening, nesterov):
+    """The bf16 SGD loop is compiled once per combination of its options (gradient multiplier,
+    step multiplier, dampening, nesterov): each one equals the reference bit for bit (SGD has
+    no square root; both round the same float32 operations to nearest even), with special
+    values in the parameters and gradients: -0, subnormals, a NaN and an infinity (ignored by
+    the guard), over 6 steps; NaN payloads aside."""
+    kw = dict(lr=0.5, momentum=0.9, dampening=0.0 if nesterov else dampening,
+              nesterov=nesterov, weight_decay=0.1, nonfinite="ignore")
+    if scaled == "maximize":
+        kw["maximize"] = True
+    elif scaled == "clip":
+        kw["max_grad_norm"] = 0.5
+    elif scaled == "allora-update":
+        kw.update(allora_eta=0.7, allora_unit="tensor", allora_apply="update")
+    shapes = [(1000,), (3, 129), (64,), (7,)]
+    tiny = torch.finfo(torch.bfloat16).tiny
+    runs = []
+    for backend in ("cpu", "reference"):
+        gen = torch.Generator().manual_seed(11)
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(torch.bfloat16))
+                  for s in shapes]
+        with torch.no_grad():
+            params[0][:4] = torch.tensor([-0.0, tiny / 4, -tiny / 2, float("inf")])
+        opt = fastsched.SGD(params, backend=backend, **kw)
+        gen = torch.Generator().manual_seed(12)
+        out = []
+        for k in range(6):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen).to(torch.bfloat16)
+            params[1].grad[0, :3] = torch.tensor([-0.0, tiny / 8, float("nan") if k == 2 else 1])
+            opt.step()
+            out.append([t.detach().clone() for p in params
+                        for t in (p, opt.state[p]["momentum_buffer"])])
+        runs.append(out)
+    for k, (a, b) in enumerate(zip(*runs)):
+        for i, (x, y) in enumerate(zip(a, b)):  # NaN payloads aside (torch's are its own)
+            assert torch.equal(x.isnan(), y.isnan()), (k, i)
+            keep = ~x.isnan()
+            assert torch.equal(x[keep].view(torch.int16), y[keep].view(torch.int16)), (k, i)
+    assert runs[0][-1][0].isnan().any()  # the infinity and the NaN went through
+
+
 F64_TORCH = {
     "adamw": (fastsched.AdamW, torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1)),
     "adam-l2-amsgrad-maximize": (fastsched.Adam, torch.optim.Adam,
