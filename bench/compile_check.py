@@ -372,9 +372,11 @@ UPDATE_KERNELS = ("_update_kernel", "_units_update_kernel")
 #: variants not yet at MIN_INFLIGHT, with the KB they reach (triton 3.6): --require holds them to
 #: that figure so they cannot regress unnoticed. (kernel, kind, 2-byte storage, FLAG).
 #: SGD momentum in bf16/fp16: 183-219 registers at 1 warp (2 warps: 96-120 KB). ALLoRA SGD units
-#: in bf16/fp16: scalar accesses (a tile's alignment is unknown) with one 64-bit address per
-#: element hold 255 registers already at 1 warp (8 programs x 8-12 KB tiles: 64-96 KB). The fp32
-#: units pass since optim._UNITS_WARPS (Adam 2 warps, SGD 1: 128-192 KB).
+#: in bf16/fp16: whole tiles of aligned rows load 16 bytes at a time, the rest runs masked a
+#: quarter tile at a time; the first class's [128, 16] tile (8 rows a thread, each with its IEEE
+#: square root and division) still holds 243-255 registers at 1 warp (8 programs x 8-12 KB:
+#: 64-96 KB; the [16, 128] and [8, 256] classes: 156 registers, 96 KB without momentum). The
+#: fp32 units pass since optim._UNITS_WARPS (Adam 2 warps, SGD 1: 128-192 KB).
 #: The variants below fp32 are keyed (kernel, kind, DTYPE, SDTYPE, MODE, FLAG) (``short_key``):
 #: bf16 parameters with 8-bit states (plain, SR, master) sit at 255 registers at 1 warp (8
 #: programs; 2 warps: 4-6 programs, less) on blocks of 2048 x 6 (Adam) / 5 (SGD momentum) bytes:

@@ -717,49 +717,107 @@ def _units_update_kernel(tensors_ptr, blocks_ptr, scal_ptr, ustat_ptr, clock_ptr
     psq = tl.zeros([], dtype=tl.float32)
     usq = tl.zeros([], dtype=tl.float32)
     units = u0 + tl.arange(0, UNITS)
-    umask = units < n_units
-    acc = tl.zeros([UNITS], dtype=tl.float32)
-    if elem_stride == 1:  # row units, whole-tensor units
-        base = units * unit_stride
+    QUNITS: tl.constexpr = UNITS // 4 if UNITS >= 4 else UNITS
+    # a tile of whole rows of 16-byte-aligned tensors, rows starting 16 bytes apart (unit
+    # stride a multiple of 8 elements: every 16-bit and fp32 row of a transformer matrix, LoRA's
+    # r = 8 / 16 / 64 included), every unit of the tile present and the row a multiple of CHUNK:
+    # no mask and 16-byte accesses (with masks, or without the divisibility hints, every access
+    # is scalar: ~255 registers at 1-2 warps, 64-96 KB in flight per SM for 16-bit SGD)
+    wm = s1
+    if (MODE & L.MODE_MASTER) != 0:
+        wm = tl.load(row + L.T_MASTER)
+    whole = (elem_stride == 1) & (unit_len % CHUNK == 0) & (u0 + UNITS <= n_units) & (
+        unit_stride % 8 == 0) & (((pa | tl.load(row + L.T_G) | s1 | tl.load(row + L.T_S2)
+                                   | s3 | wm) & 15) == 0)
+    if whole:
+        # (names apart from the other paths': Triton merges the variables of both branches,
+        # and with them the hints)
+        wstride = tl.multiple_of(unit_stride, 8)
+        wbase = units * wstride
+        wp_ptr = _typed(pa, DTYPE, True)
+        wg_ptr = _typed(tl.load(row + L.T_G), DTYPE, True)
+        ws1_ptr = _typed(s1, SDTYPE, True)
+        ws2_ptr = _typed(tl.load(row + L.T_S2), SDTYPE, True)
+        ws3_ptr = _typed(s3, SDTYPE, True)
+        ww_ptr = _typed(wm, tl.float32, True)
+        if (MODE & L.MODE_MASTER) != 0:
+            wn_ptr = ww_ptr
+        else:
+            wn_ptr = wp_ptr
+        wacc = tl.zeros([UNITS], dtype=tl.float32)
         for k0 in range(0, unit_len, CHUNK):
-            k = k0 + tl.arange(0, CHUNK)
-            offs = base[:, None] + k[None, :]
-            mask = umask[:, None] & (k[None, :] < unit_len)
-            p = tl.load(n_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            acc += tl.sum(p * p, 1)
-        scale = tl.div_rn(1.0, tl.sqrt_rn(acc + inv_eta2))  # IEEE, as the CPU's
-        gs = tl.where(u_on != 0.0, 1.0, scale)[:, None]  # "grad": the gradient's multiplier
-        us = tl.where(u_on != 0.0, scale, 1.0)[:, None]  # "update": the step's multiplier
+            wk = tl.multiple_of(k0, CHUNK) + tl.arange(0, CHUNK)
+            woffs = wbase[:, None] + wk[None, :]
+            wv = tl.load(wn_ptr + woffs).to(tl.float32)
+            wacc += tl.sum(wv * wv, 1)
+        wscale = tl.div_rn(1.0, tl.sqrt_rn(wacc + inv_eta2))  # IEEE, as the CPU's
+        wgs = tl.where(u_on != 0.0, 1.0, wscale)[:, None]
+        wus = tl.where(u_on != 0.0, wscale, 1.0)[:, None]
         for k0 in range(0, unit_len, CHUNK):
-            k = k0 + tl.arange(0, CHUNK)
-            offs = base[:, None] + k[None, :]
-            mask = umask[:, None] & (k[None, :] < unit_len)
-            a, b = _apply(p_ptr, g_ptr, s1_ptr, s2_ptr, s3_ptr, has3, offs, mask,
-                          gs, us, grad_mul, c0, c1, c2, c3, c4, c5, c6, c7, w_ptr, w_ptr,
-                          w_ptr, offs, mask, sr_c, elem0, KIND, DTYPE, True, FLAG, STATS,
+            wk = tl.multiple_of(k0, CHUNK) + tl.arange(0, CHUNK)
+            woffs = wbase[:, None] + wk[None, :]
+            a, b = _apply(wp_ptr, wg_ptr, ws1_ptr, ws2_ptr, ws3_ptr, has3, woffs, woffs,
+                          wgs, wus, grad_mul, c0, c1, c2, c3, c4, c5, c6, c7, ww_ptr, ww_ptr,
+                          ww_ptr, woffs, woffs, sr_c, elem0, KIND, DTYPE, False, FLAG, STATS,
                           SDTYPE, MODE)
             psq += a
             usq += b
+    elif elem_stride == 1:  # row units, whole-tensor units
+        # the masked paths a quarter tile at a time: one register per element here, and the
+        # whole tile at once would set the kernel's register count (255 at 1 warp, for the
+        # 16-byte path too); a unit's sums do not depend on the other units of its tile
+        for q0 in range(0, UNITS, QUNITS):
+            qunits = u0 + q0 + tl.arange(0, QUNITS)
+            qumask = qunits < n_units
+            base = qunits * unit_stride
+            acc = tl.zeros([QUNITS], dtype=tl.float32)
+            for k0 in range(0, unit_len, CHUNK):
+                k = k0 + tl.arange(0, CHUNK)
+                offs = base[:, None] + k[None, :]
+                mask = qumask[:, None] & (k[None, :] < unit_len)
+                p = tl.load(n_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                acc += tl.sum(p * p, 1)
+            scale = tl.div_rn(1.0, tl.sqrt_rn(acc + inv_eta2))  # IEEE, as the CPU's
+            gs = tl.where(u_on != 0.0, 1.0, scale)[:, None]  # "grad": the gradient's multiplier
+            us = tl.where(u_on != 0.0, scale, 1.0)[:, None]  # "update": the step's multiplier
+            for k0 in range(0, unit_len, CHUNK):
+                k = k0 + tl.arange(0, CHUNK)
+                offs = base[:, None] + k[None, :]
+                mask = qumask[:, None] & (k[None, :] < unit_len)
+                a, b = _apply(p_ptr, g_ptr, s1_ptr, s2_ptr, s3_ptr, has3, offs, mask,
+                              gs, us, grad_mul, c0, c1, c2, c3, c4, c5, c6, c7, w_ptr, w_ptr,
+                              w_ptr, offs, mask, sr_c, elem0, KIND, DTYPE, True, FLAG, STATS,
+                              SDTYPE, MODE)
+                psq += a
+                usq += b
     else:  # column units: unit_stride == 1 (allora_units), the units of a tile are adjacent
-        for k0 in range(0, unit_len, CHUNK):
-            k = k0 + tl.arange(0, CHUNK)
-            offs = units[:, None] + k[None, :] * elem_stride
-            mask = umask[:, None] & (k[None, :] < unit_len)
-            p = tl.load(n_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            acc += tl.sum(p * p, 1)
-        scale = tl.div_rn(1.0, tl.sqrt_rn(acc + inv_eta2))  # IEEE, as the CPU's
-        gs = tl.where(u_on != 0.0, 1.0, scale)[:, None]  # "grad": the gradient's multiplier
-        us = tl.where(u_on != 0.0, scale, 1.0)[:, None]  # "update": the step's multiplier
-        for k0 in range(0, unit_len, CHUNK):
-            k = k0 + tl.arange(0, CHUNK)
-            offs = units[:, None] + k[None, :] * elem_stride
-            mask = umask[:, None] & (k[None, :] < unit_len)
-            a, b = _apply(p_ptr, g_ptr, s1_ptr, s2_ptr, s3_ptr, has3, offs, mask,
-                          gs, us, grad_mul, c0, c1, c2, c3, c4, c5, c6, c7, w_ptr, w_ptr,
-                          w_ptr, offs, mask, sr_c, elem0, KIND, DTYPE, True, FLAG, STATS,
-                          SDTYPE, MODE)
-            psq += a
-            usq += b
+        # (the row path's twin with its own offsets: one path with a runtime choice of offsets
+        # merges their contiguity, and the coalescing pass then lays lanes along rows for the
+        # columns too; a shared helper with the choice constexpr holds 192 registers at
+        # [16, 128] where this holds 156)
+        for q0 in range(0, UNITS, QUNITS):
+            qunits = u0 + q0 + tl.arange(0, QUNITS)
+            qumask = qunits < n_units
+            acc = tl.zeros([QUNITS], dtype=tl.float32)
+            for k0 in range(0, unit_len, CHUNK):
+                k = k0 + tl.arange(0, CHUNK)
+                offs = qunits[:, None] + k[None, :] * elem_stride
+                mask = qumask[:, None] & (k[None, :] < unit_len)
+                p = tl.load(n_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+                acc += tl.sum(p * p, 1)
+            scale = tl.div_rn(1.0, tl.sqrt_rn(acc + inv_eta2))  # IEEE, as the CPU's
+            gs = tl.where(u_on != 0.0, 1.0, scale)[:, None]  # "grad": the gradient's multiplier
+            us = tl.where(u_on != 0.0, scale, 1.0)[:, None]  # "update": the step's multiplier
+            for k0 in range(0, unit_len, CHUNK):
+                k = k0 + tl.arange(0, CHUNK)
+                offs = qunits[:, None] + k[None, :] * elem_stride
+                mask = qumask[:, None] & (k[None, :] < unit_len)
+                a, b = _apply(p_ptr, g_ptr, s1_ptr, s2_ptr, s3_ptr, has3, offs, mask,
+                              gs, us, grad_mul, c0, c1, c2, c3, c4, c5, c6, c7, w_ptr, w_ptr,
+                              w_ptr, offs, mask, sr_c, elem0, KIND, DTYPE, True, FLAG, STATS,
+                              SDTYPE, MODE)
+                psq += a
+                usq += b
     _add_stats(ustat_ptr + tidx * L.US_COLS, psq, usq, STATS)
 
 
