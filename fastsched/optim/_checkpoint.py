@@ -58,13 +58,9 @@ class CheckpointMixin:
                 g["state_dtype"] = dtype_name(g["state_dtype"])
         sd["fastsched"] = {"schedule": self.schedule.to_dict(), "clock": clock,
                            "seed": self._seed}
-        if self._float64_params():
-            # float64 parameters step in float64 since this key exists (in float32 before)
-            sd["fastsched"]["float64_arithmetic"] = "float64"
+        # float64 parameters step in float64 since this key exists (in float32 before)
+        sd["fastsched"]["float64_arithmetic"] = "float64"
         return sd
-
-    def _float64_params(self) -> bool:
-        return any(p.dtype == torch.float64 for g in self.param_groups for p in g["params"])
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict of this class or of the matching ``torch.optim`` optimizer.
@@ -81,6 +77,11 @@ class CheckpointMixin:
         """
         sd = dict(state_dict)
         extra = sd.pop("fastsched", None)
+        # a fastsched checkpoint from before float64 arithmetic, with float64 states
+        f32_math = extra is not None and "float64_arithmetic" not in extra and any(
+            isinstance(v, torch.Tensor) and v.dtype == torch.float64
+            for st in sd.get("state", {}).values() if isinstance(st, dict)
+            for k, v in st.items() if k != "step")
         schedule = from_dict(extra["schedule"]) if extra is not None else self.schedule
         # names and shapes checked before anything is modified (ValueError naming the parameter)
         _distributed.check_state_dict(self.param_groups, sd)
@@ -120,7 +121,7 @@ class CheckpointMixin:
                     # into this group's storage now: a torch checkpoint's states are quantised
                     # on load (state_dtype="8bit"), codes dequantised where no longer 8-bit
                     self._convert_states(p, group, st)
-        if extra is not None and "float64_arithmetic" not in extra and self._float64_params():
+        if f32_math:
             warnings.warn("fastsched: this checkpoint was saved by a version that stepped "
                           "float64 parameters in float32 arithmetic; they now step in float64, "
                           "as torch.optim does (results move by ~1e-7 relative).", UserWarning,

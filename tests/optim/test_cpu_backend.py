@@ -480,8 +480,9 @@ def test_float64_steps_in_float64_as_torch(name, backend):
 
 
 def test_float64_checkpoint_of_an_earlier_version_warns():
-    """A fastsched checkpoint without the float64 marker (saved when float64 parameters stepped
-    in float32) warns that the arithmetic changed; this version's and torch's load silently."""
+    """A fastsched checkpoint with float64 states and without the float64 marker (saved when
+    float64 parameters stepped in float32) warns that the arithmetic changed; this version's
+    (of a float64 or a float32 model) and torch's load silently."""
     p = torch.nn.Parameter(torch.randn(4, dtype=torch.float64))
     opt = fastsched.AdamW([p], backend="reference")
     p.grad = torch.randn(4, dtype=torch.float64)
@@ -500,9 +501,16 @@ def test_float64_checkpoint_of_an_earlier_version_warns():
                                if k != "float64_arithmetic"}}
     with pytest.warns(UserWarning, match="float64 parameters in float32 arithmetic"):
         fastsched.AdamW([p], backend="reference").load_state_dict(old)
-    # float32 models carry no marker
+    # this version's checkpoint of a float32 model, loaded after model.double(): no warning
     f = torch.nn.Parameter(torch.randn(4))
-    assert "float64_arithmetic" not in fastsched.AdamW([f]).state_dict()["fastsched"]
+    of = fastsched.AdamW([f], backend="reference")
+    f.grad = torch.randn(4)
+    of.step()
+    sf = of.state_dict()
+    assert sf["fastsched"]["float64_arithmetic"] == "float64"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fastsched.AdamW([p], backend="reference").load_state_dict(sf)
 
 
 @needs_ext

@@ -53,7 +53,8 @@ def test_round_trip_continues_identically(case, backend, kernel_device):
     run(opt, params, inputs.grads[:n])
 
     sd = save_load(opt.state_dict())
-    assert sd["fastsched"] == {"schedule": sched.to_dict(), "clock": n, "seed": 0}
+    assert sd["fastsched"] == {"schedule": sched.to_dict(), "clock": n, "seed": 0,
+                               "float64_arithmetic": "float64"}
     copies = [p.detach().clone() for p in params]
     other = case.make(copies, backend=backend)  # schedule and clock come from the checkpoint
     other.load_state_dict(sd)
