@@ -78,6 +78,11 @@ inline int64_t state_code(Row r, int64_t dtype) {
     return r[L::T_SDTYPE];
 }
 
+// a float64 row that steps in float64: its states float64 too (or none), no master / SR
+inline bool steps_f64(Row r, int64_t dtype) {
+    return dtype == F64 && state_code(r, dtype) == F64 && r[L::T_MODE] == 0;
+}
+
 // the weights the step reads: the float32 master (MODE_MASTER) or the parameter; returns the
 // dtype code of *out's T_P (buf: storage of a row copy pointing T_P at the master)
 inline int64_t weights(Row r, int64_t dtype, int64_t* buf, Row* out) {
@@ -410,7 +415,7 @@ PyObject* py_unit_sums(PyObject*, PyObject* args) {
 // -- update pass -------------------------------------------------------------------------------
 
 template <class E, bool STATS, bool SVEC>
-void adam_call(const AdamScal& s, Row r, int64_t off, int64_t len, const float* gs, Lanes* ls) {
+void adam_call(const AdamScalT<typename E::C>& s, Row r, int64_t off, int64_t len, const float* gs, Lanes* ls) {
     using T = typename E::T;
     T* p = r.ptr<T>(L::T_P) + off;
     const T* g = r.ptr<const T>(L::T_G) + off;
@@ -422,32 +427,9 @@ void adam_call(const AdamScal& s, Row r, int64_t off, int64_t len, const float* 
         adam_span<E, false, STATS, SVEC>(s, p, g, m, v, nullptr, len, gs, ls);
 }
 
-template <bool STATS, bool SVEC>
-void adam_call64(const AdamScal64& s, Row r, int64_t off, int64_t len, const float* gs,
-                 Lanes* ls) {
-    double* p = r.ptr<double>(L::T_P) + off;
-    const double* g = r.ptr<const double>(L::T_G) + off;
-    double* m = r.ptr<double>(L::T_S1) + off;
-    double* v = r.ptr<double>(L::T_S2) + off;
-    if (r[L::T_S3])
-        adam_span64<true, STATS, SVEC>(s, p, g, m, v, r.ptr<double>(L::T_S3) + off, len, gs, ls);
-    else
-        adam_span64<false, STATS, SVEC>(s, p, g, m, v, nullptr, len, gs, ls);
-}
-
-template <bool STATS, bool SVEC>
-void sgd_call64(const SgdScal64& s, Row r, int64_t off, int64_t len, const float* gs,
-                Lanes* ls) {
-    double* p = r.ptr<double>(L::T_P) + off;
-    const double* g = r.ptr<const double>(L::T_G) + off;
-    if (r[L::T_S1])
-        sgd_span64<true, STATS, SVEC>(s, p, g, r.ptr<double>(L::T_S1) + off, len, gs, ls);
-    else
-        sgd_span64<false, STATS, SVEC>(s, p, g, nullptr, len, gs, ls);
-}
-
 template <class E, bool STATS, bool SVEC>
-void sgd_call(const SgdScal& s, Row r, int64_t off, int64_t len, const float* gs, Lanes* ls) {
+void sgd_call(const SgdScalT<typename E::C>& s, Row r, int64_t off, int64_t len,
+              const float* gs, Lanes* ls) {
     using T = typename E::T;
     T* p = r.ptr<T>(L::T_P) + off;
     const T* g = r.ptr<const T>(L::T_G) + off;
@@ -460,62 +442,54 @@ void sgd_call(const SgdScal& s, Row r, int64_t off, int64_t len, const float* gs
 struct Scal {
     AdamScal adam;
     SgdScal sgd;
-    AdamScal64 adam64;  // float64 tensors
-    SgdScal64 sgd64;
+    AdamScalT<double> adam64;  // float64 tensors (TD64) only
+    SgdScalT<double> sgd64;
+    template <class C>
+    const AdamScalT<C>& adam_of() const {
+        if constexpr (std::is_same<C, double>::value) return adam64; else return adam;
+    }
+    template <class C>
+    const SgdScalT<C>& sgd_of() const {
+        if constexpr (std::is_same<C, double>::value) return sgd64; else return sgd;
+    }
 };
 
-// a tensor's scalars: float32 from scal; float64 (a float64 tensor) from scal64, or when it is
-// absent the float32 values
-Scal read_scal(const float* sc, const double* sc64, int64_t kind) {
-    Scal s{};
-    auto at = [&](int64_t c) { return sc64 ? sc64[c] : static_cast<double>(sc[c]); };
+// the scalars of a tensor's kind in C from at(column)
+template <class C, class At>
+void fill_scal(int64_t kind, At at, AdamScalT<C>& a, SgdScalT<C>& g) {
     if (kind == L::KIND_ADAM) {
-        AdamScal& a = s.adam;
-        a.gmul = sc[L::S_GRAD_MUL];
-        a.step_size = sc[L::S_ADAM_STEP_SIZE];
-        a.bc2s = sc[L::S_ADAM_BC2_SQRT];
-        a.decay = sc[L::S_ADAM_DECAY_MUL];
-        a.l2 = sc[L::S_ADAM_L2];
-        a.omb1 = sc[L::S_ADAM_OMB1];
-        a.omb1c = 1.0f - a.omb1;
-        a.omb2 = sc[L::S_ADAM_OMB2];
-        a.omb2c = 1.0f - a.omb2;
-        a.eps = sc[L::S_ADAM_EPS];
-        a.lo = a.omb1 < 0.5f;
-        a.upd = sc[L::S_ALLORA_UPDATE] != 0.0f;
-        AdamScal64& d = s.adam64;
-        d.gmul = at(L::S_GRAD_MUL);
-        d.step_size = at(L::S_ADAM_STEP_SIZE);
-        d.bc2s = at(L::S_ADAM_BC2_SQRT);
-        d.decay = at(L::S_ADAM_DECAY_MUL);
-        d.l2 = at(L::S_ADAM_L2);
-        d.omb1 = at(L::S_ADAM_OMB1);
-        d.omb1c = 1.0 - d.omb1;
-        d.omb2 = at(L::S_ADAM_OMB2);
-        d.omb2c = 1.0 - d.omb2;
-        d.eps = at(L::S_ADAM_EPS);
-        d.lo = d.omb1 < 0.5;
-        d.upd = a.upd;
+        a.gmul = at(L::S_GRAD_MUL);
+        a.step_size = at(L::S_ADAM_STEP_SIZE);
+        a.bc2s = at(L::S_ADAM_BC2_SQRT);
+        a.decay = at(L::S_ADAM_DECAY_MUL);
+        a.l2 = at(L::S_ADAM_L2);
+        a.omb1 = at(L::S_ADAM_OMB1);
+        a.omb1c = C(1) - a.omb1;
+        a.omb2 = at(L::S_ADAM_OMB2);
+        a.omb2c = C(1) - a.omb2;
+        a.eps = at(L::S_ADAM_EPS);
+        a.lo = a.omb1 < C(0.5);
+        a.upd = at(L::S_ALLORA_UPDATE) != C(0);
     } else {
-        SgdScal& g = s.sgd;
-        g.gmul = sc[L::S_GRAD_MUL];
-        g.lr = sc[L::S_LR];
-        g.mom_a = sc[L::S_SGD_MOM_A];
-        g.mom_b = sc[L::S_SGD_MOM_B];
-        g.wd = sc[L::S_SGD_WEIGHT_DECAY];
-        g.momentum = sc[L::S_SGD_MOMENTUM];
-        g.nesterov = sc[L::S_SGD_NESTEROV] != 0.0f;
-        g.upd = sc[L::S_ALLORA_UPDATE] != 0.0f;
-        SgdScal64& d = s.sgd64;
-        d.gmul = at(L::S_GRAD_MUL);
-        d.lr = at(L::S_LR);
-        d.mom_a = at(L::S_SGD_MOM_A);
-        d.mom_b = at(L::S_SGD_MOM_B);
-        d.wd = at(L::S_SGD_WEIGHT_DECAY);
-        d.momentum = at(L::S_SGD_MOMENTUM);
-        d.nesterov = g.nesterov;
-        d.upd = g.upd;
+        g.gmul = at(L::S_GRAD_MUL);
+        g.lr = at(L::S_LR);
+        g.mom_a = at(L::S_SGD_MOM_A);
+        g.mom_b = at(L::S_SGD_MOM_B);
+        g.wd = at(L::S_SGD_WEIGHT_DECAY);
+        g.momentum = at(L::S_SGD_MOMENTUM);
+        g.nesterov = at(L::S_SGD_NESTEROV) != C(0);
+        g.upd = at(L::S_ALLORA_UPDATE) != C(0);
     }
+}
+
+// a tensor's scalars: float32 from scal; with f64 (a float64 tensor stepped in float64) also
+// in float64, from scal64 (the values before their rounding), or the float32 ones without it
+Scal read_scal(const float* sc, const double* sc64, int64_t kind, bool f64) {
+    Scal s{};
+    fill_scal<float>(kind, [&](int64_t c) { return sc[c]; }, s.adam, s.sgd);
+    if (f64)
+        fill_scal<double>(kind, [&](int64_t c) { return sc64 ? sc64[c] : double(sc[c]); },
+                          s.adam64, s.sgd64);
     return s;
 }
 
@@ -524,30 +498,19 @@ Scal read_scal(const float* sc, const double* sc64, int64_t kind) {
 template <class E, bool STATS>
 void span(int64_t kind, const Scal& s, Row r, int64_t off, int64_t len, const float* gs,
           bool svec, Lanes* ls) {
-    if constexpr (std::is_same<E, TF64>::value) {  // float64 states (else: lowp_block)
-        if (kind == L::KIND_ADAM) {
-            if (svec)
-                adam_call64<STATS, true>(s.adam64, r, off, len, gs, ls);
-            else
-                adam_call64<STATS, false>(s.adam64, r, off, len, gs, ls);
-        } else {
-            if (svec)
-                sgd_call64<STATS, true>(s.sgd64, r, off, len, gs, ls);
-            else
-                sgd_call64<STATS, false>(s.sgd64, r, off, len, gs, ls);
-        }
-        return;
-    }
+    // a float64 row here has float64 states (else lowp_block): it steps in float64
+    using X = std::conditional_t<std::is_same<E, TF64>::value, TD64, E>;
+    using C = typename X::C;
     if (kind == L::KIND_ADAM) {
         if (svec)
-            adam_call<E, STATS, true>(s.adam, r, off, len, gs, ls);
+            adam_call<X, STATS, true>(s.adam_of<C>(), r, off, len, gs, ls);
         else
-            adam_call<E, STATS, false>(s.adam, r, off, len, gs, ls);
+            adam_call<X, STATS, false>(s.adam_of<C>(), r, off, len, gs, ls);
     } else {
         if (svec)
-            sgd_call<E, STATS, true>(s.sgd, r, off, len, gs, ls);
+            sgd_call<X, STATS, true>(s.sgd_of<C>(), r, off, len, gs, ls);
         else
-            sgd_call<E, STATS, false>(s.sgd, r, off, len, gs, ls);
+            sgd_call<X, STATS, false>(s.sgd_of<C>(), r, off, len, gs, ls);
     }
 }
 
@@ -810,10 +773,11 @@ PyObject* py_update(PyObject*, PyObject* args) {
     for (int64_t b = 0; b < nb; b++) {
         const Blk& k = blocks[b];
         Row r = row(tensors, k.t);
-        const Scal s = read_scal(scal + k.t * L::S_COLS,
-                                 scal64 ? scal64 + k.t * L::S_COLS : nullptr, kind);
-        const float* sc = uoff[k.t] >= 0 ? scales.data() + uoff[k.t] : nullptr;
         const int64_t pt = dtypes[k.t], st = state_code(r, pt);
+        const Scal s = read_scal(scal + k.t * L::S_COLS,
+                                 scal64 ? scal64 + k.t * L::S_COLS : nullptr, kind,
+                                 steps_f64(r, pt));
+        const float* sc = uoff[k.t] >= 0 ? scales.data() + uoff[k.t] : nullptr;
         // the fast paths: states stored as the parameter, the parameter read and written
         const bool plain = st == pt && r[L::T_MODE] == 0;
         if (blen[k.t] > 0) {
@@ -870,9 +834,8 @@ PyObject* py_update(PyObject*, PyObject* args) {
         }
         if (kind == L::KIND_ADAM)  // the unscaled update m_hat / (sqrt(v_hat) + eps): u / bc1
             for (int64_t i = 0; i < n; i++) {
-                Row r = row(tensors, i);
-                const bool f64 = scal64 && dtypes[i] == F64 && state_code(r, F64) == F64 &&
-                                 r[L::T_MODE] == 0;  // the float64 update: its bc1
+                // the float64 update: its bc1
+                const bool f64 = scal64 && steps_f64(row(tensors, i), dtypes[i]);
                 const double bc1 = f64 ? scal64[i * L::S_COLS + L::S_ADAM_BC1]
                                        : scal[i * L::S_COLS + L::S_ADAM_BC1];
                 ustat[i * L::US_COLS + L::US_UPDATE_SQ] /= bc1 * bc1;

@@ -55,6 +55,7 @@ typedef uint16_t v8h __attribute__((vector_size(16)));
 struct TF32 {
     static constexpr bool NARROW = true;  // its values square exactly in float64
     using T = float;
+    using C = float;  // the arithmetic of adam_span / sgd_span
     static float ld(T x) { return x; }
     static T st(float x) { return x; }
     static double ldd(T x) { return x; }
@@ -71,6 +72,7 @@ struct TF32 {
 struct TBF16 {
     static constexpr bool NARROW = true;  // its values square exactly in float64
     using T = uint16_t;
+    using C = float;
     static float ld(T x) { return bits_to_float(static_cast<uint32_t>(x) << 16); }
     static T st(float x) {  // torch's round_to_nearest_even (NaN -> 0x7FC0)
         uint32_t b = float_to_bits(x);
@@ -96,6 +98,7 @@ struct TBF16 {
 struct TF16 {
     static constexpr bool NARROW = true;  // its values square exactly in float64
     using T = _Float16;
+    using C = float;
     static float ld(T x) { return static_cast<float>(x); }
     static T st(float x) { return static_cast<T>(x); }  // IEEE conversion: nearest even
     static double ldd(T x) { return static_cast<float>(x); }
@@ -105,9 +108,10 @@ struct TF16 {
         return d;
     }
 };
-struct TF64 {  // float64: ld / st for float32 arithmetic (8-bit / bf16 states); else *_span64
+struct TF64 {  // float64 storage read for float32 arithmetic (statistics, unit norms)
     static constexpr bool NARROW = false;
     using T = double;
+    using C = float;
     static float ld(T x) { return static_cast<float>(x); }
     static T st(float x) { return x; }
     static double ldd(T x) { return x; }
@@ -116,6 +120,14 @@ struct TF64 {  // float64: ld / st for float32 arithmetic (8-bit / bf16 states);
         std::memcpy(&d, p, sizeof d);
         return d;
     }
+};
+// float64 parameters with float64 states step in float64, as torch.optim (and _reference)
+// does: adam_span / sgd_span run their loop in double, from finalize's unrounded scalars
+struct TD64 {
+    using T = double;
+    using C = double;
+    static double ld(T x) { return x; }
+    static T st(double x) { return x; }
 };
 
 // -- schedule: fastsched.schedules._core.evaluate_table for one step, float64 ------------------
@@ -326,26 +338,38 @@ inline void acc16(const float* x, const float* y, Lanes& s) {
     s.u1 = add_sq_exact(s.u1, TF32::ld8d(y + 8));
 }
 
-// The loop of a span: one(i, p_new, u) updates element i. With STATS, groups of 16 elements whose
+inline void acc16(const double* x, const double* y, Lanes& s) {  // (no contraction)
+    v8d a, b, c, d;
+    std::memcpy(&a, x, 64);
+    std::memcpy(&b, x + 8, 64);
+    std::memcpy(&c, y, 64);
+    std::memcpy(&d, y + 8, 64);
+    s.p0 += a * a;
+    s.p1 += b * b;
+    s.u0 += c * c;
+    s.u1 += d * d;
+}
+
+// The loop of a span: one(i, p_new, u) updates element i (C: float or double). With STATS, groups of 16 elements whose
 // squares are added right after (while the next loads are in flight: in a separate pass over a
 // chunk they cost ~25% of a memory-bound step); the last partial group is zero padded (a zero
 // adds nothing: the lanes start at +0).
-template <bool STATS, class F>
+template <class C, bool STATS, class F>
 inline void span_loop(int64_t n, Lanes* ls, F one) {
     if (!STATS) {
-        float a, b;
+        C a, b;
         for (int64_t i = 0; i < n; i++) one(i, a, b);
         return;
     }
     Lanes s = *ls;
     int64_t i = 0;
     for (; i + W <= n; i += W) {
-        alignas(64) float pn[W], un[W];
+        alignas(64) C pn[W], un[W];
         for (int j = 0; j < W; j++) one(i + j, pn[j], un[j]);
         acc16(pn, un, s);
     }
     if (i < n) {
-        alignas(64) float pn[W] = {0}, un[W] = {0};
+        alignas(64) C pn[W] = {0}, un[W] = {0};
         for (int j = 0; i + j < n; j++) one(i + j, pn[j], un[j]);
         acc16(pn, un, s);
     }
@@ -354,31 +378,39 @@ inline void span_loop(int64_t n, Lanes* ls, F one) {
 
 // -- update pass -------------------------------------------------------------------------------
 
-//: elements per chunk of a span of 16-bit (or float64) storage, converted to float32 around the
+//: elements per chunk of a span of 16-bit storage, converted to float32 around the
 //: float32 loop (a multiple of 16: the statistics lanes continue from chunk to chunk)
 constexpr int64_t NCH = 256;
 
-struct AdamScal {
-    float gmul, step_size, bc2s, decay, l2, omb1, omb1c, omb2, omb2c, eps;
+// a tensor's scalars in the arithmetic's type (C: float32, or float64 for TD64)
+template <class C>
+struct AdamScalT {
+    C gmul, step_size, bc2s, decay, l2, omb1, omb1c, omb2, omb2c, eps;
     bool lo;  // lerp from the start (1 - beta1 < 0.5), as torch's lerp
     bool upd;  // ALLoRA allora_apply="update": gs multiplies the step, not the gradient
 };
 
-struct SgdScal {
-    float gmul, lr, mom_a, mom_b, wd, momentum;
+template <class C>
+struct SgdScalT {
+    C gmul, lr, mom_a, mom_b, wd, momentum;
     bool nesterov;
-    bool upd;  // as AdamScal::upd
+    bool upd;  // as AdamScalT::upd
 };
+
+using AdamScal = AdamScalT<float>;
+using SgdScal = SgdScalT<float>;
 
 // One contiguous span of one tensor. SVEC: the ALLoRA multiplier of column units (one per
 // element: gs[i]), else gs[0] for the whole span (1.0 without ALLoRA: exact); it multiplies the
 // gradient, or with s.upd (allora_apply="update") the step after the decoupled decay. STATS:
 // the new p and the update u (times the multiplier with s.upd) go to the lanes *ls.
 template <class E, bool AMS, bool STATS, bool SVEC>
-void adam_span(const AdamScal& s, typename E::T* __restrict p, const typename E::T* __restrict g,
-               typename E::T* __restrict m, typename E::T* __restrict v,
-               typename E::T* __restrict vm, int64_t n, const float* __restrict gs, Lanes* ls) {
-    if constexpr (!std::is_same<E, TF32>::value) {
+void adam_span(const AdamScalT<typename E::C>& s, typename E::T* __restrict p,
+               const typename E::T* __restrict g, typename E::T* __restrict m,
+               typename E::T* __restrict v, typename E::T* __restrict vm, int64_t n,
+               const float* __restrict gs, Lanes* ls) {
+    using C = typename E::C;
+    if constexpr (!std::is_same<E, TF32>::value && !std::is_same<E, TD64>::value) {
         // GCC does not vectorize the loop with the bf16 rounding in it: convert a chunk to
         // float32 (exact), run the float32 loop, round back (the same values, bit for bit)
         alignas(64) float tp[NCH], tg[NCH], tm[NCH], tv[NCH], tw[AMS ? NCH : 1];
@@ -404,34 +436,34 @@ void adam_span(const AdamScal& s, typename E::T* __restrict p, const typename E:
         }
         return;
     }
-    const float gmul = s.gmul, step_size = s.step_size, bc2s = s.bc2s, decay = s.decay;
-    const float l2 = s.l2, omb1 = s.omb1, omb1c = s.omb1c, omb2 = s.omb2, omb2c = s.omb2c;
-    const float eps = s.eps;
+    const C gmul = s.gmul, step_size = s.step_size, bc2s = s.bc2s, decay = s.decay;
+    const C l2 = s.l2, omb1 = s.omb1, omb1c = s.omb1c, omb2 = s.omb2, omb2c = s.omb2c;
+    const C eps = s.eps;
     const bool lo = s.lo, upd = s.upd;
-    const float g0 = gs[0];
-    span_loop<STATS>(n, ls, [&](int64_t i, float& p_new, float& u_out) {
-        float pf = E::ld(p[i]);
-        float gf = E::ld(g[i]) * gmul;
-        const float sc = SVEC ? gs[i] : g0;
-        gf = gf * (upd ? 1.0f : sc);
+    const C g0 = gs[0];  // ALLoRA multipliers: float32 for every dtype (exact in double)
+    span_loop<C, STATS>(n, ls, [&](int64_t i, C& p_new, C& u_out) {
+        C pf = E::ld(p[i]);
+        C gf = E::ld(g[i]) * gmul;
+        const C sc = SVEC ? C(gs[i]) : g0;
+        gf = gf * (upd ? C(1) : sc);
         pf = pf * decay;      // AdamW: p * (1 - lr * wd); Adam: 1
         gf = gf + l2 * pf;    // Adam: L2 penalty in the gradient; AdamW: 0
-        float mf = E::ld(m[i]);
-        float vf = E::ld(v[i]);
-        const float d = gf - mf;
-        const float m_lo = mf + omb1 * d;
-        const float m_hi = gf - d * omb1c;
+        C mf = E::ld(m[i]);
+        C vf = E::ld(v[i]);
+        const C d = gf - mf;
+        const C m_lo = mf + omb1 * d;
+        const C m_hi = gf - d * omb1c;
         mf = lo ? m_lo : m_hi;
         vf = omb2c * vf + omb2 * gf * gf;
-        float vv = vf;
+        C vv = vf;
         if (AMS) {
-            const float a = E::ld(vm[i]);
-            float r = a > vf ? a : vf;
+            const C a = E::ld(vm[i]);
+            C r = a > vf ? a : vf;
             r = (a != a) ? a : r;  // torch.maximum: nan if either is nan
             vv = r;
             vm[i] = E::st(r);
         }
-        const float u = mf / (std::sqrt(vv) / bc2s + eps) * (upd ? sc : 1.0f);
+        const C u = mf / (std::sqrt(vv) / bc2s + eps) * (upd ? sc : C(1));
         pf = pf - step_size * u;
         p[i] = E::st(pf);
         m[i] = E::st(mf);
@@ -532,8 +564,10 @@ constexpr std::array<SgdBf16Loop, sizeof...(I)> sgd_bf16_loops(std::index_sequen
 }
 
 template <class E, bool MOM, bool STATS, bool SVEC>
-void sgd_span(const SgdScal& s, typename E::T* __restrict p, const typename E::T* __restrict g,
-              typename E::T* __restrict buf, int64_t n, const float* __restrict gs, Lanes* ls) {
+void sgd_span(const SgdScalT<typename E::C>& s, typename E::T* __restrict p,
+              const typename E::T* __restrict g, typename E::T* __restrict buf, int64_t n,
+              const float* __restrict gs, Lanes* ls) {
+    using C = typename E::C;
     if constexpr (std::is_same<E, TBF16>::value && !STATS && !SVEC) {
         const int64_t nv = n & ~int64_t(63);
         if (nv > 0) {
@@ -549,7 +583,7 @@ void sgd_span(const SgdScal& s, typename E::T* __restrict p, const typename E::T
         if (MOM) buf += nv;
         n -= nv;
     }
-    if constexpr (!std::is_same<E, TF32>::value) {  // as adam_span
+    if constexpr (!std::is_same<E, TF32>::value && !std::is_same<E, TD64>::value) {  // as adam_span
         alignas(64) float tp[NCH], tg[NCH], tb[MOM ? NCH : 1];
         for (int64_t c0 = 0; c0 < n; c0 += NCH) {
             const int64_t cn = n - c0 < NCH ? n - c0 : NCH;
@@ -567,136 +601,25 @@ void sgd_span(const SgdScal& s, typename E::T* __restrict p, const typename E::T
         }
         return;
     }
-    const float gmul = s.gmul, lr = s.lr, mom_a = s.mom_a, mom_b = s.mom_b, wd = s.wd;
-    const float momentum = s.momentum;
+    const C gmul = s.gmul, lr = s.lr, mom_a = s.mom_a, mom_b = s.mom_b, wd = s.wd;
+    const C momentum = s.momentum;
     const bool nesterov = s.nesterov, upd = s.upd;
-    const float g0 = gs[0];
-    span_loop<STATS>(n, ls, [&](int64_t i, float& p_new, float& u_out) {
-        float pf = E::ld(p[i]);
-        float d = E::ld(g[i]) * gmul;
-        const float sc = SVEC ? gs[i] : g0;
-        d = d * (upd ? 1.0f : sc);
+    const C g0 = gs[0];
+    span_loop<C, STATS>(n, ls, [&](int64_t i, C& p_new, C& u_out) {
+        C pf = E::ld(p[i]);
+        C d = E::ld(g[i]) * gmul;
+        const C sc = SVEC ? C(gs[i]) : g0;
+        d = d * (upd ? C(1) : sc);
         d = d + wd * pf;
         if (MOM) {
-            const float b = mom_a * E::ld(buf[i]) + mom_b * d;
+            const C b = mom_a * E::ld(buf[i]) + mom_b * d;
             buf[i] = E::st(b);
-            const float dn = d + momentum * b;
+            const C dn = d + momentum * b;
             d = nesterov ? dn : b;
         }
-        d = d * (upd ? sc : 1.0f);
+        d = d * (upd ? sc : C(1));
         pf = pf - lr * d;
         p[i] = E::st(pf);
-        p_new = pf;
-        u_out = d;
-    });
-}
-
-// -- float64 parameters and states: the update in float64 -------------------------------------
-// torch.optim steps float64 tensors in float64 (and so does _reference: a float64 tensor whose
-// states are float64 too): the operations of adam_span / sgd_span in the same order, from the
-// scalars of finalize before their rounding to float32 (scal64). ALLoRA's multiplier stays the
-// float32 value every dtype gets (exact in float64).
-
-struct AdamScal64 {
-    double gmul, step_size, bc2s, decay, l2, omb1, omb1c, omb2, omb2c, eps;
-    bool lo, upd;
-};
-
-struct SgdScal64 {
-    double gmul, lr, mom_a, mom_b, wd, momentum;
-    bool nesterov, upd;
-};
-
-// span_loop in float64: one(i, p_new, u); the squares of p_new and u go to lane i % 16 (no
-// fused multiply-add: built with -ffp-contract=off)
-template <bool STATS, class F>
-inline void span_loop64(int64_t n, Lanes* ls, F one) {
-    if (!STATS) {
-        double a, b;
-        for (int64_t i = 0; i < n; i++) one(i, a, b);
-        return;
-    }
-    Lanes s = *ls;
-    for (int64_t i = 0; i < n; i += W) {
-        alignas(64) double pn[W] = {0}, un[W] = {0};
-        const int64_t m = n - i < W ? n - i : W;
-        for (int64_t j = 0; j < m; j++) one(i + j, pn[j], un[j]);
-        v8d a, b, c, d;
-        std::memcpy(&a, pn, 64);
-        std::memcpy(&b, pn + 8, 64);
-        std::memcpy(&c, un, 64);
-        std::memcpy(&d, un + 8, 64);
-        s.p0 += a * a;
-        s.p1 += b * b;
-        s.u0 += c * c;
-        s.u1 += d * d;
-    }
-    *ls = s;
-}
-
-template <bool AMS, bool STATS, bool SVEC>
-void adam_span64(const AdamScal64& s, double* __restrict p, const double* __restrict g,
-                 double* __restrict m, double* __restrict v, double* __restrict vm, int64_t n,
-                 const float* __restrict gs, Lanes* ls) {
-    const double gmul = s.gmul, step_size = s.step_size, bc2s = s.bc2s, decay = s.decay;
-    const double l2 = s.l2, omb1 = s.omb1, omb1c = s.omb1c, omb2 = s.omb2, omb2c = s.omb2c;
-    const double eps = s.eps;
-    const bool lo = s.lo, upd = s.upd;
-    const double g0 = gs[0];
-    span_loop64<STATS>(n, ls, [&](int64_t i, double& p_new, double& u_out) {
-        double pf = p[i];
-        double gf = g[i] * gmul;
-        const double sc = SVEC ? static_cast<double>(gs[i]) : g0;
-        gf = gf * (upd ? 1.0 : sc);
-        pf = pf * decay;
-        gf = gf + l2 * pf;
-        double mf = m[i];
-        double vf = v[i];
-        const double d = gf - mf;
-        const double m_lo = mf + omb1 * d;
-        const double m_hi = gf - d * omb1c;
-        mf = lo ? m_lo : m_hi;
-        vf = omb2c * vf + omb2 * gf * gf;
-        double vv = vf;
-        if (AMS) {
-            const double a = vm[i];
-            double r = a > vf ? a : vf;
-            r = (a != a) ? a : r;  // torch.maximum: nan if either is nan
-            vv = r;
-            vm[i] = r;
-        }
-        const double u = mf / (std::sqrt(vv) / bc2s + eps) * (upd ? sc : 1.0);
-        pf = pf - step_size * u;
-        p[i] = pf;
-        m[i] = mf;
-        v[i] = vf;
-        p_new = pf;
-        u_out = u;
-    });
-}
-
-template <bool MOM, bool STATS, bool SVEC>
-void sgd_span64(const SgdScal64& s, double* __restrict p, const double* __restrict g,
-                double* __restrict buf, int64_t n, const float* __restrict gs, Lanes* ls) {
-    const double gmul = s.gmul, lr = s.lr, mom_a = s.mom_a, mom_b = s.mom_b, wd = s.wd;
-    const double momentum = s.momentum;
-    const bool nesterov = s.nesterov, upd = s.upd;
-    const double g0 = gs[0];
-    span_loop64<STATS>(n, ls, [&](int64_t i, double& p_new, double& u_out) {
-        double pf = p[i];
-        double d = g[i] * gmul;
-        const double sc = SVEC ? static_cast<double>(gs[i]) : g0;
-        d = d * (upd ? 1.0 : sc);
-        d = d + wd * pf;
-        if (MOM) {
-            const double b = mom_a * buf[i] + mom_b * d;
-            buf[i] = b;
-            const double dn = d + momentum * b;
-            d = nesterov ? dn : b;
-        }
-        d = d * (upd ? sc : 1.0);
-        pf = pf - lr * d;
-        p[i] = pf;
         p_new = pf;
         u_out = d;
     });
