@@ -699,11 +699,13 @@ def _units_update_kernel(tensors_ptr, blocks_ptr, scal_ptr, ustat_ptr, clock_ptr
     u_on = tl.load(sc + L.S_ALLORA_UPDATE)  # allora_apply: 1.0 "update", 0.0 "grad"
     pa = tl.load(row + L.T_P)
     p_ptr = _typed(pa, DTYPE, False)
-    g_ptr = _typed(tl.load(row + L.T_G), DTYPE, False)
+    ga = tl.load(row + L.T_G)
+    g_ptr = _typed(ga, DTYPE, False)
     s1 = tl.load(row + L.T_S1)
     s3 = tl.load(row + L.T_S3)
     s1_ptr = _typed(s1, SDTYPE, False)
-    s2_ptr = _typed(tl.load(row + L.T_S2), SDTYPE, False)
+    s2 = tl.load(row + L.T_S2)
+    s2_ptr = _typed(s2, SDTYPE, False)
     s3_ptr = _typed(s3, SDTYPE, False)
     if (MODE & L.MODE_MASTER) != 0:
         w_ptr = _typed(tl.load(row + L.T_MASTER), tl.float32, False)
@@ -719,25 +721,25 @@ def _units_update_kernel(tensors_ptr, blocks_ptr, scal_ptr, ustat_ptr, clock_ptr
     units = u0 + tl.arange(0, UNITS)
     QUNITS: tl.constexpr = UNITS // 4 if UNITS >= 4 else UNITS
     # a tile of whole rows of 16-byte-aligned tensors, rows starting 16 bytes apart (unit
-    # stride a multiple of 8 elements: every 16-bit and fp32 row of a transformer matrix, LoRA's
-    # r = 8 / 16 / 64 included), every unit of the tile present and the row a multiple of CHUNK:
+    # stride a multiple of 8 elements), every unit of the tile present and the row a multiple of
+    # CHUNK (rows of 16, 128 or a multiple of 256: LoRA B at r = 16, transformer rows; rows of
+    # 8, 32 or 64 take the masked path):
     # no mask and 16-byte accesses (with masks, or without the divisibility hints, every access
     # is scalar: ~255 registers at 1-2 warps, 64-96 KB in flight per SM for 16-bit SGD)
     wm = s1
     if (MODE & L.MODE_MASTER) != 0:
         wm = tl.load(row + L.T_MASTER)
     whole = (elem_stride == 1) & (unit_len % CHUNK == 0) & (u0 + UNITS <= n_units) & (
-        unit_stride % 8 == 0) & (((pa | tl.load(row + L.T_G) | s1 | tl.load(row + L.T_S2)
-                                   | s3 | wm) & 15) == 0)
+        unit_stride % 8 == 0) & (((pa | ga | s1 | s2 | s3 | wm) & 15) == 0)
     if whole:
         # (names apart from the other paths': Triton merges the variables of both branches,
         # and with them the hints)
         wstride = tl.multiple_of(unit_stride, 8)
         wbase = units * wstride
         wp_ptr = _typed(pa, DTYPE, True)
-        wg_ptr = _typed(tl.load(row + L.T_G), DTYPE, True)
+        wg_ptr = _typed(ga, DTYPE, True)
         ws1_ptr = _typed(s1, SDTYPE, True)
-        ws2_ptr = _typed(tl.load(row + L.T_S2), SDTYPE, True)
+        ws2_ptr = _typed(s2, SDTYPE, True)
         ws3_ptr = _typed(s3, SDTYPE, True)
         ww_ptr = _typed(wm, tl.float32, True)
         if (MODE & L.MODE_MASTER) != 0:
