@@ -370,45 +370,14 @@ SM_REGS, SM_WARPS, SM_PROGRAMS, SM_SMEM = 65536, 64, 32, 233472
 MIN_INFLIGHT = 128 * 1024
 UPDATE_KERNELS = ("_update_kernel", "_units_update_kernel")
 #: variants not yet at MIN_INFLIGHT, with the KB they reach (triton 3.6): --require holds them to
-#: that figure so they cannot regress unnoticed. (kernel, kind, 2-byte storage, FLAG).
-#: SGD momentum in bf16/fp16: 183-219 registers at 1 warp (2 warps: 96-120 KB). ALLoRA SGD units
-#: in bf16/fp16: whole tiles of aligned rows load 16 bytes at a time, the rest runs masked a
-#: quarter tile at a time; the first class's [128, 16] tile (8 rows a thread, each with its IEEE
-#: square root and division) still holds 243-255 registers at 1 warp (8 programs x 8-12 KB:
-#: 64-96 KB; the [16, 128] and [8, 256] classes: 156 registers, 96 KB without momentum). The
-#: fp32 units pass since optim._UNITS_WARPS (Adam 2 warps, SGD 1: 128-192 KB).
-#: The variants below fp32 are keyed (kernel, kind, DTYPE, SDTYPE, MODE, FLAG) (``short_key``):
-#: bf16 parameters with 8-bit states (plain, SR, master) sit at 255 registers at 1 warp (8
-#: programs; 2 warps: 4-6 programs, less) on blocks of 2048 x 6 (Adam) / 5 (SGD momentum) bytes:
-#: 80-112 KB, fewer bytes per element than the 128 KB floor was set for (Adam with the master
-#: reaches 128 KB); the new states of a 256-block stay live until its absmax is known.
-#: bf16 SGD with stochastic rounding: the
-#: generator (two fmix32 rounds on the 64-bit index) holds 231-255 registers at 1 warp with
-#: momentum (96 KB; 2 warps: 72 KB) and 246 with stats without (64 KB; 2 warps 96 KB, but then
-#: the variant without stats drops from 128 KB).
-KNOWN_SHORT = {("_update_kernel", L.KIND_SGD, True, True): 108,
-               ("_units_update_kernel", L.KIND_SGD, True, False): 64,
-               ("_units_update_kernel", L.KIND_SGD, True, True): 96,
-               ("_update_kernel", L.KIND_ADAM, "bf16", "uint8", 0, False): 96,
-               ("_update_kernel", L.KIND_ADAM, "bf16", "uint8", L.MODE_SR, False): 96,
-               ("_update_kernel", L.KIND_SGD, "bf16", "uint8", 0, True): 80,
-               ("_update_kernel", L.KIND_SGD, "bf16", "uint8", L.MODE_SR, True): 80,
-               ("_update_kernel", L.KIND_SGD, "bf16", "uint8", L.MODE_MASTER, True): 112,
-               ("_update_kernel", L.KIND_SGD, "bf16", "bf16", L.MODE_SR, True): 96,
-               ("_update_kernel", L.KIND_SGD, "bf16", "bf16", L.MODE_SR, False): 64,
-               # fp32 Adam with bf16 states and statistics: 84 registers at 4 warps without FMA
-               # contraction (80 with it), 5 programs instead of 6 (144 KB without statistics)
-               ("_update_kernel", L.KIND_ADAM, "fp32", "bf16", 0, False): 120,
-               # ALLoRA units below fp32: scalar accesses at ~255 registers, 8 programs (fp32
-               # Adam: 4 at 2 warps) of tiles with fewer bytes an element than the 128 KB need
-               ("_units_update_kernel", L.KIND_ADAM, "fp32", "bf16", 0, True): 112,
-               ("_units_update_kernel", L.KIND_ADAM, "fp32", "bf16", 0, False): 96,
-               ("_units_update_kernel", L.KIND_SGD, "bf16", "fp32", 0, False): 64,
-               ("_units_update_kernel", L.KIND_SGD, "bf16", "fp32", L.MODE_MASTER, False): 96,
-               ("_units_update_kernel", L.KIND_SGD, "fp16", "fp32", L.MODE_MASTER, False): 96,
-               ("_units_update_kernel", L.KIND_SGD, "bf16", "bf16", L.MODE_MASTER, False): 96,
-               ("_units_update_kernel", L.KIND_SGD, "bf16", "bf16", L.MODE_SR, True): 96,
-               ("_units_update_kernel", L.KIND_SGD, "bf16", "bf16", L.MODE_SR, False): 64}
+#: that figure so they cannot regress unnoticed; keyed by ``short_key`` ((kernel, kind, 2-byte
+#: storage, FLAG); below fp32 (kernel, kind, DTYPE, SDTYPE, MODE, FLAG)). Empty since the
+#: register caps of kernels/optim.py ``_UPDATE_MAXNREG``: the variants listed here before (SGD
+#: bf16 / fp16 with momentum 108 KB, the 16-bit SGD ALLoRA tiles 64-96 KB, bf16 with 8-bit
+#: states 80-112 KB, stochastic rounding 64-96 KB, fp32 with bf16 states and statistics 120 KB)
+#: sat at 203-255 registers at 1 warp (84 at 4 warps) by ptxas' choice, not by need: at 128
+#: (80) registers none spills and each reaches 128-320 KB, every ALLoRA tile class included.
+KNOWN_SHORT: dict = {}
 
 
 def is_lowp(v: Variant) -> bool:
@@ -494,6 +463,8 @@ class Code:
     #: floating-point instructions of the PTX that round differently from the CPU executor:
     #: contracted multiply-adds (``fma.rn.f32``) and approximate division / square root
     inexact: dict = field(default_factory=dict)
+    #: bytes of global loads a thread has issued and not yet used, at most (:func:`issued`)
+    issued: int = 0
 
     @property
     def programs(self) -> int:
@@ -517,7 +488,50 @@ def read_code(ck) -> Code:
     local = re.search(r"LOCAL:(\d+)", res)
     return Code(ck.metadata.num_warps, int(reg.group(1)) if reg else -1,
                 int(local.group(1)) if local else 0, ck.metadata.shared, sass_ops(sass),
-                ptx_inexact(ck.asm["ptx"]))
+                ptx_inexact(ck.asm["ptx"]), issued(sass))
+
+
+_INS = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?(\S+)\s*([^;]*);")
+_REG = re.compile(r"\bR(\d+)(\.64)?\b")
+
+
+def _regs(text: str) -> set:
+    out = set()
+    for m in _REG.finditer(text):
+        out.add(int(m.group(1)))
+        if m.group(2):
+            out.add(int(m.group(1)) + 1)
+    return out
+
+
+def issued(sass: str) -> int:
+    """The most bytes of global loads one thread has in flight, read from the SASS in program
+    order: a load (LDG) is in flight from its issue to the first instruction that names one of
+    its destination registers (where the thread waits for it). A straight scan across
+    branches, so an estimate; it shows what the programs x block-bytes figure assumes (every
+    load of a program in flight at once) against what ptxas scheduled: at 255 registers it
+    issues a thread's loads in several rounds."""
+    pending: dict = {}  # register -> the load (a one-element list of its bytes)
+    most = 0
+    for m in _INS.finditer(sass):
+        op, args = m.group(1), m.group(2)
+        dst, src = (args.split(",", 1) + [""])[:2] if op.startswith("LDG") else ("", args)
+        for r in _regs(src) & pending.keys():
+            load = pending.get(r)
+            for q in [q for q, x in pending.items() if x is load]:
+                del pending[q]
+        if op.startswith("LDG"):
+            regs = sorted(_regs(dst))
+            if regs:
+                parts = op.split(".")
+                n = 4 if "128" in parts else 2 if "64" in parts else 1
+                size = 2 if {"U16", "S16"} & set(parts) else 1 if {"U8", "S8"} & set(parts) \
+                    else 4 * n
+                load = [size]
+                for q in range(regs[0], regs[0] + n):
+                    pending[q] = load
+        most = max(most, sum(x[0] for x in {id(x): x for x in pending.values()}.values()))
+    return most
 
 
 _INEXACT = re.compile(r"\b(fma\.rn(?:\.ftz)?(?:\.sat)?\.f32(?:x2)?|div\.(?:full|approx)[.\w]*f32|"
@@ -571,9 +585,11 @@ def row(v: Variant, code: Code) -> str:
     c = {k: str(x).replace("triton.language.", "") for k, x in v.constexprs.items()}
     ops = " ".join(f"{k}:{n}" for k, n in sorted(code.ops.items()))
     kb = code.programs * program_bytes(v) / 1024
+    iss = code.programs * code.issued * 32 * code.warps / 1024
     return (f"{v.name:22s} {' '.join(f'{k}={x}' for k, x in c.items()):62s} "
             f"w{code.warps:<2d} r{code.regs:<3d} sp{code.spill:<3d} p{code.programs:<2d} "
-            f"{kb:6.0f}KB  {ops}" + (f"  inexact {code.inexact}" if code.inexact else ""))
+            f"{kb:6.0f}KB iss{iss:4.0f}KB  {ops}" +
+            (f"  inexact {code.inexact}" if code.inexact else ""))
 
 
 def main(argv=None) -> int:

@@ -87,11 +87,14 @@ def test_derived_variants_span_every_specialisation(derived):
     # 2 kinds x 3 dtypes x flag x stats (alignment is tested per tensor in the kernel)
     assert len(upd) == 24
     assert all("ALIGNED" not in v.constexprs for v in upd)
-    # launch options: the warps of update_warps(), recorded per variant
-    assert all(v.options["num_warps"] == ko.update_warps(
-        v.constexprs["KIND"], {"fp32": torch.float32, "bf16": torch.bfloat16,
-                               "fp16": torch.float16}[str(v.constexprs["DTYPE"])], 2048)
-        for v in upd)
+    # launch options: the warps of update_warps() and the register cap, recorded per variant
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    for v in upd:
+        want = ko.update_options(v.constexprs["KIND"], dt[str(v.constexprs["DTYPE"])], 2048)
+        assert want["num_warps"] == ko.update_warps(v.constexprs["KIND"],
+                                                    dt[str(v.constexprs["DTYPE"])], 2048)
+        assert {k: v.options.get(k) for k in want} == want, v.constexprs
+        assert v.options["maxnreg"] == ko._UPDATE_MAXNREG[v.options["num_warps"]]
     units = _by_kernel(vs, "_units_update_kernel")
     from fastsched.optim import UNIT_CLASSES
 
@@ -168,6 +171,37 @@ def test_reading_the_code(cc):
     assert cc.residency(48, 8, 0) == 5
     assert cc.residency(16, 1, 0) == 32
     assert cc.residency(32, 16, 0) == 4
+
+
+def test_issued_loads_follow_the_sass(cc):
+    """Loads count from their issue to the first instruction naming a destination register;
+    a 16-byte load is 16 bytes, a 2-byte one 2; predicates and addresses do not consume."""
+    sass = """
+        /*0000*/  LDG.E.128 R4, desc[UR4][R2.64] ;
+        /*0010*/  LDG.E.128 R8, desc[UR4][R2.64+0x10] ;
+        /*0020*/  @!P0 LDG.E.U16 R12, desc[UR4][R14.64] ;
+        /*0030*/  FADD R16, R20, R21 ;
+        /*0040*/  FADD R17, R5, R5 ;
+        /*0050*/  LDG.E R13, desc[UR4][R2.64+0x20] ;
+        /*0060*/  STG.E.128 desc[UR4][R2.64], R8 ;
+        /*0070*/  FADD R18, R12, R13 ;
+    """
+    assert cc.issued(sass) == 16 + 16 + 2  # R4's load used at 0x40, R8's at 0x60
+    assert cc.issued("") == 0
+
+
+def test_old_launch_configuration_has_no_register_cap(monkeypatch):
+    """FASTSCHED_UPDATE_WARPS (bench/gpu_check.sh's "old" configuration): the warps it names
+    and Triton's default registers; otherwise every update launch carries its cap."""
+    fp32, bf16 = torch.float32, torch.bfloat16
+    assert ko.update_options(L.KIND_SGD, bf16, 2048) == {"num_warps": 1, "maxnreg": 128}
+    assert ko.update_options(L.KIND_ADAM, fp32, 2048) == {"num_warps": 4, "maxnreg": 80}
+    # a larger block: more warps, the same elements a thread and the same cap
+    assert ko.update_options(L.KIND_ADAM, fp32, 4096) == {"num_warps": 8, "maxnreg": 80}
+    assert ko.units_options(L.KIND_ADAM, fp32, 2048) == {"num_warps": 2, "maxnreg": 128}
+    monkeypatch.setattr(ko, "_FORCE_WARPS", 4)
+    assert ko.update_options(L.KIND_SGD, bf16, 2048) == {"num_warps": 4}
+    assert ko.units_options(L.KIND_SGD, bf16, 2048) == {"num_warps": 4}
 
 
 def test_requirements_flag_fences_scalar_blocks_and_occupancy(cc, derived):
