@@ -879,8 +879,7 @@ def _warps(elements: int, per_thread: int, most: int = 16) -> int:
 #: 8 programs: 128-160 KB (2 warps: 128-168 registers, 96-128 KB; 4 warps: 80-100 KB): the
 #: fp32 working copies of the 2-byte values cost registers the packed loads do not. SGD fp32:
 #: 4 warps, 32-63 registers, 8-16 programs: 192-256 KB. SGD bf16/fp16: 1 warp: 128-200 KB
-#: without momentum, 108-132 KB with it (183-219 registers; 2 warps: 96-120 KB). These
-#: register counts are ptxas' own; _UPDATE_MAXNREG below caps them (16 programs at 1 warp).
+#: without momentum, 108-132 KB with it (183-219 registers; 2 warps: 96-120 KB).
 _UPDATE_WARPS = {(L.KIND_ADAM, False): 4, (L.KIND_ADAM, True): 1,
                  (L.KIND_SGD, False): 4, (L.KIND_SGD, True): 1}
 #: num_warps of the update variants below fp32 by (kind, parameter dtype, state code or None,
@@ -891,32 +890,9 @@ _UPDATE_WARPS = {(L.KIND_ADAM, False): 4, (L.KIND_ADAM, True): 1,
 #: variants keep the warps of their parameter dtype (the sweep found nothing better).
 _LOWP_WARPS = {(L.KIND_ADAM, torch.float32, L.STATE_8BIT, 0): 1,
                (L.KIND_SGD, torch.float32, L.STATE_8BIT, 0): 1}
-#: register cap (ptxas ``.maxnreg``) of an update program by its warps at the 2048-element
-#: block (or 2048-element tile): left to itself, ptxas spends up to 255 registers a thread on
-#: scheduling freedom (a 1-warp bf16 / fp16 / 8-bit program: 8 programs an SM, 64-112 KB of
-#: loads in flight for SGD and the 8-bit and ALLoRA variants), where the 16-byte loads of a
-#: block fit far fewer. bench/compile_check.py --table (triton 3.6, sm_90), every update
-#: variant of the block kernel and of each ALLoRA tile class (312) at the cap: no spill; 1-2
-#: warps at 128 registers: 16 / 8 programs, 128-576 KB (SGD fp16 momentum 108 -> 192 KB, the
-#: 16-bit SGD ALLoRA tiles 64-96 -> 128-192 KB, 8-bit bf16 Adam 96 -> 192 KB); fp32 Adam at 4
-#: warps, 96 -> 80 registers: 5 -> 6 programs (160 -> 192 KB; bf16 states with statistics
-#: 120 -> 144 KB). The loads a thread issues before their first use, read from the SASS
-#: (compile_check's "iss" column), rise with the programs: ptxas reorders, it does not
-#: serialise the loads to fit the cap.
-_UPDATE_MAXNREG = {1: 128, 2: 128, 4: 80}
 #: benchmarks only (bench/gpu_check.sh): FASTSCHED_UPDATE_WARPS=4 launches every update program
-#: with 4 warps and no register cap (Triton's defaults, the launch configuration before the
-#: tables above)
+#: with 4 warps (Triton's default, the launch configuration before the table above)
 _FORCE_WARPS = int(os.environ.get("FASTSCHED_UPDATE_WARPS", "0") or 0)
-
-
-def _with_cap(opts: dict, base_warps: int) -> dict:
-    """``opts`` with the ``maxnreg`` of :data:`_UPDATE_MAXNREG` for programs of ``base_warps``
-    warps at 2048 elements (none with ``FASTSCHED_UPDATE_WARPS``: Triton's default)."""
-    cap = None if _FORCE_WARPS else _UPDATE_MAXNREG.get(base_warps)
-    if cap is not None:
-        opts["maxnreg"] = cap
-    return opts
 
 
 def update_warps(kind: int, dtype: torch.dtype, elements: int, state: int | None = None,
@@ -927,22 +903,10 @@ def update_warps(kind: int, dtype: torch.dtype, elements: int, state: int | None
     ``_LOWP_WARPS``."""
     if _FORCE_WARPS:
         return _FORCE_WARPS
-    return max(1, min(16, _update_base_warps(kind, dtype, state, mode) * elements // 2048))
-
-
-def _update_base_warps(kind: int, dtype: torch.dtype, state: int | None, mode: int) -> int:
     w = _UPDATE_WARPS[kind, torch.empty((), dtype=dtype).element_size() == 2]
     if state is not None or mode:
         w = _LOWP_WARPS.get((kind, dtype, state, mode), w)
-    return w
-
-
-def update_options(kind: int, dtype: torch.dtype, elements: int, state: int | None = None,
-                   mode: int = 0) -> dict:
-    """The launch options of an update launch: ``num_warps`` (:func:`update_warps`) and the
-    register cap ``maxnreg`` (:data:`_UPDATE_MAXNREG`)."""
-    return _with_cap({"num_warps": update_warps(kind, dtype, elements, state, mode)},
-                     _update_base_warps(kind, dtype, state, mode))
+    return max(1, min(16, w * elements // 2048))
 
 
 def _go(fn, grid: tuple, args: tuple, kwargs: dict, rec) -> None:
@@ -1027,8 +991,8 @@ def launch_update(kind: int, tensors, blocks, scal, ustat, n_blocks: int, dtype:
         _go(_update_kernel, (n_blocks,),
             (tensors, blocks, scal, ustat if stats else scal, clock, int(advance)),
             dict(KIND=kind, DTYPE=tl_dtype(dtype), BLOCK=block, FLAG=flag, STATS=stats,
-                 SDTYPE=sdtype, MODE=mode, **update_options(kind, dtype, block, state, mode)),
-            rec)
+                 SDTYPE=sdtype, MODE=mode,
+                 num_warps=update_warps(kind, dtype, block, state, mode)), rec)
 
 
 #: num_warps of an ALLoRA unit tile (2048 elements) by (kind, 2-byte storage), from the sweep of
@@ -1036,10 +1000,9 @@ def launch_update(kind: int, tensors, blocks, scal, ustat, n_blocks: int, dtype:
 #: address per element and sit at ~255 registers at any warp count, so fewer warps mean more
 #: programs per SM: fp32 Adam 4 warps: 2 programs, 64-80 KB; 2 warps: 4 programs, 128-160 KB.
 #: fp32 SGD 4 warps: 2-3 programs, 32-48 KB; 1 warp: 8 programs, 128-192 KB. 2-byte storage
-#: stays at 1 warp (Adam 128-160 KB; SGD 64-96 KB at ptxas' 243-255 registers, 128-192 KB at
-#: the 128 of _UPDATE_MAXNREG). At 255 registers ptxas issues a thread's loads in several
-#: rounds, so these figures (programs x tile bytes) bound the loads in flight from above rather
-#: than measure them (bench/compile_check.py's "iss" column reads them from the SASS).
+#: stays at 1 warp (Adam 128-160 KB; SGD 64-96 KB, short: see KNOWN_SHORT). At 255 registers
+#: ptxas issues a thread's loads in several rounds, so these figures (programs x tile bytes)
+#: bound the loads in flight from above rather than measure them.
 _UNITS_WARPS = {(L.KIND_ADAM, False): 2, (L.KIND_ADAM, True): 1,
                 (L.KIND_SGD, False): 1, (L.KIND_SGD, True): 1}
 
@@ -1051,13 +1014,6 @@ def units_warps(kind: int, dtype: torch.dtype, elements: int) -> int:
         return _FORCE_WARPS
     w = _UNITS_WARPS[kind, torch.empty((), dtype=dtype).element_size() == 2]
     return max(1, min(16, w * elements // 2048))
-
-
-def units_options(kind: int, dtype: torch.dtype, elements: int) -> dict:
-    """The launch options of a units launch: ``num_warps`` (:func:`units_warps`) and the
-    register cap ``maxnreg`` (:data:`_UPDATE_MAXNREG`)."""
-    return _with_cap({"num_warps": units_warps(kind, dtype, elements)},
-                     _UNITS_WARPS[kind, torch.empty((), dtype=dtype).element_size() == 2])
 
 
 def launch_units_update(kind: int, tensors, blocks, scal, ustat, n_blocks: int,
@@ -1077,4 +1033,4 @@ def launch_units_update(kind: int, tensors, blocks, scal, ustat, n_blocks: int,
             (tensors, blocks, scal, ustat if stats else scal, clock, int(advance)),
             dict(KIND=kind, DTYPE=tl_dtype(dtype), UNITS=units, CHUNK=chunk, FLAG=flag,
                  STATS=stats, SDTYPE=sdtype, MODE=mode,
-                 **units_options(kind, dtype, units * chunk)), rec)
+                 num_warps=units_warps(kind, dtype, units * chunk)), rec)

@@ -87,14 +87,11 @@ def test_derived_variants_span_every_specialisation(derived):
     # 2 kinds x 3 dtypes x flag x stats (alignment is tested per tensor in the kernel)
     assert len(upd) == 24
     assert all("ALIGNED" not in v.constexprs for v in upd)
-    # launch options: the warps of update_warps() and the register cap, recorded per variant
-    dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    for v in upd:
-        want = ko.update_options(v.constexprs["KIND"], dt[str(v.constexprs["DTYPE"])], 2048)
-        assert want["num_warps"] == ko.update_warps(v.constexprs["KIND"],
-                                                    dt[str(v.constexprs["DTYPE"])], 2048)
-        assert {k: v.options.get(k) for k in want} == want, v.constexprs
-        assert v.options["maxnreg"] == ko._UPDATE_MAXNREG[v.options["num_warps"]]
+    # launch options: the warps of update_warps(), recorded per variant
+    assert all(v.options["num_warps"] == ko.update_warps(
+        v.constexprs["KIND"], {"fp32": torch.float32, "bf16": torch.bfloat16,
+                               "fp16": torch.float16}[str(v.constexprs["DTYPE"])], 2048)
+        for v in upd)
     units = _by_kernel(vs, "_units_update_kernel")
     from fastsched.optim import UNIT_CLASSES
 
@@ -175,7 +172,8 @@ def test_reading_the_code(cc):
 
 def test_issued_loads_follow_the_sass(cc):
     """Loads count from their issue to the first instruction naming a destination register;
-    a 16-byte load is 16 bytes, a 2-byte one 2; predicates and addresses do not consume."""
+    a 16-byte load is 16 bytes, a 2-byte one 2; a load's own address registers and predicates
+    are not loads."""
     sass = """
         /*0000*/  LDG.E.128 R4, desc[UR4][R2.64] ;
         /*0010*/  LDG.E.128 R8, desc[UR4][R2.64+0x10] ;
@@ -190,18 +188,19 @@ def test_issued_loads_follow_the_sass(cc):
     assert cc.issued("") == 0
 
 
-def test_old_launch_configuration_has_no_register_cap(monkeypatch):
-    """FASTSCHED_UPDATE_WARPS (bench/gpu_check.sh's "old" configuration): the warps it names
-    and Triton's default registers; otherwise every update launch carries its cap."""
-    fp32, bf16 = torch.float32, torch.bfloat16
-    assert ko.update_options(L.KIND_SGD, bf16, 2048) == {"num_warps": 1, "maxnreg": 128}
-    assert ko.update_options(L.KIND_ADAM, fp32, 2048) == {"num_warps": 4, "maxnreg": 80}
-    # a larger block: more warps, the same elements a thread and the same cap
-    assert ko.update_options(L.KIND_ADAM, fp32, 4096) == {"num_warps": 8, "maxnreg": 80}
-    assert ko.units_options(L.KIND_ADAM, fp32, 2048) == {"num_warps": 2, "maxnreg": 128}
-    monkeypatch.setattr(ko, "_FORCE_WARPS", 4)
-    assert ko.update_options(L.KIND_SGD, bf16, 2048) == {"num_warps": 4}
-    assert ko.units_options(L.KIND_SGD, bf16, 2048) == {"num_warps": 4}
+def test_spills_are_the_stl_bytes(cc):
+    """Spill stores are STL instructions (the kernels have no local arrays); their widths sum as
+    ptxas -v's "bytes spill stores". cuobjdump's LOCAL, read before, is 0 for them."""
+    sass = """
+        /*0000*/  STL.64 [R1+0x10], R4 ;
+        /*0010*/  STL [R1+0x18], R6 ;
+        /*0020*/  @P0 STL.128 [R1+0x20], R8 ;
+        /*0030*/  LDL.64 R4, [R1+0x10] ;
+        /*0040*/  STG.E.128 desc[UR4][R2.64], R8 ;
+    """
+    assert cc.spill_bytes(sass) == 8 + 4 + 16
+    assert cc.sass_ops(sass)["STL"] == 3 and cc.sass_ops(sass)["LDL"] == 1
+    assert cc.spill_bytes("        /*0000*/  STG.E desc[UR4][R2.64], R8 ;") == 0
 
 
 def test_requirements_flag_fences_scalar_blocks_and_occupancy(cc, derived):
@@ -220,7 +219,7 @@ def test_requirements_flag_fences_scalar_blocks_and_occupancy(cc, derived):
         v, cc.Code(w, 88, 0, 0, {"LDG.32": 4 * vec, "STG.32": 24})))
     assert any("in flight" in b for b in cc.requirements(
         v, cc.Code(w, 230, 0, 0, {"LDG.128": vec, "STG.128": 6})))
-    assert any("spills" in b for b in cc.requirements(
+    assert any("spill" in b for b in cc.requirements(
         v, cc.Code(w, 88, 16, 0, {"LDG.128": vec, "STG.128": 6})))
 
 
