@@ -590,12 +590,16 @@ def spill_bytes(sass: str) -> int:
     """Bytes of the spill stores of a SASS listing: the widths of its STL instructions summed
     (each written once in the listing, as ptxas -v's "bytes spill stores"). Spills are not in
     cuobjdump's LOCAL (0 for them) but in its STACK, which also holds call frames."""
-    total = 0
-    for m in _STL.finditer(sass):
-        parts = (m.group(1) or "").split(".")
-        total += 16 if "128" in parts else 8 if "64" in parts else 2 if {"U16", "S16"} & set(
-            parts) else 1 if {"U8", "S8"} & set(parts) else 4
-    return total
+    return sum(_access_bytes("STL" + (m.group(1) or "")) for m in _STL.finditer(sass))
+
+
+def _access_bytes(op: str) -> int:
+    """Bytes one thread moves with a load or store instruction (``LDG.E.128``: 16, ``.64``: 8,
+    ``.U16`` / ``.S16``: 2, ``.U8`` / ``.S8``: 1, else 4); 4-byte registers: bytes // 4, one
+    at least."""
+    parts = set(op.split("."))
+    return 16 if "128" in parts else 8 if "64" in parts else 2 if {"U16", "S16"} & parts \
+        else 1 if {"U8", "S8"} & parts else 4
 
 
 _INS = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?(\S+)\s*([^;]*);")
@@ -630,12 +634,8 @@ def issued(sass: str) -> int:
         if op.startswith("LDG"):
             regs = sorted(_regs(dst))
             if regs:
-                parts = op.split(".")
-                n = 4 if "128" in parts else 2 if "64" in parts else 1
-                size = 2 if {"U16", "S16"} & set(parts) else 1 if {"U8", "S8"} & set(parts) \
-                    else 4 * n
-                load = [size]
-                for q in range(regs[0], regs[0] + n):
+                load = [_access_bytes(op)]
+                for q in range(regs[0], regs[0] + max(1, load[0] // 4)):
                     pending[q] = load
         most = max(most, sum(x[0] for x in {id(x): x for x in pending.values()}.values()))
     return most
