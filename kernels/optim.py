@@ -875,7 +875,8 @@ def _warps(elements: int, per_thread: int, most: int = 16) -> int:
 #: programs x bytes a program loads, plain / stats / FLAG variants). An H100 SM holds 65,536
 #: registers and 64 warps; the prototype ran at 2.99 TB/s with ~160 KB in flight, 2.53 TB/s
 #: with 64 KB. Adam fp32: 4 warps, 88-96 registers, 5 programs: 160-200 KB (8 warps: 60-66
-#: registers, 3-4 programs: 96-160 KB). Adam bf16/fp16: 1 warp, 246-255 registers (no spill),
+#: registers, 3-4 programs: 96-160 KB). Adam bf16/fp16: 1 warp, 242-255 registers (bf16 with
+#: amsgrad and every fp16 variant spill, 88-384 bytes a thread: compile_check KNOWN_SPILL),
 #: 8 programs: 128-160 KB (2 warps: 128-168 registers, 96-128 KB; 4 warps: 80-100 KB): the
 #: fp32 working copies of the 2-byte values cost registers the packed loads do not. SGD fp32:
 #: 4 warps, 32-63 registers, 8-16 programs: 192-256 KB. SGD bf16/fp16: 1 warp: 128-200 KB
