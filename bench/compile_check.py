@@ -662,8 +662,9 @@ def requirements(v: Variant, code: Code) -> list[str]:
     blocks with 16-byte instructions only (the count of LDG.E.128 x 16 bytes x threads covers
     a whole block of every array)."""
     bad = []
-    if code.spill > KNOWN_SPILL.get(spill_key(v), 0):
-        bad.append(f"{code.spill} bytes of spill stores > {KNOWN_SPILL.get(spill_key(v), 0)}")
+    allowed = KNOWN_SPILL.get(spill_key(v), 0)
+    if code.spill > allowed:
+        bad.append(f"{code.spill} bytes of spill stores > {allowed}")
     if v.name in UPDATE_KERNELS or v.name == "_grad_stats_kernel":
         fences = {k: n for k, n in code.ops.items() if k in ("MEMBAR", "CCTL", "ATOMG", "ATOM")}
         if fences:

@@ -108,10 +108,7 @@ class CodecModel:
         v = (1.0 - self.omb2) * self.v + self.omb2 * g * g
         codes, scale = _lowp.quantize(v, signed=False)
         if self.sr:
-            blocks = v.reshape(-1, L.Q_BLOCK)
-            absmax = blocks.amax(1, keepdim=True)
-            inv = torch.where(absmax > 0, torch.reciprocal(absmax) * L.Q_TOP, 0.0)
-            a = torch.clamp(blocks * inv, max=L.Q_TOP).reshape(-1)
+            a = _lowp.scaled_blocks(v)[1].reshape(-1)  # what the codec rounds, exactly
             sh = 23 - L.Q_MANT
             r = torch.randint(0, 1 << sh, a.shape, generator=self.gen)
             up = ((_lowp._bits(a) + r) >> sh) - ((127 - L.Q_BIAS_UNSIGNED) << L.Q_MANT)

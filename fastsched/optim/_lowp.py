@@ -38,7 +38,7 @@ import torch
 from ..kernels import layout as L
 
 __all__ = ["STATE_CODES", "storage_flat", "fmix32", "sr_key", "sr_bits", "stochastic_round_bf16",
-           "quantize", "dequantize", "n_blocks", "MIN_8BIT_SIZE"]
+           "quantize", "scaled_blocks", "dequantize", "n_blocks", "MIN_8BIT_SIZE"]
 
 #: tensors with fewer elements keep float32 states under ``state_dtype="8bit"`` (as
 #: bitsandbytes' ``min_8bit_size``): biases and norms are few bytes and the most sensitive
@@ -156,6 +156,18 @@ def quantize(x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]
     kept) and scale NaN (its values decode to NaN: a non-finite state is not lost silently; only
     ``nonfinite="ignore"`` lets one through, where torch's would hold it).
     """
+    blocks, a, scale = scaled_blocks(x)
+    mag = _encode(a, L.Q_BIAS_SIGNED if signed else L.Q_BIAS_UNSIGNED)
+    if signed:
+        mag = mag | torch.where(blocks < 0, 0x80, 0)
+    codes = mag.reshape(-1)[:x.numel()].to(torch.uint8).reshape(x.shape)
+    return codes, scale
+
+
+def scaled_blocks(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What :func:`quantize` encodes: (fp32 values of ``x`` in ``[blocks, Q_BLOCK]``, zero
+    padded; their magnitudes ``a = min(|x| * inv, Q_TOP)``, 0 in a non-finite block; the
+    float32 scale of each block)."""
     x32 = x.detach().to(torch.float32).reshape(-1)
     n = x32.numel()
     nb = n_blocks(n)
@@ -171,11 +183,7 @@ def quantize(x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]
                       0.0).to(torch.float32)
     a = torch.clamp(blocks.abs() * inv[:, None], max=L.Q_TOP)
     a = torch.where(finite[:, None], a, 0.0)  # a non-finite block: codes 0, scale NaN
-    mag = _encode(a, L.Q_BIAS_SIGNED if signed else L.Q_BIAS_UNSIGNED)
-    if signed:
-        mag = mag | torch.where(blocks < 0, 0x80, 0)
-    codes = mag.reshape(-1)[:n].to(torch.uint8).reshape(x.shape)
-    return codes, scale
+    return blocks, a, scale
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, signed: bool) -> torch.Tensor:
