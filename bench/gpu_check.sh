@@ -5,9 +5,9 @@
 #   2. the gpu-marked tests (CUDA graphs, no host sync in step(), native kernel parity), then
 #      host and device time per step on LoRA and 2,000 small tensors, eager and CUDA graph,
 #      fastsched beside torch fused (`fastsched profile`, under $out/host);
-#   3. the update kernels' launch configurations compared: the per-variant warps of
-#      kernels/optim.py against FASTSCHED_UPDATE_WARPS=4 (every update program at 4 warps,
-#      Triton's default and the configuration before), fastsched against the stream copy on
+#   3. the update kernels' launch configurations compared: the per-variant (SPLIT, warps) of
+#      kernels/optim.py against FASTSCHED_UPDATE_WARPS=4 (every update program at 4 warps in one
+#      piece, Triton's default and the configuration before), fastsched against the stream copy on
 #      llama-1b, fp32 and bf16, AdamW / clipped AdamW+stats / SGD / ALLoRA (under $out/launch-*);
 #   4. the configurations below fp32 (master weights, stochastic rounding, bf16 / 8-bit states)
 #      on the four shape sets at their own byte counts, beside torch / torchao / bitsandbytes

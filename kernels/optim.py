@@ -24,6 +24,7 @@ Passes of a step:
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -489,6 +490,82 @@ def _scalars(scal_ptr, tidx, KIND: tl.constexpr, STATS: tl.constexpr):
 
 
 @triton.jit
+def _raw(ptr, offs, mask, MASKED: tl.constexpr):
+    """A load in the storage dtype (no conversion)."""
+    if MASKED:
+        return tl.load(ptr + offs, mask=mask, other=0.0)
+    else:
+        return tl.load(ptr + offs)
+
+
+@triton.jit
+def _raw_s(ptr, q_ptr, offs, qoffs, mask, qmask, MASKED: tl.constexpr, SDTYPE: tl.constexpr):
+    """(stored values, their rows' scales: SDTYPE uint8; else 0.0)."""
+    if SDTYPE == tl.uint8:
+        if MASKED:
+            c = tl.load(ptr + offs, mask=mask, other=0)
+            sc = tl.load(q_ptr + qoffs, mask=qmask, other=0.0)
+        else:
+            c = tl.load(ptr + offs)
+            sc = tl.load(q_ptr + qoffs)
+        return c, sc
+    else:
+        return _raw(ptr, offs, mask, MASKED), 0.0
+
+
+@triton.jit
+def _val_s(x, sc, SDTYPE: tl.constexpr, SIGNED: tl.constexpr):
+    """fp32 values of a state loaded by :func:`_raw_s` (``sc``: its rows' scales)."""
+    if SDTYPE == tl.uint8:
+        return _q_decode(x, sc[:, None], SIGNED)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
+def _load_raw(p_ptr, g_ptr, s1_ptr, s2_ptr, s3_ptr, has3, offs, mask, w_ptr, q1_ptr, q2_ptr,
+              qoffs, qmask, KIND: tl.constexpr, MASKED: tl.constexpr, FLAG: tl.constexpr,
+              SDTYPE: tl.constexpr, MODE: tl.constexpr):
+    """The loads of :func:`_apply` in storage form: (p or the master, g, S1, its scales, S2,
+    its scales, S3), the scales 0.0 unless SDTYPE is uint8, an absent state 0.0 (or zeros
+    when its group lacks it: ``has3`` false). Called for both halves of a block before either
+    half's :func:`_compute`, so that every load is issued before the first store: the compiler
+    does not move a load above a store that may alias it."""
+    if (MODE & L.MODE_MASTER) != 0:
+        rp = _raw(w_ptr, offs, mask, MASKED)
+    else:
+        rp = _raw(p_ptr, offs, mask, MASKED)
+    rg = _raw(g_ptr, offs, mask, MASKED)
+    if KIND == L.KIND_ADAM:
+        r1, k1 = _raw_s(s1_ptr, q1_ptr, offs, qoffs, mask, qmask, MASKED, SDTYPE)
+        r2, k2 = _raw_s(s2_ptr, q2_ptr, offs, qoffs, mask, qmask, MASKED, SDTYPE)
+        if FLAG:
+            if has3:
+                r3 = _raw(s3_ptr, offs, mask, MASKED)
+            else:
+                r3 = tl.zeros_like(r2)
+        else:
+            r3 = 0.0
+    else:
+        r2 = 0.0
+        k2 = 0.0
+        r3 = 0.0
+        if FLAG:
+            if has3:
+                r1, k1 = _raw_s(s1_ptr, q1_ptr, offs, qoffs, mask, qmask, MASKED, SDTYPE)
+            else:
+                r1 = tl.zeros_like(rg).to(s1_ptr.dtype.element_ty)
+                if SDTYPE == tl.uint8:
+                    k1 = tl.zeros_like(qoffs).to(tl.float32)
+                else:
+                    k1 = 0.0
+        else:
+            r1 = 0.0
+            k1 = 0.0
+    return rp, rg, r1, k1, r2, k2, r3
+
+
+@triton.jit
 def _apply(p_ptr, g_ptr, s1_ptr, s2_ptr, s3_ptr, has3, offs, mask, g_scale, u_scale, grad_mul,
            c0, c1, c2, c3, c4, c5, c6, c7, w_ptr, q1_ptr, q2_ptr, qoffs, qmask, sr_c, elem0,
            KIND: tl.constexpr, DTYPE: tl.constexpr, MASKED: tl.constexpr, FLAG: tl.constexpr,
@@ -508,16 +585,45 @@ def _apply(p_ptr, g_ptr, s1_ptr, s2_ptr, s3_ptr, has3, offs, mask, g_scale, u_sc
     ``qoffs``, ``qmask`` the rows holding an element); MODE_MASTER reads and writes the fp32
     master at ``w_ptr``; MODE_SR stores the parameter with stochastic rounding (``sr_c``,
     ``elem0``: :func:`_sr_prologue`). See :func:`_st_p`.
-    Returns the sums of p^2 and u^2 of these elements (STATS; else 0).
+    Returns the sums of p^2 and u^2 of these elements (STATS; else 0). The loads come one
+    array at a time, each converted to fp32 where it is loaded (the code shape the launch tables
+    were chosen for at SPLIT 1); :func:`_load_raw` + :func:`_compute` are the same step with the
+    loads apart (SPLIT 2).
     """
     if (MODE & L.MODE_MASTER) != 0:
         p = _ld(w_ptr, offs, mask, MASKED)
     else:
         p = _ld(p_ptr, offs, mask, MASKED)
-    g = _ld(g_ptr, offs, mask, MASKED) * grad_mul * g_scale
+    g = _ld(g_ptr, offs, mask, MASKED)
+    m = 0.0
+    v = 0.0
     if KIND == L.KIND_ADAM:
         m = _ld_s(s1_ptr, q1_ptr, offs, qoffs, mask, qmask, MASKED, SDTYPE, True)
         v = _ld_s(s2_ptr, q2_ptr, offs, qoffs, mask, qmask, MASKED, SDTYPE, False)
+    return _compute(p, g, m, 0.0, v, 0.0, 0.0, p_ptr, g_ptr, s1_ptr, s2_ptr, s3_ptr, has3, offs,
+                    mask, g_scale, u_scale, grad_mul, c0, c1, c2, c3, c4, c5, c6, c7, w_ptr,
+                    q1_ptr, q2_ptr, qoffs, qmask, sr_c, elem0, KIND, DTYPE, MASKED, FLAG, STATS,
+                    SDTYPE, MODE, False)
+
+
+@triton.jit
+def _compute(rp, rg, r1, k1, r2, k2, r3, p_ptr, g_ptr, s1_ptr, s2_ptr, s3_ptr, has3, offs, mask,
+             g_scale, u_scale, grad_mul, c0, c1, c2, c3, c4, c5, c6, c7, w_ptr, q1_ptr, q2_ptr,
+             qoffs, qmask, sr_c, elem0, KIND: tl.constexpr, DTYPE: tl.constexpr,
+             MASKED: tl.constexpr, FLAG: tl.constexpr, STATS: tl.constexpr,
+             SDTYPE: tl.constexpr, MODE: tl.constexpr, PRE3: tl.constexpr):
+    """The arithmetic and the stores of :func:`_apply` (its docstring) on loaded values: PRE3,
+    :func:`_load_raw`'s (storage form, the optional state among them); otherwise fp32 ``rp``,
+    ``rg``, ``r1`` = m, ``r2`` = v, and the optional state loaded here, inside its branch."""
+    p = rp.to(tl.float32)
+    g = rg.to(tl.float32) * grad_mul * g_scale
+    if KIND == L.KIND_ADAM:
+        if PRE3:
+            m = _val_s(r1, k1, SDTYPE, True)
+            v = _val_s(r2, k2, SDTYPE, False)
+        else:
+            m = r1
+            v = r2
         p = p * c2  # AdamW: p * (1 - lr * wd); Adam: 1
         g = g + c3 * p  # Adam: L2 penalty in the gradient; AdamW: 0
         # torch lerp_(g, w = 1 - beta1): from the nearer end, so beta1 = 0 gives m = g exactly
@@ -527,7 +633,10 @@ def _apply(p_ptr, g_ptr, s1_ptr, s2_ptr, s3_ptr, has3, offs, mask, g_scale, u_sc
         if FLAG:  # amsgrad for the groups that have a max_exp_avg_sq (address != 0)
             tl.static_assert(SDTYPE != tl.uint8, "amsgrad's max_exp_avg_sq is never 8-bit")
             if has3:
-                vmax = tl.maximum(_ld(s3_ptr, offs, mask, MASKED), v)
+                if PRE3:
+                    vmax = tl.maximum(r3.to(tl.float32), v)
+                else:
+                    vmax = tl.maximum(_ld(s3_ptr, offs, mask, MASKED), v)
                 _st(s3_ptr, offs, vmax, mask, SDTYPE, MASKED)
                 vv = vmax
         denom = tl.div_rn(tl.sqrt_rn(vv), c1) + c6
@@ -541,8 +650,11 @@ def _apply(p_ptr, g_ptr, s1_ptr, s2_ptr, s3_ptr, has3, offs, mask, g_scale, u_sc
         d = g + c3 * p
         if FLAG:  # groups without momentum have no buffer (address 0): d passes through
             if has3:
-                buf = c1 * _ld_s(s1_ptr, q1_ptr, offs, qoffs, mask, qmask, MASKED, SDTYPE,
-                                 True) + c2 * d
+                if PRE3:
+                    buf = c1 * _val_s(r1, k1, SDTYPE, True) + c2 * d
+                else:
+                    buf = c1 * _ld_s(s1_ptr, q1_ptr, offs, qoffs, mask, qmask, MASKED, SDTYPE,
+                                     True) + c2 * d
                 _st_s(s1_ptr, q1_ptr, offs, qoffs, buf, mask, qmask, MASKED, SDTYPE, True)
                 d = tl.where(c4 != 0.0, d + c5 * buf, buf)
         u = d * u_scale
@@ -573,14 +685,19 @@ def _add_stats(us_ptr, psq, usq, STATS: tl.constexpr):
 def _update_kernel(tensors_ptr, blocks_ptr, scal_ptr, ustat_ptr, clock_ptr, advance,
                    KIND: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
                    FLAG: tl.constexpr, STATS: tl.constexpr, SDTYPE: tl.constexpr,
-                   MODE: tl.constexpr):
+                   MODE: tl.constexpr, SPLIT: tl.constexpr):
     """One program per ``BLOCK`` elements of a tensor (rows of ``blocks``). ``advance``: this
     launch advances the clock (program 0; the launcher sets it on one launch of the step).
 
     SDTYPE: storage of the states (DTYPE: as the parameter; uint8: 8-bit codes, the block in
     [BLOCK // Q_BLOCK, Q_BLOCK] tiles so that each row is one quantisation block, BLOCK a
     multiple of Q_BLOCK); MODE: MODE_* bits (master copy, stochastic rounding). With
-    SDTYPE == DTYPE and MODE 0 the code is that of the variants before either existed."""
+    SDTYPE == DTYPE and MODE 0 the code is that of the variants before either existed.
+    SPLIT (1 or 2): a full block in one piece, or in two halves whose loads are all issued
+    before the first half is computed and stored (a store may alias a later load, so the
+    compiler keeps the loads written after a store after it: two halves one after the other
+    have half the block in flight). Which is faster depends on the registers ptxas needs:
+    :func:`update_launch`."""
     pid = tl.program_id(0)
     tidx = tl.load(blocks_ptr + pid * L.B_COLS + L.B_TENSOR)
     start = tl.multiple_of(tl.load(blocks_ptr + pid * L.B_COLS + L.B_START), BLOCK)
@@ -610,19 +727,45 @@ def _update_kernel(tensors_ptr, blocks_ptr, scal_ptr, ustat_ptr, clock_ptr, adva
     if (start + BLOCK <= numel) & ((
             (pa | ga | s1 | s2 | s3 | (wa if (MODE & L.MODE_MASTER) != 0 else 0)) & 15) == 0):
         # uint8 codes of a BLOCK-aligned block of a 16-byte-aligned state are 16-byte aligned
+        HB: tl.constexpr = BLOCK // SPLIT
         if SDTYPE == tl.uint8:
-            qrow = tl.arange(0, BLOCK // L.Q_BLOCK)
+            qrow = tl.arange(0, HB // L.Q_BLOCK)
             offs = start + qrow[:, None] * L.Q_BLOCK + tl.arange(0, L.Q_BLOCK)[None, :]
             qoffs = start // L.Q_BLOCK + qrow
+            QH: tl.constexpr = HB // L.Q_BLOCK
         else:
-            offs = start + tl.arange(0, BLOCK)
+            offs = start + tl.arange(0, HB)
             qoffs = offs
-        psq, usq = _apply(_typed(pa, DTYPE, True), _typed(ga, DTYPE, True),
-                          _typed(s1, SDTYPE, True), _typed(s2, SDTYPE, True),
-                          _typed(s3, SDTYPE, True), has3, offs, offs, 1.0, 1.0, grad_mul, c0, c1,
-                          c2, c3, c4, c5, c6, c7, _typed(wa, tl.float32, True),
-                          _typed(q1, tl.float32, False), _typed(q2, tl.float32, False), qoffs,
-                          qoffs, sr_c, elem0, KIND, DTYPE, False, FLAG, STATS, SDTYPE, MODE)
+            QH: tl.constexpr = HB
+        fp = _typed(pa, DTYPE, True)
+        fg = _typed(ga, DTYPE, True)
+        f1 = _typed(s1, SDTYPE, True)
+        f2 = _typed(s2, SDTYPE, True)
+        f3 = _typed(s3, SDTYPE, True)
+        fw = _typed(wa, tl.float32, True)
+        fq1 = _typed(q1, tl.float32, False)
+        fq2 = _typed(q2, tl.float32, False)
+        if SPLIT == 1:
+            psq, usq = _apply(fp, fg, f1, f2, f3, has3, offs, offs, 1.0, 1.0, grad_mul, c0, c1,
+                              c2, c3, c4, c5, c6, c7, fw, fq1, fq2, qoffs, qoffs, sr_c, elem0,
+                              KIND, DTYPE, False, FLAG, STATS, SDTYPE, MODE)
+        else:  # both halves' loads, then each half's arithmetic and stores
+            ap, ag, a1, ak1, a2, ak2, a3 = _load_raw(fp, fg, f1, f2, f3, has3, offs, offs, fw,
+                                                     fq1, fq2, qoffs, qoffs, KIND, False, FLAG,
+                                                     SDTYPE, MODE)
+            bp, bg, b1, bk1, b2, bk2, b3 = _load_raw(fp, fg, f1, f2, f3, has3, offs + HB, offs,
+                                                     fw, fq1, fq2, qoffs + QH, qoffs, KIND,
+                                                     False, FLAG, SDTYPE, MODE)
+            psq, usq = _compute(ap, ag, a1, ak1, a2, ak2, a3, fp, fg, f1, f2, f3, has3, offs,
+                                offs, 1.0, 1.0, grad_mul, c0, c1, c2, c3, c4, c5, c6, c7, fw, fq1,
+                                fq2, qoffs, qoffs, sr_c, elem0, KIND, DTYPE, False, FLAG, STATS,
+                                SDTYPE, MODE, True)
+            x, y = _compute(bp, bg, b1, bk1, b2, bk2, b3, fp, fg, f1, f2, f3, has3, offs + HB,
+                            offs, 1.0, 1.0, grad_mul, c0, c1, c2, c3, c4, c5, c6, c7, fw, fq1,
+                            fq2, qoffs + QH, qoffs, sr_c, elem0, KIND, DTYPE, False, FLAG, STATS,
+                            SDTYPE, MODE, True)
+            psq += x
+            usq += y
     else:
         # the last block, unaligned tensors: scalar accesses (a masked element cannot share a
         # 16-byte instruction with its neighbours), in quarter blocks so that this path, one
@@ -666,7 +809,7 @@ def _update_kernel(tensors_ptr, blocks_ptr, scal_ptr, ustat_ptr, clock_ptr, adva
 def _units_update_kernel(tensors_ptr, blocks_ptr, scal_ptr, ustat_ptr, clock_ptr, advance,
                          KIND: tl.constexpr, DTYPE: tl.constexpr, UNITS: tl.constexpr,
                          CHUNK: tl.constexpr, FLAG: tl.constexpr, STATS: tl.constexpr,
-                         SDTYPE: tl.constexpr, MODE: tl.constexpr):
+                         SDTYPE: tl.constexpr, MODE: tl.constexpr, SPLIT: tl.constexpr):
     """ALLoRA-style update: each program owns ``UNITS`` whole units (rows, columns or the tensor)
     of one tensor; pass 1 reduces ||theta_unit||^2, pass 2 scales the unit's gradient by
     1 / sqrt(||theta_unit||^2 + 1/eta^2) and applies the update.
@@ -677,7 +820,8 @@ def _units_update_kernel(tensors_ptr, blocks_ptr, scal_ptr, ustat_ptr, clock_ptr
     for 128 useful bytes at r=16). Columns have unit stride 1: lanes go across units, i.e.
     along the rows of the matrix. Table and scalar loads happen once, before the loops.
     A unit belongs to one program, so no program reads what another writes.
-    SDTYPE / MODE as :func:`_update_kernel` (with MODE_MASTER the norms are those of the fp32
+    SDTYPE / MODE / SPLIT as :func:`_update_kernel` (SPLIT 2 halves each chunk of a whole-row
+    tile along its rows; with MODE_MASTER the norms are those of the fp32
     master, the weights the step updates, as in the reference and the C++ executor);
     not 8-bit states: a unit tile does not cover whole quantisation blocks (the launcher
     refuses them)."""
@@ -719,7 +863,15 @@ def _units_update_kernel(tensors_ptr, blocks_ptr, scal_ptr, ustat_ptr, clock_ptr
     psq = tl.zeros([], dtype=tl.float32)
     usq = tl.zeros([], dtype=tl.float32)
     units = u0 + tl.arange(0, UNITS)
-    QUNITS: tl.constexpr = UNITS // 4 if UNITS >= 4 else UNITS
+    # the masked paths' sub-tiles: 256 elements (8 a thread at 1 warp), one register per element
+    # and a 64-bit address each; a quarter tile (512 elements) set the kernel's register count
+    # above the 16-byte path's (16-bit SGD 243 -> 128 registers at 1 warp, 8 -> 16 programs per
+    # SM; bf16 Adam 2000 -> ~720 bytes of spill stores: bench/compile_check.py --table).
+    # Rows: [QUNITS, QCHUNK] (whole units, a row in chunks of at most 256); columns: every unit
+    # of the tile, QROWS rows at a time (lanes along the units, i.e. along the matrix's rows)
+    QCHUNK: tl.constexpr = CHUNK if CHUNK < 256 else 256
+    QUNITS: tl.constexpr = UNITS if UNITS * QCHUNK <= 256 else 256 // QCHUNK
+    QROWS: tl.constexpr = 256 // UNITS if UNITS < 256 else 1
     # a tile of whole rows of 16-byte-aligned tensors, rows starting 16 bytes apart (unit
     # stride a multiple of 8 elements), every unit of the tile present and the row a multiple of
     # CHUNK (rows of 16, 128 or a multiple of 256: LoRA B at r = 16, transformer rows; rows of
@@ -756,12 +908,33 @@ def _units_update_kernel(tensors_ptr, blocks_ptr, scal_ptr, ustat_ptr, clock_ptr
         wgs = tl.where(u_on != 0.0, 1.0, wscale)[:, None]
         wus = tl.where(u_on != 0.0, wscale, 1.0)[:, None]
         for k0 in range(0, unit_len, CHUNK):
-            wk = tl.multiple_of(k0, CHUNK) + tl.arange(0, CHUNK)
-            woffs = wbase[:, None] + wk[None, :]
-            a, b = _apply(wp_ptr, wg_ptr, ws1_ptr, ws2_ptr, ws3_ptr, has3, woffs, woffs,
-                          wgs, wus, grad_mul, c0, c1, c2, c3, c4, c5, c6, c7, ww_ptr, ww_ptr,
-                          ww_ptr, woffs, woffs, sr_c, elem0, KIND, DTYPE, False, FLAG, STATS,
-                          SDTYPE, MODE)
+            if SPLIT == 1:
+                wk = tl.multiple_of(k0, CHUNK) + tl.arange(0, CHUNK)
+                woffs = wbase[:, None] + wk[None, :]
+                a, b = _apply(wp_ptr, wg_ptr, ws1_ptr, ws2_ptr, ws3_ptr, has3, woffs, woffs,
+                              wgs, wus, grad_mul, c0, c1, c2, c3, c4, c5, c6, c7, ww_ptr, ww_ptr,
+                              ww_ptr, woffs, woffs, sr_c, elem0, KIND, DTYPE, False, FLAG, STATS,
+                              SDTYPE, MODE)
+            else:  # the tile's two halves along the rows, loads first (see _update_kernel)
+                wk = tl.multiple_of(k0, CHUNK) + tl.arange(0, CHUNK // 2)
+                woffs = wbase[:, None] + wk[None, :]
+                xp, xg, x1, xk1, x2, xk2, x3 = _load_raw(
+                    wp_ptr, wg_ptr, ws1_ptr, ws2_ptr, ws3_ptr, has3, woffs, woffs, ww_ptr,
+                    ww_ptr, ww_ptr, woffs, woffs, KIND, False, FLAG, SDTYPE, MODE)
+                yp, yg, y1, yk1, y2, yk2, y3 = _load_raw(
+                    wp_ptr, wg_ptr, ws1_ptr, ws2_ptr, ws3_ptr, has3, woffs + CHUNK // 2, woffs,
+                    ww_ptr, ww_ptr, ww_ptr, woffs, woffs, KIND, False, FLAG, SDTYPE, MODE)
+                a, b = _compute(xp, xg, x1, xk1, x2, xk2, x3, wp_ptr, wg_ptr, ws1_ptr, ws2_ptr,
+                                ws3_ptr, has3, woffs, woffs, wgs, wus, grad_mul, c0, c1, c2, c3,
+                                c4, c5, c6, c7, ww_ptr, ww_ptr, ww_ptr, woffs, woffs, sr_c, elem0,
+                                KIND, DTYPE, False, FLAG, STATS, SDTYPE, MODE, True)
+                a2, b2 = _compute(yp, yg, y1, yk1, y2, yk2, y3, wp_ptr, wg_ptr, ws1_ptr,
+                                  ws2_ptr, ws3_ptr, has3, woffs + CHUNK // 2, woffs, wgs, wus,
+                                  grad_mul, c0, c1, c2, c3, c4, c5, c6, c7, ww_ptr, ww_ptr,
+                                  ww_ptr, woffs, woffs, sr_c, elem0, KIND, DTYPE, False, FLAG,
+                                  STATS, SDTYPE, MODE, True)
+                a += a2
+                b += b2
             psq += a
             usq += b
     elif elem_stride == 1:  # row units, whole-tensor units
@@ -773,8 +946,8 @@ def _units_update_kernel(tensors_ptr, blocks_ptr, scal_ptr, ustat_ptr, clock_ptr
             qumask = qunits < n_units
             base = qunits * unit_stride
             acc = tl.zeros([QUNITS], dtype=tl.float32)
-            for k0 in range(0, unit_len, CHUNK):
-                k = k0 + tl.arange(0, CHUNK)
+            for k0 in range(0, unit_len, QCHUNK):
+                k = k0 + tl.arange(0, QCHUNK)
                 offs = base[:, None] + k[None, :]
                 mask = qumask[:, None] & (k[None, :] < unit_len)
                 p = tl.load(n_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -782,8 +955,8 @@ def _units_update_kernel(tensors_ptr, blocks_ptr, scal_ptr, ustat_ptr, clock_ptr
             scale = tl.div_rn(1.0, tl.sqrt_rn(acc + inv_eta2))  # IEEE, as the CPU's
             gs = tl.where(u_on != 0.0, 1.0, scale)[:, None]  # "grad": the gradient's multiplier
             us = tl.where(u_on != 0.0, scale, 1.0)[:, None]  # "update": the step's multiplier
-            for k0 in range(0, unit_len, CHUNK):
-                k = k0 + tl.arange(0, CHUNK)
+            for k0 in range(0, unit_len, QCHUNK):
+                k = k0 + tl.arange(0, QCHUNK)
                 offs = base[:, None] + k[None, :]
                 mask = qumask[:, None] & (k[None, :] < unit_len)
                 a, b = _apply(p_ptr, g_ptr, s1_ptr, s2_ptr, s3_ptr, has3, offs, mask,
@@ -797,29 +970,27 @@ def _units_update_kernel(tensors_ptr, blocks_ptr, scal_ptr, ustat_ptr, clock_ptr
         # merges their contiguity, and the coalescing pass then lays lanes along rows for the
         # columns too; a shared helper with the choice constexpr holds 192 registers at
         # [16, 128] where this holds 156)
-        for q0 in range(0, UNITS, QUNITS):
-            qunits = u0 + q0 + tl.arange(0, QUNITS)
-            qumask = qunits < n_units
-            acc = tl.zeros([QUNITS], dtype=tl.float32)
-            for k0 in range(0, unit_len, CHUNK):
-                k = k0 + tl.arange(0, CHUNK)
-                offs = qunits[:, None] + k[None, :] * elem_stride
-                mask = qumask[:, None] & (k[None, :] < unit_len)
-                p = tl.load(n_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-                acc += tl.sum(p * p, 1)
-            scale = tl.div_rn(1.0, tl.sqrt_rn(acc + inv_eta2))  # IEEE, as the CPU's
-            gs = tl.where(u_on != 0.0, 1.0, scale)[:, None]  # "grad": the gradient's multiplier
-            us = tl.where(u_on != 0.0, scale, 1.0)[:, None]  # "update": the step's multiplier
-            for k0 in range(0, unit_len, CHUNK):
-                k = k0 + tl.arange(0, CHUNK)
-                offs = qunits[:, None] + k[None, :] * elem_stride
-                mask = qumask[:, None] & (k[None, :] < unit_len)
-                a, b = _apply(p_ptr, g_ptr, s1_ptr, s2_ptr, s3_ptr, has3, offs, mask,
-                              gs, us, grad_mul, c0, c1, c2, c3, c4, c5, c6, c7, w_ptr, w_ptr,
-                              w_ptr, offs, mask, sr_c, elem0, KIND, DTYPE, True, FLAG, STATS,
-                              SDTYPE, MODE)
-                psq += a
-                usq += b
+        cmask_u = units < n_units
+        cacc = tl.zeros([UNITS], dtype=tl.float32)
+        for ck0 in range(0, unit_len, QROWS):
+            ck = ck0 + tl.arange(0, QROWS)
+            coffs = units[:, None] + ck[None, :] * elem_stride
+            cmask = cmask_u[:, None] & (ck[None, :] < unit_len)
+            cp = tl.load(n_ptr + coffs, mask=cmask, other=0.0).to(tl.float32)
+            cacc += tl.sum(cp * cp, 1)
+        cscale = tl.div_rn(1.0, tl.sqrt_rn(cacc + inv_eta2))  # IEEE, as the CPU's
+        cgs = tl.where(u_on != 0.0, 1.0, cscale)[:, None]  # "grad": the gradient's multiplier
+        cus = tl.where(u_on != 0.0, cscale, 1.0)[:, None]  # "update": the step's multiplier
+        for ck0 in range(0, unit_len, QROWS):
+            ck = ck0 + tl.arange(0, QROWS)
+            coffs = units[:, None] + ck[None, :] * elem_stride
+            cmask = cmask_u[:, None] & (ck[None, :] < unit_len)
+            a, b = _apply(p_ptr, g_ptr, s1_ptr, s2_ptr, s3_ptr, has3, coffs, cmask,
+                          cgs, cus, grad_mul, c0, c1, c2, c3, c4, c5, c6, c7, w_ptr, w_ptr,
+                          w_ptr, coffs, cmask, sr_c, elem0, KIND, DTYPE, True, FLAG, STATS,
+                          SDTYPE, MODE)
+            psq += a
+            usq += b
     _add_stats(ustat_ptr + tidx * L.US_COLS, psq, usq, STATS)
 
 
@@ -870,44 +1041,101 @@ def _warps(elements: int, per_thread: int, most: int = 16) -> int:
     return min(most, 1 << (w.bit_length() - 1))
 
 
-#: num_warps of an update program of 2048 elements by (kind, 2-byte storage), from the sweep
-#: of bench/compile_check.py (triton 3.6, sm_90; KB of loads in flight per SM, resident
-#: programs x bytes a program loads, plain / stats / FLAG variants). An H100 SM holds 65,536
-#: registers and 64 warps; the prototype ran at 2.99 TB/s with ~160 KB in flight, 2.53 TB/s
-#: with 64 KB. Adam fp32: 4 warps, 88-96 registers, 5 programs: 160-200 KB (8 warps: 60-66
-#: registers, 3-4 programs: 96-160 KB). Adam bf16/fp16: 1 warp, 242-255 registers (bf16 with
-#: amsgrad and every fp16 variant spill, 88-384 bytes a thread: compile_check KNOWN_SPILL),
-#: 8 programs: 128-160 KB (2 warps: 128-168 registers, 96-128 KB; 4 warps: 80-100 KB): the
-#: fp32 working copies of the 2-byte values cost registers the packed loads do not. SGD fp32:
-#: 4 warps, 32-63 registers, 8-16 programs: 192-256 KB. SGD bf16/fp16: 1 warp: 128-200 KB
-#: without momentum, 108-132 KB with it (183-219 registers; 2 warps: 96-120 KB).
-_UPDATE_WARPS = {(L.KIND_ADAM, False): 4, (L.KIND_ADAM, True): 1,
-                 (L.KIND_SGD, False): 4, (L.KIND_SGD, True): 1}
-#: num_warps of the update variants below fp32 by (kind, parameter dtype, state code or None,
-#: mode), where they differ from _UPDATE_WARPS (bench/compile_check.py --table, triton 3.6,
-#: sm_90). fp32 parameters with 8-bit states: the new m, v of a whole 256-block stay live until
-#: its absmax is known: Adam 127 registers at 4 warps (4 programs, 80 KB in flight), 255 at 1
-#: warp (8 programs, 160 KB); SGD momentum 94 at 4 warps (90 KB), 255 at 1 (144 KB). The other
-#: variants keep the warps of their parameter dtype (the sweep found nothing better).
-_LOWP_WARPS = {(L.KIND_ADAM, torch.float32, L.STATE_8BIT, 0): 1,
-               (L.KIND_SGD, torch.float32, L.STATE_8BIT, 0): 1}
+#: (SPLIT, num_warps) of an update program of 2048 elements by (kind, parameter dtype, state
+#: storage, mode, flag), chosen by `python bench/launch_sweep.py` (triton 3.6, sm_90): of the
+#: launch configurations SPLIT 1 / 2 x 1, 2, 4, 8 warps, those without spills, then the most
+#: bytes of block data a thread has issued and not yet used times the threads an SM holds
+#: (compile_check's "iss", read from the SASS), then the fewest registers x warps within 5% of
+#: it. An H100 SM holds 65,536 registers and 64 warps; the prototype ran at 2.99 TB/s with
+#: ~160 KB in flight, 2.53 TB/s with 64 KB. The previous choice (SPLIT 1; 4 warps for 4-byte
+#: and 1 warp for 2-byte parameters) counted programs x block bytes, which assumes every load
+#: of a program in flight at once: at 1 warp and 180-255 registers ptxas issues them in
+#: rounds (SGD fp16 momentum: 108 KB by that count, 72 issued) or spills (18 of the 44
+#: launch keys). Over the 44 keys the variants take, iss summed 3,793 -> 5,366 KB, 26 -> 44
+#: keys without spills, 5 -> 21 at >= 128 KB (fp32 Adam 120 -> 192 KB at 2 warps, 163
+#: registers, 6 programs; bf16 Adam 56 -> 96 KB at 4 warps, 80 registers, no spill).
+_UPDATE_LAUNCH = {
+    (L.KIND_ADAM, "bf16", "bf16", 0, False): (2, 4),
+    (L.KIND_ADAM, "bf16", "bf16", 0, True): (2, 4),
+    (L.KIND_ADAM, "bf16", "bf16", 1, False): (1, 1),
+    (L.KIND_ADAM, "bf16", "bf16", 1, True): (2, 2),
+    (L.KIND_ADAM, "bf16", "bf16", 2, False): (1, 1),
+    (L.KIND_ADAM, "bf16", "bf16", 2, True): (2, 4),
+    (L.KIND_ADAM, "bf16", "fp32", 0, False): (2, 2),
+    (L.KIND_ADAM, "bf16", "fp32", 0, True): (2, 4),
+    (L.KIND_ADAM, "bf16", "fp32", 1, False): (2, 2),
+    (L.KIND_ADAM, "bf16", "fp32", 1, True): (2, 2),
+    (L.KIND_ADAM, "bf16", "uint8", 0, False): (2, 2),
+    (L.KIND_ADAM, "bf16", "uint8", 1, False): (2, 2),
+    (L.KIND_ADAM, "bf16", "uint8", 2, False): (1, 2),
+    (L.KIND_ADAM, "fp16", "fp16", 0, False): (2, 4),
+    (L.KIND_ADAM, "fp16", "fp16", 0, True): (2, 4),
+    (L.KIND_ADAM, "fp16", "fp32", 1, False): (2, 2),
+    (L.KIND_ADAM, "fp16", "fp32", 1, True): (2, 2),
+    (L.KIND_ADAM, "fp32", "bf16", 0, False): (1, 1),
+    (L.KIND_ADAM, "fp32", "bf16", 0, True): (2, 4),
+    (L.KIND_ADAM, "fp32", "fp32", 0, False): (2, 2),
+    (L.KIND_ADAM, "fp32", "fp32", 0, True): (2, 2),
+    (L.KIND_ADAM, "fp32", "uint8", 0, False): (2, 2),
+    (L.KIND_SGD, "bf16", "bf16", 0, False): (1, 4),
+    (L.KIND_SGD, "bf16", "bf16", 0, True): (1, 1),
+    (L.KIND_SGD, "bf16", "bf16", 1, False): (1, 2),
+    (L.KIND_SGD, "bf16", "bf16", 1, True): (2, 2),
+    (L.KIND_SGD, "bf16", "bf16", 2, False): (2, 2),
+    (L.KIND_SGD, "bf16", "bf16", 2, True): (1, 1),
+    (L.KIND_SGD, "bf16", "fp32", 0, False): (1, 4),
+    (L.KIND_SGD, "bf16", "fp32", 0, True): (2, 2),
+    (L.KIND_SGD, "bf16", "fp32", 1, False): (1, 2),
+    (L.KIND_SGD, "bf16", "fp32", 1, True): (2, 1),
+    (L.KIND_SGD, "bf16", "uint8", 0, False): (2, 1),
+    (L.KIND_SGD, "bf16", "uint8", 0, True): (2, 1),
+    (L.KIND_SGD, "bf16", "uint8", 1, False): (1, 2),
+    (L.KIND_SGD, "bf16", "uint8", 1, True): (2, 1),
+    (L.KIND_SGD, "bf16", "uint8", 2, False): (2, 2),
+    (L.KIND_SGD, "bf16", "uint8", 2, True): (2, 2),
+    (L.KIND_SGD, "fp16", "fp16", 0, False): (1, 4),
+    (L.KIND_SGD, "fp16", "fp16", 0, True): (1, 1),
+    (L.KIND_SGD, "fp16", "fp32", 1, False): (1, 2),
+    (L.KIND_SGD, "fp16", "fp32", 1, True): (2, 1),
+    (L.KIND_SGD, "fp32", "bf16", 0, False): (1, 1),
+    (L.KIND_SGD, "fp32", "bf16", 0, True): (1, 1),
+    (L.KIND_SGD, "fp32", "fp32", 0, False): (1, 1),
+    (L.KIND_SGD, "fp32", "fp32", 0, True): (2, 4),
+    (L.KIND_SGD, "fp32", "uint8", 0, False): (1, 1),
+    (L.KIND_SGD, "fp32", "uint8", 0, True): (2, 1)}
+#: the configuration of a combination the table does not hold (Adam / SGD, 2-byte parameter):
+#: the previous choice
+_UPDATE_FALLBACK = {(L.KIND_ADAM, False): (1, 4), (L.KIND_ADAM, True): (1, 1),
+                    (L.KIND_SGD, False): (1, 4), (L.KIND_SGD, True): (1, 1)}
 #: benchmarks only (bench/gpu_check.sh): FASTSCHED_UPDATE_WARPS=4 launches every update program
-#: with 4 warps (Triton's default, the launch configuration before the table above)
+#: with 4 warps and SPLIT 1 (Triton's default, the launch configuration before the tables)
 _FORCE_WARPS = int(os.environ.get("FASTSCHED_UPDATE_WARPS", "0") or 0)
+_DT_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+_TL_NAMES = {tl.float32: "fp32", tl.bfloat16: "bf16", tl.float16: "fp16", tl.uint8: "uint8"}
 
 
-def update_warps(kind: int, dtype: torch.dtype, elements: int, state: int | None = None,
-                 mode: int = 0) -> int:
-    """num_warps of an update launch whose programs own ``elements`` elements each (the table
-    above, scaled so a thread keeps the same elements at other block sizes; 1 to 16); the
-    variants below fp32 (``state`` / ``mode``, see :func:`launch_update`) by
-    ``_LOWP_WARPS``."""
+def _launch(table: dict, fallback: dict, kind: int, dtype: torch.dtype, elements: int,
+            flag: bool, sdtype, mode: int) -> tuple[int, int]:
     if _FORCE_WARPS:
-        return _FORCE_WARPS
-    w = _UPDATE_WARPS[kind, torch.empty((), dtype=dtype).element_size() == 2]
-    if state is not None or mode:
-        w = _LOWP_WARPS.get((kind, dtype, state, mode), w)
-    return max(1, min(16, w * elements // 2048))
+        return 1, _FORCE_WARPS
+    two = torch.empty((), dtype=dtype).element_size() == 2
+    split, w = table.get((kind, _DT_NAMES[dtype], _TL_NAMES[sdtype], mode, bool(flag)),
+                         fallback[kind, two])
+    w = max(1, min(16, w * elements // 2048))
+    # halves of whole 8-bit quantisation blocks, of at least 16 bytes a thread
+    if sdtype == tl.uint8 and (elements // 2) % L.Q_BLOCK or elements < 512:
+        split = 1
+    return split, w
+
+
+@functools.cache  # on the host path of every step: a dict lookup
+def update_launch(kind: int, dtype: torch.dtype, elements: int, flag: bool,
+                  state: int | None = None, mode: int = 0) -> tuple[int, int]:
+    """(SPLIT, num_warps) of an update launch whose programs own ``elements`` elements each:
+    the table above, warps scaled so a thread keeps the same elements at other block sizes (1
+    to 16); ``state`` / ``mode`` as :func:`launch_update`."""
+    return _launch(_UPDATE_LAUNCH, _UPDATE_FALLBACK, kind, dtype, elements, flag,
+                   tl_state(state, dtype, mode), mode)
 
 
 def _go(fn, grid: tuple, args: tuple, kwargs: dict, rec) -> None:
@@ -989,49 +1217,88 @@ def launch_update(kind: int, tensors, blocks, scal, ustat, n_blocks: int, dtype:
         if sdtype == tl.uint8 and (block % L.Q_BLOCK or (kind == L.KIND_ADAM and flag)):
             raise ValueError("8-bit states: the block must be a multiple of Q_BLOCK and "
                              "amsgrad's max_exp_avg_sq is never 8-bit")
+        split, warps = update_launch(kind, dtype, block, flag, state, mode)
         _go(_update_kernel, (n_blocks,),
             (tensors, blocks, scal, ustat if stats else scal, clock, int(advance)),
             dict(KIND=kind, DTYPE=tl_dtype(dtype), BLOCK=block, FLAG=flag, STATS=stats,
-                 SDTYPE=sdtype, MODE=mode,
-                 num_warps=update_warps(kind, dtype, block, state, mode)), rec)
+                 SDTYPE=sdtype, MODE=mode, SPLIT=split, num_warps=warps), rec)
 
 
-#: num_warps of an ALLoRA unit tile (2048 elements) by (kind, 2-byte storage), from the sweep of
-#: bench/compile_check.py (triton 3.6, sm_90). The unit kernels use scalar accesses with a 64-bit
-#: address per element and sit at ~255 registers at any warp count, so fewer warps mean more
-#: programs per SM: fp32 Adam 4 warps: 2 programs, 64-80 KB; 2 warps: 4 programs, 128-160 KB.
-#: fp32 SGD 4 warps: 2-3 programs, 32-48 KB; 1 warp: 8 programs, 128-192 KB. 2-byte storage
-#: stays at 1 warp (Adam 128-160 KB; SGD 64-96 KB, short: see KNOWN_SHORT). At 255 registers
-#: ptxas issues a thread's loads in several rounds, so these figures (programs x tile bytes)
-#: bound the loads in flight from above rather than measure them.
-_UNITS_WARPS = {(L.KIND_ADAM, False): 2, (L.KIND_ADAM, True): 1,
-                (L.KIND_SGD, False): 1, (L.KIND_SGD, True): 1}
+#: (SPLIT, num_warps) of an ALLoRA unit tile of 2048 elements by (kind, parameter dtype, state
+#: storage, mode, flag), chosen as _UPDATE_LAUNCH by `python bench/launch_sweep.py --kernel
+#: units` (SPLIT 2: each chunk of the tile in two halves along its rows, loads first). Over
+#: the 32 keys: 13 -> 32 without spills, loads in flight summed 2,328 -> 3,332 KB (after the
+#: masked paths went to 256-element sub-tiles; before that, 144 of the 216 unit variants
+#: spilled, 177 KB of spill stores in all); fp32 Adam 80 -> 128 KB at 4 warps, 122 registers.
+_UNITS_LAUNCH = {
+    (L.KIND_ADAM, "bf16", "bf16", 0, False): (2, 4),
+    (L.KIND_ADAM, "bf16", "bf16", 0, True): (2, 4),
+    (L.KIND_ADAM, "bf16", "bf16", 1, False): (2, 4),
+    (L.KIND_ADAM, "bf16", "bf16", 1, True): (2, 4),
+    (L.KIND_ADAM, "bf16", "bf16", 2, False): (2, 4),
+    (L.KIND_ADAM, "bf16", "bf16", 2, True): (2, 4),
+    (L.KIND_ADAM, "bf16", "fp32", 0, False): (2, 4),
+    (L.KIND_ADAM, "bf16", "fp32", 0, True): (2, 4),
+    (L.KIND_ADAM, "bf16", "fp32", 1, False): (2, 2),
+    (L.KIND_ADAM, "bf16", "fp32", 1, True): (1, 2),
+    (L.KIND_ADAM, "fp16", "fp16", 0, False): (2, 4),
+    (L.KIND_ADAM, "fp16", "fp16", 0, True): (2, 4),
+    (L.KIND_ADAM, "fp16", "fp32", 1, False): (2, 2),
+    (L.KIND_ADAM, "fp16", "fp32", 1, True): (1, 2),
+    (L.KIND_ADAM, "fp32", "bf16", 0, False): (2, 4),
+    (L.KIND_ADAM, "fp32", "bf16", 0, True): (2, 4),
+    (L.KIND_ADAM, "fp32", "fp32", 0, False): (2, 4),
+    (L.KIND_ADAM, "fp32", "fp32", 0, True): (2, 2),
+    (L.KIND_SGD, "bf16", "bf16", 0, False): (2, 4),
+    (L.KIND_SGD, "bf16", "bf16", 0, True): (2, 2),
+    (L.KIND_SGD, "bf16", "bf16", 1, False): (2, 2),
+    (L.KIND_SGD, "bf16", "bf16", 1, True): (2, 1),
+    (L.KIND_SGD, "bf16", "bf16", 2, False): (2, 1),
+    (L.KIND_SGD, "bf16", "bf16", 2, True): (2, 2),
+    (L.KIND_SGD, "bf16", "fp32", 0, False): (1, 4),
+    (L.KIND_SGD, "bf16", "fp32", 0, True): (2, 4),
+    (L.KIND_SGD, "bf16", "fp32", 1, False): (2, 2),
+    (L.KIND_SGD, "bf16", "fp32", 1, True): (2, 4),
+    (L.KIND_SGD, "fp16", "fp16", 0, False): (2, 4),
+    (L.KIND_SGD, "fp16", "fp16", 0, True): (2, 2),
+    (L.KIND_SGD, "fp16", "fp32", 1, False): (2, 2),
+    (L.KIND_SGD, "fp16", "fp32", 1, True): (2, 4),
+    (L.KIND_SGD, "fp32", "bf16", 0, False): (1, 2),
+    (L.KIND_SGD, "fp32", "bf16", 0, True): (2, 4),
+    (L.KIND_SGD, "fp32", "fp32", 0, False): (1, 2),
+    (L.KIND_SGD, "fp32", "fp32", 0, True): (2, 2)}
+#: a combination the table does not hold: the previous choice (the masked paths, quarter
+#: tiles then, set ~255 registers at any warp count, so fewer warps meant more programs)
+_UNITS_FALLBACK = {(L.KIND_ADAM, False): (1, 2), (L.KIND_ADAM, True): (1, 1),
+                   (L.KIND_SGD, False): (1, 1), (L.KIND_SGD, True): (1, 1)}
 
 
-def units_warps(kind: int, dtype: torch.dtype, elements: int) -> int:
-    """num_warps of a units launch whose tiles hold ``elements`` elements (the table above,
-    scaled as :func:`update_warps`; ``FASTSCHED_UPDATE_WARPS`` overrides it too)."""
-    if _FORCE_WARPS:
-        return _FORCE_WARPS
-    w = _UNITS_WARPS[kind, torch.empty((), dtype=dtype).element_size() == 2]
-    return max(1, min(16, w * elements // 2048))
+@functools.cache
+def units_launch(kind: int, dtype: torch.dtype, elements: int, flag: bool,
+                 state: int | None = None, mode: int = 0) -> tuple[int, int]:
+    """(SPLIT, num_warps) of a units launch whose tiles hold ``elements`` elements (the table
+    above, scaled as :func:`update_launch`; ``FASTSCHED_UPDATE_WARPS`` overrides it too)."""
+    return _launch(_UNITS_LAUNCH, _UNITS_FALLBACK, kind, dtype, elements, flag,
+                   tl_state(state, dtype, mode), mode)
 
 
 def launch_units_update(kind: int, tensors, blocks, scal, ustat, n_blocks: int,
                         dtype: torch.dtype, units: int, chunk: int, flag: bool,
                         stats: bool, clock, advance: bool, state: int | None = None,
                         mode: int = 0, rec=None) -> None:
-    """The ALLoRA update over the unit tiles of one (dtype, unit-length class) bucket; warps
-    by :func:`units_warps` for a tile of ``units * chunk`` elements. ``state`` / ``mode`` as
-    :func:`launch_update`, except 8-bit states (ValueError: a unit tile does not own whole
-    quantisation blocks)."""
+    """The ALLoRA update over the unit tiles of one (dtype, unit-length class) bucket; SPLIT
+    and warps by :func:`units_launch` for a tile of ``units * chunk`` elements. ``state`` /
+    ``mode`` as :func:`launch_update`, except 8-bit states (ValueError: a unit tile does not own
+    whole quantisation blocks)."""
     if n_blocks:
         sdtype = tl_state(state, dtype, mode)
         if sdtype == tl.uint8:
             raise ValueError("8-bit states of ALLoRA tensors are not supported by the Triton "
                              "unit kernel")
+        split, warps = units_launch(kind, dtype, units * chunk, flag, state, mode)
+        if chunk < 16:  # halves of at least 8 elements (16 bytes of bf16)
+            split = 1
         _go(_units_update_kernel, (n_blocks,),
             (tensors, blocks, scal, ustat if stats else scal, clock, int(advance)),
             dict(KIND=kind, DTYPE=tl_dtype(dtype), UNITS=units, CHUNK=chunk, FLAG=flag,
-                 STATS=stats, SDTYPE=sdtype, MODE=mode,
-                 num_warps=units_warps(kind, dtype, units * chunk)), rec)
+                 STATS=stats, SDTYPE=sdtype, MODE=mode, SPLIT=split, num_warps=warps), rec)

@@ -87,11 +87,12 @@ def test_derived_variants_span_every_specialisation(derived):
     # 2 kinds x 3 dtypes x flag x stats (alignment is tested per tensor in the kernel)
     assert len(upd) == 24
     assert all("ALIGNED" not in v.constexprs for v in upd)
-    # launch options: the warps of update_warps(), recorded per variant
-    assert all(v.options["num_warps"] == ko.update_warps(
+    # launch options: the (SPLIT, warps) of update_launch(), recorded per variant
+    assert all((v.constexprs["SPLIT"], v.options["num_warps"]) == ko.update_launch(
         v.constexprs["KIND"], {"fp32": torch.float32, "bf16": torch.bfloat16,
-                               "fp16": torch.float16}[str(v.constexprs["DTYPE"])], 2048)
-        for v in upd)
+                               "fp16": torch.float16}[str(v.constexprs["DTYPE"])], 2048,
+        v.constexprs["FLAG"]) for v in upd)
+    assert {v.constexprs["SPLIT"] for v in upd} == {1, 2}  # both code shapes compiled
     units = _by_kernel(vs, "_units_update_kernel")
     from fastsched.optim import UNIT_CLASSES
 
@@ -171,9 +172,9 @@ def test_reading_the_code(cc):
 
 
 def test_issued_loads_follow_the_sass(cc):
-    """Loads count from their issue to the first instruction naming a destination register;
-    a 16-byte load is 16 bytes, a 2-byte one 2; a load's own address registers and predicates
-    are not loads."""
+    """16-byte loads (the blocks' data) count from their issue to the first instruction naming
+    a destination register; narrower loads (table rows, scalars, masked elements) do not count;
+    a load's own address registers and predicates are not loads."""
     sass = """
         /*0000*/  LDG.E.128 R4, desc[UR4][R2.64] ;
         /*0010*/  LDG.E.128 R8, desc[UR4][R2.64+0x10] ;
@@ -184,7 +185,10 @@ def test_issued_loads_follow_the_sass(cc):
         /*0060*/  STG.E.128 desc[UR4][R2.64], R8 ;
         /*0070*/  FADD R18, R12, R13 ;
     """
-    assert cc.issued(sass) == 16 + 16 + 2  # R4's load used at 0x40, R8's at 0x60
+    assert cc.issued(sass) == 16 + 16  # R4's load used at 0x40, R8's at 0x60; U16 and E: 0
+    # R4's load never used and a third 16-byte one at 0x50: three in flight there
+    late = sass.replace("FADD R17, R5, R5", "FADD R17, R20, R20")
+    assert cc.issued(late.replace("LDG.E R13", "LDG.E.128 R24")) == 48
     assert cc.issued("") == 0
 
 
@@ -209,18 +213,24 @@ def test_requirements_flag_fences_scalar_blocks_and_occupancy(cc, derived):
              and str(x.constexprs["DTYPE"]) == "fp32" and not x.constexprs["FLAG"])
     need = cc.program_bytes(v)  # 2048 x 4 arrays x 4 bytes
     assert need == 2048 * 16
-    w = v.options["num_warps"]
+    w = 4
     vec = need // (16 * 32 * w)  # 16-byte loads a thread covering a block
-    good = cc.Code(w, 88, 0, 0, {"LDG.128": vec, "STG.128": 6})
+    # 88 registers at 4 warps: 5 programs, each thread with its whole block issued: 160 KB
+    good = cc.Code(w, 88, 0, 0, {"LDG.128": vec, "STG.128": 6}, issued=16 * vec)
+    assert good.inflight == 5 * 128 * 16 * vec == 160 * 1024
     assert cc.requirements(v, good) == []
     assert any("fences" in b for b in cc.requirements(
-        v, cc.Code(w, 88, 0, 0, {"LDG.128": vec, "STG.128": 6, "MEMBAR": 2, "ATOMG": 2})))
+        v, cc.Code(w, 88, 0, 0, {"LDG.128": vec, "STG.128": 6, "MEMBAR": 2, "ATOMG": 2},
+                   issued=16 * vec)))
     assert any("16-byte loads" in b for b in cc.requirements(
-        v, cc.Code(w, 88, 0, 0, {"LDG.32": 4 * vec, "STG.32": 24})))
+        v, cc.Code(w, 88, 0, 0, {"LDG.32": 4 * vec, "STG.32": 24}, issued=16 * vec)))
+    # 230 registers: 2 programs (64 KB); or the loads issued in two rounds (80 KB)
     assert any("in flight" in b for b in cc.requirements(
-        v, cc.Code(w, 230, 0, 0, {"LDG.128": vec, "STG.128": 6})))
+        v, cc.Code(w, 230, 0, 0, {"LDG.128": vec, "STG.128": 6}, issued=16 * vec)))
+    assert any("in flight" in b for b in cc.requirements(
+        v, cc.Code(w, 88, 0, 0, {"LDG.128": vec, "STG.128": 6}, issued=8 * vec)))
     assert any("spill" in b for b in cc.requirements(
-        v, cc.Code(w, 88, 16, 0, {"LDG.128": vec, "STG.128": 6})))
+        v, cc.Code(w, 88, 16, 0, {"LDG.128": vec, "STG.128": 6}, issued=16 * vec)))
 
 
 @pytest.mark.parametrize("skip", [False, True])
@@ -237,3 +247,29 @@ def test_clock_advances_without_update_programs(skip):
         opt.grad_scale, opt.found_inf = torch.ones(1), torch.ones(1)
     opt.step()
     assert int(opt.clock.item()) == (0 if skip else 1)
+
+
+def test_launch_tables_cover_every_update_variant(cc):
+    """Every update and unit variant the optimizers launch has its own row in the launch
+    tables of kernels/optim.py (none falls back to the default), and the rows launch_sweep.py
+    prints for its key are the ones the launcher reads."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import launch_sweep
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    vs, _ = cc.variants(lowp=True)
+    tables = {"_update_kernel": ko._UPDATE_LAUNCH, "_units_update_kernel": ko._UNITS_LAUNCH}
+    seen = set()
+    for v in vs:
+        if v.name not in tables:
+            continue
+        rows = launch_sweep._entries(cc.short_key(v))
+        c = v.constexprs
+        mine = (c["KIND"], str(c["DTYPE"]), str(c["SDTYPE"]), c["MODE"], c["FLAG"])
+        assert mine in rows, (v.name, mine, rows)
+        assert mine in tables[v.name], (v.name, mine)
+        assert (c["SPLIT"], v.options["num_warps"]) == tables[v.name][mine], (v.name, mine)
+        seen.add((v.name, mine))
+    # no stale rows: each one is launched by some configuration
+    assert seen == {(n, k) for n, t in tables.items() for k in t}

@@ -415,7 +415,8 @@ def test_compile_check_sweeps_the_variants_below_fp32():
         state = next(s for d, s, m in cc.LOWP if (d, m) == (dtype, c["MODE"])
                      and str(ko.tl_state(s, d, m)) == str(c["SDTYPE"]))
         st = None if str(ko.tl_dtype(dtype)) == str(c["SDTYPE"]) else state
-        assert v.options["num_warps"] == ko.update_warps(c["KIND"], dtype, 2048, st, c["MODE"])
+        assert (c["SPLIT"], v.options["num_warps"]) == ko.update_launch(
+            c["KIND"], dtype, 2048, c["FLAG"], st, c["MODE"])
     v = next(v for v in upd if str(v.constexprs["SDTYPE"]) == "uint8"
              and str(v.constexprs["DTYPE"]) == "fp32" and v.constexprs["KIND"] == L.KIND_ADAM)
     assert cc.program_bytes(v) == 2048 * (4 + 4 + 1 + 1)
