@@ -68,6 +68,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--kernel", choices=("update", "units"), default="update")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--limit", type=int, default=0,
+                    help="only the first N variants (a quick look; the table needs them all)")
     args = ap.parse_args(argv)
     kernel = "_update_kernel" if args.kernel == "update" else "_units_update_kernel"
     warps = (1, 2, 4, 8) if args.kernel == "update" else (1, 2, 4)
@@ -76,6 +78,8 @@ def main(argv=None) -> int:
         keep = [i for i, v in enumerate(_VS) if not v.constexprs["STATS"]]
     else:
         keep = list(range(len(_VS)))
+    if args.limit:
+        keep = keep[:args.limit]
     jobs = list(itertools.product(keep, (1, 2), warps))
     print(f"{len(keep)} variants x {len(jobs) // max(1, len(keep))} configurations",
           file=sys.stderr)
