@@ -1053,7 +1053,8 @@ def _warps(elements: int, per_thread: int, most: int = 16) -> int:
 #: rounds (SGD fp16 momentum: 108 KB by that count, 72 issued) or spills (18 of the 44
 #: launch keys). Over the 44 keys the variants take, iss summed 3,793 -> 5,366 KB, 26 -> 44
 #: keys without spills, 5 -> 21 at >= 128 KB (fp32 Adam 120 -> 192 KB at 2 warps, 163
-#: registers, 6 programs; bf16 Adam 56 -> 96 KB at 4 warps, 80 registers, no spill).
+#: registers, 6 programs; at 4 warps, SPLIT 2, no spill: bf16 Adam 112 -> 128 KB with 64
+#: registers, fp16 56 -> 96, amsgrad 52 -> 120, where 1 warp spilled fp16 and amsgrad).
 _UPDATE_LAUNCH = {
     (L.KIND_ADAM, "bf16", "bf16", 0, False): (2, 4),
     (L.KIND_ADAM, "bf16", "bf16", 0, True): (2, 4),
