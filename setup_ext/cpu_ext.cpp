@@ -50,26 +50,32 @@ std::vector<Blk> flat_blocks(const int64_t* tensors, int64_t n, const int64_t* b
 
 // ALLoRA units that the update pass sums itself, block by block: contiguous units (rows, the
 // tensor) of at most BLK elements; the elements per block of such a tensor (whole units), else 0
-inline int64_t inblock_len(Row r) {
-    const int64_t nu = r[L::T_NUNITS], ulen = r[L::T_ULEN];
-    if (r[L::T_ESTRIDE] != 1 || nu < 1 || ulen < 1 || ulen > BLK || nu * ulen != r[L::T_NUMEL])
-        return 0;
-    if (nu > 1 && r[L::T_USTRIDE] != ulen) return 0;
-    int64_t u = ulen;
+// the elements of the shortest run of whole units an update call may take: a unit, or with
+// 8-bit states lcm(unit, Q_BLOCK) (a call encodes whole quantisation blocks: their scales are of
+// the new values of all their elements)
+inline int64_t unit_run(Row r) {
+    const int64_t ulen = r[L::T_ULEN];
     if (r[L::T_SDTYPE] == L::STATE_8BIT && (r[L::T_S1] || r[L::T_S2])) {
-        // 8-bit states: a block holds whole quantisation blocks too (their scales are of the
-        // new values of all their elements); units whose lcm with Q_BLOCK is over a block are
-        // summed by a pass of their own, the update then in blocks of BLK
         int64_t a = ulen, b = L::Q_BLOCK;
         while (b) {
             const int64_t t = a % b;
             a = b;
             b = t;
         }
-        u = ulen / a * L::Q_BLOCK;
-        if (u > BLK) return 0;
+        return ulen / a * L::Q_BLOCK;
     }
-    return (BLK / u) * u;
+    return ulen;
+}
+
+inline int64_t inblock_len(Row r) {
+    const int64_t nu = r[L::T_NUNITS], ulen = r[L::T_ULEN];
+    if (r[L::T_ESTRIDE] != 1 || nu < 1 || ulen < 1 || ulen > BLK || nu * ulen != r[L::T_NUMEL])
+        return 0;
+    if (nu > 1 && r[L::T_USTRIDE] != ulen) return 0;
+    // units whose run (unit_run) is over a block are summed by a pass of their own, the update
+    // then in blocks of BLK
+    const int64_t u = unit_run(r);
+    return u > BLK ? 0 : (BLK / u) * u;
 }
 
 // the state storage of a row (a STATE_* code; a row without states: its parameter's dtype)
@@ -719,6 +725,9 @@ void block_units(Row r, const Blk& k, double* usums, float* scales, float inv_et
     }
 }
 
+//: the fewest elements of the ALLoRA units an in-block tensor sums and then updates together
+constexpr int64_t UNIT_GROUP = 256;
+
 PyObject* py_update(PyObject*, PyObject* args) {
     long long kind, ta, da, n, sa, s64a, usa, ua, sumsa;
     int ready, stats, nt;
@@ -780,46 +789,64 @@ PyObject* py_update(PyObject*, PyObject* args) {
         const float* sc = uoff[k.t] >= 0 ? scales.data() + uoff[k.t] : nullptr;
         // the fast paths: states stored as the parameter, the parameter read and written
         const bool plain = st == pt && r[L::T_MODE] == 0;
+        Lanes ls{};
+        Lanes* lsp = stats ? &ls : nullptr;
+        // the update of elements [start, start + len) of the block (statistics lanes by index
+        // from start: with ranges starting at multiples of 16 the lanes of one call over the
+        // block)
+        auto update = [&](int64_t start, int64_t len) {
+            if (!plain) {
+                if (stats)
+                    lowp_block<true>(kind, s, r, pt, st, start, len, sc, lsp);
+                else
+                    lowp_block<false>(kind, s, r, pt, st, start, len, sc, nullptr);
+            } else if (stats) {
+                switch (pt) {
+                    case F32: block<TF32, true>(kind, s, r, start, len, sc, lsp); break;
+                    case BF16: block<TBF16, true>(kind, s, r, start, len, sc, lsp); break;
+                    case F16: block<TF16, true>(kind, s, r, start, len, sc, lsp); break;
+                    default: block<TF64, true>(kind, s, r, start, len, sc, lsp); break;
+                }
+            } else {
+                switch (pt) {
+                    case F32: block<TF32, false>(kind, s, r, start, len, sc, nullptr); break;
+                    case BF16: block<TBF16, false>(kind, s, r, start, len, sc, nullptr); break;
+                    case F16: block<TF16, false>(kind, s, r, start, len, sc, nullptr); break;
+                    default: block<TF64, false>(kind, s, r, start, len, sc, nullptr); break;
+                }
+            }
+        };
         if (blen[k.t] > 0) {
             double* us = usums + uoff[k.t];
             float* sw = scales.data() + uoff[k.t];
             const float ie2 = scal[k.t * L::S_COLS + L::S_INV_ETA2];
             int64_t wbuf[L::T_COLS];
             Row wr;
-            switch (weights(r, pt, wbuf, &wr)) {
-                case F32: block_units<TF32>(wr, k, us, sw, ie2); break;
-                case BF16: block_units<TBF16>(wr, k, us, sw, ie2); break;
-                case F16: block_units<TF16>(wr, k, us, sw, ie2); break;
-                default: block_units<TF64>(wr, k, us, sw, ie2); break;
+            const int64_t wt = weights(r, pt, wbuf, &wr);
+            // a few units summed, then updated while their weights are in L1: summing the
+            // whole block first streamed the weights alone, then the rest (one stream ran at
+            // about half the bandwidth of four: fp32 ALLoRA rows 1.25x the plain step on GPT-2
+            // x0.1, 1 thread, Zen 4; a row at a time: ~1.0x). Runs of at least UNIT_GROUP
+            // elements, so that rows of 16 (LoRA B) do not pay an update call each
+            const int64_t run = unit_run(r);
+            const int64_t step = run >= UNIT_GROUP ? run : UNIT_GROUP / run * run;
+            for (int64_t g0 = k.start; g0 < k.start + k.len; g0 += step) {
+                const int64_t gl = std::min(step, k.start + k.len - g0);
+                const Blk kg{k.t, g0, gl};
+                switch (wt) {
+                    case F32: block_units<TF32>(wr, kg, us, sw, ie2); break;
+                    case BF16: block_units<TBF16>(wr, kg, us, sw, ie2); break;
+                    case F16: block_units<TF16>(wr, kg, us, sw, ie2); break;
+                    default: block_units<TF64>(wr, kg, us, sw, ie2); break;
+                }
+                update(g0, gl);
             }
+        } else {
+            update(k.start, k.len);
         }
-        if (!plain) {
-            Lanes ls{};
-            if (stats)
-                lowp_block<true>(kind, s, r, pt, st, k.start, k.len, sc, &ls);
-            else
-                lowp_block<false>(kind, s, r, pt, st, k.start, k.len, sc, nullptr);
-            if (stats) {
-                part[2 * b] = lane_sum(ls.p0, ls.p1);
-                part[2 * b + 1] = lane_sum(ls.u0, ls.u1);
-            }
-        } else if (stats) {
-            Lanes ls{};
-            switch (dtypes[k.t]) {
-                case F32: block<TF32, true>(kind, s, r, k.start, k.len, sc, &ls); break;
-                case BF16: block<TBF16, true>(kind, s, r, k.start, k.len, sc, &ls); break;
-                case F16: block<TF16, true>(kind, s, r, k.start, k.len, sc, &ls); break;
-                default: block<TF64, true>(kind, s, r, k.start, k.len, sc, &ls); break;
-            }
+        if (stats) {
             part[2 * b] = lane_sum(ls.p0, ls.p1);
             part[2 * b + 1] = lane_sum(ls.u0, ls.u1);
-        } else {
-            switch (dtypes[k.t]) {
-                case F32: block<TF32, false>(kind, s, r, k.start, k.len, sc, nullptr); break;
-                case BF16: block<TBF16, false>(kind, s, r, k.start, k.len, sc, nullptr); break;
-                case F16: block<TF16, false>(kind, s, r, k.start, k.len, sc, nullptr); break;
-                default: block<TF64, false>(kind, s, r, k.start, k.len, sc, nullptr); break;
-            }
         }
     }
     if (stats) {
