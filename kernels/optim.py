@@ -938,7 +938,7 @@ def _units_update_kernel(tensors_ptr, blocks_ptr, scal_ptr, ustat_ptr, clock_ptr
             psq += a
             usq += b
     elif elem_stride == 1:  # row units, whole-tensor units
-        # the masked paths a quarter tile at a time: one register per element here, and the
+        # the masked paths in the sub-tiles above: one register per element here, and the
         # whole tile at once would set the kernel's register count (255 at 1 warp, for the
         # 16-byte path too); a unit's sums do not depend on the other units of its tile
         for q0 in range(0, UNITS, QUNITS):
