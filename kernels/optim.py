@@ -1231,6 +1231,8 @@ def launch_update(kind: int, tensors, blocks, scal, ustat, n_blocks: int, dtype:
 #: the 32 keys: 13 -> 32 without spills, loads in flight summed 2,328 -> 3,332 KB (after the
 #: masked paths went to 256-element sub-tiles; before that, 144 of the 216 unit variants
 #: spilled, 177 KB of spill stores in all); fp32 Adam 80 -> 128 KB at 4 warps, 122 registers.
+#: (bf16 Adam with fp32 states and amsgrad: 2 warps, not the sweep's 4, whose variant with
+#: statistics spilled 20 bytes; 108 KB.)
 _UNITS_LAUNCH = {
     (L.KIND_ADAM, "bf16", "bf16", 0, False): (2, 4),
     (L.KIND_ADAM, "bf16", "bf16", 0, True): (2, 4),
@@ -1239,7 +1241,7 @@ _UNITS_LAUNCH = {
     (L.KIND_ADAM, "bf16", "bf16", 2, False): (2, 4),
     (L.KIND_ADAM, "bf16", "bf16", 2, True): (2, 4),
     (L.KIND_ADAM, "bf16", "fp32", 0, False): (2, 4),
-    (L.KIND_ADAM, "bf16", "fp32", 0, True): (2, 4),
+    (L.KIND_ADAM, "bf16", "fp32", 0, True): (2, 2),
     (L.KIND_ADAM, "bf16", "fp32", 1, False): (2, 2),
     (L.KIND_ADAM, "bf16", "fp32", 1, True): (1, 2),
     (L.KIND_ADAM, "fp16", "fp16", 0, False): (2, 4),
