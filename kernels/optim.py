@@ -378,12 +378,41 @@ def _q_encode(x, mask, MASKED: tl.constexpr, SIGNED: tl.constexpr):
 
 
 @triton.jit
-def _ld(ptr, offs, mask, MASKED: tl.constexpr):
+def _raw(ptr, offs, mask, MASKED: tl.constexpr):
+    """A load in the storage dtype (no conversion)."""
     if MASKED:
-        x = tl.load(ptr + offs, mask=mask, other=0.0)
+        return tl.load(ptr + offs, mask=mask, other=0.0)
     else:
-        x = tl.load(ptr + offs)
-    return x.to(tl.float32)
+        return tl.load(ptr + offs)
+
+
+@triton.jit
+def _raw_s(ptr, q_ptr, offs, qoffs, mask, qmask, MASKED: tl.constexpr, SDTYPE: tl.constexpr):
+    """(stored values, their rows' scales: SDTYPE uint8; else 0.0)."""
+    if SDTYPE == tl.uint8:
+        if MASKED:
+            c = tl.load(ptr + offs, mask=mask, other=0)
+            sc = tl.load(q_ptr + qoffs, mask=qmask, other=0.0)
+        else:
+            c = tl.load(ptr + offs)
+            sc = tl.load(q_ptr + qoffs)
+        return c, sc
+    else:
+        return _raw(ptr, offs, mask, MASKED), 0.0
+
+
+@triton.jit
+def _val_s(x, sc, SDTYPE: tl.constexpr, SIGNED: tl.constexpr):
+    """fp32 values of a state loaded by :func:`_raw_s` (``sc``: its rows' scales)."""
+    if SDTYPE == tl.uint8:
+        return _q_decode(x, sc[:, None], SIGNED)
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
+def _ld(ptr, offs, mask, MASKED: tl.constexpr):
+    return _raw(ptr, offs, mask, MASKED).to(tl.float32)
 
 
 @triton.jit
@@ -399,16 +428,8 @@ def _ld_s(ptr, q_ptr, offs, qoffs, mask, qmask, MASKED: tl.constexpr, SDTYPE: tl
           SIGNED: tl.constexpr):
     """A state as fp32: its storage (the pointer's type), or 8-bit codes (SDTYPE uint8) times
     their block's scale (``q_ptr + qoffs``: one per row of a [rows, Q_BLOCK] tile)."""
-    if SDTYPE == tl.uint8:
-        if MASKED:
-            c = tl.load(ptr + offs, mask=mask, other=0)
-            s = tl.load(q_ptr + qoffs, mask=qmask, other=0.0)
-        else:
-            c = tl.load(ptr + offs)
-            s = tl.load(q_ptr + qoffs)
-        return _q_decode(c, s[:, None], SIGNED)
-    else:
-        return _ld(ptr, offs, mask, MASKED)
+    x, sc = _raw_s(ptr, q_ptr, offs, qoffs, mask, qmask, MASKED, SDTYPE)
+    return _val_s(x, sc, SDTYPE, SIGNED)
 
 
 @triton.jit
@@ -487,39 +508,6 @@ def _scalars(scal_ptr, tidx, KIND: tl.constexpr, STATS: tl.constexpr):
         c6 = 0.0
         c7 = 0.0
     return grad_mul, c0, c1, c2, c3, c4, c5, c6, c7
-
-
-@triton.jit
-def _raw(ptr, offs, mask, MASKED: tl.constexpr):
-    """A load in the storage dtype (no conversion)."""
-    if MASKED:
-        return tl.load(ptr + offs, mask=mask, other=0.0)
-    else:
-        return tl.load(ptr + offs)
-
-
-@triton.jit
-def _raw_s(ptr, q_ptr, offs, qoffs, mask, qmask, MASKED: tl.constexpr, SDTYPE: tl.constexpr):
-    """(stored values, their rows' scales: SDTYPE uint8; else 0.0)."""
-    if SDTYPE == tl.uint8:
-        if MASKED:
-            c = tl.load(ptr + offs, mask=mask, other=0)
-            sc = tl.load(q_ptr + qoffs, mask=qmask, other=0.0)
-        else:
-            c = tl.load(ptr + offs)
-            sc = tl.load(q_ptr + qoffs)
-        return c, sc
-    else:
-        return _raw(ptr, offs, mask, MASKED), 0.0
-
-
-@triton.jit
-def _val_s(x, sc, SDTYPE: tl.constexpr, SIGNED: tl.constexpr):
-    """fp32 values of a state loaded by :func:`_raw_s` (``sc``: its rows' scales)."""
-    if SDTYPE == tl.uint8:
-        return _q_decode(x, sc[:, None], SIGNED)
-    else:
-        return x.to(tl.float32)
 
 
 @triton.jit
@@ -1119,7 +1107,7 @@ def _launch(table: dict, fallback: dict, kind: int, dtype: torch.dtype, elements
             flag: bool, sdtype, mode: int) -> tuple[int, int]:
     if _FORCE_WARPS:
         return 1, _FORCE_WARPS
-    two = torch.empty((), dtype=dtype).element_size() == 2
+    two = dtype.itemsize == 2
     split, w = table.get((kind, _DT_NAMES[dtype], _TL_NAMES[sdtype], mode, bool(flag)),
                          fallback[kind, two])
     w = max(1, min(16, w * elements // 2048))
@@ -1277,12 +1265,14 @@ _UNITS_FALLBACK = {(L.KIND_ADAM, False): (1, 2), (L.KIND_ADAM, True): (1, 1),
 
 
 @functools.cache
-def units_launch(kind: int, dtype: torch.dtype, elements: int, flag: bool,
+def units_launch(kind: int, dtype: torch.dtype, units: int, chunk: int, flag: bool,
                  state: int | None = None, mode: int = 0) -> tuple[int, int]:
-    """(SPLIT, num_warps) of a units launch whose tiles hold ``elements`` elements (the table
-    above, scaled as :func:`update_launch`; ``FASTSCHED_UPDATE_WARPS`` overrides it too)."""
-    return _launch(_UNITS_LAUNCH, _UNITS_FALLBACK, kind, dtype, elements, flag,
-                   tl_state(state, dtype, mode), mode)
+    """(SPLIT, num_warps) of a units launch of [units, chunk] tiles (the table above, scaled as
+    :func:`update_launch`; ``FASTSCHED_UPDATE_WARPS`` overrides it too). SPLIT halves a chunk:
+    only chunks of 16 or more (halves of at least 16 bytes of bf16)."""
+    split, warps = _launch(_UNITS_LAUNCH, _UNITS_FALLBACK, kind, dtype, units * chunk, flag,
+                           tl_state(state, dtype, mode), mode)
+    return (split if chunk >= 16 else 1), warps
 
 
 def launch_units_update(kind: int, tensors, blocks, scal, ustat, n_blocks: int,
@@ -1298,9 +1288,7 @@ def launch_units_update(kind: int, tensors, blocks, scal, ustat, n_blocks: int,
         if sdtype == tl.uint8:
             raise ValueError("8-bit states of ALLoRA tensors are not supported by the Triton "
                              "unit kernel")
-        split, warps = units_launch(kind, dtype, units * chunk, flag, state, mode)
-        if chunk < 16:  # halves of at least 8 elements (16 bytes of bf16)
-            split = 1
+        split, warps = units_launch(kind, dtype, units, chunk, flag, state, mode)
         _go(_units_update_kernel, (n_blocks,),
             (tensors, blocks, scal, ustat if stats else scal, clock, int(advance)),
             dict(KIND=kind, DTYPE=tl_dtype(dtype), UNITS=units, CHUNK=chunk, FLAG=flag,
