@@ -288,41 +288,65 @@ void grad_sums(const typename E::T* __restrict g, int64_t n, double out[3]) {
     grad_sums_exact<E, GUARD>(g, n, out);
 }
 
-// sum of p^2 (ALLoRA unit norms), float64, lanes in a fixed order
+// sum of p^2 (ALLoRA unit norms), float64, lanes in a fixed order. SumSq takes a unit in
+// pieces: add() whole groups of W elements, finish() the rest; the pieces of a unit give the
+// bits of one sum_sq call over it (the same lanes, each in the same order)
+template <class E>
+struct SumSq {
+    using T = typename E::T;
+    v8d a0 = {}, a1 = {};  // NARROW: the lanes in vectors (squares exact: fused multiply-add)
+    double acc[W] = {0};   // float64 values: lane j, one by one
+
+    void add(const T* __restrict p, int64_t n) {  // n: a multiple of W
+        if constexpr (E::NARROW) {
+            v8d x0 = a0, x1 = a1;
+            for (int64_t i = 0; i < n; i += W) {
+                x0 = add_sq_exact(x0, E::ld8d(p + i));
+                x1 = add_sq_exact(x1, E::ld8d(p + i + 8));
+            }
+            a0 = x0;
+            a1 = x1;
+        } else {
+            for (int64_t i = 0; i < n; i += W)
+                for (int j = 0; j < W; j++) {
+                    double x = E::ld(p[i + j]);
+                    acc[j] += x * x;
+                }
+        }
+    }
+
+    double finish(const T* __restrict p, int64_t n) {  // the last n elements: the sum
+        const int64_t nw = n / W * W;
+        add(p, nw);
+        p += nw;
+        n -= nw;
+        if constexpr (E::NARROW) {
+            if (n > 0) {  // zero padded: lanes past the end add +0
+                alignas(64) double t[W] = {0};
+                for (int j = 0; j < n; j++) t[j] = E::ldd(p[j]);
+                v8d x0, x1;
+                std::memcpy(&x0, t, 64);
+                std::memcpy(&x1, t + 8, 64);
+                a0 = add_sq_exact(a0, x0);
+                a1 = add_sq_exact(a1, x1);
+            }
+            return lane_sum(a0, a1);
+        } else {
+            for (int j = 0; j < n; j++) {
+                double x = E::ld(p[j]);
+                acc[j] += x * x;
+            }
+            double s = 0;
+            for (int j = 0; j < W; j++) s += acc[j];
+            return s;
+        }
+    }
+};
+
 template <class E>
 double sum_sq(const typename E::T* __restrict p, int64_t n) {
-    if constexpr (E::NARROW) {  // the same lanes in vectors (squares exact: fused multiply-add)
-        v8d a0 = {}, a1 = {};
-        int64_t i = 0;
-        for (; i + W <= n; i += W) {
-            a0 = add_sq_exact(a0, E::ld8d(p + i));
-            a1 = add_sq_exact(a1, E::ld8d(p + i + 8));
-        }
-        if (i < n) {  // zero padded: lanes past the end add +0
-            alignas(64) double t[W] = {0};
-            for (int j = 0; i + j < n; j++) t[j] = E::ldd(p[i + j]);
-            v8d x0, x1;
-            std::memcpy(&x0, t, 64);
-            std::memcpy(&x1, t + 8, 64);
-            a0 = add_sq_exact(a0, x0);
-            a1 = add_sq_exact(a1, x1);
-        }
-        return lane_sum(a0, a1);
-    }
-    double acc[W] = {0};
-    int64_t i = 0;
-    for (; i + W <= n; i += W)
-        for (int j = 0; j < W; j++) {
-            double x = E::ld(p[i + j]);
-            acc[j] += x * x;
-        }
-    for (int j = 0; i + j < n; j++) {
-        double x = E::ld(p[i + j]);
-        acc[j] += x * x;
-    }
-    double s = 0;
-    for (int j = 0; j < W; j++) s += acc[j];
-    return s;
+    SumSq<E> s;
+    return s.finish(p, n);
 }
 
 // the update statistics of a block: lanes of sum p^2 and sum u^2 (lane = index in the span % 16)

@@ -237,6 +237,39 @@ def test_allora_units(name, unit, dtype, float64_tables):
                    tol_dtype=torch.float32 if dtype == torch.float64 else None)
 
 
+#: rows the update sums beside the update of the row before them (``unit_pipe`` in
+#: setup_ext/cpu_ext.cpp, rows of at least 1024): one per block (5632, the chain goes on from
+#: block to block), four per block (2048), an odd length (1031), the shortest (1024)
+LONG_ROWS = [(3, 5632), (9, 2048), (5, 1031), (2, 1024), (7,)]
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", DTYPES4, ids=str)
+@pytest.mark.parametrize("name", ["adamw", "sgd-momentum-dampening-wd"])
+def test_allora_long_rows_summed_beside_the_update(name, dtype, float64_tables):
+    """Long row units summed a piece at a time beside the update of the row before: the bits of
+    the sums read alone (the extension's unit_pipe(False)), with 1 and 2 threads, and the
+    reference's results to its tolerances."""
+    cls, kw = OPTIONS[name]
+    kw = {**kw, "allora_eta": 0.7, "allora_unit": "row", "stats": True, "max_grad_norm": 1.0}
+    grads = _grads(LONG_ROWS, 4, 8)
+    ext = _cpu.ext()
+    was = ext.unit_pipe(False)
+    try:
+        _, _, alone = _run("cpu", cls, kw, LONG_ROWS, dtype, grads, nthreads=1)
+        ext.unit_pipe(True)
+        _, _, one = _run("cpu", cls, kw, LONG_ROWS, dtype, grads, nthreads=1)
+        _, _, two = _run("cpu", cls, kw, LONG_ROWS, dtype, grads, nthreads=2)
+    finally:
+        ext.unit_pipe(was)
+    _bitwise(alone, one)
+    _bitwise(one, two)
+    _, _, ref = _run("reference", cls, kw, LONG_ROWS, dtype, grads)
+    low = dtype in (torch.bfloat16, torch.float16)
+    _assert_parity(one, ref, dtype, slack=2.0 if low else 1.0,
+                   tol_dtype=torch.float32 if dtype == torch.float64 else None)
+
+
 @needs_ext
 def test_many_tensors_and_groups():
     gen = torch.Generator().manual_seed(0)

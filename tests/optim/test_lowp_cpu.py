@@ -268,7 +268,7 @@ def test_many_tensors_and_groups(exact):
 
 
 ALLORA_SHAPES = [(), (5,), (3, 8), (6, 17), (40, 300), (64, 96), (7, 1000), (3, BLK + 7),
-                 (BLK + 5, 2), (300, 70)]
+                 (BLK + 5, 2), (300, 70), (5, 2048), (3, 1031)]
 
 
 @pytest.mark.parametrize("apply", ["grad", "update"])
@@ -277,8 +277,8 @@ ALLORA_SHAPES = [(), (5,), (3, 8), (6, 17), (40, 300), (64, 96), (7, 1000), (3, 
                                   "adamw-bf16-sr", "adamw-fp32-bf16-states"])
 def test_allora_units_with_8bit_states(name, unit, apply, exact):
     """ALLoRA groups keep float32 states under state_dtype="8bit" (the names say what the
-    configuration asks for); rows of 96, 1000, 300, 17, columns, the tensor; also below fp32
-    without 8-bit states."""
+    configuration asks for); rows of 96, 1000, 300, 17, columns, the tensor, rows of 2048 and
+    1031 (summed beside the update of the row before); also below fp32 without 8-bit states."""
     cls, kw, dtype = CONFIGS[name]
     kw = {**kw, "allora_eta": 0.7, "allora_unit": unit, "allora_apply": apply, "stats": True}
     a, b = _both(cls, kw, ALLORA_SHAPES, dtype, 6, 5)
