@@ -46,7 +46,7 @@ for cfg in new old; do
   warps=""; [ "$cfg" = old ] && warps=4
   FASTSCHED_UPDATE_WARPS="$warps" timeout $(( ${CMP_LIMIT:-60} + 30 )) fastsched bench \
     --out "$out/launch-$cfg" --sets llama-1b --dtypes fp32,bf16 \
-    --configs adamw,adamw-clip,sgd,allora --contenders fastsched,stream --no-compile \
+    --configs adamw,adamw-clip,sgd,allora --contenders fastsched,fastsched-plain,stream --no-compile \
     --no-plot --quick --time-limit "${CMP_LIMIT:-60}" 2>&1 | tee "$out/launch-$cfg.log" | tail -14
 done
 timeout $(( ${LOWP_LIMIT:-75} + 30 )) fastsched bench --out "$out/lowp" --lowp --quick \

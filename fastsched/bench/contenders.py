@@ -274,14 +274,16 @@ class Contender:
     key: str
     title: str
     #: "torch", "library" (torchao, bitsandbytes), "fastsched", "baseline" (torch's fused fp32
-    #: AdamW beside the configurations below fp32) or "ceiling" (a bandwidth reference)
+    #: AdamW beside the configurations below fp32), "plain" (fastsched's plain AdamW beside its
+    #: ALLoRA step) or "ceiling" (a bandwidth reference)
     family: str
     build: Callable[[Setup], Built]
     graph: bool = False
     compiles: bool = False
     description: str = ""
     #: the configuration (and dtype; None: the run's) whose bytes it moves whatever the
-    #: configuration it is listed in (the baseline: "adamw" in fp32; the stream: "adamw")
+    #: configuration it is listed in (the baseline: "adamw" in fp32; the stream and the plain
+    #: step: "adamw")
     fixed: tuple[str, torch.dtype | None] | None = None
 
     def _fixed(self, config: Config, dtype: torch.dtype) -> tuple[Config, torch.dtype]:
@@ -635,6 +637,21 @@ def _build_fastsched(setup: Setup) -> Built:
     return Built(opt.step, info=info, keep=opt)
 
 
+def _build_fastsched_plain(setup: Setup) -> Built:
+    """fastsched's AdamW with the same schedule on the same tensors, without the
+    configuration's ALLoRA multipliers, timed in the same rounds: what the per-unit learning
+    rates cost on top of the step (the 'vs plain step' ratio; times of different
+    configurations are taken minutes apart and a shared machine drifts between them)."""
+    import fastsched
+
+    opt = fastsched.AdamW(setup.params, **HYPER, schedule=setup.schedule)
+    backend, note = _effective_backend(opt)
+    info = {"backend": backend}
+    if note:
+        info["note"] = note
+    return Built(opt.step, info=info, keep=opt)
+
+
 def _build_fastsched_graph(setup: Setup) -> Built:
     _need_cuda(setup)
     opt = _fastsched_opt(setup)
@@ -798,6 +815,11 @@ CONTENDERS: dict[str, Contender] = {c.key: c for c in (
               "or the PyTorch reference backend where the extension is not built)"),
     Contender("fastsched-graph", "fastsched, CUDA graph", "fastsched", _build_fastsched_graph,
               graph=True, description="the fastsched step captured once and replayed"),
+    Contender("fastsched-plain", "fastsched, plain step", "plain", _build_fastsched_plain,
+              fixed=("adamw", None),
+              description="ALLoRA only: fastsched's AdamW step and schedule on the same tensors "
+              "without the per-row multipliers, timed in the same rounds; 'vs plain step' = "
+              "its time / a contender's (ALLoRA's target: within 10% of it, >= 0.91x)"),
     Contender("fp32-baseline", "torch fused AdamW fp32 (baseline)", "baseline", _build_baseline,
               fixed=("adamw", torch.float32),
               description="below fp32: torch.optim.AdamW(fused=True) on fp32 copies of the "
@@ -826,15 +848,16 @@ CONTENDERS: dict[str, Contender] = {c.key: c for c in (
 
 #: the contenders of a CPU run unless --contenders says otherwise: torch's fastest CPU
 #: implementation (fused), fastsched (the compiled CPU backend) and the stream ceiling
-CPU_CONTENDERS = ("torch-fused", "fastsched", "stream", "fp32-baseline", "torch-master",
-                  "torchao-sr", "torchao-8bit", "bnb-8bit")
+CPU_CONTENDERS = ("torch-fused", "fastsched", "fastsched-plain", "stream", "fp32-baseline",
+                  "torch-master", "torchao-sr", "torchao-8bit", "bnb-8bit")
 
 _BY_CONFIG = {
     "adamw": ("torch-forloop", "torch-foreach", "torch-fused", "torch-fused-graph",
               "torch-compile", "fastsched", "fastsched-graph", "stream"),
     "adamw-clip": ("torch-forloop", "torch-foreach", "torch-fused", "torch-fused-graph",
                    "torch-compile", "fastsched", "fastsched-graph"),
-    "allora": ("torch-fused", "torch-fused-graph", "fastsched", "fastsched-graph"),
+    "allora": ("torch-fused", "torch-fused-graph", "fastsched", "fastsched-graph",
+               "fastsched-plain"),
     "sgd": ("torch-forloop", "torch-foreach", "torch-fused", "torch-fused-graph", "fastsched",
             "fastsched-graph"),
     # below fp32: the fp32 baseline, the contenders doing the same job, fastsched (and, with

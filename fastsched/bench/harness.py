@@ -14,7 +14,8 @@ in the same run; speedup = the best torch (or torchao / bitsandbytes) contender'
 median in the same (shape set, dtype, configuration, thread count) / this contender's; % of
 stream = GB/s / the stream ceiling's GB/s (CPU: the compiled extension's in-place kernel with
 AdamW's access pattern, timed in the same run); vs fp32 AdamW (configurations below fp32) = the
-back-to-back median of torch's fused fp32 AdamW timed in the same rounds / this contender's.
+back-to-back median of torch's fused fp32 AdamW timed in the same rounds / this contender's; vs
+plain step (ALLoRA) = the same for fastsched's AdamW without ALLoRA on the same tensors.
 The optimizer state each contender holds is measured after its first step (bytes of every state
 tensor but ``step``, per parameter).
 
@@ -324,7 +325,7 @@ def _record_state(rec: dict, built: Built, cont: Contender, cfg, tdtype, sset) -
     nbytes = state_nbytes(states)
     rec["state_bytes"] = nbytes
     rec["state_bytes_per_param"] = nbytes / max(1, sset.params)
-    if cont.family in ("fastsched", "baseline"):
+    if cont.family in ("fastsched", "baseline", "plain"):
         rec["state_bytes_formula"] = cont.state_formula(cfg, tdtype, sset.shapes)
 
 
@@ -440,8 +441,8 @@ PEER_FAMILIES = ("torch", "library")
 
 
 def derive(results: dict[str, Any]) -> dict[str, Any]:
-    """Fill GB/s, % of copy, speedups and the ratio to torch's fused fp32 AdamW of every entry
-    from the recorded timings (in place)."""
+    """Fill GB/s, % of copy, speedups, the ratio to torch's fused fp32 AdamW and (ALLoRA) to
+    fastsched's plain step of every entry from the recorded timings (in place)."""
     copy = results["copy"]["gbps"]
     entries = results["results"]
     best: dict[tuple, dict] = {}
@@ -449,11 +450,14 @@ def derive(results: dict[str, Any]) -> dict[str, Any]:
     stream: dict[tuple, float] = {}
     baseline: dict[tuple, dict] = {}  # (set, dtype, config, threads): fp32 AdamW, same rounds
     fp32_adamw: dict[tuple, dict] = {}  # (set, threads): the adamw entry of torch fused, fp32
+    plain: dict[tuple, dict] = {}  # (set, dtype, config, threads): fastsched's plain step
     for r in entries:
         if r["status"] != "ok":
             continue
         if r["family"] == "baseline":
             baseline[(r["set"], r["dtype"], r["config"], r.get("threads"))] = r
+        if r["family"] == "plain":
+            plain[(r["set"], r["dtype"], r["config"], r.get("threads"))] = r
         if (r["config"], r["contender"], r["dtype"]) == ("adamw", "torch-fused", "fp32"):
             fp32_adamw[(r["set"], r.get("threads"))] = r
     for r in entries:
@@ -478,7 +482,7 @@ def derive(results: dict[str, Any]) -> dict[str, Any]:
         ceiling = stream.get((r["set"], r["dtype"], r.get("threads")))
         r["pct_stream"] = None if ceiling is None else 100.0 * r["gbps"] / ceiling
         k = (r["set"], r["dtype"], r["config"], r.get("threads"))
-        if k in best and r["family"] not in ("ceiling", "baseline"):
+        if k in best and r["family"] not in ("ceiling", "baseline", "plain"):
             r["speedup"] = best[k]["b2b_s"]["median"] / t
             r["speedup_vs"] = best[k]["contender"]
             r["speedup_latency"] = best_lat[k]["latency_s"]["median"] / r["latency_s"]["median"]
@@ -498,6 +502,10 @@ def derive(results: dict[str, Any]) -> dict[str, Any]:
             r["vs_fp32_source"] = source
         else:
             r["vs_fp32"] = r["vs_fp32_source"] = None
+        # ALLoRA: against fastsched's plain step timed in the same rounds
+        ref = plain.get(k)
+        r["vs_plain"] = (ref["b2b_s"]["median"] / t
+                         if ref is not None and r["family"] == "fastsched" else None)
     return results
 
 

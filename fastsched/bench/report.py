@@ -127,6 +127,7 @@ def table_rows(entries: Iterable[dict], configs: dict,
             "B/param": fmt_bpp(r.get("bytes_per_param")), "GB/s": _gbps(r["gbps"]),
             "% of copy": f"{r['pct_copy']:.1f}%", "% of stream": _pct(r.get("pct_stream")),
             "speedup": _speedup(r.get("speedup")), "vs fp32 AdamW": _speedup(r.get("vs_fp32")),
+            "vs plain step": _speedup(r.get("vs_plain")),
             "state B/param": fmt_bpp(r.get("state_bytes_per_param")),
             "peak mem": _fmt_bytes(r.get("peak_mem_bytes")), "first step": first,
         }
@@ -135,9 +136,11 @@ def table_rows(entries: Iterable[dict], configs: dict,
 
 
 def columns_for(entries: Iterable[dict]) -> list[str]:
-    """:data:`COLUMNS`, with '% of stream' and 'vs fp32 AdamW' only where an entry has them."""
+    """:data:`COLUMNS`, with '% of stream', 'vs fp32 AdamW' and 'vs plain step' only where an
+    entry has them."""
     entries = list(entries)
-    drop = {col for col, key in (("% of stream", "pct_stream"), ("vs fp32 AdamW", "vs_fp32"))
+    drop = {col for col, key in (("% of stream", "pct_stream"), ("vs fp32 AdamW", "vs_fp32"),
+                                 ("vs plain step", "vs_plain"))
             if not any(r.get(key) is not None for r in entries)}
     return [c for c in COLUMNS if c not in drop]
 
@@ -154,8 +157,8 @@ def table_notes(entries: Iterable[dict]) -> list[str]:
 
 
 COLUMNS = ["configuration", "contender", "ms/step", "p10-p90", "sync'd ms", "B/param", "GB/s",
-           "% of copy", "% of stream", "speedup", "vs fp32 AdamW", "state B/param", "peak mem",
-           "first step"]
+           "% of copy", "% of stream", "speedup", "vs fp32 AdamW", "vs plain step",
+           "state B/param", "peak mem", "first step"]
 
 
 def _header_lines(results: dict[str, Any]) -> list[str]:
@@ -224,6 +227,11 @@ def print_table(results: dict[str, Any], file=None) -> None:
         console.print(table)
         for note in table_notes(entries):
             console.print(f"  {note}", highlight=False, markup=False, style="dim")
+    allora = allora_lines(results)
+    if allora:
+        console.print("")
+        for line in allora:
+            console.print(line, highlight=False, markup=False)
     if _has_lowp(results):
         console.print("")
         for line in target_lines(results):
@@ -247,6 +255,11 @@ def _print_plain(results: dict[str, Any], file=None) -> None:
             print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip(), file=out)
         for note in table_notes(entries):
             print(f"  {note}", file=out)
+    allora = allora_lines(results)
+    if allora:
+        print("", file=out)
+        for line in allora:
+            print(line, file=out)
     if _has_lowp(results):
         print("", file=out)
         for line in target_lines(results):
@@ -285,6 +298,9 @@ def render_markdown(results: dict[str, Any], image: str | None = None) -> str:
             lines += ["", "## The CPU target of 8-bit states", ""] + [f"- {t}" for t in targets]
         lines += ["", "## Below fp32: bytes per parameter, moved and held", ""]
         lines += render_bytes_table(results).splitlines()
+    allora = allora_lines(results)
+    if allora:
+        lines += ["", "## ALLoRA rows against the plain step", ""] + [f"- {t}" for t in allora]
     lines += ["", "## Configurations", ""]
     lines += [f"- **{c['title']}**: {c['description']}" for k, c in results["configs"].items()
               if k in m["configs"]]
@@ -299,7 +315,9 @@ def render_markdown(results: dict[str, Any], image: str | None = None) -> str:
               "count; speedup = the fastest torch (or torchao / bitsandbytes) contender's "
               "back-to-back time in the same configuration (and thread count) / this one's; "
               "vs fp32 AdamW = torch's fused fp32 AdamW's back-to-back time, timed in the same "
-              "rounds, / this one's (above 1: faster); state B/param = bytes of the optimizer's "
+              "rounds, / this one's (above 1: faster); vs plain step (ALLoRA) = fastsched's "
+              "AdamW without ALLoRA on the same tensors, timed in the same rounds: its "
+              "back-to-back time / this one's; state B/param = bytes of the optimizer's "
               "state tensors (all but step) after the first step / parameters.",
               ""]
     for sset, dtype, entries in _groups(results):
@@ -386,6 +404,10 @@ def render_readme(results: dict[str, Any], source: str = "RESULTS.json",
                             + [_speedup(r.get("speedup"))])
             rows.append(row)
         lines += _md_table(header, rows) + [""]
+    allora = allora_lines(results)
+    if allora:
+        lines += ["ALLoRA rows against fastsched's plain step (the same tensors without ALLoRA, "
+                  "timed in the same rounds):", ""] + [f"- {t}" for t in allora] + [""]
     if reasons:
         lines += ["Not measured:", ""] + [f"- {r}" for r in reasons] + [""]
     return "\n".join(lines)
@@ -406,6 +428,23 @@ def target_lines(results: dict[str, Any]) -> list[str]:
                    f"({fmt_time(r['b2b_s']['median'])} against "
                    f"{fmt_time(r['b2b_s']['median'] * r['vs_fp32'])}, "
                    f"{r['vs_fp32_source']}): {met}")
+    return out
+
+
+def allora_lines(results: dict[str, Any]) -> list[str]:
+    """The target of ALLoRA rows, stated from the run: fastsched's ALLoRA step against its plain
+    step timed in the same rounds, per shape set, dtype and thread count."""
+    out = []
+    for r in results["results"]:
+        if r["config"] != "allora" or r["family"] != "fastsched" or r["status"] != "ok" \
+                or r.get("vs_plain") is None:
+            continue
+        over = 1.0 / r["vs_plain"]
+        met = "met" if over <= 1.10 else "not met"
+        out.append(f"ALLoRA rows within 10% of the plain step ({r['set']}, {r['dtype']}"
+                   f"{_threads(r.get('threads'))}, backend {r.get('backend', '?')}): "
+                   f"{over:.2f}x its time ({fmt_time(r['b2b_s']['median'])} against "
+                   f"{fmt_time(r['b2b_s']['median'] * r['vs_plain'])}, same rounds): {met}")
     return out
 
 
@@ -517,7 +556,7 @@ def plot_results(results: dict[str, Any], path) -> bool:
                                       + 0.6 * len(set_names)),
                              gridspec_kw={"height_ratios": heights}, squeeze=False)
     colors = {"torch": "#8c8c8c", "fastsched": "#d9541e", "ceiling": "#4c72b0",
-              "baseline": "#bcbcbc", "library": "#8172b3"}
+              "baseline": "#bcbcbc", "library": "#8172b3", "plain": "#f4a582"}
     copy = results["copy"]["gbps"]
     for i, name in enumerate(set_names):
         for j, dtype in enumerate(dtypes):

@@ -168,7 +168,7 @@ def test_values_finite_and_derived(bench_run):
         assert r["pct_stream"] == pytest.approx(100 * r["gbps"] / ceiling["gbps"], rel=1e-12)
     # speedups are ratios of the recorded timings to the best torch contender's
     for r in ok:
-        if r["family"] == "ceiling":
+        if r["family"] in ("ceiling", "plain"):
             assert r["speedup"] is None
             continue
         peers = [p for p in ok if (p["set"], p["dtype"], p["config"], p["threads"]) ==
@@ -182,6 +182,18 @@ def test_values_finite_and_derived(bench_run):
                                                      rel=1e-12)
         if r is best:
             assert r["speedup"] == 1.0
+    # ALLoRA: fastsched's step against its plain step timed in the same rounds
+    allora = [r for r in ok if r["config"] == "allora" and r["family"] == "fastsched"]
+    assert allora
+    for r in allora:
+        (plain,) = [p for p in ok if p["family"] == "plain" and (p["set"], p["dtype"],
+                    p["config"], p["threads"]) == (r["set"], r["dtype"], "allora", r["threads"])]
+        assert plain["contender"] == "fastsched-plain"
+        assert plain["bytes_per_param"] == r["bytes_per_param"]  # AdamW's, as ALLoRA's
+        assert r["vs_plain"] == pytest.approx(plain["b2b_s"]["median"] / r["b2b_s"]["median"],
+                                              rel=1e-12)
+    assert all(r["vs_plain"] is None for r in ok if r["family"] != "fastsched"
+               or r["config"] != "allora")
 
 
 def test_readme_is_generated_from_results(bench_run, capsys):
