@@ -742,8 +742,9 @@ bool pipe_on = true;
 // The update of unit u of an in-block tensor (weights wr) with the sum of unit u + 1 read beside
 // it, PIPE elements of each in turn: the weights of u + 1 come from memory together with the
 // g, m, v of u (four streams) instead of alone before them. A unit summed first and then
-// updated spent a quarter of the step reading one stream at about half the bandwidth of four
-// (Llama-1B x0.1 fp32 rows of 2048 and 5632, 1 thread, Zen 4: ALLoRA 1.15x the plain step).
+// updated read that stream alone at about half the bandwidth of four (Llama-1B x0.1 fp32, rows
+// of 2048 and 5632, 1 thread, Zen 4: the ALLoRA step 0.945-0.948x the time without this, the
+// same optimizer's steps alternated with unit_pipe on and off; 2 threads, GPT-2: no change).
 // The sum is SumSq's, in pieces of whole lane groups: the bits of sum_sq. Units of unit_run ==
 // ulen only: a piece of the update then starts at a multiple of PIPE from a unit's start, a
 // multiple of Q_BLOCK from the tensor's with 8-bit states (ulen % Q_BLOCK == 0 there), and
