@@ -12,6 +12,7 @@
 
 #include <omp.h>
 
+#include <atomic>
 #include <cstdint>
 #include <vector>
 
@@ -736,8 +737,9 @@ constexpr int64_t PIPE = 512;
 static_assert(PIPE % L::Q_BLOCK == 0 && PIPE % W == 0, "pieces of whole quantisation blocks");
 //: the shortest ALLoRA unit whose sum runs beside the update of the unit before it
 constexpr int64_t PIPE_MIN = 1024;
-//: unit_pipe on (the module's unit_pipe(): off only to compare, the bits are the same)
-bool pipe_on = true;
+//: unit_pipe on (the module's unit_pipe(): off only to compare, the bits are the same); atomic:
+//: set with the GIL held while a step of another thread may read it with the GIL released
+std::atomic<bool> pipe_on{true};
 
 // The update of unit u of an in-block tensor (weights wr) with the sum of unit u + 1 read beside
 // it, PIPE elements of each in turn: the weights of u + 1 come from memory together with the
@@ -819,8 +821,8 @@ PyObject* py_update(PyObject*, PyObject* args) {
     std::vector<double> part(stats ? 2 * nb + 2 : 2, 0.0);
 #pragma omp parallel num_threads(nt)
     {
-    // blocks [lo, hi) one after the other on each thread (schedule(static)'s split): the sums of
-    // an in-block ALLoRA tensor carry from one of its blocks to the next (unit_pipe)
+    // blocks [lo, hi) one after the other on each thread (a static split, as schedule(static)):
+    // the sums of an in-block ALLoRA tensor carry from one of its blocks to the next (unit_pipe)
     const int64_t nth = omp_get_num_threads(), th = omp_get_thread_num();
     const int64_t lo = nb * th / nth, hi = nb * (th + 1) / nth;
     int64_t carry = -1;  // the block whose first unit this thread has summed
@@ -882,7 +884,7 @@ PyObject* py_update(PyObject*, PyObject* args) {
                     default: block_units<TF64>(wr, kg, us, sw, ie2); break;
                 }
             };
-            if (pipe_on && run == ulen && ulen >= PIPE_MIN) {
+            if (pipe_on.load(std::memory_order_relaxed) && run == ulen && ulen >= PIPE_MIN) {
                 // each unit updated beside the sum of the next (unit_pipe); the chain goes on
                 // into the tensor's next block where this thread takes it too
                 const int64_t u0 = k.start / ulen, u1 = (k.start + k.len) / ulen;
@@ -1037,8 +1039,7 @@ PyObject* py_stream(PyObject*, PyObject* args) {
 PyObject* py_unit_pipe(PyObject*, PyObject* args) {
     int on;
     if (!PyArg_ParseTuple(args, "p", &on)) return nullptr;
-    const bool was = pipe_on;
-    pipe_on = on != 0;
+    const bool was = pipe_on.exchange(on != 0);
     return PyBool_FromLong(was);
 }
 

@@ -240,18 +240,24 @@ def test_allora_units(name, unit, dtype, float64_tables):
 #: rows the update sums beside the update of the row before them (``unit_pipe`` in
 #: setup_ext/cpu_ext.cpp, rows of at least 1024): one per block (5632, the chain goes on from
 #: block to block), four per block (2048), an odd length (1031), the shortest (1024)
-LONG_ROWS = [(3, 5632), (9, 2048), (5, 1031), (2, 1024), (7,)]
+LONG_ROWS = [(3, 5632), (9, 2048), (5, 1031), (2, 1024), (1, 1500), (7,)]
 
 
 @needs_ext
+@pytest.mark.parametrize("mode", ["plain", "master", "sr"])
 @pytest.mark.parametrize("dtype", DTYPES4, ids=str)
 @pytest.mark.parametrize("name", ["adamw", "sgd-momentum-dampening-wd"])
-def test_allora_long_rows_summed_beside_the_update(name, dtype, float64_tables):
+def test_allora_long_rows_summed_beside_the_update(name, dtype, mode, float64_tables):
     """Long row units summed a piece at a time beside the update of the row before: the bits of
     the sums read alone (the extension's unit_pipe(False)), with 1 and 2 threads, and the
-    reference's results to its tolerances."""
+    reference's results to its tolerances; bf16 also with fp32 master weights (the sums read
+    the masters) and stochastic rounding."""
+    if mode != "plain" and dtype != torch.bfloat16:
+        pytest.skip("master weights and stochastic rounding: bf16 parameters")
     cls, kw = OPTIONS[name]
-    kw = {**kw, "allora_eta": 0.7, "allora_unit": "row", "stats": True, "max_grad_norm": 1.0}
+    kw = {**kw, "allora_eta": 0.7, "allora_unit": "row", "stats": True, "max_grad_norm": 1.0,
+          **({"master_weights": True} if mode == "master" else {}),
+          **({"stochastic_rounding": True, "seed": 3} if mode == "sr" else {})}
     grads = _grads(LONG_ROWS, 4, 8)
     ext = _cpu.ext()
     was = ext.unit_pipe(False)

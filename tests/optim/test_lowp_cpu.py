@@ -274,7 +274,8 @@ ALLORA_SHAPES = [(), (5,), (3, 8), (6, 17), (40, 300), (64, 96), (7, 1000), (3, 
 @pytest.mark.parametrize("apply", ["grad", "update"])
 @pytest.mark.parametrize("unit", ["row", "column", "tensor"])
 @pytest.mark.parametrize("name", ["adamw-8bit", "adamw-bf16-sr-8bit", "sgd-momentum-8bit",
-                                  "adamw-bf16-sr", "adamw-fp32-bf16-states"])
+                                  "adamw-bf16-sr", "adamw-fp32-bf16-states",
+                                  "adamw-bf16-master-8bit"])
 def test_allora_units_with_8bit_states(name, unit, apply, exact):
     """ALLoRA groups keep float32 states under state_dtype="8bit" (the names say what the
     configuration asks for); rows of 96, 1000, 300, 17, columns, the tensor, rows of 2048 and
