@@ -745,7 +745,7 @@ std::atomic<bool> pipe_on{true};
 // it, PIPE elements of each in turn: the weights of u + 1 come from memory together with the
 // g, m, v of u (four streams) instead of alone before them. A unit summed first and then
 // updated read that stream alone at about half the bandwidth of four (Llama-1B x0.1 fp32, rows
-// of 2048 and 5632, 1 thread, Zen 4: the ALLoRA step 0.945-0.948x the time without this, the
+// of 2048 and 5632, 1 thread, Zen 4: the ALLoRA step 0.92-0.95x the time without this, the
 // same optimizer's steps alternated with unit_pipe on and off; 2 threads, GPT-2: no change).
 // The sum is SumSq's, in pieces of whole lane groups: the bits of sum_sq. Units of unit_run ==
 // ulen only: a piece of the update then starts at a multiple of PIPE from a unit's start, a
