@@ -876,13 +876,17 @@ PyObject* py_update(PyObject*, PyObject* args) {
             // x0.1, 1 thread, Zen 4; a row at a time: ~1.0x). Runs of at least UNIT_GROUP
             // elements, so that rows of 16 (LoRA B) do not pay an update call each
             const int64_t run = unit_run(r), ulen = r[L::T_ULEN];
-            auto sums = [&](const Blk& kg) {
+            // f(E{}) with E the storage type of the weights (wt)
+            auto by_weights = [&](auto&& f) {
                 switch (wt) {
-                    case F32: block_units<TF32>(wr, kg, us, sw, ie2); break;
-                    case BF16: block_units<TBF16>(wr, kg, us, sw, ie2); break;
-                    case F16: block_units<TF16>(wr, kg, us, sw, ie2); break;
-                    default: block_units<TF64>(wr, kg, us, sw, ie2); break;
+                    case F32: f(TF32{}); break;
+                    case BF16: f(TBF16{}); break;
+                    case F16: f(TF16{}); break;
+                    default: f(TF64{}); break;
                 }
+            };
+            auto sums = [&](const Blk& kg) {
+                by_weights([&](auto e) { block_units<decltype(e)>(wr, kg, us, sw, ie2); });
             };
             if (pipe_on.load(std::memory_order_relaxed) && run == ulen && ulen >= PIPE_MIN) {
                 // each unit updated beside the sum of the next (unit_pipe); the chain goes on
@@ -895,12 +899,9 @@ PyObject* py_update(PyObject*, PyObject* args) {
                         update(u * ulen, ulen);
                         continue;
                     }
-                    switch (wt) {
-                        case F32: unit_pipe<TF32>(wr, u, us, sw, ie2, update); break;
-                        case BF16: unit_pipe<TBF16>(wr, u, us, sw, ie2, update); break;
-                        case F16: unit_pipe<TF16>(wr, u, us, sw, ie2, update); break;
-                        default: unit_pipe<TF64>(wr, u, us, sw, ie2, update); break;
-                    }
+                    by_weights([&](auto e) {
+                        unit_pipe<decltype(e)>(wr, u, us, sw, ie2, update);
+                    });
                 }
                 carry = more ? b + 1 : -1;
             } else {

@@ -243,17 +243,18 @@ def test_allora_units(name, unit, dtype, float64_tables):
 LONG_ROWS = [(3, 5632), (9, 2048), (5, 1031), (2, 1024), (1, 1500), (7,)]
 
 
+#: (dtype, mode): every dtype plain; bf16 also with fp32 masters and stochastic rounding
+LONG_ROW_MODES = [(d, "plain") for d in DTYPES4] + [(torch.bfloat16, m) for m in ("master", "sr")]
+
+
 @needs_ext
-@pytest.mark.parametrize("mode", ["plain", "master", "sr"])
-@pytest.mark.parametrize("dtype", DTYPES4, ids=str)
+@pytest.mark.parametrize(("dtype", "mode"), LONG_ROW_MODES, ids=lambda x: str(x))
 @pytest.mark.parametrize("name", ["adamw", "sgd-momentum-dampening-wd"])
 def test_allora_long_rows_summed_beside_the_update(name, dtype, mode, float64_tables):
     """Long row units summed a piece at a time beside the update of the row before: the bits of
     the sums read alone (the extension's unit_pipe(False)), with 1 and 2 threads, and the
     reference's results to its tolerances; bf16 also with fp32 master weights (the sums read
     the masters) and stochastic rounding."""
-    if mode != "plain" and dtype != torch.bfloat16:
-        pytest.skip("master weights and stochastic rounding: bf16 parameters")
     cls, kw = OPTIONS[name]
     kw = {**kw, "allora_eta": 0.7, "allora_unit": "row", "stats": True, "max_grad_norm": 1.0,
           **({"master_weights": True} if mode == "master" else {}),
