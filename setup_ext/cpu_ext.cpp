@@ -560,24 +560,32 @@ inline int64_t addr_at(const void* base, int64_t elem, int64_t size) {  // base 
 }
 
 // the fused loop of adam_fused for a row's types (E: parameter, WM: mode, S: states)
-template <class E, int WM, bool STATS>
-void fused_s(const AdamScal& s, const FusedIo& io, int64_t st, int64_t n, Lanes* ls,
+template <class E, int WM, bool STATS, bool FAST>
+void fused_k(const AdamScal& s, const FusedIo& io, int64_t st, int64_t n, Lanes* ls,
              const UnitMul* um) {
     if (um) {
         if (st == F32)
-            adam_fused<E, WM, TF32, STATS, true>(s, io, n, ls, um);
+            adam_fused<E, WM, TF32, STATS, true, FAST>(s, io, n, ls, um);
         else if (st == BF16)
-            adam_fused<E, WM, TBF16, STATS, true>(s, io, n, ls, um);
+            adam_fused<E, WM, TBF16, STATS, true, FAST>(s, io, n, ls, um);
         else
-            adam_fused<E, WM, TQ8, STATS, true>(s, io, n, ls, um);
+            adam_fused<E, WM, TQ8, STATS, true, FAST>(s, io, n, ls, um);
     } else {
         if (st == F32)
-            adam_fused<E, WM, TF32, STATS, false>(s, io, n, ls, um);
+            adam_fused<E, WM, TF32, STATS, false, FAST>(s, io, n, ls, um);
         else if (st == BF16)
-            adam_fused<E, WM, TBF16, STATS, false>(s, io, n, ls, um);
+            adam_fused<E, WM, TBF16, STATS, false, FAST>(s, io, n, ls, um);
         else
-            adam_fused<E, WM, TQ8, STATS, false>(s, io, n, ls, um);
+            adam_fused<E, WM, TQ8, STATS, false, FAST>(s, io, n, ls, um);
     }
+}
+template <class E, int WM, bool STATS>
+void fused_s(const AdamScal& s, const FusedIo& io, int64_t st, int64_t n, Lanes* ls,
+             const UnitMul* um) {
+    if (s.lo && s.gmul == 1.0f)
+        fused_k<E, WM, STATS, true>(s, io, st, n, ls, um);
+    else
+        fused_k<E, WM, STATS, false>(s, io, st, n, ls, um);
 }
 template <class E, bool STATS>
 void fused_wm(const AdamScal& s, const FusedIo& io, int64_t mode, int64_t st, int64_t n,

@@ -1208,8 +1208,11 @@ struct UnitMul {
 };
 
 // n elements: a multiple of 16 (8-bit states: of Q_BLOCK); STATS: the lanes of sum p^2 and
-// sum u^2 as span_loop (lane = index % 16); MUL: ALLoRA multipliers um (else none: 1)
-template <class E, int WM, class S, bool STATS, bool MUL>
+// sum u^2 as span_loop (lane = index % 16); MUL: ALLoRA multipliers um (else none: 1); FAST:
+// s.lo and s.gmul == 1 (beta1 >= 0.5, no clipping or scaler: the usual step) known at compile
+// time, as adam_span's loop: the lerp's other end and the multiplication by 1 (exact: x * 1 is
+// x) left out, and the two branches on them out of the loop of a group of 16
+template <class E, int WM, class S, bool STATS, bool MUL, bool FAST>
 void adam_fused(const AdamScal& s, const FusedIo& io, int64_t n, Lanes* ls, const UnitMul* um) {
     using T = typename E::T;
     T* __restrict p = static_cast<T*>(io.p);
@@ -1218,7 +1221,7 @@ void adam_fused(const AdamScal& s, const FusedIo& io, int64_t n, Lanes* ls, cons
     const float gmul = s.gmul, step_size = s.step_size, bc2s = s.bc2s, decay = s.decay;
     const float l2 = s.l2, omb1 = s.omb1, omb1c = s.omb1c, omb2 = s.omb2, omb2c = s.omb2c;
     const float eps = s.eps;
-    const bool lo = s.lo, one_gmul = gmul == 1.0f;
+    const bool lo = FAST || s.lo, one_gmul = FAST || gmul == 1.0f;
     Lanes st = STATS ? *ls : Lanes{};
     const bool upd = MUL && um->upd;
     constexpr int64_t MB = 256;  // multipliers filled at a time (a quantisation block)
