@@ -605,8 +605,10 @@ template <bool STATS>
 int64_t fused_prefix(int64_t kind, const Scal& s, Row r, int64_t pt, int64_t st, int64_t start,
                      int64_t len, const float* scales, Lanes* ls) {
     if (kind != L::KIND_ADAM || r[L::T_S3] || !r[L::T_S1] || !r[L::T_S2]) return 0;
-    if ((pt != F32 && pt != BF16) || (st != F32 && st != BF16 && st != L::STATE_8BIT)) return 0;
     const int64_t mode = r[L::T_MODE];
+    const bool f16 = pt == F16 && st == F16 && mode == 0;  // plain fp16 (its own loop)
+    if (!f16 && ((pt != F32 && pt != BF16) || (st != F32 && st != BF16 && st != L::STATE_8BIT)))
+        return 0;
     if ((mode & L::MODE_SR) && pt != BF16) return 0;
     const int64_t unit = st == L::STATE_8BIT ? L::Q_BLOCK : 16;  // whole blocks, whole groups
     const int64_t n = len / unit * unit;
@@ -633,7 +635,17 @@ int64_t fused_prefix(int64_t kind, const Scal& s, Row r, int64_t pt, int64_t st,
                                  : 0;
     io.idx0 = static_cast<uint64_t>(r[L::T_ELEM0] + start);
     const UnitMul* ump = scales ? &um : nullptr;
-    if (pt == F32)
+    if (f16) {
+        const bool fast = s.adam.lo && s.adam.gmul == 1.0f;
+        if (ump && fast)
+            adam_fused<TF16, WM_PLAIN, TF16, STATS, true, true>(s.adam, io, n, ls, ump);
+        else if (ump)
+            adam_fused<TF16, WM_PLAIN, TF16, STATS, true, false>(s.adam, io, n, ls, ump);
+        else if (fast)
+            adam_fused<TF16, WM_PLAIN, TF16, STATS, false, true>(s.adam, io, n, ls, ump);
+        else
+            adam_fused<TF16, WM_PLAIN, TF16, STATS, false, false>(s.adam, io, n, ls, ump);
+    } else if (pt == F32)
         fused_wm<TF32, STATS>(s.adam, io, mode, st, n, ls, ump);
     else
         fused_wm<TBF16, STATS>(s.adam, io, mode, st, n, ls, ump);
@@ -843,13 +855,13 @@ PyObject* py_update(PyObject*, PyObject* args) {
                                  steps_f64(r, pt));
         const float* sc = uoff[k.t] >= 0 ? scales.data() + uoff[k.t] : nullptr;
         // the fast paths: states stored as the parameter, the parameter read and written.
-        // bf16 Adam without amsgrad goes to lowp_block instead, whose adam_fused converts 16
+        // bf16 / fp16 Adam without amsgrad goes to lowp_block instead, whose adam_fused converts 16
         // values at a time in registers: the plain path converts chunks of 256 to float32
         // buffers around the float32 loop, three passes through L1 that made one thread of a
         // bf16 AdamW step bound by them (GPT-2 x0.1, Zen 4: 9.96 -> 7.14 ms, 0.72x; ALLoRA rows
         // 0.80x; 2 threads 0.74x). The same operations in the same order: the same bits.
         const bool plain = st == pt && r[L::T_MODE] == 0 &&
-                           !(pt == BF16 && kind == L::KIND_ADAM && !r[L::T_S3]);
+                           !((pt == BF16 || pt == F16) && kind == L::KIND_ADAM && !r[L::T_S3]);
         Lanes ls{};
         Lanes* lsp = stats ? &ls : nullptr;
         // the update of elements [start, start + len) of the block (statistics lanes by index

@@ -15,7 +15,7 @@
 
 #include "layout.h"
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 
@@ -51,6 +51,7 @@ typedef int64_t v8l __attribute__((vector_size(64)));
 typedef float v8f __attribute__((vector_size(32)));
 typedef uint32_t v8u __attribute__((vector_size(32)));
 typedef uint16_t v8h __attribute__((vector_size(16)));
+typedef float v16f __attribute__((vector_size(64)));
 
 struct TF32 {
     static constexpr bool NARROW = true;  // its values square exactly in float64
@@ -108,6 +109,64 @@ struct TF16 {
         return d;
     }
 };
+// 16 fp16 values <-> float32 with F16C (vcvtph2ps, exact; vcvtps2ph, round to nearest even:
+// the instructions of TF16::ld / st, which GCC emits one element at a time, ~4x the time of a
+// bf16 step); without F16C the scalar conversions
+inline v16f f16_ld16(const _Float16* p) {
+#if defined(__AVX512F__)
+    return (v16f)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+#elif defined(__F16C__)  // AVX2 machines: two halves of 8
+    v16f f;
+    const __m256 lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    const __m256 hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
+    std::memcpy(&f, &lo, 32);
+    std::memcpy(reinterpret_cast<char*>(&f) + 32, &hi, 32);
+    return f;
+#else
+    v16f f;
+    for (int j = 0; j < 16; j++) f[j] = TF16::ld(p[j]);
+    return f;
+#endif
+}
+inline void f16_st16(_Float16* p, v16f x) {
+#if defined(__AVX512F__)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                        _mm512_cvtps_ph((__m512)x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#elif defined(__F16C__)
+    __m256 lo, hi;
+    std::memcpy(&lo, &x, 32);
+    std::memcpy(&hi, reinterpret_cast<const char*>(&x) + 32, 32);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                     _mm256_cvtps_ph(lo, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p + 8),
+                     _mm256_cvtps_ph(hi, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#else
+    for (int j = 0; j < 16; j++) p[j] = TF16::st(x[j]);
+#endif
+}
+// n values of E's storage -> float32 and back (the chunks of adam_span / sgd_span)
+template <class E>
+inline void chunk_in(const typename E::T* __restrict s, int64_t n, float* __restrict d) {
+    int64_t i = 0;
+    if constexpr (std::is_same<E, TF16>::value)
+        for (; i + 16 <= n; i += 16) {
+            const v16f v = f16_ld16(s + i);
+            std::memcpy(d + i, &v, 64);
+        }
+    for (; i < n; i++) d[i] = E::ld(s[i]);
+}
+template <class E>
+inline void chunk_out(const float* __restrict s, int64_t n, typename E::T* __restrict d) {
+    int64_t i = 0;
+    if constexpr (std::is_same<E, TF16>::value)
+        for (; i + 16 <= n; i += 16) {
+            v16f v;
+            std::memcpy(&v, s + i, 64);
+            f16_st16(d + i, v);
+        }
+    for (; i < n; i++) d[i] = E::st(s[i]);
+}
+
 struct TF64 {  // float64 storage read for float32 arithmetic (statistics, unit norms)
     static constexpr bool NARROW = false;
     using T = double;
@@ -440,23 +499,17 @@ void adam_span(const AdamScalT<typename E::C>& s, typename E::T* __restrict p,
         alignas(64) float tp[NCH], tg[NCH], tm[NCH], tv[NCH], tw[AMS ? NCH : 1];
         for (int64_t c0 = 0; c0 < n; c0 += NCH) {
             const int64_t cn = n - c0 < NCH ? n - c0 : NCH;
-            for (int64_t k = 0; k < cn; k++) {
-                tp[k] = E::ld(p[c0 + k]);
-                tg[k] = E::ld(g[c0 + k]);
-                tm[k] = E::ld(m[c0 + k]);
-                tv[k] = E::ld(v[c0 + k]);
-            }
-            if (AMS)
-                for (int64_t k = 0; k < cn; k++) tw[k] = E::ld(vm[c0 + k]);
+            chunk_in<E>(p + c0, cn, tp);
+            chunk_in<E>(g + c0, cn, tg);
+            chunk_in<E>(m + c0, cn, tm);
+            chunk_in<E>(v + c0, cn, tv);
+            if (AMS) chunk_in<E>(vm + c0, cn, tw);
             adam_span<TF32, AMS, STATS, SVEC>(s, tp, tg, tm, tv, AMS ? tw : nullptr, cn,
                                               SVEC ? gs + c0 : gs, ls);
-            for (int64_t k = 0; k < cn; k++) {
-                p[c0 + k] = E::st(tp[k]);
-                m[c0 + k] = E::st(tm[k]);
-                v[c0 + k] = E::st(tv[k]);
-            }
-            if (AMS)
-                for (int64_t k = 0; k < cn; k++) vm[c0 + k] = E::st(tw[k]);
+            chunk_out<E>(tp, cn, p + c0);
+            chunk_out<E>(tm, cn, m + c0);
+            chunk_out<E>(tv, cn, v + c0);
+            if (AMS) chunk_out<E>(tw, cn, vm + c0);
         }
         return;
     }
@@ -530,7 +583,6 @@ void adam_span(const AdamScalT<typename E::C>& s, typename E::T* __restrict p,
 // 16 bf16 values at a time: the conversions of TBF16::ld / st (exact widening; round to nearest
 // even on the bits, NaN -> 0x7FC0) and the float32 operations of the span's loop in the same
 // order, in one pass (no float32 buffers between the passes of a chunk)
-typedef float v16f __attribute__((vector_size(64)));
 typedef uint32_t v16u __attribute__((vector_size(64)));
 typedef uint16_t v16h __attribute__((vector_size(32)));
 
@@ -641,17 +693,13 @@ void sgd_span(const SgdScalT<typename E::C>& s, typename E::T* __restrict p,
         alignas(64) float tp[NCH], tg[NCH], tb[MOM ? NCH : 1];
         for (int64_t c0 = 0; c0 < n; c0 += NCH) {
             const int64_t cn = n - c0 < NCH ? n - c0 : NCH;
-            for (int64_t k = 0; k < cn; k++) {
-                tp[k] = E::ld(p[c0 + k]);
-                tg[k] = E::ld(g[c0 + k]);
-            }
-            if (MOM)
-                for (int64_t k = 0; k < cn; k++) tb[k] = E::ld(buf[c0 + k]);
+            chunk_in<E>(p + c0, cn, tp);
+            chunk_in<E>(g + c0, cn, tg);
+            if (MOM) chunk_in<E>(buf + c0, cn, tb);
             sgd_span<TF32, MOM, STATS, SVEC>(s, tp, tg, MOM ? tb : nullptr, cn,
                                              SVEC ? gs + c0 : gs, ls);
-            for (int64_t k = 0; k < cn; k++) p[c0 + k] = E::st(tp[k]);
-            if (MOM)
-                for (int64_t k = 0; k < cn; k++) buf[c0 + k] = E::st(tb[k]);
+            chunk_out<E>(tp, cn, p + c0);
+            if (MOM) chunk_out<E>(tb, cn, buf + c0);
         }
         return;
     }
@@ -1082,11 +1130,7 @@ inline void cvt_load(int64_t code, const void* src, int64_t n, float* __restrict
             for (; i < n; i++) dst[i] = TBF16::ld(s[i]);
             break;
         }
-        case F16: {
-            auto* s = static_cast<const _Float16*>(src);
-            for (int64_t i = 0; i < n; i++) dst[i] = TF16::ld(s[i]);
-            break;
-        }
+        case F16: chunk_in<TF16>(static_cast<const _Float16*>(src), n, dst); break;
         default: {
             auto* s = static_cast<const double*>(src);
             for (int64_t i = 0; i < n; i++) dst[i] = TF64::ld(s[i]);
@@ -1110,11 +1154,7 @@ inline void cvt_store(int64_t code, void* dst, int64_t n, const float* __restric
             for (; i < n; i++) d[i] = TBF16::st(src[i]);
             break;
         }
-        case F16: {
-            auto* d = static_cast<_Float16*>(dst);
-            for (int64_t i = 0; i < n; i++) d[i] = TF16::st(src[i]);
-            break;
-        }
+        case F16: chunk_out<TF16>(src, n, static_cast<_Float16*>(dst)); break;
         default: {
             auto* d = static_cast<double*>(dst);
             for (int64_t i = 0; i < n; i++) d[i] = TF64::st(src[i]);
@@ -1143,12 +1183,16 @@ inline v16f ld16<TF32>(const float* p) {
 }
 template <>
 inline v16f ld16<TBF16>(const uint16_t* p) { return bf16_ld16(p); }
+template <>
+inline v16f ld16<TF16>(const _Float16* p) { return f16_ld16(p); }
 template <class E>
 inline void st16(typename E::T* p, v16f x);
 template <>
 inline void st16<TF32>(float* p, v16f x) { std::memcpy(p, &x, 64); }
 template <>
 inline void st16<TBF16>(uint16_t* p, v16f x) { bf16_st16(p, x); }
+template <>
+inline void st16<TF16>(_Float16* p, v16f x) { f16_st16(p, x); }
 
 inline v16f sqrt16(v16f x) {
 #if defined(__AVX512F__)
