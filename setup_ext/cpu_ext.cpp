@@ -341,9 +341,15 @@ void unit_item(const UItem& it, Row r, double* usums, double* part) {
         double acc[COLW] = {0};
         for (int64_t i = 0; i < rows; i++) {
             const auto* q = p + i * cols + it.a;
-            for (int64_t c = 0; c < w; c++) {
-                const double x = E::ld(q[c]);
-                acc[c] += x * x;
+            if constexpr (std::is_same<E, TF16>::value) {  // F16C (GCC converts one by one)
+                alignas(64) float x[COLW];
+                chunk_in<E>(q, w, x);
+                for (int64_t c = 0; c < w; c++) acc[c] += double(x[c]) * double(x[c]);
+            } else {
+                for (int64_t c = 0; c < w; c++) {
+                    const double x = E::ld(q[c]);
+                    acc[c] += x * x;
+                }
             }
         }
         for (int64_t c = 0; c < w; c++) usums[it.a + c] = acc[c];
