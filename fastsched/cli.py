@@ -292,8 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--shapes", type=_shapes, default=None, metavar="LIST",
                    help='a shape set of your own, e.g. "1024x1024,4096,3x3"')
     b.add_argument("--dtypes", type=list_of(DTYPES, "dtype", _DTYPE_ALIASES), default=None,
-                   metavar="LIST", help=f"comma-separated: {dtypes} (default: fp32,bf16 on a "
-                   "GPU, fp32 on the CPU)")
+                   metavar="LIST", help=f"comma-separated: {dtypes} (default: fp32,bf16)")
     b.add_argument("--configs", type=list_of(CONFIGS, "configuration"), default=None,
                    metavar="LIST", help=f"comma-separated configurations: {configs} (default: "
                    f"{','.join(DEFAULT_CONFIGS)} on a GPU, {','.join(CPU_DEFAULT_CONFIGS)} on "

@@ -606,7 +606,9 @@ void fused_wm(const AdamScal& s, const FusedIo& io, int64_t mode, int64_t st, in
 
 // the elements [start, start + n) of row r through adam_fused, n the most it takes (0: none;
 // the rest: lowp_block's chunks): Adam without amsgrad, float32 or bfloat16 parameters,
-// float32, bfloat16 or 8-bit states; scales: the ALLoRA multipliers of the units (or null)
+// float32, bfloat16 or 8-bit states, or fp16 parameters with fp16 states and no mode (plain
+// fp16: its own loop; fp16 with a master or other states takes the chunks); scales: the
+// ALLoRA multipliers of the units (or null)
 template <bool STATS>
 int64_t fused_prefix(int64_t kind, const Scal& s, Row r, int64_t pt, int64_t st, int64_t start,
                      int64_t len, const float* scales, Lanes* ls) {

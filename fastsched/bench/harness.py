@@ -121,7 +121,7 @@ class TimingPlan:
 class BenchOptions:
     sets: list[str] | None = None  # None: every set on a GPU, CPU_DEFAULT_SETS on the CPU
     custom: ShapeSet | None = None
-    dtypes: list[str] | None = None  # None: fp32 and bf16 on a GPU, fp32 on the CPU
+    dtypes: list[str] | None = None  # None: fp32 and bf16
     configs: list[str] | None = None  # None: DEFAULT_CONFIGS on a GPU, CPU_DEFAULT_CONFIGS
     contenders: list[str] | None = None  # None: all on a GPU, CPU_CONTENDERS on the CPU
     scale: float | None = None  # None: 1 on a GPU, CPU_DEFAULT_SCALE on the CPU
