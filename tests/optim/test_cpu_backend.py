@@ -431,12 +431,16 @@ def test_float64_refused_on_triton(float64_tables):
 @pytest.mark.parametrize("momentum, dampening, nesterov", [
     (0.0, 0.0, False), (0.9, 0.0, False), (0.9, 0.3, False), (0.9, 0.0, True)])
 @pytest.mark.parametrize("scaled", ["none", "maximize", "clip", "allora-update"])
-def test_bf16_sgd_loop_variants_bit_for_bit(scaled, momentum, dampening, nesterov):
-    """The bf16 SGD loop is compiled once per combination of its options (momentum, gradient
-    multiplier, step multiplier, dampening, nesterov): each one equals the reference bit for
-    bit (SGD has no square root; both round the same float32 operations to nearest even), with
-    special values in the parameters and gradients: -0, subnormals, a NaN and an infinity
-    (ignored by the guard), over 6 steps; NaN payloads aside."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_bf16_sgd_loop_variants_bit_for_bit(scaled, momentum, dampening, nesterov, dtype,
+                                           exact):
+    """The 16-bit SGD loop (bf16; fp16 through F16C's conversions) is compiled once per
+    combination of its options (momentum, gradient multiplier, step multiplier, dampening,
+    nesterov): each one equals the reference bit for bit (SGD has no square root; both round
+    the same float32 operations to nearest even; ALLoRA's unit sums in float64 on both sides:
+    ``exact``), with special values in the parameters and
+    gradients: -0, subnormals, a NaN and an infinity (ignored by the guard), over 6 steps; NaN
+    payloads aside."""
     kw = dict(lr=0.5, momentum=momentum, dampening=dampening, nesterov=nesterov,
               weight_decay=0.1, nonfinite="ignore")
     if scaled == "maximize":
@@ -446,11 +450,11 @@ def test_bf16_sgd_loop_variants_bit_for_bit(scaled, momentum, dampening, nestero
     elif scaled == "allora-update":
         kw.update(allora_eta=0.7, allora_unit="tensor", allora_apply="update")
     shapes = [(1000,), (3, 129), (64,), (7,)]
-    tiny = torch.finfo(torch.bfloat16).tiny
+    tiny = torch.finfo(dtype).tiny
     runs = []
     for backend in ("cpu", "reference"):
         gen = torch.Generator().manual_seed(11)
-        params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(torch.bfloat16))
+        params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(dtype))
                   for s in shapes]
         with torch.no_grad():
             params[0][:4] = torch.tensor([-0.0, tiny / 4, -tiny / 2, float("inf")])
@@ -459,7 +463,7 @@ def test_bf16_sgd_loop_variants_bit_for_bit(scaled, momentum, dampening, nestero
         out = []
         for k in range(6):
             for p in params:
-                p.grad = torch.randn(p.shape, generator=gen).to(torch.bfloat16)
+                p.grad = torch.randn(p.shape, generator=gen).to(dtype)
             params[1].grad[0, :3] = torch.tensor([-0.0, tiny / 8, float("nan") if k == 2 else 1])
             opt.step()
             out.append([t.detach().clone() for p in params

@@ -14,8 +14,9 @@ fastsched.optim._lowp (the definition of the codec and the generator).
 Bit for bit needs the same float32 operations on both sides. torch's CPU ``sqrt`` of float32 is
 not correctly rounded (up to 0.75 ulp here, MKL's vector routine; the compiled backend rounds
 correctly), and the reference sums ALLoRA unit norms in float32 where the executor sums in
-float64: the fixture ``exact`` makes the reference round like the executor (float32 sqrt through
-float64, which rounds correctly; unit sums in float64), so every difference left is a bug. Its
+float64: the fixture ``exact`` (conftest.py) makes the reference round like the executor
+(float32 sqrt through float64, which rounds correctly; unit sums in float64), so every
+difference left is a bug. Its
 ALLoRA multipliers are contiguous: the reference's ``_flat`` walks the expanded (stride 0) view
 that ``allora_scales`` returns for column units in the wrong order under the low-precision
 options (it sorts dimensions by stride, which puts a broadcast dimension last).
@@ -23,7 +24,6 @@ options (it sorts dimensions by stride, which puts a broadcast dimension last).
 
 from __future__ import annotations
 
-import math
 from types import SimpleNamespace
 
 import pytest
@@ -37,30 +37,6 @@ from fastsched.optim._tables import LowP
 
 pytestmark = pytest.mark.skipif(not _cpu.available(),
                                 reason=f"no compiled CPU backend: {_cpu.reason()}")
-
-
-@pytest.fixture
-def exact(monkeypatch):
-    """The reference with correctly rounded float32 sqrt and float64 ALLoRA unit sums."""
-    sqrt = torch.Tensor.sqrt
-
-    def sqrt_rn(self):
-        if self.dtype == torch.float32:
-            return sqrt(self.double()).float()
-        return sqrt(self)
-
-    def allora_scales(p, unit, inv_eta2, reduce=None):
-        p64 = p.to(torch.float32).double()
-        if p.dim() < 2 or unit == "tensor":
-            n = (p64 * p64).sum().float()
-            return (1.0 / sqrt_rn(n + inv_eta2)).expand(p.shape).contiguous()
-        cols = math.prod(p.shape[1:])
-        v = p64.reshape(p.shape[0], cols)
-        n = (v * v).sum(1 if unit == "row" else 0, keepdim=True).float()
-        return (1.0 / sqrt_rn(n + inv_eta2)).expand_as(v).reshape(p.shape).contiguous()
-
-    monkeypatch.setattr(torch.Tensor, "sqrt", sqrt_rn)
-    monkeypatch.setattr(_reference, "allora_scales", allora_scales)
 
 
 # -- the codec and the generator alone ------------------------------------------------------------
@@ -197,6 +173,14 @@ CONFIGS = {
     "sgd-momentum-bf16-master-8bit": (fastsched.SGD, dict(lr=1e-2, momentum=0.9,
                                                           master_weights=True, **B8),
                                       torch.bfloat16),
+    # 16-bit parameters with their own dtype's states: the fused register loop (Adam without
+    # amsgrad) and the 64-element SGD loop, fp16 through F16C's conversions
+    "adamw-bf16": (fastsched.AdamW, dict(lr=1e-2, weight_decay=0.1), torch.bfloat16),
+    "adam-l2-maximize-fp16": (fastsched.Adam, dict(lr=1e-2, weight_decay=0.1, maximize=True),
+                              torch.float16),
+    "adamw-beta1-0-fp16": (fastsched.AdamW, dict(lr=1e-2, betas=(0.0, 0.99)), torch.float16),
+    "sgd-nesterov-fp16": (fastsched.SGD, dict(lr=1e-2, momentum=0.9, nesterov=True,
+                                              weight_decay=0.1), torch.float16),
 }
 FEATURES = {
     "plain": dict(),
@@ -318,7 +302,8 @@ def test_grad_scaler(name, exact):
 
 
 @pytest.mark.parametrize("name", ["adamw-8bit", "adamw-bf16-sr-8bit", "adamw-bf16-master-8bit",
-                                  "sgd-nesterov-bf16-sr-8bit"])
+                                  "sgd-nesterov-bf16-sr-8bit", "adamw-bf16",
+                                  "adam-l2-maximize-fp16"])
 def test_one_and_two_threads_bit_identical(name):
     cls, kw, dtype = CONFIGS[name]
     kw = {**kw, "max_grad_norm": 1.0, "stats": True, "history": 2}
