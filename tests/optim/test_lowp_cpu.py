@@ -14,7 +14,7 @@ fastsched.optim._lowp (the definition of the codec and the generator).
 Bit for bit needs the same float32 operations on both sides. torch's CPU ``sqrt`` of float32 is
 not correctly rounded (up to 0.75 ulp here, MKL's vector routine; the compiled backend rounds
 correctly), and the reference sums ALLoRA unit norms in float32 where the executor sums in
-float64: the fixture ``exact`` (conftest.py) makes the reference round like the executor
+float64: the fixture ``exact`` (tests/conftest.py) makes the reference round like the executor
 (float32 sqrt through float64, which rounds correctly; unit sums in float64), so every
 difference left is a bug. Its
 ALLoRA multipliers are contiguous: the reference's ``_flat`` walks the expanded (stride 0) view
