@@ -565,25 +565,26 @@ inline int64_t addr_at(const void* base, int64_t elem, int64_t size) {  // base 
     return reinterpret_cast<int64_t>(base) - elem * size;
 }
 
-// the fused loop of adam_fused for a row's types (E: parameter, WM: mode, S: states)
+// the fused loop of adam_fused for a row's types (E: parameter, WM: mode, S: states; fp16
+// parameters: fp16 states only, the plain fp16 step)
 template <class E, int WM, bool STATS, bool FAST>
 void fused_k(const AdamScal& s, const FusedIo& io, int64_t st, int64_t n, Lanes* ls,
              const UnitMul* um) {
-    if (um) {
-        if (st == F32)
-            adam_fused<E, WM, TF32, STATS, true, FAST>(s, io, n, ls, um);
-        else if (st == BF16)
-            adam_fused<E, WM, TBF16, STATS, true, FAST>(s, io, n, ls, um);
+    auto go = [&](auto s_c) {
+        using S = decltype(s_c);
+        if (um)
+            adam_fused<E, WM, S, STATS, true, FAST>(s, io, n, ls, um);
         else
-            adam_fused<E, WM, TQ8, STATS, true, FAST>(s, io, n, ls, um);
-    } else {
-        if (st == F32)
-            adam_fused<E, WM, TF32, STATS, false, FAST>(s, io, n, ls, um);
-        else if (st == BF16)
-            adam_fused<E, WM, TBF16, STATS, false, FAST>(s, io, n, ls, um);
-        else
-            adam_fused<E, WM, TQ8, STATS, false, FAST>(s, io, n, ls, um);
-    }
+            adam_fused<E, WM, S, STATS, false, FAST>(s, io, n, ls, um);
+    };
+    if constexpr (std::is_same<E, TF16>::value)
+        go(TF16{});
+    else if (st == F32)
+        go(TF32{});
+    else if (st == BF16)
+        go(TBF16{});
+    else
+        go(TQ8{});
 }
 template <class E, int WM, bool STATS>
 void fused_s(const AdamScal& s, const FusedIo& io, int64_t st, int64_t n, Lanes* ls,
@@ -596,7 +597,9 @@ void fused_s(const AdamScal& s, const FusedIo& io, int64_t st, int64_t n, Lanes*
 template <class E, bool STATS>
 void fused_wm(const AdamScal& s, const FusedIo& io, int64_t mode, int64_t st, int64_t n,
               Lanes* ls, const UnitMul* um) {
-    if (mode & L::MODE_MASTER)
+    if constexpr (std::is_same<E, TF16>::value)  // (fused_prefix: no mode)
+        fused_s<E, WM_PLAIN, STATS>(s, io, st, n, ls, um);
+    else if (mode & L::MODE_MASTER)
         fused_s<E, WM_MASTER, STATS>(s, io, st, n, ls, um);
     else if (std::is_same<E, TBF16>::value && (mode & L::MODE_SR))
         fused_s<E, WM_SR, STATS>(s, io, st, n, ls, um);
@@ -643,17 +646,9 @@ int64_t fused_prefix(int64_t kind, const Scal& s, Row r, int64_t pt, int64_t st,
                                  : 0;
     io.idx0 = static_cast<uint64_t>(r[L::T_ELEM0] + start);
     const UnitMul* ump = scales ? &um : nullptr;
-    if (f16) {
-        const bool fast = s.adam.lo && s.adam.gmul == 1.0f;
-        if (ump && fast)
-            adam_fused<TF16, WM_PLAIN, TF16, STATS, true, true>(s.adam, io, n, ls, ump);
-        else if (ump)
-            adam_fused<TF16, WM_PLAIN, TF16, STATS, true, false>(s.adam, io, n, ls, ump);
-        else if (fast)
-            adam_fused<TF16, WM_PLAIN, TF16, STATS, false, true>(s.adam, io, n, ls, ump);
-        else
-            adam_fused<TF16, WM_PLAIN, TF16, STATS, false, false>(s.adam, io, n, ls, ump);
-    } else if (pt == F32)
+    if (f16)
+        fused_wm<TF16, STATS>(s.adam, io, mode, st, n, ls, ump);
+    else if (pt == F32)
         fused_wm<TF32, STATS>(s.adam, io, mode, st, n, ls, ump);
     else
         fused_wm<TBF16, STATS>(s.adam, io, mode, st, n, ls, ump);

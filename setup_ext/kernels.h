@@ -645,20 +645,27 @@ inline void bf16_st16(uint16_t* p, v16f x) {
 // the float32 loop).
 // fp16 (E = TF16) takes the same loop with F16C's conversions (the chunks of float32 took
 // 2x torch's fused SGD time with nesterov and weight decay, GPT-2 x0.1, 1 thread).
+// 16 values of E's storage <-> float32 (E: TF32, TBF16, TF16)
 template <class E>
-inline v16f ld16h(const typename E::T* p) {
-    if constexpr (std::is_same<E, TF16>::value)
-        return f16_ld16(p);
-    else
-        return bf16_ld16(p);
+inline v16f ld16(const typename E::T* p);
+template <>
+inline v16f ld16<TF32>(const float* p) {
+    v16f v;
+    std::memcpy(&v, p, 64);
+    return v;
 }
+template <>
+inline v16f ld16<TBF16>(const uint16_t* p) { return bf16_ld16(p); }
+template <>
+inline v16f ld16<TF16>(const _Float16* p) { return f16_ld16(p); }
 template <class E>
-inline void st16h(typename E::T* p, v16f x) {
-    if constexpr (std::is_same<E, TF16>::value)
-        f16_st16(p, x);
-    else
-        bf16_st16(p, x);
-}
+inline void st16(typename E::T* p, v16f x);
+template <>
+inline void st16<TF32>(float* p, v16f x) { std::memcpy(p, &x, 64); }
+template <>
+inline void st16<TBF16>(uint16_t* p, v16f x) { bf16_st16(p, x); }
+template <>
+inline void st16<TF16>(_Float16* p, v16f x) { f16_st16(p, x); }
 template <class E, bool MOM, bool SG, bool POST, bool DAMP, bool NEST>
 void sgd16_loop(const SgdScal& s, float pre, float post, typename E::T* __restrict p,
                 const typename E::T* __restrict g, typename E::T* __restrict buf, int64_t nv) {
@@ -667,9 +674,9 @@ void sgd16_loop(const SgdScal& s, float pre, float post, typename E::T* __restri
     for (int64_t i = 0; i < nv; i += 64) {
         v16f pf[4], d[4], b[4];
         for (int j = 0; j < 4; j++) {  // the group's loads before its stores
-            pf[j] = ld16h<E>(p + i + 16 * j);
-            d[j] = ld16h<E>(g + i + 16 * j);
-            if (MOM) b[j] = ld16h<E>(buf + i + 16 * j);
+            pf[j] = ld16<E>(p + i + 16 * j);
+            d[j] = ld16<E>(g + i + 16 * j);
+            if (MOM) b[j] = ld16<E>(buf + i + 16 * j);
         }
         for (int j = 0; j < 4; j++) {
             if (SG) d[j] = d[j] * gmul * pre;  // (d * gmul) * pre: the float32 loop's order
@@ -682,8 +689,8 @@ void sgd16_loop(const SgdScal& s, float pre, float post, typename E::T* __restri
             pf[j] = pf[j] - lr * d[j];
         }
         for (int j = 0; j < 4; j++) {
-            if (MOM) st16h<E>(buf + i + 16 * j, b[j]);
-            st16h<E>(p + i + 16 * j, pf[j]);
+            if (MOM) st16<E>(buf + i + 16 * j, b[j]);
+            st16<E>(p + i + 16 * j, pf[j]);
         }
     }
 }
@@ -1202,26 +1209,6 @@ inline void cvt_store(int64_t code, void* dst, int64_t n, const float* __restric
 // root of the update, which leave most execution ports idle). ALLoRA: the multipliers of the
 // units filled a quantisation block at a time.
 
-template <class E>
-inline v16f ld16(const typename E::T* p);
-template <>
-inline v16f ld16<TF32>(const float* p) {
-    v16f v;
-    std::memcpy(&v, p, 64);
-    return v;
-}
-template <>
-inline v16f ld16<TBF16>(const uint16_t* p) { return bf16_ld16(p); }
-template <>
-inline v16f ld16<TF16>(const _Float16* p) { return f16_ld16(p); }
-template <class E>
-inline void st16(typename E::T* p, v16f x);
-template <>
-inline void st16<TF32>(float* p, v16f x) { std::memcpy(p, &x, 64); }
-template <>
-inline void st16<TBF16>(uint16_t* p, v16f x) { bf16_st16(p, x); }
-template <>
-inline void st16<TF16>(_Float16* p, v16f x) { f16_st16(p, x); }
 
 inline v16f sqrt16(v16f x) {
 #if defined(__AVX512F__)
@@ -1302,8 +1289,7 @@ void adam_fused(const AdamScal& s, const FusedIo& io, int64_t n, Lanes* ls, cons
     // stochastic rounding: the random words of MB elements at a time, before their loop (the
     // integer chain of the hash apart from the update's; with bf16 states too: 0.965x the
     // time of the hash inside the loop, GPT-2 x0.1, 1 thread)
-    constexpr bool SRB = WM == WM_SR;
-    alignas(64) uint32_t rnd[SRB ? MB : 1];
+    alignas(64) uint32_t rnd[WM == WM_SR ? MB : 1];
     // one group of 16: mf, vf the states in, the new ones out; sc: the ALLoRA multipliers of
     // the group (MUL; else 1, left out as adam_span's multiplications by 1: x * 1 is x)
     auto group = [&](int64_t i, v16f& mf, v16f& vf, const float* sc) {
@@ -1344,7 +1330,7 @@ void adam_fused(const AdamScal& s, const FusedIo& io, int64_t n, Lanes* ls, cons
         ST* __restrict v = static_cast<ST*>(io.v);
         for (int64_t i = 0; i < n; i += 16) {
             if (MUL && i % MB == 0) um->fill(i, n - i < MB ? n - i : MB, mul);
-            if (SRB && i % MB == 0) sr_words(io.src, io.idx0 + i, n - i < MB ? n - i : MB, rnd);
+            if (WM == WM_SR && i % MB == 0) sr_words(io.src, io.idx0 + i, n - i < MB ? n - i : MB, rnd);
             v16f mf = ld16<S>(m + i), vf = ld16<S>(v + i);
             group(i, mf, vf, mul + (MUL ? i % MB : 0));
             st16<S>(m + i, mf);
@@ -1376,7 +1362,7 @@ void adam_fused(const AdamScal& s, const FusedIo& io, int64_t n, Lanes* ls, cons
             nnm = ~nnm;
             nnv = ~nnv;
             if (MUL) um->fill(o, QB, mul);
-            if (SRB) sr_words(io.src, io.idx0 + o, QB, rnd);
+            if (WM == WM_SR) sr_words(io.src, io.idx0 + o, QB, rnd);
             for (int64_t j = 0; j < QB; j += 16) {
                 v16f mf, vf;
                 if (KK) {
