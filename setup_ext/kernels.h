@@ -1329,8 +1329,17 @@ void adam_fused(const AdamScal& s, const FusedIo& io, int64_t n, Lanes* ls, cons
     const float l2 = s.l2, omb1 = s.omb1, omb1c = s.omb1c, omb2 = s.omb2, omb2c = s.omb2c;
     const float eps = s.eps;
     const bool lo = FAST || s.lo, one_gmul = FAST || gmul == 1.0f;
+    // x / 1 is x: the bias correction of the second moment rounds to 1 in float32 once beta2^t
+    // < 2^-24 (beta2 0.999: from step 16.6K on; 0.95: from step 325), and its division, one of
+    // the loop's three divider operations, goes
+    const bool one_bc2 = bc2s == 1.0f;
     Lanes st = STATS ? *ls : Lanes{};  // (flushed at multiples of MB = LANE_RUN and the end)
     const bool upd = MUL && um->upd;
+    // rows or the tensor with the whole range in one unit (unit_pipe's calls): one multiplier
+    // for all, not filled and read back per element
+    const bool one_mul = MUL && um->ulen > 0 && um->e0 % um->ulen + n <= um->ulen;
+    v16f mul1 = {};
+    if (one_mul) mul1 = mul1 + um->scales[um->e0 / um->ulen];
     constexpr int64_t MB = 256;  // multipliers filled at a time (a quantisation block)
     static_assert(MB == LANE_RUN && L::Q_BLOCK == LANE_RUN, "statistics flushed per MB");
     alignas(64) float mul[MUL ? MB : 1];
@@ -1346,7 +1355,7 @@ void adam_fused(const AdamScal& s, const FusedIo& io, int64_t n, Lanes* ls, cons
         if (!one_gmul) gf = gf * gmul;  // x * 1 is x
         v16f scv = {};
         if (MUL) {
-            scv = ld16<TF32>(sc);
+            scv = one_mul ? mul1 : ld16<TF32>(sc);
             if (!upd) gf = gf * scv;
         }
         pf = pf * decay;
@@ -1354,7 +1363,9 @@ void adam_fused(const AdamScal& s, const FusedIo& io, int64_t n, Lanes* ls, cons
         const v16f d = gf - mf;
         mf = lo ? mf + omb1 * d : gf - d * omb1c;
         vf = omb2c * vf + omb2 * gf * gf;
-        v16f u = mf / (sqrt16(vf) / bc2s + eps);
+        v16f den = sqrt16(vf);
+        if (!one_bc2) den = den / bc2s;
+        v16f u = mf / (den + eps);
         if (MUL && upd) u = u * scv;
         pf = pf - step_size * u;
         if (WM == WM_MASTER) {
@@ -1373,7 +1384,7 @@ void adam_fused(const AdamScal& s, const FusedIo& io, int64_t n, Lanes* ls, cons
         ST* __restrict v = static_cast<ST*>(io.v);
         for (int64_t i = 0; i < n; i += 16) {
             if (STATS && i % MB == 0 && i > 0) st.flush();
-            if (MUL && i % MB == 0) um->fill(i, n - i < MB ? n - i : MB, mul);
+            if (MUL && !one_mul && i % MB == 0) um->fill(i, n - i < MB ? n - i : MB, mul);
             if (WM == WM_SR && i % MB == 0) sr_words(io.src, io.idx0 + i, n - i < MB ? n - i : MB, rnd);
             v16f mf = ld16<S>(m + i), vf = ld16<S>(v + i);
             group(i, mf, vf, mul + (MUL ? i % MB : 0));
@@ -1405,7 +1416,7 @@ void adam_fused(const AdamScal& s, const FusedIo& io, int64_t n, Lanes* ls, cons
             v16u xm = {}, xv = {}, nnm = {}, nnv = {};
             nnm = ~nnm;
             nnv = ~nnv;
-            if (MUL) um->fill(o, QB, mul);
+            if (MUL && !one_mul) um->fill(o, QB, mul);
             if (WM == WM_SR) sr_words(io.src, io.idx0 + o, QB, rnd);
             for (int64_t j = 0; j < QB; j += 16) {
                 v16f mf, vf;
