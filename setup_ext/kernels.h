@@ -439,6 +439,48 @@ double sum_sq(const typename E::T* __restrict p, int64_t n) {
     return s.finish(p, n);
 }
 
+// the 8 x 8 transpose: out[j][k] = in[k][j]
+inline void transpose8(const v8d* in, v8d* out) {
+    v8d t[8], u[8];
+    for (int k = 0; k < 8; k += 2) {
+        t[k] = __builtin_shufflevector(in[k], in[k + 1], 0, 8, 2, 10, 4, 12, 6, 14);
+        t[k + 1] = __builtin_shufflevector(in[k], in[k + 1], 1, 9, 3, 11, 5, 13, 7, 15);
+    }
+    for (int k = 0; k < 8; k += 4)
+        for (int h = 0; h < 2; h++) {
+            u[k + h] = __builtin_shufflevector(t[k + h], t[k + h + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+            u[k + h + 2] = __builtin_shufflevector(t[k + h], t[k + h + 2], 2, 3, 10, 11, 6, 7, 14,
+                                                   15);
+        }
+    for (int j = 0; j < 4; j++) {
+        out[j] = __builtin_shufflevector(u[j], u[j + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+        out[j + 4] = __builtin_shufflevector(u[j], u[j + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+    }
+}
+
+// sum_sq of 8 contiguous units of ulen elements (ulen a multiple of 16, or 8), side by side:
+// each unit's lanes as SumSq's, then the 16 lanes of the 8 units transposed and added in
+// lane_sum's order, 8 units to a vector: sum_sq's bits without a scalar chain of 16 additions
+// per unit (a rank-16 LoRA B matrix has rows of 16)
+template <class E>
+void sum_sq_rows8(const typename E::T* __restrict p, int64_t ulen, double* out) {
+    v8d lo[8], hi[8], c[8];
+    const int64_t nw = ulen / W * W;
+    for (int k = 0; k < 8; k++) {
+        SumSq<E> s;
+        s.add(p + k * ulen, nw);
+        if (nw < ulen) s.a0 = add_sq_exact(s.a0, E::ld8d(p + k * ulen + nw));  // 8 more
+        lo[k] = s.a0;
+        hi[k] = s.a1;
+    }
+    v8d sum = {};
+    transpose8(lo, c);
+    for (int j = 0; j < 8; j++) sum += c[j];
+    transpose8(hi, c);
+    for (int j = 0; j < 8; j++) sum += c[j];
+    std::memcpy(out, &sum, 64);
+}
+
 //: elements whose squares a float32 partial sum of Lanes takes before it goes to the float64
 //: lanes (16 per lane: within 16 float32 roundings of exact, ~1e-6 relative, the accuracy of
 //: torch's own float32 norms; the Triton kernels sum whole blocks in float32). Squares straight

@@ -272,6 +272,31 @@ ALLORA_SHAPES = [(), (5,), (3, 8), (6, 17), (40, 300), (64, 96), (7, 1000), (3, 
                  (BLK + 5, 2), (300, 70), (5, 2048), (3, 1031)]
 
 
+#: ALLoRA units the update sums several at a time (setup_ext: sum_sq_rows8 for rows of 8 and
+#: multiples of 16 up to 256, short_sums16 for other rows of at most 16), with unit counts that
+#: leave some to the one-unit loop, a tensor of two blocks, and LoRA's shapes (rank 16)
+SHORT_UNIT_SHAPES = [(37, 16), (21, 8), (19, 32), (9, 48), (11, 256), (35, 5), (50, 12),
+                     (600, 16), (16, 300), (300, 16)]
+SHORT_UNIT_CONFIGS = {
+    "adamw-fp32": (fastsched.AdamW, dict(lr=1e-2, weight_decay=0.1), torch.float32),
+    "sgd-momentum-fp32": (fastsched.SGD, dict(lr=1e-2, momentum=0.9, weight_decay=0.1),
+                          torch.float32),
+    "adamw-bf16": CONFIGS["adamw-bf16"],
+    "adamw-bf16-sr-8bit": CONFIGS["adamw-bf16-sr-8bit"],
+}
+
+
+@pytest.mark.parametrize("unit", ["row", "column"])
+@pytest.mark.parametrize("name", list(SHORT_UNIT_CONFIGS))
+def test_allora_short_units(name, unit, exact):
+    """Short ALLoRA units: their float64 sums (several units side by side) and the float32
+    update of short spans through the fused loop, bit for bit against the reference."""
+    cls, kw, dtype = SHORT_UNIT_CONFIGS[name]
+    kw = {**kw, "allora_eta": 0.7, "allora_unit": unit, "stats": True, "max_grad_norm": 1.0}
+    a, b = _both(cls, kw, SHORT_UNIT_SHAPES, dtype, 6, 5)
+    _check(a, b)
+
+
 @pytest.mark.parametrize("apply", ["grad", "update"])
 @pytest.mark.parametrize("unit", ["row", "column", "tensor"])
 @pytest.mark.parametrize("name", ["adamw-8bit", "adamw-bf16-sr-8bit", "sgd-momentum-8bit",
