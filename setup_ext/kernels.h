@@ -279,13 +279,24 @@ inline v16f fma16(v16f a, v16f b, v16f c) {
 }
 
 inline v8d lo8d(v16f x) {  // lanes 0..7 in float64
-    return __builtin_convertvector(__builtin_shufflevector(x, x, 0, 1, 2, 3, 4, 5, 6, 7), v8d);
+    v8f h;
+    std::memcpy(&h, &x, 32);
+    return __builtin_convertvector(h, v8d);
 }
 
 inline v8d hi8d(v16f x) {  // lanes 8..15 in float64
-    return __builtin_convertvector(__builtin_shufflevector(x, x, 8, 9, 10, 11, 12, 13, 14, 15),
-                                   v8d);
+    v8f h;
+    std::memcpy(&h, reinterpret_cast<const char*>(&x) + 32, 32);
+    return __builtin_convertvector(h, v8d);
 }
+
+// a two-vector shuffle of v8d: __builtin_shufflevector where the compiler has it (clang, GCC
+// 12+), else GCC's __builtin_shuffle (GCC 11 and older build the extension too)
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+#define FS_SHUF8(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define FS_SHUF8(a, b, ...) __builtin_shuffle(a, b, v8l{__VA_ARGS__})
+#endif
 
 inline double lane_sum(v8d a, v8d b) {  // lanes 0..15 in order
     double s = 0;
@@ -443,18 +454,18 @@ double sum_sq(const typename E::T* __restrict p, int64_t n) {
 inline void transpose8(const v8d* in, v8d* out) {
     v8d t[8], u[8];
     for (int k = 0; k < 8; k += 2) {
-        t[k] = __builtin_shufflevector(in[k], in[k + 1], 0, 8, 2, 10, 4, 12, 6, 14);
-        t[k + 1] = __builtin_shufflevector(in[k], in[k + 1], 1, 9, 3, 11, 5, 13, 7, 15);
+        t[k] = FS_SHUF8(in[k], in[k + 1], 0, 8, 2, 10, 4, 12, 6, 14);
+        t[k + 1] = FS_SHUF8(in[k], in[k + 1], 1, 9, 3, 11, 5, 13, 7, 15);
     }
     for (int k = 0; k < 8; k += 4)
         for (int h = 0; h < 2; h++) {
-            u[k + h] = __builtin_shufflevector(t[k + h], t[k + h + 2], 0, 1, 8, 9, 4, 5, 12, 13);
-            u[k + h + 2] = __builtin_shufflevector(t[k + h], t[k + h + 2], 2, 3, 10, 11, 6, 7, 14,
+            u[k + h] = FS_SHUF8(t[k + h], t[k + h + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+            u[k + h + 2] = FS_SHUF8(t[k + h], t[k + h + 2], 2, 3, 10, 11, 6, 7, 14,
                                                    15);
         }
     for (int j = 0; j < 4; j++) {
-        out[j] = __builtin_shufflevector(u[j], u[j + 4], 0, 1, 2, 3, 8, 9, 10, 11);
-        out[j + 4] = __builtin_shufflevector(u[j], u[j + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+        out[j] = FS_SHUF8(u[j], u[j + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+        out[j + 4] = FS_SHUF8(u[j], u[j + 4], 4, 5, 6, 7, 12, 13, 14, 15);
     }
 }
 
