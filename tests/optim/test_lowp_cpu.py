@@ -297,6 +297,22 @@ def test_allora_short_units(name, unit, exact):
     _check(a, b)
 
 
+@pytest.mark.parametrize("name", ["adamw-fp32", "adamw-bf16"])
+def test_allora_short_units_one_and_two_threads(name):
+    """The side-by-side unit sums, the fused short spans and the update statistics: the same
+    bits with 1 and 2 threads."""
+    cls, kw, dtype = SHORT_UNIT_CONFIGS[name]
+    kw = {**kw, "allora_eta": 0.7, "allora_unit": "row", "stats": True, "max_grad_norm": 1.0}
+    grads = _grads(SHORT_UNIT_SHAPES, 3, 8)
+    _, _, one = _run("cpu", cls, kw, SHORT_UNIT_SHAPES, dtype, grads, nthreads=1)
+    _, _, two = _run("cpu", cls, kw, SHORT_UNIT_SHAPES, dtype, grads, nthreads=2)
+    for x, y in zip(one, two):
+        for key in x:
+            xs, ys = (x[key], y[key]) if key == "params" else ([x[key]], [y[key]])
+            for u, v in zip(xs, ys):
+                assert u is None or _bits_equal(u, v), key
+
+
 @pytest.mark.parametrize("apply", ["grad", "update"])
 @pytest.mark.parametrize("unit", ["row", "column", "tensor"])
 @pytest.mark.parametrize("name", ["adamw-8bit", "adamw-bf16-sr-8bit", "sgd-momentum-8bit",
