@@ -203,21 +203,38 @@ def test_stochastic_round_is_unbiased_in_the_kernel():
 import fastsched  # noqa: E402
 
 #: awkward sizes: 0-d, 1 element, one quantisation block -1 / = / +1, several blocks of the
-#: update (block_size 512 and the default 2048) with a partial last one, a matrix, many small
-#: tensors; "odd" is a view 4 bytes past an aligned address (the masked path throughout)
-SHAPES = [(), (1,), (255,), (256,), (257,), (3000,), (33, 65)] + [(7 * k + 1,) for k in range(8)]
+#: update (block_size 512 and the default 2048) with a partial last one, a matrix, small
+#: tensors with partial quantisation blocks of other lengths (8, 29, 50: with the five above,
+#: eight tensors of one program each; every tensor costs a program per pass under the
+#: interpreter); ``_params`` adds a view one element past an aligned address (the masked path
+#: throughout)
+SHAPES = [(), (1,), (255,), (256,), (257,), (3000,), (33, 65), (8,), (29,), (50,)]
+
+#: the ALLoRA unit tests (with ``unaligned=299``): these launch the unit kernel only (no flat
+#: blocks, so block_size plays no part), whose interpreted cost grows with the chunks of each
+#: tile (SHAPES' 3000-element unit: ~7 s of 3 steps on a CPU). Each unit class (lengths <= 16,
+#: <= 128, longer: [128, 16], [16, 128], [8, 256] tiles), mostly several to a launch: 0-d,
+#: 1 element, 15, 50, 257 and the unaligned 299 (two 256-chunks, a masked last one); a matrix
+#: with odd dims whose rows (19) and columns (17) are both of the middle class, over two tiles
+#: with a partial last one and, along a column, two sub-tiles of 16 rows
+UNIT_SHAPES = [(), (1,), (15,), (50,), (257,), (17, 19)]
+#: steps of a comparison (``_run``): the second reads what the first wrote (the states, 8-bit
+#: codes and scales, amsgrad's maximum, the masters, the step that keys stochastic rounding);
+#: a third repeats the second's paths at half again the interpreter's time
+STEPS = 2
 
 
-def _params(dtype, seed=0):
+def _params(dtype, seed=0, shapes=SHAPES, unaligned=1500):
     g = torch.Generator().manual_seed(seed)
-    ps = [torch.randn(s, generator=g).to(dtype) for s in SHAPES]
-    base = torch.randn(1 + 1500, generator=g).to(dtype)
+    ps = [torch.randn(s, generator=g).to(dtype) for s in shapes]
+    base = torch.randn(1 + unaligned, generator=g).to(dtype)
     ps.append(base[1:])  # unaligned storage offset
     return [torch.nn.Parameter(p.to(DEV)) for p in ps]
 
 
-def _run(cls, backend, dtype, steps=3, nan_step=None, block_size=512, **kw):
-    params = _params(dtype)
+def _run(cls, backend, dtype, steps=STEPS, nan_step=None, block_size=512, shapes=SHAPES,
+         unaligned=1500, **kw):
+    params = _params(dtype, shapes=shapes, unaligned=unaligned)
     opt = cls(params, backend=backend, block_size=block_size, **kw)
     for k in range(steps):
         g = torch.Generator().manual_seed(100 + k)
@@ -346,8 +363,9 @@ def test_stochastic_rounding_is_exact_on_equal_inputs():
                                 dict(stochastic_rounding=True, seed=3)], ids=["bf16states", "sr"])
 def test_allora_units_below_fp32(unit, kw):
     dtype = torch.bfloat16 if kw.get("stochastic_rounding") else torch.float32
-    pa, a = _run(fastsched.AdamW, "triton", dtype, allora_eta=0.5, allora_unit=unit, **kw)
-    pb, b = _run(fastsched.AdamW, "reference", dtype, allora_eta=0.5, allora_unit=unit, **kw)
+    kw = dict(kw, allora_eta=0.5, allora_unit=unit, shapes=UNIT_SHAPES, unaligned=299)
+    pa, a = _run(fastsched.AdamW, "triton", dtype, **kw)
+    pb, b = _run(fastsched.AdamW, "reference", dtype, **kw)
     _compare(a, b, pa, pb, dtype)
 
 
@@ -456,7 +474,8 @@ def test_sr_step_of_a_shard(elem0):
 def test_allora_units_with_master(unit):
     """With a master copy the unit norms are those of the fp32 master (the weights the step
     updates), as in the reference and the C++ executor."""
-    kw = dict(master_weights=True, allora_eta=0.5, allora_unit=unit)
+    kw = dict(master_weights=True, allora_eta=0.5, allora_unit=unit, shapes=UNIT_SHAPES,
+              unaligned=299)
     pa, a = _run(fastsched.AdamW, "triton", torch.bfloat16, **kw)
     pb, b = _run(fastsched.AdamW, "reference", torch.bfloat16, **kw)
     _compare(a, b, pa, pb, torch.bfloat16)
