@@ -4,25 +4,15 @@ would do), and the study runs end to end. Nothing here asserts a timing."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 import fastsched
 
-_PATH = Path(__file__).resolve().parents[2] / "bench" / "ema_stall.py"
-
 
 @pytest.fixture(scope="module")
-def es():
-    spec = importlib.util.spec_from_file_location("ema_stall", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["ema_stall"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+def es(bench_script):
+    return bench_script("ema_stall")
 
 
 @pytest.mark.parametrize("backend", ["reference", "auto"])

@@ -3,35 +3,24 @@ as it found it. Nothing here asserts a timing."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 from fastsched.optim import _cpu
 
-_PATH = Path(__file__).resolve().parents[2] / "bench" / "unit_pipe_ab.py"
-
 pytestmark = pytest.mark.skipif(not _cpu.available(), reason=f"no compiled CPU backend: "
                                                               f"{_cpu.reason()}")
 
 
-def _module():
-    spec = importlib.util.spec_from_file_location("unit_pipe_ab", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_runs_and_restores_the_setting(tmp_path, capsys, dtype):
+def test_runs_and_restores_the_setting(tmp_path, capsys, dtype, bench_script):
     ext = _cpu.ext()
     out = tmp_path / "ab.json"
     ext.unit_pipe(False)
     try:
-        assert _module().main(["--scale", "0.002", "--rounds", "2", "--dtype", dtype,
-                               "--json", str(out)]) == 0
+        assert bench_script("unit_pipe_ab").main(["--scale", "0.002", "--rounds", "2",
+                                                  "--dtype", dtype, "--json", str(out)]) == 0
         assert ext.unit_pipe(True) is False  # the setting it found
     finally:
         ext.unit_pipe(True)
