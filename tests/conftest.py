@@ -74,3 +74,23 @@ def exact(monkeypatch):
 
     monkeypatch.setattr(torch.Tensor, "sqrt", sqrt_rn)
     monkeypatch.setattr(_reference, "allora_scales", allora_scales)
+
+
+@pytest.fixture(scope="session")
+def bench_script():
+    """load(NAME): bench/NAME.py as a module (those scripts run as ``python bench/NAME.py``, not
+    from a package), registered in sys.modules under NAME (dataclasses and pickling look their
+    module up there). Here for the reason ``exact`` is."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "bench"
+
+    def load(name):
+        spec = importlib.util.spec_from_file_location(name, bench / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[name] = mod
+        spec.loader.exec_module(mod)
+        return mod
+    return load
