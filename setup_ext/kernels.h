@@ -822,7 +822,7 @@ void sgd_span(const SgdScalT<typename E::C>& s, typename E::T* __restrict p,
             loops[sg | po << 1 | damp << 2 | s.nesterov << 3](s, pre, post, p, g, buf, nv);
         }
         if (nv == n) return;
-        p += nv;  // the rest (< 64) through the chunk below
+        p += nv;  // the rest (< 64): the chunks below (fp32: the span loop)
         g += nv;
         if (MOM) buf += nv;
         n -= nv;
