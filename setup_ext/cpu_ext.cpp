@@ -1072,6 +1072,32 @@ PyObject* py_sr_round(PyObject*, PyObject* args) {
     Py_RETURN_NONE;
 }
 
+// the division of the Adam loop's bias correction (div_by16) over a float32 array, for tests
+// against float32 division
+PyObject* py_div_by(PyObject*, PyObject* args) {
+    long long xa, n, oa;
+    float b;
+    if (!PyArg_ParseTuple(args, "LfLL", &xa, &b, &n, &oa)) return nullptr;
+    if (!(b > 0.0f) || std::isinf(b)) {
+        PyErr_Format(PyExc_ValueError, "div_by: b must be a finite float32 > 0, got %g", (double)b);
+        return nullptr;
+    }
+    auto* x = reinterpret_cast<const float*>(xa);
+    auto* out = reinterpret_cast<float*>(oa);
+    const float y = 1.0f / b;
+    for (int64_t i = 0; i < n; i += 16) {
+        const int64_t m = n - i < 16 ? n - i : 16;
+        alignas(64) float t[16] = {0};
+        std::memcpy(t, x + i, 4 * m);
+        v16f a;
+        std::memcpy(&a, t, 64);
+        a = div_by16(a, b, y);
+        std::memcpy(t, &a, 64);
+        std::memcpy(out + i, t, 4 * m);
+    }
+    Py_RETURN_NONE;
+}
+
 PyObject* py_q_top(PyObject*, PyObject*) { return PyFloat_FromDouble(Q_TOP); }
 
 PyObject* py_dtype_codes(PyObject*, PyObject*) {
@@ -1146,6 +1172,8 @@ PyMethodDef methods[] = {
      "dequantize(codes, scales, n, signed, out): 8-bit codes -> float32."},
     {"sr_round", py_sr_round, METH_VARARGS,
      "sr_round(x, n, key, step, elem0, out): float32 -> bfloat16 by stochastic rounding."},
+    {"div_by", py_div_by, METH_VARARGS,
+     "div_by(x, b, n, out): float32 x / b as the Adam loop divides by its bias correction."},
     {"q_top", py_q_top, METH_NOARGS, "The largest code magnitude (layout.Q_TOP)."},
     {"unit_pipe", py_unit_pipe, METH_VARARGS,
      "unit_pipe(on): whether an ALLoRA unit is summed beside the update of the unit before it "

@@ -36,7 +36,7 @@ DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.floa
 #: the tensors table's T_SDTYPE / T_MODE columns); a build without them is refused at load
 SUPPORTS_LOWP = True
 _API = ("layout", "dtype_codes", "block", "grad_stats", "finalize", "unit_sums", "update",
-        "stream", "quantize", "dequantize", "sr_round", "q_top")
+        "stream", "quantize", "dequantize", "sr_round", "q_top", "div_by")
 _STATE_CODES = _lowp.STATE_CODES
 HOW = ("install a C++ compiler with OpenMP (e.g. `apt-get install g++`) and reinstall with "
        "`pip install -e .`")

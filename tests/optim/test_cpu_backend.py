@@ -17,6 +17,7 @@ by one ulp for some inputs, so float32 results are close, not identical.
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -564,6 +565,33 @@ def test_stream_kernel():
     p, g, m, v = (x.clone() for x in t)
     _cpu.ext().stream(p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), 10, 2)
     assert torch.equal(p, t[2]) and torch.equal(m, t[3]) and torch.equal(v, t[0] ^ t[1])
+
+
+@needs_ext
+def test_bias_correction_division_has_the_dividers_bits():
+    """The Adam loop divides sqrt(v) by sqrt(1 - beta2^t) with a multiply and two fma
+    (Markstein's correction, div_by16 in setup_ext/kernels.h): float32 division's bits for the
+    bias corrections of common beta2 and for random divisors, on dividends of every exponent
+    the loop divides (the square root of a float32: 0, 2^-75 .. 2^64), inf and NaN."""
+    gen = torch.Generator().manual_seed(11)
+    n = 1 << 16
+    sig = torch.randint(0, 1 << 23, (n,), generator=gen, dtype=torch.int32)
+    exp = torch.randint(127 - 75, 127 + 65, (n,), generator=gen, dtype=torch.int32)
+    a = ((exp << 23) | sig).view(torch.float32)
+    a[:4] = torch.tensor([0.0, float("inf"), float("nan"), 3.7e-23])
+    divisors = [math.sqrt(1.0 - beta2 ** t) for beta2 in (0.999, 0.99, 0.95, 0.9999)
+                for t in (1, 2, 3, 10, 77, 1000, 5000)]
+    divisors += (torch.rand(40, generator=gen, dtype=torch.float64) * 0.999 + 1e-3).tolist()
+    ext = _cpu.ext()
+    out = torch.empty_like(a)
+    for b in divisors:
+        b32 = torch.tensor(b, dtype=torch.float32)
+        bf = b32.item()
+        ext.div_by(a.data_ptr(), bf, n, out.data_ptr())
+        torch.testing.assert_close(out, a / b32.expand(n), rtol=0, atol=0, equal_nan=True,
+                                   msg=lambda m, bf=bf: f"b = {bf!r}: {m}")
+    with pytest.raises(ValueError, match="b must be a finite float32 > 0"):
+        ext.div_by(a.data_ptr(), 0.0, n, out.data_ptr())
 
 
 @needs_ext
