@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import datetime as _dt
 import functools
@@ -169,6 +170,9 @@ class MemoryMeter:
         self.dev = dev
         self.base = 0
         self._top = 0
+        self._closed = False  # after close(): only window() counts
+        self._level = 0  # net bytes the windows added
+        self._level_top = 0
         self._in_use = None if dev.is_cuda else _malloc_in_use()
         if dev.is_cuda:
             self.method = ("torch.cuda.max_memory_allocated above the allocation before the "
@@ -195,15 +199,35 @@ class MemoryMeter:
         self.base = self._top = self._now()
 
     def sample(self) -> None:
-        if not self.dev.is_cuda:
+        if not self.dev.is_cuda and not self._closed:
             self._top = max(self._top, self._now())
+
+    def close(self) -> None:
+        """End the open measurement (the build and first step) on the CPU: from here on other
+        work allocates too (the CPU run's contenders of a configuration are alive together),
+        so only what :meth:`window` sees around this contender's own steps adds to the peak."""
+        self.sample()
+        self._closed = True
+
+    @contextlib.contextmanager
+    def window(self):
+        """This contender's steps (the others alive but idle): the bytes in use they add or
+        free go to a running level whose maximum adds to the peak after :meth:`close`."""
+        if self.dev.is_cuda or not self._closed:
+            yield
+            self.sample()
+            return
+        w0 = self._now()
+        yield
+        self._level += self._now() - w0
+        self._level_top = max(self._level_top, self._level)
 
     def peak(self) -> int:
         if self.dev.is_cuda:
             self.dev.sync()
             return int(torch.cuda.max_memory_allocated(self.dev.torch_device) - self.base)
         self.sample()
-        return int(max(0, self._top - self.base))
+        return int(max(0, self._top - self.base) + self._level_top)
 
 
 def _cpu_model() -> str:

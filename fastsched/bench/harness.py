@@ -374,25 +374,26 @@ def _measure_interleaved(lives: list[tuple[dict, Built, MemoryMeter]], dev: Devi
     order reversed every other round), then single synchronised steps in the same way."""
     ests = []
     for _, built, meter in lives:
-        est = dev.time_single(built.step)
-        n, t0 = 0, time.perf_counter()
-        while n < plan.warmup_min or (time.perf_counter() - t0 < plan.warmup_s and n < 50):
-            built.step()
-            n += 1
-        dev.sync()
+        with meter.window():
+            est = dev.time_single(built.step)
+            n, t0 = 0, time.perf_counter()
+            while n < plan.warmup_min or (time.perf_counter() - t0 < plan.warmup_s and n < 50):
+                built.step()
+                n += 1
+            dev.sync()
         ests.append(max(min(est, (time.perf_counter() - t0) / max(n, 1)), 1e-7))
-        meter.sample()
     per_block = [max(1, min(1000, round(plan.block_s / e))) for e in ests]
     b2b: list[list[float]] = [[] for _ in lives]
     lat: list[list[float]] = [[] for _ in lives]
     order = list(range(len(lives)))
     for r in range(plan.blocks):
         for i in (order if r % 2 == 0 else order[::-1]):
-            b2b[i].append(dev.time_block(lives[i][1].step, per_block[i]))
-            lives[i][2].sample()
+            with lives[i][2].window():
+                b2b[i].append(dev.time_block(lives[i][1].step, per_block[i]))
     for r in range(plan.latency_min):
         for i in (order if r % 2 == 0 else order[::-1]):
-            lat[i].append(dev.time_single(lives[i][1].step))
+            with lives[i][2].window():
+                lat[i].append(dev.time_single(lives[i][1].step))
     return [{"b2b_s": {**quantiles(b2b[i]), "steps_per_block": per_block[i]},
              "latency_s": quantiles(lat[i]),
              "steps": 2 + plan.warmup_min + plan.blocks * per_block[i] + plan.latency_min,
@@ -418,6 +419,10 @@ def _run_interleaved(sset: ShapeSet, dtype: str, config: str, keys: list[str], m
                                              schedule, shared, gate, threads)
             recs[i] = rec
             if built is not None:
+                # the contenders built after this one allocate too: from here on its peak
+                # grows only with what its own steps add (it counted every contender built
+                # later: fastsched's AdamW on GPT-2 x0.1 showed 525 MiB for 95 MiB of state)
+                meter.close()
                 lives.append((rec, built, meter))
         if lives:
             with warnings.catch_warnings():
