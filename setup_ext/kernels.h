@@ -761,10 +761,10 @@ inline void bf16_st16(uint16_t* p, v16f x) {
 // The bf16 loop of sgd_span, 64 elements at a time, its options fixed at compile time: GCC kept
 // the tests of loop-invariant options in the loop (a vucomiss and two branches per option and
 // 16 elements; perf annotate). One thread of SGD on bf16 is bound by vector instructions, not
-// memory, on a Zen 4 (a loop without the arithmetic moves the same bytes 1.5x faster), and
-// torch's fused SGD, compiled with contraction, does 2 of our 6 operations as FMAs; without
-// contraction (the results of every backend bit for bit) this loop stays 0.8-1.0x of it
-// there. SG: the gradient's multipliers
+// memory, on a Zen 4 (a loop without the arithmetic moves the same bytes 1.5x faster). (It
+// measured 0.8-1.0x torch's fused bf16 SGD there, but torch 2.12-2.13's fused CPU SGD leaves
+// the SIMD blocks of bf16 and fp16 parameters unchanged, pytorch/pytorch#191763: a step that
+// does less; the benchmark no longer times it.) SG: the gradient's multipliers
 // (gmul, pre) are not both 1; POST: the step's multiplier (s.upd) is not 1; DAMP: mom_b != 1.
 // A multiplication by 1 is skipped only where it is exact (x * 1 is x; a NaN stays a NaN,
 // stored as 0x7FC0 whatever its payload); weight decay always runs (d + 0 * inf is NaN, as in

@@ -28,7 +28,7 @@ from .device import Device
 
 __all__ = ["Config", "Storage", "Contender", "CONFIGS", "CONTENDERS", "Built", "Setup",
            "Unavailable", "Skipped", "contenders_for", "HYPER", "CLIP_NORM", "ALLORA_ETA",
-           "CPU_CONTENDERS", "LOWP_CONFIGS", "state_nbytes", "library_versions"]
+           "CPU_CONTENDERS", "CPU_EXTRA", "LOWP_CONFIGS", "state_nbytes", "library_versions"]
 
 #: hyperparameters shared by every contender
 HYPER = {"lr": 1e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
@@ -428,8 +428,44 @@ def _scheduler(setup: Setup, opt):
 
 # -- torch contenders -------------------------------------------------------------------------
 
+_FUSED_SGD_PROBE: dict[torch.dtype, str] = {}
+
+
+def _fused_sgd_fault(dtype: torch.dtype) -> str:
+    """Why torch's fused CPU SGD computes a wrong step on ``dtype`` parameters ("" if it does
+    not; cached). torch 2.12-2.13 leave the whole SIMD blocks of bf16 and fp16 parameters
+    unchanged and update only the remainder (pytorch/pytorch#191763): one step with momentum on
+    67 elements against the for-loop step on the same values, which must agree to a few units
+    in the last place of ``dtype``."""
+    if dtype in _FUSED_SGD_PROBE:
+        return _FUSED_SGD_PROBE[dtype]
+    base = torch.linspace(-2.0, 2.0, 67).to(dtype)
+    grad = torch.linspace(1.0, -1.5, 67).to(dtype)
+    out = []
+    for flags in ({"fused": True}, {"foreach": False}):
+        p = torch.nn.Parameter(base.clone())
+        p.grad = grad.clone()
+        torch.optim.SGD([p], lr=0.1, momentum=0.9, **flags).step()
+        out.append(p.detach().float())
+    err = (out[0] - out[1]).abs()
+    tol = 4 * torch.finfo(dtype).eps * out[1].abs().clamp(min=1.0)
+    bad = int((err > tol).sum())
+    why = "" if bad == 0 else (
+        f"torch {torch.__version__}'s fused CPU SGD computed a wrong step on "
+        f"{DTYPE_NAMES.get(dtype, dtype)} parameters ({bad} of 67 elements differ from the "
+        "for-loop step; pytorch/pytorch#191763: the SIMD blocks are left unchanged): a wrong "
+        "step is not timed")
+    _FUSED_SGD_PROBE[dtype] = why
+    return why
+
+
 def _build_torch(impl: str) -> Callable[[Setup], Built]:
     def build(setup: Setup) -> Built:
+        if impl == "fused" and setup.config.key == "sgd" and not setup.dev.is_cuda \
+                and setup.dtype in (torch.bfloat16, torch.float16):
+            why = _fused_sgd_fault(setup.dtype)
+            if why:
+                raise Unavailable(why)
         st = setup.config.storage
         if st is not None and st.states is not None \
                 and {"bf16": torch.bfloat16, "fp32": torch.float32}.get(st.states) != setup.dtype:
@@ -852,6 +888,9 @@ CONTENDERS: dict[str, Contender] = {c.key: c for c in (
 #: implementation (fused), fastsched (the compiled CPU backend) and the stream ceiling
 CPU_CONTENDERS = ("torch-fused", "fastsched", "fastsched-plain", "stream", "fp32-baseline",
                   "torch-master", "torchao-sr", "torchao-8bit", "bnb-8bit")
+#: contenders a default CPU run adds for one configuration: SGD keeps a torch contender in
+#: bf16 and fp16 where torch's fused CPU SGD computes a wrong step (:func:`_fused_sgd_fault`)
+CPU_EXTRA = {"sgd": ("torch-foreach",)}
 
 _BY_CONFIG = {
     "adamw": ("torch-forloop", "torch-foreach", "torch-fused", "torch-fused-graph",
@@ -874,10 +913,12 @@ _BY_CONFIG = {
 
 def contenders_for(config: str, cpu: bool | None = None) -> list[Contender]:
     """The contenders of ``config``: every one (``cpu`` None), those of a default CPU run
-    (:data:`CPU_CONTENDERS`, ``cpu`` True) or of a default GPU run (all but the CPU ceiling)."""
+    (:data:`CPU_CONTENDERS` and :data:`CPU_EXTRA`, ``cpu`` True) or of a default GPU run (all
+    but the CPU ceiling)."""
     keys = _BY_CONFIG[config]
     if cpu is True:
-        keys = tuple(k for k in keys if k in CPU_CONTENDERS)
+        extra = CPU_EXTRA.get(config, ())
+        keys = tuple(k for k in keys if k in CPU_CONTENDERS or k in extra)
     elif cpu is False:
         keys = tuple(k for k in keys if k != "stream")
     return [CONTENDERS[k] for k in keys]
