@@ -1073,13 +1073,13 @@ PyObject* py_sr_round(PyObject*, PyObject* args) {
 }
 
 // the division of the Adam loop's bias correction (div_by16) over a float32 array, for tests
-// against float32 division
+// against float32 division on the loop's inputs (b in (0, 1]; no overflowing quotient)
 PyObject* py_div_by(PyObject*, PyObject* args) {
     long long xa, n, oa;
     float b;
     if (!PyArg_ParseTuple(args, "LfLL", &xa, &b, &n, &oa)) return nullptr;
-    if (!(b > 0.0f) || std::isinf(b)) {
-        PyErr_Format(PyExc_ValueError, "div_by: b must be a finite float32 > 0, got %g", (double)b);
+    if (!(b > 0.0f && b <= 1.0f)) {  // (the bias correction's range: div_by16's inputs)
+        PyErr_Format(PyExc_ValueError, "div_by: b must be a float32 in (0, 1], got %g", (double)b);
         return nullptr;
     }
     auto* x = reinterpret_cast<const float*>(xa);
@@ -1173,7 +1173,8 @@ PyMethodDef methods[] = {
     {"sr_round", py_sr_round, METH_VARARGS,
      "sr_round(x, n, key, step, elem0, out): float32 -> bfloat16 by stochastic rounding."},
     {"div_by", py_div_by, METH_VARARGS,
-     "div_by(x, b, n, out): float32 x / b as the Adam loop divides by its bias correction."},
+     "div_by(x, b, n, out): float32 x / b, b in (0, 1], as the Adam loop divides by its bias "
+     "correction."},
     {"q_top", py_q_top, METH_NOARGS, "The largest code magnitude (layout.Q_TOP)."},
     {"unit_pipe", py_unit_pipe, METH_VARARGS,
      "unit_pipe(on): whether an ALLoRA unit is summed beside the update of the unit before it "

@@ -278,17 +278,21 @@ inline v16f fma16(v16f a, v16f b, v16f c) {
 #endif
 }
 
-// a / b for a float32 constant b > 0 with y = 1 / b (float32, rounded to nearest): Markstein's
-// correction, q = a * y, r = a - q * b (exact in one fma), q + r * y, is the correctly rounded
-// quotient (P. Markstein, "Computation of elementary functions on the IBM RISC System/6000
-// processor", IBM J. Res. Dev. 34 (1990); J.-M. Muller et al., Handbook of Floating-Point
-// Arithmetic, on division with an fma): the bits of a / b from a multiply and two fma instead of the divider,
-// which a group of 16 Adam elements occupies three times (sqrt, this division, the update's
-// division: ~10-12 cycles each on a 512-bit vector, more than the rest of the group's work).
-// Checked against division on every float32 significand of a for 4212 divisors (the bias
-// corrections sqrt(1 - beta2^t) of nine beta2 up to step 20000, random b in [2^-30, 1)) and
-// every exponent of a for five; tests/optim/test_cpu_backend.py checks it on every build. An
-// infinite a gives r = NaN: it keeps q (inf / b is inf); a NaN stays a NaN; 0 gives 0.
+// a / b for a float32 constant b in (0, 1] with y = 1 / b (float32, rounded to nearest), by
+// Markstein's correction: q = a * y, r = a - q * b (exact in one fma), q + r * y (P. Markstein,
+// "Computation of elementary functions on the IBM RISC System/6000 processor", IBM J. Res. Dev.
+// 34 (1990); J.-M. Muller et al., Handbook of Floating-Point Arithmetic, on division with an
+// fma). The theorem wants q within one ulp of a / b, which RN(a * y) need not be, so the claim
+// "the bits of a / b" rests on the check: setup_ext/check_div_by.c compared it with division on
+// every float32 significand of a for 22212 divisors (the bias corrections sqrt(1 - beta2^t) of
+// nine beta2 up to step 20000, 20000 random b in [2^-30, 1)) and on every exponent of a from
+// 2^-75 to 2^64 for six: no difference; tests/optim/test_cpu_backend.py checks it again on
+// AVX-512 builds (others divide). It replaces one of the three divider operations of a group
+// of 16 Adam elements (sqrt, this division, the update's division: ~10-12 cycles each on a
+// 512-bit vector). Inputs are the loop's: a = sqrt(v) is +0, in [2^-75, 2^64], inf or NaN, so
+// the quotient never overflows (an overflowing one would come out NaN) and a -0 (which sqrt(v)
+// never is: v >= +0) would come out +0. An infinite a gives r = NaN: it keeps q (inf / b is
+// inf); a NaN stays a NaN; 0 gives 0.
 inline v16f div_by16(v16f a, float b, float y) {
 #if defined(__AVX512F__)
     const __m512 va = (__m512)a, vb = _mm512_set1_ps(b), vy = _mm512_set1_ps(y);
