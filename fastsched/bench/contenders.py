@@ -434,9 +434,10 @@ _FUSED_SGD_PROBE: dict[torch.dtype, str] = {}
 def _fused_sgd_fault(dtype: torch.dtype) -> str:
     """Why torch's fused CPU SGD computes a wrong step on ``dtype`` parameters ("" if it does
     not; cached). torch 2.12-2.13 leave the whole SIMD blocks of bf16 and fp16 parameters
-    unchanged and update only the remainder (pytorch/pytorch#191763): one step with momentum on
-    67 elements against the for-loop step on the same values, which must agree to a few units
-    in the last place of ``dtype``."""
+    unchanged and update only the remainder, and read the momentum buffer wrongly from the
+    second step (pytorch/pytorch#191763, fixed by #192545): two steps with momentum on 67
+    elements against the for-loop steps on the same values, which must agree to a few units in
+    the last place of ``dtype``."""
     if dtype in _FUSED_SGD_PROBE:
         return _FUSED_SGD_PROBE[dtype]
     base = torch.linspace(-2.0, 2.0, 67).to(dtype)
@@ -444,8 +445,10 @@ def _fused_sgd_fault(dtype: torch.dtype) -> str:
     out = []
     for flags in ({"fused": True}, {"foreach": False}):
         p = torch.nn.Parameter(base.clone())
-        p.grad = grad.clone()
-        torch.optim.SGD([p], lr=0.1, momentum=0.9, **flags).step()
+        opt = torch.optim.SGD([p], lr=0.1, momentum=0.9, **flags)
+        for k in range(2):
+            p.grad = grad * (1.0 - 0.5 * k)
+            opt.step()
         out.append(p.detach().float())
     err = (out[0] - out[1]).abs()
     tol = 4 * torch.finfo(dtype).eps * out[1].abs().clamp(min=1.0)
@@ -453,8 +456,8 @@ def _fused_sgd_fault(dtype: torch.dtype) -> str:
     why = "" if bad == 0 else (
         f"torch {torch.__version__}'s fused CPU SGD computed a wrong step on "
         f"{DTYPE_NAMES.get(dtype, dtype)} parameters ({bad} of 67 elements differ from the "
-        "for-loop step; pytorch/pytorch#191763: the SIMD blocks are left unchanged): a wrong "
-        "step is not timed")
+        "for-loop's after two steps; pytorch/pytorch#191763: the SIMD blocks are left "
+        "unchanged): a wrong step is not timed")
     _FUSED_SGD_PROBE[dtype] = why
     return why
 
@@ -888,8 +891,9 @@ CONTENDERS: dict[str, Contender] = {c.key: c for c in (
 #: implementation (fused), fastsched (the compiled CPU backend) and the stream ceiling
 CPU_CONTENDERS = ("torch-fused", "fastsched", "fastsched-plain", "stream", "fp32-baseline",
                   "torch-master", "torchao-sr", "torchao-8bit", "bnb-8bit")
-#: contenders a default CPU run adds for one configuration: SGD keeps a torch contender in
-#: bf16 and fp16 where torch's fused CPU SGD computes a wrong step (:func:`_fused_sgd_fault`)
+#: contenders a default CPU run adds for one configuration: torch's foreach SGD, in every
+#: dtype, so that SGD keeps a torch contender where torch's fused CPU SGD computes a wrong step
+#: (bf16 and fp16 in torch 2.12-2.13: :func:`_fused_sgd_fault`)
 CPU_EXTRA = {"sgd": ("torch-foreach",)}
 
 _BY_CONFIG = {

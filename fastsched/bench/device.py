@@ -171,7 +171,8 @@ class MemoryMeter:
         self.base = 0
         self._top = 0
         self._closed = False  # after close(): only window() counts
-        self._level = 0  # net bytes the windows added
+        self._at_close = 0  # bytes in use when close() ran
+        self._level = 0  # net bytes the windows added since
         self._level_top = 0
         self._in_use = None if dev.is_cuda else _malloc_in_use()
         if dev.is_cuda:
@@ -207,12 +208,18 @@ class MemoryMeter:
         work allocates too (the CPU run's contenders of a configuration are alive together),
         so only what :meth:`window` sees around this contender's own steps adds to the peak."""
         self.sample()
+        self._at_close = self._now()
         self._closed = True
 
     @contextlib.contextmanager
     def window(self):
         """This contender's steps (the others alive but idle): the bytes in use they add or
-        free go to a running level whose maximum adds to the peak after :meth:`close`."""
+        free go to a running level whose maximum, over what was in use at :meth:`close`, is the
+        peak when above the first step's. Net bytes over a window: memory this contender
+        leaves to a garbage collection that runs in another's window stays counted here, and
+        memory of another freed in this one lowers the level (a collection of reference cycles
+        between windows would settle both; the optimizers timed free theirs by reference
+        count)."""
         if self.dev.is_cuda or not self._closed:
             yield
             self.sample()
@@ -227,7 +234,8 @@ class MemoryMeter:
             self.dev.sync()
             return int(torch.cuda.max_memory_allocated(self.dev.torch_device) - self.base)
         self.sample()
-        return int(max(0, self._top - self.base) + self._level_top)
+        top = max(self._top, self._at_close + self._level_top) if self._closed else self._top
+        return int(max(0, top - self.base))
 
 
 def _cpu_model() -> str:
