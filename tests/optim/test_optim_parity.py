@@ -78,6 +78,8 @@ def check_parity(case: Case, inputs: Inputs, dtype, ours: list[torch.Tensor], *,
         assert_low_precision_close(ours, fused, ref, msg=f"{case.id} {dtype} vs fused")
         # the whole set against the more accurate of torch's implementations: fused CPU SGD
         # in bf16 ended 2.8 away from float64 after 50 steps, the for-loop 0.11 and ours 0.11
+        # (torch 2.12-2.13's fused CPU SGD leaves the SIMD blocks of bf16 / fp16 parameters
+        # unchanged, pytorch/pytorch#191763: the tensor-by-tensor check above is loose there)
         # (single tensors are too noisy for this: 1-element tensors land 1-10 ulp apart)
         loop = torch_run(case, inputs, dtype, fused=False, schedule=schedule)
         flat = lambda ts: [torch.cat([t.reshape(-1) for t in ts])]  # noqa: E731
@@ -96,8 +98,11 @@ def test_reference_backend_matches_torch(case, dtype):
     check_parity(case, inputs, dtype, ours)
 
 
-# -- the Triton kernels (the interpreter on CPU): a representative subset over 50 steps ---------
+# -- the Triton kernels (the interpreter on CPU): a representative subset over 30 steps ---------
 
+#: steps of the subset below under the Triton interpreter: 30 (50 took 93 s of the suite; each
+#: configuration's 50-step drift against torch runs on the reference and compiled CPU backends)
+TRITON_STEPS = 30
 #: every option at least once, every dtype twice
 TRITON_SUBSET = [
     ("AdamW-weight_decay=0.1", torch.float32),
@@ -124,7 +129,7 @@ def test_triton_subset_covers_every_option():
                          ids=[f"{n}-{DTYPE_IDS[d]}" for n, d in TRITON_SUBSET])
 def test_triton_backend_matches_torch(name, dtype, kernel_device):
     case = by_id(name)
-    inputs = rounded(make_inputs(compact_layouts(), STEPS, case.seed + 7), dtype)
+    inputs = rounded(make_inputs(compact_layouts(), TRITON_STEPS, case.seed + 7), dtype)
     ours = ours_run(case, inputs, dtype, "triton", device=kernel_device)
     check_parity(case, inputs, dtype, ours)
     # and the reference backend on the same inputs: both round each step's fp32 result once
