@@ -16,7 +16,6 @@ medians and GB/s of gradient bytes. Needs the compiled CPU backend.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -25,11 +24,8 @@ import time
 import torch
 
 import fastsched
-from fastsched.bench.contenders import params_of
-from fastsched.bench.shapes import get_shape_set
+from fastsched.bench.contenders import cpu_script_setup
 from fastsched.optim import _cpu
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 class _Capture:
@@ -51,25 +47,10 @@ class _Capture:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--set", default="llama-1b")
-    ap.add_argument("--scale", type=float, default=0.1)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    ap.add_argument("--rounds", type=int, default=10)
-    ap.add_argument("--json", default=None, help="write the medians here")
-    args = ap.parse_args(argv)
-    if not _cpu.available():
-        print(f"needs the compiled CPU backend: {_cpu.reason()}", file=sys.stderr)
+    setup = cpu_script_setup(__doc__.splitlines()[0], argv, rounds=10)
+    if setup is None:
         return 2
-    if args.rounds < 1 or args.threads < 1:
-        ap.error("--rounds and --threads must be >= 1")
-    torch.set_num_threads(args.threads)
-    sset = get_shape_set(args.set).scaled(args.scale)
-    mp, mg = params_of(sset.shapes, DTYPES[args.dtype], torch.device("cpu"), 0)
-    params = [torch.nn.Parameter(p.clone()) for p in mp]
-    for p, g in zip(params, mg):
-        p.grad = g.clone()
+    args, sset, params = setup
     opt = fastsched.AdamW(params, lr=1e-3, max_grad_norm=1.0, stats=True, backend="cpu")
     ext = _cpu.ext()
     cap = _Capture(ext)

@@ -16,7 +16,6 @@ parameter and the % of the ceiling. Needs the compiled CPU backend.
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -25,36 +24,18 @@ import time
 import torch
 
 import fastsched
-from fastsched.bench.contenders import HYPER, params_of
-from fastsched.bench.shapes import get_shape_set
+from fastsched.bench.contenders import HYPER, cpu_script_setup
 from fastsched.optim import _cpu
 from fastsched.schedules import Cosine
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--set", default="llama-1b")
-    ap.add_argument("--scale", type=float, default=0.1)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    ap.add_argument("--rounds", type=int, default=20)
-    ap.add_argument("--json", default=None, help="write the medians here")
-    args = ap.parse_args(argv)
-    if not _cpu.available():
-        print(f"needs the compiled CPU backend: {_cpu.reason()}", file=sys.stderr)
+    setup = cpu_script_setup(__doc__.splitlines()[0], argv, rounds=20)
+    if setup is None:
         return 2
-    if args.rounds < 1 or args.threads < 1:
-        ap.error("--rounds and --threads must be >= 1")
+    args, sset, params = setup
     ext = _cpu.ext()
-    torch.set_num_threads(args.threads)
-    dtype = DTYPES[args.dtype]
-    sset = get_shape_set(args.set).scaled(args.scale)
-    mp, mg = params_of(sset.shapes, dtype, torch.device("cpu"), 0)
-    params = [torch.nn.Parameter(p.clone()) for p in mp]
-    for p, g in zip(params, mg):
-        p.grad = g.clone()
+    dtype = params[0].dtype
     opt = fastsched.AdamW([{"params": params, "allora_eta": 1.0, "allora_unit": "row"}],
                           **HYPER, schedule=Cosine(1000, warmup_steps=100, min_ratio=0.1))
     n = sum(p.numel() for p in params)

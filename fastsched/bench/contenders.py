@@ -928,6 +928,50 @@ def contenders_for(config: str, cpu: bool | None = None) -> list[Contender]:
     return [CONTENDERS[k] for k in keys]
 
 
+def leaves_of(master) -> list[torch.nn.Parameter]:
+    """Parameters cloned from ``master`` (``params_of``'s pair), each with its gradient cloned:
+    what every contender, and every CPU A/B script, steps."""
+    mp, mg = master
+    params = [torch.nn.Parameter(p.clone()) for p in mp]
+    for p, g in zip(params, mg):
+        p.grad = g.clone()
+    return params
+
+
+#: --dtype of the CPU A/B scripts in bench/
+CPU_SCRIPT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def cpu_script_setup(description: str, argv, *, rounds: int):
+    """The command line and tensors of a CPU A/B script (bench/grad_stats_read.py,
+    bench/unit_pipe_ab.py): ``--set --scale --threads --dtype --rounds --json``; None (after
+    saying why on stderr) without the compiled CPU backend; else (args, the scaled shape set,
+    its parameters with gradients), torch's thread count set."""
+    import argparse
+    import sys
+
+    from ..optim import _cpu
+    from .shapes import get_shape_set
+
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--set", default="llama-1b")
+    ap.add_argument("--scale", type=float, default=0.1)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dtype", choices=sorted(CPU_SCRIPT_DTYPES), default="fp32")
+    ap.add_argument("--rounds", type=int, default=rounds)
+    ap.add_argument("--json", default=None, help="write the medians here")
+    args = ap.parse_args(argv)
+    if not _cpu.available():
+        print(f"needs the compiled CPU backend: {_cpu.reason()}", file=sys.stderr)
+        return None
+    if args.rounds < 1 or args.threads < 1:
+        ap.error("--rounds and --threads must be >= 1")
+    torch.set_num_threads(args.threads)
+    sset = get_shape_set(args.set).scaled(args.scale)
+    return args, sset, leaves_of(params_of(sset.shapes, CPU_SCRIPT_DTYPES[args.dtype],
+                                           torch.device("cpu"), 0))
+
+
 def params_of(shapes, dtype: torch.dtype, device: torch.device, seed: int = 0):
     """Master parameters and gradients: fixed random values, cloned for every contender."""
     gen = torch.Generator(device=device).manual_seed(seed)

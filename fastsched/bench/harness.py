@@ -61,6 +61,7 @@ from .contenders import (
     Skipped,
     Unavailable,
     contenders_for,
+    leaves_of,
     library_versions,
     params_of,
     state_nbytes,
@@ -272,10 +273,7 @@ def _start_entry(sset: ShapeSet, dtype: str, config: str, key: str, master, dev:
             raise RuntimeError(f"as in the {shared['compile_error']}")
         if cont.compiles and "compile" not in shared:
             gate.check(sset.tensors)
-        mp, mg = master
-        params = [torch.nn.Parameter(p.clone()) for p in mp]
-        for p, g in zip(params, mg):
-            p.grad = g.clone()
+        params = leaves_of(master)
         meter.start()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
