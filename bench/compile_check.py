@@ -65,6 +65,8 @@ class Config:
     #: below fp32: (STATE_* code of the states, MODE_* bits); None: as torch (the states in the
     #: parameter's dtype, rounding to nearest)
     lowp: tuple | None = None
+    #: the groups add weight_decay * p to the gradient (Adam's L2 penalty, SGD's weight decay)
+    l2: bool = False
 
     def __str__(self) -> str:
         o = self.options
@@ -72,7 +74,7 @@ class Config:
         return (f"{'adam' if self.kind == L.KIND_ADAM else 'sgd'} {str(self.dtype)[6:]} "
                 f"aligned={self.aligned} flag={self.flag} max_grad_norm={o.max_grad_norm} "
                 f"stats={o.stats} nonfinite={o.mode} history={o.history} "
-                f"scaler={self.scaler} allora={self.unit}{lp}")
+                f"scaler={self.scaler} allora={self.unit} l2={self.l2}{lp}")
 
 
 @dataclass
@@ -110,13 +112,14 @@ def kernels() -> list:
 
 def configs() -> list[Config]:
     """Every combination of what the host path branches on: 2 kinds x 3 dtypes x aligned x flag
-    x 16 option sets x scaler x 4 ALLoRA settings = 3,072 steps, ~2.5 s of host work (the
-    variants they launch are deduplicated; --quick picks among them too)."""
+    x 16 option sets x scaler x 4 ALLoRA settings x the weight term = 6,144 steps, ~5 s of host
+    work (the variants they launch are deduplicated; --quick picks among them too)."""
     opts = [StepOptions(max_grad_norm=m, stats=s, nonfinite=nf, history=h)
             for m, s, nf, h in itertools.product((None, 1.0), (False, True), ("skip", "ignore"),
                                                  (0, 4))]
-    return [Config(*c) for c in itertools.product(KINDS, DTYPES, (True, False), (True, False),
-                                                  opts, (True, False), ALLORA_UNITS)]
+    return [Config(*c[:-1], l2=c[-1])
+            for c in itertools.product(KINDS, DTYPES, (True, False), (True, False), opts,
+                                       (True, False), ALLORA_UNITS, (False, True))]
 
 
 #: the variants below fp32: (parameter dtype, STATE_* code of the states, MODE_* bits)
@@ -133,17 +136,18 @@ LOWP = ((torch.bfloat16, L.STATE_F32, L.MODE_MASTER),  # bf16 params + fp32 mast
 
 
 def lowp_configs() -> list[Config]:
-    """The steps below fp32 (:data:`LOWP`) x kinds x aligned x flag x stats x ALLoRA settings;
+    """The steps below fp32 (:data:`LOWP`) x kinds x aligned x flag x stats x ALLoRA settings
+    x the weight term;
     8-bit states neither with amsgrad (refused by the host) nor in ALLoRA unit tiles (refused
     by the launcher). Kept apart from :func:`configs`: the variants of the torch semantics stay
     what they were (``tests/kernels/test_compile.py`` counts them)."""
     opts = (StepOptions(), StepOptions(stats=True))
     out = []
-    for (dtype, state, mode), kind, aligned, flag, o, unit in itertools.product(
-            LOWP, KINDS, (True, False), (True, False), opts, ALLORA_UNITS):
+    for (dtype, state, mode), kind, aligned, flag, o, unit, l2 in itertools.product(
+            LOWP, KINDS, (True, False), (True, False), opts, ALLORA_UNITS, (False, True)):
         if state == L.STATE_8BIT and (unit is not None or (kind == L.KIND_ADAM and flag)):
             continue
-        out.append(Config(kind, dtype, aligned, flag, o, False, unit, (state, mode)))
+        out.append(Config(kind, dtype, aligned, flag, o, False, unit, (state, mode), l2))
     return out
 
 
@@ -189,7 +193,8 @@ def _entries(cfg: Config) -> list[Entry]:
                 scales = tuple(None if s is None else torch.zeros(_lowp.n_blocks(p.numel()))
                                for s in states[:2])
             lowp = LowP(state, mode, master, scales, _lowp.sr_key(0, len(out)), 0)
-        out.append(Entry(p, g, 0, states, torch.zeros((), dtype=torch.float32), unit, lowp))
+        out.append(Entry(p, g, 0, states, torch.zeros((), dtype=torch.float32), unit, lowp,
+                         cfg.l2))
     return out
 
 
@@ -213,7 +218,8 @@ def run_config(cfg: Config) -> None:
         scaler = {"grad_scale": torch.full((1,), 1024.0), "found_inf": torch.zeros(1)}
     # the optimizers' default schedule (FusedOptimizer: Constant(1.0) when none is given)
     common = dict(lr=1e-3, schedule=Constant(1.0), options=cfg.options, backend="triton",
-                  allora_eta=None if cfg.unit is None else 1.0, **scaler)
+                  allora_eta=None if cfg.unit is None else 1.0,
+                  weight_decay=0.01 if cfg.l2 else 0.0, **scaler)
     if cfg.kind == L.KIND_ADAM:
         functional.adam(plan, buffers, amsgrad=cfg.flag, **common)
     else:
@@ -438,6 +444,21 @@ KNOWN_SHORT = {("_units_update_kernel", L.KIND_ADAM, "bf16", "bf16", 1, False): 
                ("_update_kernel", L.KIND_SGD, "fp16", "fp32", 1, False): 120,
                ("_update_kernel", L.KIND_SGD, True, False): 96,
                ("_update_kernel", L.KIND_SGD, True, True): 72}
+#: the variants without the weight term in the gradient (L2=False: AdamW, weight_decay 0) that
+#: hold less than KNOWN_SHORT's figure for their key at every launch configuration
+#: (`launch_sweep.py --l2 false --key ...`, the best taken; the variant with the term keeps
+#: KNOWN_SHORT's): leaving out one multiply and one add moved ptxas's allocation (bf16 Adam
+#: with stochastic rounding 112 -> 84 KB, 255 registers at 1 warp either way). The other
+#: L2=False variants are held to KNOWN_SHORT / MIN_INFLIGHT like those with the term (fp32
+#: AdamW 192 KB, bf16 AdamW 128: the same as with it).
+KNOWN_SHORT_NO_L2 = {("_units_update_kernel", L.KIND_SGD, False, False): 108,
+                     ("_units_update_kernel", L.KIND_SGD, "fp32", "bf16", 0, False): 108,
+                     ("_units_update_kernel", L.KIND_SGD, "bf16", "bf16", 1, True): 80,
+                     # the [16, 128] and [8, 256] tiles (not in CI's --one-unit-class)
+                     ("_units_update_kernel", L.KIND_SGD, "bf16", "bf16", 2, False): 52,
+                     ("_update_kernel", L.KIND_ADAM, "bf16", "bf16", 2, False): 84,
+                     ("_update_kernel", L.KIND_SGD, "bf16", "uint8", 0, False): 100,
+                     ("_update_kernel", L.KIND_SGD, "bf16", "uint8", 2, False): 70}
 #: variants that spill (ptxas moves registers to local memory: STL / LDL in the SASS), with the
 #: bytes of their spill stores (the STL instructions' widths summed over the listing, as ptxas
 #: -v counts them): --require holds them to that figure. Keyed by ``spill_key`` (update
@@ -448,6 +469,9 @@ KNOWN_SHORT = {("_units_update_kernel", L.KIND_ADAM, "bf16", "bf16", 1, False): 
 #: (612) kernels spill (triton 3.6, sm_90, every unit class).
 KNOWN_SPILL: dict = {('_finalize_kernel',): 28,
                      ('_schedule_eval_kernel',): 612}
+#: as KNOWN_SPILL for the variants without the weight term (L2=False; KNOWN_SHORT_NO_L2): bf16
+#: Adam with stochastic rounding in [16, 128] unit tiles, 4 bytes at the table's (2, 4)
+KNOWN_SPILL_NO_L2: dict = {("_units_update_kernel", L.KIND_ADAM, "bf16", "bf16", 2, False): 4}
 
 
 def is_lowp(v: Variant) -> bool:
@@ -657,6 +681,8 @@ def requirements(v: Variant, code: Code) -> list[str]:
     a whole block of every array)."""
     bad = []
     allowed = KNOWN_SPILL.get(spill_key(v), 0)
+    if not v.constexprs.get("L2", True):
+        allowed = max(allowed, KNOWN_SPILL_NO_L2.get(spill_key(v), 0))
     if code.spill > allowed:
         bad.append(f"{code.spill} bytes of spill stores > {allowed}")
     if v.name in UPDATE_KERNELS or v.name == "_grad_stats_kernel":
@@ -670,6 +696,8 @@ def requirements(v: Variant, code: Code) -> list[str]:
         bad.append(f"fp32 instructions the CPU does not round alike: {code.inexact}")
     if v.name in UPDATE_KERNELS:  # in KB as the table prints them (rounded)
         floor = min(MIN_INFLIGHT // 1024, KNOWN_SHORT.get(short_key(v), MIN_INFLIGHT // 1024))
+        if not v.constexprs.get("L2", True):
+            floor = min(floor, KNOWN_SHORT_NO_L2.get(short_key(v), floor))
         if round(code.inflight / 1024) < floor:
             bad.append(f"{code.inflight / 1024:.0f} KB in flight per SM < {floor} KB")
     if v.name in ("_update_kernel", "_grad_stats_kernel"):

@@ -2,15 +2,21 @@
 code: ``python bench/launch_sweep.py [--kernel units] [--jobs 2]`` (triton 3.6, no GPU; run
 without ``TRITON_INTERPRET``), about 15 minutes a kernel on 2 cores.
 
-Each variant that ``bench/compile_check.py`` finds (every dtype, flag, statistics and unit
-class the optimizers launch) is compiled for sm_90 at SPLIT 1 and 2 (the block in one piece,
-or in two halves whose loads are all issued before the first half's stores) and 1, 2, 4 and 8
+Each variant that ``bench/compile_check.py`` finds (every dtype, flag, statistics, weight term
+and unit class the optimizers launch) is compiled for sm_90 at SPLIT 1 and 2 (the block in one
+piece, or in two halves whose loads are all issued before the first half's stores) and 1, 2, 4 and 8
 warps (units: 1, 2, 4). Per launch key (``compile_check.short_key``: kind, dtypes, mode, flag;
 the statistics and unit-class variants behind a key are taken at their worst) the choice is:
 no spills; then the most loads in flight per SM as the SASS shows them (compile_check's
 ``iss``: 16-byte data loads a thread has issued and not yet used, times the threads an SM
 holds); then, within 5% of that, the fewest registers x warps. Prints each key's figures
 before (the tables in ``kernels/optim.py``) and after, and the table to paste there.
+
+``--l2 false`` takes only the variants without the weight term in the gradient (``L2=False``:
+AdamW, groups with weight_decay 0), whose register allocation differs from the variants with
+it (the tables' choice) enough that some spill or hold less in flight at that choice; with
+``--key`` (a key as printed, repeatable) only those keys: the overrides ``_NO_L2_LAUNCH`` /
+``_NO_L2_UNITS`` in ``kernels/optim.py``.
 """
 
 from __future__ import annotations
@@ -27,12 +33,14 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 _VS: list = []
 
 
-def _init(kernel: str) -> None:
+def _init(kernel: str, l2: str = "any", keys: tuple = ()) -> None:
     os.environ.pop("TRITON_INTERPRET", None)
     import compile_check as cc
 
     vs, _ = cc.variants(lowp=True)
-    _VS[:] = [v for v in vs if v.name == kernel]
+    _VS[:] = [v for v in vs if v.name == kernel
+              and (l2 == "any" or v.constexprs["L2"] == (l2 == "true"))
+              and (not keys or str(cc.short_key(v)[1:]) in keys)]
 
 
 def _one(job: tuple) -> dict | None:
@@ -70,13 +78,19 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--limit", type=int, default=0,
                     help="only the first N variants (a quick look; the table needs them all)")
+    ap.add_argument("--l2", choices=("any", "true", "false"), default="any",
+                    help="only the variants with (true) or without (false) the weight term")
+    ap.add_argument("--key", action="append", default=[],
+                    help="only this key, as printed (e.g. \"(0, True, False)\"); repeatable")
     args = ap.parse_args(argv)
     kernel = "_update_kernel" if args.kernel == "update" else "_units_update_kernel"
     warps = (1, 2, 4, 8) if args.kernel == "update" else (1, 2, 4)
-    _init(kernel)
-    if args.kernel == "units":  # the variants without statistics (216 -> 108 compiled): check
-        # the table with `compile_check.py --require`, which compiles them all (one key's
-        # statistics variant spilled 20 bytes at the choice made without it: set by hand)
+    sel = (args.l2, tuple(args.key))
+    _init(kernel, *sel)
+    if args.kernel == "units" and not args.key:
+        # the variants without statistics (216 -> 108 compiled): check the table with
+        # `compile_check.py --require`, which compiles them all (one key's statistics variant
+        # spilled 20 bytes at the choice made without it: set by hand); with --key all of them
         keep = [i for i, v in enumerate(_VS) if not v.constexprs["STATS"]]
     else:
         keep = list(range(len(_VS)))
@@ -85,7 +99,7 @@ def main(argv=None) -> int:
     jobs = list(itertools.product(keep, (1, 2), warps))
     print(f"{len(keep)} variants x {len(jobs) // max(1, len(keep))} configurations",
           file=sys.stderr)
-    with multiprocessing.Pool(args.jobs, _init, (kernel,)) as pool:
+    with multiprocessing.Pool(args.jobs, _init, (kernel, *sel)) as pool:
         rows = [r for r in pool.imap_unordered(_one, jobs, chunksize=4) if r]
     agg: dict = collections.defaultdict(
         lambda: dict(spill=0, kb=float("inf"), iss=float("inf"), regs=0))

@@ -557,7 +557,7 @@ def _load_raw(p_ptr, g_ptr, s1_ptr, s2_ptr, s3_ptr, has3, offs, mask, w_ptr, q1_
 def _apply(p_ptr, g_ptr, s1_ptr, s2_ptr, s3_ptr, has3, offs, mask, g_scale, u_scale, grad_mul,
            c0, c1, c2, c3, c4, c5, c6, c7, w_ptr, q1_ptr, q2_ptr, qoffs, qmask, sr_c, elem0,
            KIND: tl.constexpr, DTYPE: tl.constexpr, MASKED: tl.constexpr, FLAG: tl.constexpr,
-           STATS: tl.constexpr, SDTYPE: tl.constexpr, MODE: tl.constexpr):
+           STATS: tl.constexpr, SDTYPE: tl.constexpr, MODE: tl.constexpr, L2: tl.constexpr):
     """Load, update and store the elements ``offs`` (any block shape; ``mask`` used only when
     MASKED) of one tensor; ``c0..c7``: :func:`_scalars`.
 
@@ -567,7 +567,10 @@ def _apply(p_ptr, g_ptr, s1_ptr, s2_ptr, s3_ptr, has3, offs, mask, g_scale, u_sc
     (``fused_adam_utils.cuh``): L2 or decoupled decay, lerp for the first moment, correctly
     rounded sqrt and division; SGD follows ``torch.optim.SGD``. ``has3``: the optional state
     exists (FLAG variants): amsgrad's ``max_exp_avg_sq`` at ``s3_ptr`` (Adam), the momentum
-    buffer at ``s1_ptr`` (SGD).
+    buffer at ``s1_ptr`` (SGD). L2: the gradient gets ``weight_decay * p`` (Adam's L2
+    penalty, SGD's weight decay; the bucket's groups all have weight_decay != 0, and for Adam
+    not decoupled); without it the term is not computed, as torch adds it only then: with a
+    zero coefficient ``0 * p`` would turn an inf parameter's moments into NaN.
     Below fp32: the states are stored in SDTYPE (uint8: 8-bit codes, ``offs`` a [rows,
     Q_BLOCK] tile whose rows are whole blocks, their scales at ``q1_ptr`` / ``q2_ptr`` +
     ``qoffs``, ``qmask`` the rows holding an element); MODE_MASTER reads and writes the fp32
@@ -591,7 +594,7 @@ def _apply(p_ptr, g_ptr, s1_ptr, s2_ptr, s3_ptr, has3, offs, mask, g_scale, u_sc
     return _compute(p, g, m, 0.0, v, 0.0, 0.0, p_ptr, g_ptr, s1_ptr, s2_ptr, s3_ptr, has3, offs,
                     mask, g_scale, u_scale, grad_mul, c0, c1, c2, c3, c4, c5, c6, c7, w_ptr,
                     q1_ptr, q2_ptr, qoffs, qmask, sr_c, elem0, KIND, DTYPE, MASKED, FLAG, STATS,
-                    SDTYPE, MODE, False)
+                    SDTYPE, MODE, False, L2)
 
 
 @triton.jit
@@ -599,7 +602,7 @@ def _compute(rp, rg, r1, k1, r2, k2, r3, p_ptr, g_ptr, s1_ptr, s2_ptr, s3_ptr, h
              g_scale, u_scale, grad_mul, c0, c1, c2, c3, c4, c5, c6, c7, w_ptr, q1_ptr, q2_ptr,
              qoffs, qmask, sr_c, elem0, KIND: tl.constexpr, DTYPE: tl.constexpr,
              MASKED: tl.constexpr, FLAG: tl.constexpr, STATS: tl.constexpr,
-             SDTYPE: tl.constexpr, MODE: tl.constexpr, PRE3: tl.constexpr):
+             SDTYPE: tl.constexpr, MODE: tl.constexpr, PRE3: tl.constexpr, L2: tl.constexpr):
     """The arithmetic and the stores of :func:`_apply` (its docstring) on loaded values: PRE3,
     :func:`_load_raw`'s (storage form, the optional state among them); otherwise fp32 ``rp``,
     ``rg``, ``r1`` = m, ``r2`` = v, and the optional state loaded here, inside its branch."""
@@ -613,7 +616,8 @@ def _compute(rp, rg, r1, k1, r2, k2, r3, p_ptr, g_ptr, s1_ptr, s2_ptr, s3_ptr, h
             m = r1
             v = r2
         p = p * c2  # AdamW: p * (1 - lr * wd); Adam: 1
-        g = g + c3 * p  # Adam: L2 penalty in the gradient; AdamW: 0
+        if L2:  # Adam's L2 penalty in the gradient (never AdamW's, never with weight_decay 0)
+            g = g + c3 * p
         # torch lerp_(g, w = 1 - beta1): from the nearer end, so beta1 = 0 gives m = g exactly
         m = tl.where(c4 < 0.5, m + c4 * (g - m), g - (g - m) * (1.0 - c4))
         v = (1.0 - c5) * v + c5 * g * g
@@ -635,7 +639,9 @@ def _compute(rp, rg, r1, k1, r2, k2, r3, p_ptr, g_ptr, s1_ptr, s2_ptr, s3_ptr, h
         if STATS:
             u = tl.div_rn(u, c7)  # the unscaled update m_hat / (sqrt(v_hat) + eps)
     else:
-        d = g + c3 * p
+        d = g
+        if L2:  # weight_decay != 0 (as torch.optim.SGD: 0 * inf would be a NaN)
+            d = d + c3 * p
         if FLAG:  # groups without momentum have no buffer (address 0): d passes through
             if has3:
                 if PRE3:
@@ -673,7 +679,7 @@ def _add_stats(us_ptr, psq, usq, STATS: tl.constexpr):
 def _update_kernel(tensors_ptr, blocks_ptr, scal_ptr, ustat_ptr, clock_ptr, advance,
                    KIND: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
                    FLAG: tl.constexpr, STATS: tl.constexpr, SDTYPE: tl.constexpr,
-                   MODE: tl.constexpr, SPLIT: tl.constexpr):
+                   MODE: tl.constexpr, SPLIT: tl.constexpr, L2: tl.constexpr):
     """One program per ``BLOCK`` elements of a tensor (rows of ``blocks``). ``advance``: this
     launch advances the clock (program 0; the launcher sets it on one launch of the step).
 
@@ -685,7 +691,7 @@ def _update_kernel(tensors_ptr, blocks_ptr, scal_ptr, ustat_ptr, clock_ptr, adva
     before the first half is computed and stored (a store may alias a later load, so the
     compiler keeps the loads written after a store after it: two halves one after the other
     have half the block in flight). Which is faster depends on the registers ptxas needs:
-    :func:`update_launch`."""
+    :func:`update_launch`. L2: the weight term in the gradient (:func:`_apply`)."""
     pid = tl.program_id(0)
     tidx = tl.load(blocks_ptr + pid * L.B_COLS + L.B_TENSOR)
     start = tl.multiple_of(tl.load(blocks_ptr + pid * L.B_COLS + L.B_START), BLOCK)
@@ -736,7 +742,7 @@ def _update_kernel(tensors_ptr, blocks_ptr, scal_ptr, ustat_ptr, clock_ptr, adva
         if SPLIT == 1:
             psq, usq = _apply(fp, fg, f1, f2, f3, has3, offs, offs, 1.0, 1.0, grad_mul, c0, c1,
                               c2, c3, c4, c5, c6, c7, fw, fq1, fq2, qoffs, qoffs, sr_c, elem0,
-                              KIND, DTYPE, False, FLAG, STATS, SDTYPE, MODE)
+                              KIND, DTYPE, False, FLAG, STATS, SDTYPE, MODE, L2)
         else:  # both halves' loads, then each half's arithmetic and stores
             ap, ag, a1, ak1, a2, ak2, a3 = _load_raw(fp, fg, f1, f2, f3, has3, offs, offs, fw,
                                                      fq1, fq2, qoffs, qoffs, KIND, False, FLAG,
@@ -747,11 +753,11 @@ def _update_kernel(tensors_ptr, blocks_ptr, scal_ptr, ustat_ptr, clock_ptr, adva
             psq, usq = _compute(ap, ag, a1, ak1, a2, ak2, a3, fp, fg, f1, f2, f3, has3, offs,
                                 offs, 1.0, 1.0, grad_mul, c0, c1, c2, c3, c4, c5, c6, c7, fw, fq1,
                                 fq2, qoffs, qoffs, sr_c, elem0, KIND, DTYPE, False, FLAG, STATS,
-                                SDTYPE, MODE, True)
+                                SDTYPE, MODE, True, L2)
             x, y = _compute(bp, bg, b1, bk1, b2, bk2, b3, fp, fg, f1, f2, f3, has3, offs + HB,
                             offs, 1.0, 1.0, grad_mul, c0, c1, c2, c3, c4, c5, c6, c7, fw, fq1,
                             fq2, qoffs + QH, qoffs, sr_c, elem0, KIND, DTYPE, False, FLAG, STATS,
-                            SDTYPE, MODE, True)
+                            SDTYPE, MODE, True, L2)
             psq += x
             usq += y
     else:
@@ -775,7 +781,7 @@ def _update_kernel(tensors_ptr, blocks_ptr, scal_ptr, ustat_ptr, clock_ptr, adva
                               _typed(wa, tl.float32, False), _typed(q1, tl.float32, False),
                               _typed(q2, tl.float32, False), (start + s0) // L.Q_BLOCK + mrow,
                               r0 < numel, sr_c, elem0, KIND, DTYPE, True, FLAG, STATS, SDTYPE,
-                              MODE)
+                              MODE, L2)
                 psq += a
                 usq += b
         else:
@@ -787,7 +793,7 @@ def _update_kernel(tensors_ptr, blocks_ptr, scal_ptr, ustat_ptr, clock_ptr, adva
                               grad_mul, c0, c1, c2, c3, c4, c5, c6, c7,
                               _typed(wa, tl.float32, False), _typed(q1, tl.float32, False),
                               _typed(q2, tl.float32, False), offs, offs, sr_c, elem0, KIND,
-                              DTYPE, True, FLAG, STATS, SDTYPE, MODE)
+                              DTYPE, True, FLAG, STATS, SDTYPE, MODE, L2)
                 psq += a
                 usq += b
     _add_stats(ustat_ptr + tidx * L.US_COLS, psq, usq, STATS)
@@ -797,7 +803,8 @@ def _update_kernel(tensors_ptr, blocks_ptr, scal_ptr, ustat_ptr, clock_ptr, adva
 def _units_update_kernel(tensors_ptr, blocks_ptr, scal_ptr, ustat_ptr, clock_ptr, advance,
                          KIND: tl.constexpr, DTYPE: tl.constexpr, UNITS: tl.constexpr,
                          CHUNK: tl.constexpr, FLAG: tl.constexpr, STATS: tl.constexpr,
-                         SDTYPE: tl.constexpr, MODE: tl.constexpr, SPLIT: tl.constexpr):
+                         SDTYPE: tl.constexpr, MODE: tl.constexpr, SPLIT: tl.constexpr,
+                         L2: tl.constexpr):
     """ALLoRA-style update: each program owns ``UNITS`` whole units (rows, columns or the tensor)
     of one tensor; pass 1 reduces ||theta_unit||^2, pass 2 scales the unit's gradient by
     1 / sqrt(||theta_unit||^2 + 1/eta^2) and applies the update.
@@ -808,7 +815,7 @@ def _units_update_kernel(tensors_ptr, blocks_ptr, scal_ptr, ustat_ptr, clock_ptr
     for 128 useful bytes at r=16). Columns have unit stride 1: lanes go across units, i.e.
     along the rows of the matrix. Table and scalar loads happen once, before the loops.
     A unit belongs to one program, so no program reads what another writes.
-    SDTYPE / MODE / SPLIT as :func:`_update_kernel` (SPLIT 2 halves each chunk of a whole-row
+    SDTYPE / MODE / SPLIT / L2 as :func:`_update_kernel` (SPLIT 2 halves each chunk of a whole-row
     tile along its rows; with MODE_MASTER the norms are those of the fp32
     master, the weights the step updates, as in the reference and the C++ executor);
     not 8-bit states: a unit tile does not cover whole quantisation blocks (the launcher
@@ -902,7 +909,7 @@ def _units_update_kernel(tensors_ptr, blocks_ptr, scal_ptr, ustat_ptr, clock_ptr
                 a, b = _apply(wp_ptr, wg_ptr, ws1_ptr, ws2_ptr, ws3_ptr, has3, woffs, woffs,
                               wgs, wus, grad_mul, c0, c1, c2, c3, c4, c5, c6, c7, ww_ptr, ww_ptr,
                               ww_ptr, woffs, woffs, sr_c, elem0, KIND, DTYPE, False, FLAG, STATS,
-                              SDTYPE, MODE)
+                              SDTYPE, MODE, L2)
             else:  # the tile's two halves along the rows, loads first (see _update_kernel)
                 wk = tl.multiple_of(k0, CHUNK) + tl.arange(0, CHUNK // 2)
                 woffs = wbase[:, None] + wk[None, :]
@@ -915,12 +922,12 @@ def _units_update_kernel(tensors_ptr, blocks_ptr, scal_ptr, ustat_ptr, clock_ptr
                 a, b = _compute(xp, xg, x1, xk1, x2, xk2, x3, wp_ptr, wg_ptr, ws1_ptr, ws2_ptr,
                                 ws3_ptr, has3, woffs, woffs, wgs, wus, grad_mul, c0, c1, c2, c3,
                                 c4, c5, c6, c7, ww_ptr, ww_ptr, ww_ptr, woffs, woffs, sr_c, elem0,
-                                KIND, DTYPE, False, FLAG, STATS, SDTYPE, MODE, True)
+                                KIND, DTYPE, False, FLAG, STATS, SDTYPE, MODE, True, L2)
                 a2, b2 = _compute(yp, yg, y1, yk1, y2, yk2, y3, wp_ptr, wg_ptr, ws1_ptr,
                                   ws2_ptr, ws3_ptr, has3, woffs + CHUNK // 2, woffs, wgs, wus,
                                   grad_mul, c0, c1, c2, c3, c4, c5, c6, c7, ww_ptr, ww_ptr,
                                   ww_ptr, woffs, woffs, sr_c, elem0, KIND, DTYPE, False, FLAG,
-                                  STATS, SDTYPE, MODE, True)
+                                  STATS, SDTYPE, MODE, True, L2)
                 a += a2
                 b += b2
             psq += a
@@ -950,7 +957,7 @@ def _units_update_kernel(tensors_ptr, blocks_ptr, scal_ptr, ustat_ptr, clock_ptr
                 a, b = _apply(p_ptr, g_ptr, s1_ptr, s2_ptr, s3_ptr, has3, offs, mask,
                               gs, us, grad_mul, c0, c1, c2, c3, c4, c5, c6, c7, w_ptr, w_ptr,
                               w_ptr, offs, mask, sr_c, elem0, KIND, DTYPE, True, FLAG, STATS,
-                              SDTYPE, MODE)
+                              SDTYPE, MODE, L2)
                 psq += a
                 usq += b
     else:  # column units: unit_stride == 1 (allora_units), the units of a tile are adjacent
@@ -976,7 +983,7 @@ def _units_update_kernel(tensors_ptr, blocks_ptr, scal_ptr, ustat_ptr, clock_ptr
             a, b = _apply(p_ptr, g_ptr, s1_ptr, s2_ptr, s3_ptr, has3, coffs, cmask,
                           cgs, cus, grad_mul, c0, c1, c2, c3, c4, c5, c6, c7, w_ptr, w_ptr,
                           w_ptr, coffs, cmask, sr_c, elem0, KIND, DTYPE, True, FLAG, STATS,
-                          SDTYPE, MODE)
+                          SDTYPE, MODE, L2)
             psq += a
             usq += b
     _add_stats(ustat_ptr + tidx * L.US_COLS, psq, usq, STATS)
@@ -1104,12 +1111,15 @@ _TL_NAMES = {tl.float32: "fp32", tl.bfloat16: "bf16", tl.float16: "fp16", tl.uin
 
 
 def _launch(table: dict, fallback: dict, kind: int, dtype: torch.dtype, elements: int,
-            flag: bool, sdtype, mode: int) -> tuple[int, int]:
+            flag: bool, sdtype, mode: int, no_l2: dict | None = None) -> tuple[int, int]:
     if _FORCE_WARPS:
         return 1, _FORCE_WARPS
     two = dtype.itemsize == 2
-    split, w = table.get((kind, _DT_NAMES[dtype], _TL_NAMES[sdtype], mode, bool(flag)),
-                         fallback[kind, two])
+    key = (kind, _DT_NAMES[dtype], _TL_NAMES[sdtype], mode, bool(flag))
+    if no_l2 is not None and key in no_l2:  # the variant without the weight term
+        split, w = no_l2[key]
+    else:
+        split, w = table.get(key, fallback[kind, two])
     w = max(1, min(16, w * elements // 2048))
     # halves of whole 8-bit quantisation blocks, of at least 16 bytes a thread
     if sdtype == tl.uint8 and (elements // 2) % L.Q_BLOCK or elements < 512:
@@ -1117,14 +1127,39 @@ def _launch(table: dict, fallback: dict, kind: int, dtype: torch.dtype, elements
     return split, w
 
 
+#: (SPLIT, num_warps) of the update variants without the weight term (L2=False: AdamW, groups
+#: with weight_decay 0) where the table's choice, made with the term, does not hold for them:
+#: leaving out one multiply and one add moved ptxas's allocation enough that at that choice 11
+#: of these keys spilled 4-72 bytes or held less in flight than the variant with the term (fp32
+#: Adam with bf16 states spilled 72 bytes; bf16 SGD with stochastic rounding 64 -> 36 KB).
+#: Chosen as the table by `python bench/launch_sweep.py --l2 false --key ...` (triton 3.6,
+#: sm_90) over those keys; every other key runs both variants at the table's choice
+#: (`compile_check.py --require` checks both). bf16 Adam with 8-bit states and stochastic
+#: rounding: (2, 2), set by hand; the sweep's (2, 4) held 40 KB but read a third of a full
+#: block with narrower loads, which the sweep does not check and --require does.
+_UPDATE_NO_L2 = {
+    (L.KIND_ADAM, "bf16", "bf16", 0, False): (2, 2),
+    (L.KIND_ADAM, "bf16", "bf16", 1, False): (2, 2),
+    (L.KIND_ADAM, "bf16", "bf16", 2, False): (1, 1),
+    (L.KIND_ADAM, "bf16", "uint8", 2, False): (2, 2),
+    (L.KIND_ADAM, "fp16", "fp16", 0, False): (2, 2),
+    (L.KIND_ADAM, "fp32", "bf16", 0, False): (2, 1),
+    (L.KIND_SGD, "bf16", "bf16", 0, True): (2, 4),
+    (L.KIND_SGD, "bf16", "bf16", 2, False): (1, 8),
+    (L.KIND_SGD, "bf16", "bf16", 2, True): (1, 4),
+    (L.KIND_SGD, "bf16", "uint8", 0, False): (2, 1),
+    (L.KIND_SGD, "bf16", "uint8", 2, False): (2, 1),
+    (L.KIND_SGD, "fp16", "fp16", 0, True): (2, 4)}
+
+
 @functools.cache  # on the host path of every step: a dict lookup
 def update_launch(kind: int, dtype: torch.dtype, elements: int, flag: bool,
-                  state: int | None = None, mode: int = 0) -> tuple[int, int]:
+                  state: int | None = None, mode: int = 0, l2: bool = True) -> tuple[int, int]:
     """(SPLIT, num_warps) of an update launch whose programs own ``elements`` elements each:
     the table above, warps scaled so a thread keeps the same elements at other block sizes (1
-    to 16); ``state`` / ``mode`` as :func:`launch_update`."""
+    to 16); ``state`` / ``mode`` / ``l2`` as :func:`launch_update`."""
     return _launch(_UPDATE_LAUNCH, _UPDATE_FALLBACK, kind, dtype, elements, flag,
-                   tl_state(state, dtype, mode), mode)
+                   tl_state(state, dtype, mode), mode, None if l2 else _UPDATE_NO_L2)
 
 
 def _go(fn, grid: tuple, args: tuple, kwargs: dict, rec) -> None:
@@ -1196,21 +1231,26 @@ def launch_finalize(tensors, groups, scal, sched_table, clock, n_tensors: int, k
 
 def launch_update(kind: int, tensors, blocks, scal, ustat, n_blocks: int, dtype: torch.dtype,
                   block: int, flag: bool, stats: bool, clock, advance: bool,
-                  state: int | None = None, mode: int = 0, rec=None) -> None:
+                  state: int | None = None, mode: int = 0, l2: bool = True,
+                  rec=None) -> None:
     """The update pass over every block of one dtype bucket (``flag``: amsgrad / momentum;
     ``stats``: per-tensor sums of p^2 and u^2 into ``ustat``; ``advance``: this launch
     advances ``clock``, on exactly one launch of a step). ``state``: the STATE_* code of the
-    bucket's states (None: the parameter's dtype); ``mode``: 0, MODE_MASTER or MODE_SR."""
+    bucket's states (None: the parameter's dtype); ``mode``: 0, MODE_MASTER or MODE_SR;
+    ``l2``: the gradient gets ``weight_decay * p`` (Adam's L2 penalty, SGD's weight decay;
+    False: the term is left out, for AdamW and groups with weight_decay 0). The launch
+    configuration does not depend on ``l2`` (the variant without the term is the other one
+    less a multiply and an add) except where :data:`_UPDATE_NO_L2` says."""
     if n_blocks:
         sdtype = tl_state(state, dtype, mode)
         if sdtype == tl.uint8 and (block % L.Q_BLOCK or (kind == L.KIND_ADAM and flag)):
             raise ValueError("8-bit states: the block must be a multiple of Q_BLOCK and "
                              "amsgrad's max_exp_avg_sq is never 8-bit")
-        split, warps = update_launch(kind, dtype, block, flag, state, mode)
+        split, warps = update_launch(kind, dtype, block, flag, state, mode, bool(l2))
         _go(_update_kernel, (n_blocks,),
             (tensors, blocks, scal, ustat if stats else scal, clock, int(advance)),
             dict(KIND=kind, DTYPE=tl_dtype(dtype), BLOCK=block, FLAG=flag, STATS=stats,
-                 SDTYPE=sdtype, MODE=mode, SPLIT=split, num_warps=warps), rec)
+                 SDTYPE=sdtype, MODE=mode, SPLIT=split, L2=bool(l2), num_warps=warps), rec)
 
 
 #: (SPLIT, num_warps) of an ALLoRA unit tile of 2048 elements by (kind, parameter dtype, state
@@ -1264,32 +1304,41 @@ _UNITS_FALLBACK = {(L.KIND_ADAM, False): (1, 2), (L.KIND_ADAM, True): (1, 1),
                    (L.KIND_SGD, False): (1, 1), (L.KIND_SGD, True): (1, 1)}
 
 
+#: as :data:`_UPDATE_NO_L2` for the unit tiles (`launch_sweep.py --kernel units --l2 false`)
+_UNITS_NO_L2 = {
+    (L.KIND_ADAM, "bf16", "fp32", 1, True): (2, 4),
+    (L.KIND_ADAM, "fp16", "fp32", 1, True): (2, 4),
+    (L.KIND_SGD, "fp32", "bf16", 0, False): (2, 1),
+    (L.KIND_SGD, "fp32", "fp32", 0, False): (2, 1)}
+
+
 @functools.cache
 def units_launch(kind: int, dtype: torch.dtype, units: int, chunk: int, flag: bool,
-                 state: int | None = None, mode: int = 0) -> tuple[int, int]:
+                 state: int | None = None, mode: int = 0, l2: bool = True) -> tuple[int, int]:
     """(SPLIT, num_warps) of a units launch of [units, chunk] tiles (the table above, scaled as
     :func:`update_launch`; ``FASTSCHED_UPDATE_WARPS`` overrides it too). SPLIT halves a chunk:
     only chunks of 16 or more (halves of at least 16 bytes of bf16)."""
     split, warps = _launch(_UNITS_LAUNCH, _UNITS_FALLBACK, kind, dtype, units * chunk, flag,
-                           tl_state(state, dtype, mode), mode)
+                           tl_state(state, dtype, mode), mode, None if l2 else _UNITS_NO_L2)
     return (split if chunk >= 16 else 1), warps
 
 
 def launch_units_update(kind: int, tensors, blocks, scal, ustat, n_blocks: int,
                         dtype: torch.dtype, units: int, chunk: int, flag: bool,
                         stats: bool, clock, advance: bool, state: int | None = None,
-                        mode: int = 0, rec=None) -> None:
+                        mode: int = 0, l2: bool = True, rec=None) -> None:
     """The ALLoRA update over the unit tiles of one (dtype, unit-length class) bucket; SPLIT
     and warps by :func:`units_launch` for a tile of ``units * chunk`` elements. ``state`` /
-    ``mode`` as :func:`launch_update`, except 8-bit states (ValueError: a unit tile does not own
-    whole quantisation blocks)."""
+    ``mode`` / ``l2`` as :func:`launch_update`, except 8-bit states (ValueError: a unit tile
+    does not own whole quantisation blocks)."""
     if n_blocks:
         sdtype = tl_state(state, dtype, mode)
         if sdtype == tl.uint8:
             raise ValueError("8-bit states of ALLoRA tensors are not supported by the Triton "
                              "unit kernel")
-        split, warps = units_launch(kind, dtype, units, chunk, flag, state, mode)
+        split, warps = units_launch(kind, dtype, units, chunk, flag, state, mode, bool(l2))
         _go(_units_update_kernel, (n_blocks,),
             (tensors, blocks, scal, ustat if stats else scal, clock, int(advance)),
             dict(KIND=kind, DTYPE=tl_dtype(dtype), UNITS=units, CHUNK=chunk, FLAG=flag,
-                 STATS=stats, SDTYPE=sdtype, MODE=mode, SPLIT=split, num_warps=warps), rec)
+                 STATS=stats, SDTYPE=sdtype, MODE=mode, SPLIT=split, L2=bool(l2),
+                 num_warps=warps), rec)

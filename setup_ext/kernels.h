@@ -675,7 +675,9 @@ void adam_span(const AdamScalT<typename E::C>& s, typename E::T* __restrict p,
             const C sc = SVEC ? C(gs[i]) : g0;
             if (!S1 && !upd) gf = gf * sc;
             pf = pf * decay;      // AdamW: p * (1 - lr * wd); Adam: 1
-            gf = gf + l2 * pf;    // Adam: L2 penalty in the gradient; AdamW: 0
+            // Adam's L2 penalty, as torch only with weight_decay != 0 (0 * inf would put a NaN
+            // in the moments of an inf parameter); loop-invariant: the compiler unswitches it
+            if (l2 != C(0)) gf = gf + l2 * pf;
             C mf = E::ld(m[i]);
             C vf = E::ld(v[i]);
             const C d = gf - mf;
@@ -813,7 +815,7 @@ void sgd16_loop(const SgdScal& s, float pre, float post, typename E::T* __restri
         }
         for (int j = 0; j < 4; j++) {
             if (SG) d[j] = d[j] * gmul * pre;  // (d * gmul) * pre: the float32 loop's order
-            d[j] = d[j] + wd * pf[j];
+            if (wd != 0.0f) d[j] = d[j] + wd * pf[j];  // as torch.optim.SGD (adam_span)
             if (MOM) {
                 b[j] = mom_a * b[j] + (DAMP ? mom_b * d[j] : d[j]);
                 d[j] = NEST ? d[j] + momentum * b[j] : b[j];
@@ -880,7 +882,7 @@ void sgd_span(const SgdScalT<typename E::C>& s, typename E::T* __restrict p,
         C d = E::ld(g[i]) * gmul;
         const C sc = SVEC ? C(gs[i]) : g0;
         d = d * (upd ? C(1) : sc);
-        d = d + wd * pf;
+        if (wd != C(0)) d = d + wd * pf;  // as torch.optim.SGD (see adam_span)
         if (MOM) {
             const C b = mom_a * E::ld(buf[i]) + mom_b * d;
             buf[i] = E::st(b);
@@ -1445,7 +1447,7 @@ void adam_fused(const AdamScal& s, const FusedIo& io, int64_t n, Lanes* ls, cons
             if (!upd) gf = gf * scv;
         }
         pf = pf * decay;
-        gf = gf + l2 * pf;
+        if (l2 != 0.0f) gf = gf + l2 * pf;  // as adam_span
         const v16f d = gf - mf;
         mf = lo ? mf + omb1 * d : gf - d * omb1c;
         vf = omb2c * vf + omb2 * gf * gf;

@@ -296,7 +296,8 @@ class FusedOptimizer(GroupsMixin, PrecisionMixin, StatsMixin, CheckpointMixin,
         names = dict(zip(map(id, flat), self._names_of(flat)))
         built = [Entry(p, g, gi, self._state_tensors(p, self.param_groups[gi]),
                        self.state[p]["step"], self._unit(self.param_groups[gi]),
-                       self._lowp_entry(p, self.param_groups[gi], pos))
+                       self._lowp_entry(p, self.param_groups[gi], pos),
+                       self._adds_l2(self.param_groups[gi]))
                  for (p, g, gi), pos in zip(entries, order)]
         # the states exist now: the key must see them (a gradient copy is never reused)
         key = None if copied else self._tables.key(flat, self.state, bool(self._mesh),

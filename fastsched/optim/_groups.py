@@ -182,15 +182,23 @@ class GroupsMixin:
             if struct != self._struct:
                 self._tables.invalidate()
             self._rows, self._struct, self._etas = rows, struct, etas
-        return rows, struct
+        # the cached objects: run_step checks the tables against a new rows object only
+        return self._rows, self._struct
 
     @staticmethod
     def _unit(group) -> str | None:
         return group.get("allora_unit") if group.get("allora_eta") is not None else None
 
+    @abc.abstractmethod
+    def _adds_l2(self, group: dict[str, Any]) -> bool:
+        """Whether the group adds ``weight_decay * p`` to the gradient (Adam's L2 penalty, SGD's
+        weight decay): the update kernels leave the term out otherwise (``Entry.l2``)."""
+
     def _group_struct(self, group) -> tuple:
-        """What decides the tables' shape besides the tensors: state presence, ALLoRA units."""
-        return self._has_states(group) + (self._unit(group),) + tuple(
+        """What decides the tables' shape besides the tensors: state presence, ALLoRA units,
+        the weight term in the gradient (a bucket variant: weight_decay moving between 0 and
+        non-0 rebuilds the tables)."""
+        return self._has_states(group) + (self._unit(group), self._adds_l2(group)) + tuple(
             str(group.get(k, v)) for k, v in LOWP_KEYS.items()) + (self._seed,)
 
     @staticmethod

@@ -282,7 +282,8 @@ def adam_update(plan, grads, rows, *, stats: bool, can_skip: bool = True) -> Non
         if g_scale is not None:
             g = g * g_scale
         p32 = io.param(p) * s[L.S_ADAM_DECAY_MUL]  # AdamW: p * (1 - lr * wd)
-        g = g + s[L.S_ADAM_L2] * p32  # Adam: L2 penalty in the gradient
+        if plan.l2[i]:  # Adam's L2 penalty, as torch only if weight_decay != 0 (never AdamW)
+            g = g + s[L.S_ADAM_L2] * p32
         omb1, omb2 = s[L.S_ADAM_OMB1], s[L.S_ADAM_OMB2]
         m = io.state(m_t, 0)
         # torch's lerp: from the nearer end (beta1 = 0: m = g exactly)
@@ -321,7 +322,8 @@ def sgd_update(plan, grads, rows, *, stats: bool, can_skip: bool = True) -> None
         g_scale, u_scale = (_flat_scale(x, io) for x in scales[i])
         if g_scale is not None:
             d = d * g_scale
-        d = d + s[L.S_SGD_WEIGHT_DECAY] * p32
+        if plan.l2[i]:  # as torch.optim.SGD, only if weight_decay != 0
+            d = d + s[L.S_SGD_WEIGHT_DECAY] * p32
         buf = plan.states[i][0]
         if buf is not None:
             nb = s[L.S_SGD_MOM_A] * io.state(buf, 0) + s[L.S_SGD_MOM_B] * d

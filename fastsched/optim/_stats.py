@@ -156,7 +156,9 @@ class StatsMixin:
         ``"units"`` for ALLoRA), the storage dtype, the programs, the tensors it covers (names
         as in :meth:`stats_names`) and its variant (alignment hints, ALLoRA tile; below fp32
         ``"states"``, the storage of the states, and ``"mode"``: ``"master"`` or
-        ``"stochastic_rounding"``).
+        ``"stochastic_rounding"``; ``"l2": True`` when its tensors' groups add
+        ``weight_decay * p`` to the gradient, Adam's L2 penalty or SGD's weight decay: a variant
+        of its own, so such groups and those without the term launch apart).
         The reference backend runs the same passes as PyTorch operations."""
         plan = self._tables.plan
         if plan is None:
@@ -187,6 +189,8 @@ class StatsMixin:
                 d["states"] = _STATE_NAMES[b.state]
             if b.mode:
                 d["mode"] = "master" if b.mode & L.MODE_MASTER else "stochastic_rounding"
+            if b.l2:
+                d["l2"] = True
             if b.units:
                 d.update(units_per_program=b.units, chunk=b.chunk,
                          unit_length=[r[L.T_ULEN] for r in plan.host_rows[b.lo:b.hi]])

@@ -103,6 +103,11 @@ class Entry:
     step: torch.Tensor  # the float32 per-tensor step counter
     unit: str | None  # ALLoRA unit ("row", "column", "tensor") or None
     lowp: LowP | None = None
+    #: the group adds weight_decay * p to the gradient (Adam's L2 penalty, SGD's weight decay:
+    #: weight_decay != 0, and for Adam not decoupled); otherwise the update leaves the term out,
+    #: as torch does (a zero coefficient times an inf parameter would be a NaN in the moments).
+    #: Checked against the group rows of each step (functional.run_step: a ValueError)
+    l2: bool = False
 
 
 @dataclass
@@ -122,6 +127,7 @@ class Bucket:
     block_offset: int = 0  # first row of this bucket in the statistics partials
     state: int | None = None  # STATE_* code of the states; None: the parameter's dtype
     mode: int = 0  # MODE_* bits (master copy, stochastic rounding)
+    l2: bool = False  # the weight term in the gradient (Entry.l2 of every row)
 
 
 @dataclass
@@ -136,6 +142,7 @@ class Plan:
     group_index: list[int]
     group_rows: torch.Tensor  # group_index on the device (the reference gathers group rows)
     units: list[str | None]
+    l2: list[bool]  # per row: Entry.l2
     states: list[tuple]  # per tensor: local state tensors in layout order (None: absent)
     steps: list[torch.Tensor]
     order: list[int]  # order[i]: position in the step's flat gradient list of row i
@@ -160,6 +167,8 @@ class Plan:
     partials: torch.Tensor | None = None
     # the step's launches, recorded for replay (kernels/replay.py; Triton only)
     replay: Any = None
+    # the group rows the buckets' l2 flags were last checked against (functional._check_l2)
+    l2_rows: Any = None
     # the tensors the tables point at, kept alive: a state replaced behind the optimizer's back
     # must not leave the kernel writing into freed memory (gradients are not kept: see key())
     keep: list[torch.Tensor] = field(default_factory=list)
@@ -342,7 +351,8 @@ class TableBuilder:
         for e, pos in zip(entries, order):
             i = by_pos.get(pos)
             if i is None or plan.params[i] is not e.param or plan.group_index[i] != e.group \
-                    or plan.units[i] != e.unit or plan.steps[i] is not e.step \
+                    or plan.units[i] != e.unit or plan.l2[i] != e.l2 \
+                    or plan.steps[i] is not e.step \
                     or not _same_lowp(plan.lowp[i] if plan.lowp else None, e.lowp) \
                     or any(a is not (None if b is None else local(b))
                            for a, b in zip(plan.states[i], e.states)):
@@ -417,7 +427,7 @@ class TableBuilder:
         # buckets: (dtype, update variant) -> one launch each (both are compile-time constants)
         perm = sorted(range(len(entries)),
                       key=lambda i: (_DTYPES.index(entries[i].param.dtype),
-                                     _variant(entries[i]), cls[i]))
+                                     _variant(entries[i]), cls[i], entries[i].l2))
         entries = [entries[i] for i in perm]
         info = [info[i] for i in perm]
         cls = [cls[i] for i in perm]
@@ -447,7 +457,7 @@ class TableBuilder:
         units = [e.unit for e in entries]
         plan = Plan(
             kind=self.kind, backend=backend, device=device, block=self.block, params=params,
-            group_index=[e.group for e in entries], units=units,
+            group_index=[e.group for e in entries], units=units, l2=[e.l2 for e in entries],
             group_rows=h2d(torch.tensor([e.group for e in entries], dtype=torch.int64), device),
             states=[tuple(None if s is None else local(s) for s in e.states) for e in entries],
             steps=[e.step for e in entries], order=[order[i] for i in perm],
@@ -502,10 +512,11 @@ class TableBuilder:
             lo = hi
 
     def _update_buckets(self, plan: Plan, rows, cls, info, flat) -> None:
-        keys = [(p.dtype, _variant_of(lp, p.dtype), c)
-                for p, c, lp in zip(plan.params, cls, plan.lowp or [None] * len(cls))]
+        keys = [(p.dtype, _variant_of(lp, p.dtype), c, l2)
+                for p, c, lp, l2 in zip(plan.params, cls, plan.lowp or [None] * len(cls),
+                                        plan.l2)]
         for lo, hi in self._runs(keys):
-            dtype, (state, mode), c = keys[lo]
+            dtype, (state, mode), c, l2 = keys[lo]
             flag = any(r[_FLAG_COL[self.kind]] != 0 for r in rows[lo:hi])
             if c < 0:
                 blocks = _block_table(flat[lo:hi], lo, self.block, plan.device)
@@ -513,11 +524,12 @@ class TableBuilder:
                 plan.buckets.append(Bucket(dtype, lo, hi, blocks, blocks.shape[0],
                                            static and self._aligned(rows[lo:hi], (L.T_G,)),
                                            flag, static_aligned=static, state=state,
-                                           mode=mode))
+                                           mode=mode, l2=l2))
             else:
                 _, nu, chunk = UNIT_CLASSES[c]
                 tiles = torch.tensor([(ui[3] + nu - 1) // nu for ui in info[lo:hi]],
                                      dtype=torch.int64)
                 blocks = _block_table(tiles, lo, nu, plan.device)
                 plan.buckets.append(Bucket(dtype, lo, hi, blocks, blocks.shape[0], False, flag,
-                                           units=nu, chunk=chunk, state=state, mode=mode))
+                                           units=nu, chunk=chunk, state=state, mode=mode,
+                                           l2=l2))

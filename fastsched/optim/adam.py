@@ -153,6 +153,11 @@ class Adam(FusedOptimizer):
     def _has_states(self, group) -> tuple[bool, ...]:
         return (True, True, bool(group["amsgrad"]))
 
+    def _adds_l2(self, group) -> bool:
+        # torch.optim.Adam adds weight_decay * p to the gradient only if weight_decay != 0;
+        # AdamW (decoupled) never does
+        return not group["decoupled_weight_decay"] and group["weight_decay"] != 0
+
     def _group_row(self, group) -> tuple[float, ...]:
         b1, b2 = group["betas"]
         return adam_row(self._check_lr(group["lr"]), b1, b2, group["eps"],

@@ -198,6 +198,8 @@ def _scaler(grad_scale, found_inf):
 def run_step(plan, buffers, rows: tuple, *, schedule, options: StepOptions, grads=None,
              grad_scale=None, found_inf=None, backend: str = "triton") -> None:
     """The passes of one step for group rows ``rows`` (``G_COLS`` floats per group)."""
+    if rows is not plan.l2_rows:
+        _check_l2(plan, rows)
     groups = buffers.refresh_groups(rows)
     cfg = buffers.refresh_config(options.max_grad_norm)
     table = schedule.table(plan.device)
@@ -225,9 +227,39 @@ def run_step(plan, buffers, rows: tuple, *, schedule, options: StepOptions, grad
         plan.dist.reduce_rows(plan.ustat)
 
 
+def l2_coefficient(kind: int, row) -> float:
+    """The coefficient of ``p`` that a group's row adds to the gradient: Adam's L2 penalty
+    (weight_decay, unless decoupled: AdamW adds nothing) or SGD's weight_decay."""
+    if kind == L.KIND_ADAM and row[L.G_ADAM_DECOUPLED] != 0:
+        return 0.0
+    return row[L.G_WEIGHT_DECAY]
+
+
+def _check_l2(plan, rows: tuple) -> None:
+    """Each tensor's ``Entry.l2`` must say what its group's row says (the Triton update is
+    compiled with or without the weight term per bucket: a wrong flag would drop the term, or
+    compute ``0 * p``, a NaN for an inf parameter, where torch adds nothing). The optimizers
+    rebuild the tables when a group's weight_decay moves between 0 and non-0
+    (``_group_struct``); here, once per new ``rows`` object, every backend checks it, so that
+    all of them refuse the same tables. ValueError before anything is modified."""
+    want = [l2_coefficient(plan.kind, r) != 0 for r in rows]
+    for f, gi in zip(plan.l2, plan.group_index):
+        if f != want[gi]:
+            want = want[gi]
+            raise ValueError(
+                f"param_groups[{gi}]: weight_decay {rows[gi][L.G_WEIGHT_DECAY]!r} "
+                f"{'is' if want else 'is not'} added to the gradient, but its tensors' tables "
+                f"were built with Entry.l2={not want}: build them with l2={want}")
+    plan.l2_rows = rows
+
+
 def _variant(b) -> dict:
-    """The low-precision variant of a bucket's launch (nothing for the fp32-floor ones)."""
-    return {} if b.state is None and not b.mode else {"state": b.state, "mode": b.mode}
+    """The variant keywords of a bucket's launch (none for the fp32-floor ones with the weight
+    term)."""
+    out = {} if b.state is None and not b.mode else {"state": b.state, "mode": b.mode}
+    if not b.l2:
+        out["l2"] = False
+    return out
 
 
 def _run_triton(plan, buffers, groups, cfg, table, options: StepOptions, gs, fi) -> None:

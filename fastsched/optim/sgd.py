@@ -83,6 +83,9 @@ class SGD(FusedOptimizer):
     def _has_states(self, group) -> tuple[bool, ...]:
         return (group["momentum"] != 0,)
 
+    def _adds_l2(self, group) -> bool:
+        return group["weight_decay"] != 0  # as torch.optim.SGD: d_p + weight_decay * p only then
+
     def _group_row(self, group) -> tuple[float, ...]:
         return sgd_row(self._check_lr(group["lr"]), group["momentum"], group["dampening"],
                        group["weight_decay"], group["nesterov"], group["maximize"],

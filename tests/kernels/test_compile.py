@@ -81,17 +81,18 @@ def test_derived_variants_span_every_specialisation(derived):
         got = _by_kernel(vs, name)
         assert {v.constexprs["KIND"] for v in got} == {L.KIND_ADAM, L.KIND_SGD}, name
         assert {str(v.constexprs["DTYPE"]) for v in got} == dtypes, name
-        for flag in ("FLAG", "STATS"):
+        for flag in ("FLAG", "STATS", "L2"):
             assert {v.constexprs[flag] for v in got} == {False, True}, (name, flag)
     upd = _by_kernel(vs, "_update_kernel")
-    # 2 kinds x 3 dtypes x flag x stats (alignment is tested per tensor in the kernel)
-    assert len(upd) == 24
+    # 2 kinds x 3 dtypes x flag x stats x weight term (alignment is tested per tensor in the
+    # kernel)
+    assert len(upd) == 48
     assert all("ALIGNED" not in v.constexprs for v in upd)
     # launch options: the (SPLIT, warps) of update_launch(), recorded per variant
     assert all((v.constexprs["SPLIT"], v.options["num_warps"]) == ko.update_launch(
         v.constexprs["KIND"], {"fp32": torch.float32, "bf16": torch.bfloat16,
                                "fp16": torch.float16}[str(v.constexprs["DTYPE"])], 2048,
-        v.constexprs["FLAG"]) for v in upd)
+        v.constexprs["FLAG"], l2=v.constexprs["L2"]) for v in upd)
     assert {v.constexprs["SPLIT"] for v in upd} == {1, 2}  # both code shapes compiled
     units = _by_kernel(vs, "_units_update_kernel")
     from fastsched.optim import UNIT_CLASSES
@@ -128,7 +129,7 @@ def test_quick_picks_the_variant_with_most_features(cc, derived):
     quick = {v.name: v for v in cc.pick_quick(vs)}
     assert set(quick) == {v.name for v in vs}
     u = quick["_update_kernel"].constexprs
-    assert (u["FLAG"], u["STATS"], str(u["DTYPE"])) == (True, True, "bf16")
+    assert (u["FLAG"], u["STATS"], u["L2"], str(u["DTYPE"])) == (True, True, True, "bf16")
     f = quick["_finalize_kernel"].constexprs
     assert all(f[k] for k in ("STATS", "CLIP", "GUARD", "SCALER", "HISTORY"))
 
@@ -260,7 +261,9 @@ def test_launch_tables_cover_every_update_variant(cc):
         sys.path.remove(str(ROOT / "bench"))
     vs, _ = cc.variants(lowp=True)
     tables = {"_update_kernel": ko._UPDATE_LAUNCH, "_units_update_kernel": ko._UNITS_LAUNCH}
-    seen = set()
+    # the variants without the weight term: their own row where the table's does not hold
+    no_l2 = {"_update_kernel": ko._UPDATE_NO_L2, "_units_update_kernel": ko._UNITS_NO_L2}
+    seen, seen_no_l2 = set(), set()
     for v in vs:
         if v.name not in tables:
             continue
@@ -269,7 +272,12 @@ def test_launch_tables_cover_every_update_variant(cc):
         mine = (c["KIND"], str(c["DTYPE"]), str(c["SDTYPE"]), c["MODE"], c["FLAG"])
         assert mine in rows, (v.name, mine, rows)
         assert mine in tables[v.name], (v.name, mine)
-        assert (c["SPLIT"], v.options["num_warps"]) == tables[v.name][mine], (v.name, mine)
+        want = tables[v.name][mine]
+        if not c["L2"] and mine in no_l2[v.name]:
+            want = no_l2[v.name][mine]
+            seen_no_l2.add((v.name, mine))
+        assert (c["SPLIT"], v.options["num_warps"]) == want, (v.name, mine, c["L2"])
         seen.add((v.name, mine))
     # no stale rows: each one is launched by some configuration
     assert seen == {(n, k) for n, t in tables.items() for k in t}
+    assert seen_no_l2 == {(n, k) for n, t in no_l2.items() for k in t}

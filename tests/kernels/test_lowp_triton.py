@@ -434,7 +434,7 @@ def test_compile_check_sweeps_the_variants_below_fp32():
                      and str(ko.tl_state(s, d, m)) == str(c["SDTYPE"]))
         st = None if str(ko.tl_dtype(dtype)) == str(c["SDTYPE"]) else state
         assert (c["SPLIT"], v.options["num_warps"]) == ko.update_launch(
-            c["KIND"], dtype, 2048, c["FLAG"], st, c["MODE"])
+            c["KIND"], dtype, 2048, c["FLAG"], st, c["MODE"], c["L2"])
     v = next(v for v in upd if str(v.constexprs["SDTYPE"]) == "uint8"
              and str(v.constexprs["DTYPE"]) == "fp32" and v.constexprs["KIND"] == L.KIND_ADAM)
     assert cc.program_bytes(v) == 2048 * (4 + 4 + 1 + 1)
