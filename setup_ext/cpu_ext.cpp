@@ -154,6 +154,66 @@ void grad_sums_any(const void* g, int64_t n, bool guard, double* out) {
         grad_sums<E, false>(gp, n, out);
 }
 
+template <class E>
+void grad_sums_k_any(const void* const* g, const int64_t* n, bool guard, double* const* out) {
+    auto* gp = reinterpret_cast<const typename E::T* const*>(g);
+    if (guard)
+        grad_sums_k<E, STATS_STREAMS, true>(gp, n, out);
+    else
+        grad_sums_k<E, STATS_STREAMS, false>(gp, n, out);
+}
+
+// the statistics of blocks [b0, b1) (one thread's): STATS_STREAMS runs of consecutive blocks
+// read side by side (grad_sums_k), block j of every run together where they share a dtype;
+// each block's sums as grad_sums alone (the partials, and so the result, are the same bits
+// whatever the threads and the runs)
+void stats_range(const int64_t* tensors, const int64_t* dtypes, const std::vector<Blk>& blocks,
+                 int64_t b0, int64_t b1, bool guard, double* part) {
+    constexpr int K = STATS_STREAMS;
+    auto one = [&](int64_t b) {
+        const Blk& k = blocks[b];
+        Row r = row(tensors, k.t);
+        double* out = &part[3 * b];
+        switch (dtypes[k.t]) {
+            case F32: grad_sums_any<TF32>(r.ptr<float>(L::T_G) + k.start, k.len, guard, out); break;
+            case BF16: grad_sums_any<TBF16>(r.ptr<uint16_t>(L::T_G) + k.start, k.len, guard, out); break;
+            case F16: grad_sums_any<TF16>(r.ptr<_Float16>(L::T_G) + k.start, k.len, guard, out); break;
+            default: grad_sums_any<TF64>(r.ptr<double>(L::T_G) + k.start, k.len, guard, out); break;
+        }
+    };
+    const int64_t run = (b1 - b0 + K - 1) / K;
+    for (int64_t j = 0; j < run; j++) {
+        int64_t idx[K];
+        bool all = true;
+        for (int k = 0; k < K; k++) {
+            idx[k] = b0 + k * run + j;
+            all = all && idx[k] < b1 && dtypes[blocks[idx[k]].t] == dtypes[blocks[idx[0]].t];
+        }
+        if (!all) {
+            for (int k = 0; k < K; k++)
+                if (idx[k] < b1) one(idx[k]);
+            continue;
+        }
+        const void* g[K];
+        int64_t n[K];
+        double* out[K];
+        const int64_t dt = dtypes[blocks[idx[0]].t];
+        const int64_t esz = dtype_size(dt);
+        for (int k = 0; k < K; k++) {
+            const Blk& bk = blocks[idx[k]];
+            g[k] = row(tensors, bk.t).ptr<const char>(L::T_G) + bk.start * esz;
+            n[k] = bk.len;
+            out[k] = &part[3 * idx[k]];
+        }
+        switch (dt) {
+            case F32: grad_sums_k_any<TF32>(g, n, guard, out); break;
+            case BF16: grad_sums_k_any<TBF16>(g, n, guard, out); break;
+            case F16: grad_sums_k_any<TF16>(g, n, guard, out); break;
+            default: grad_sums_k_any<TF64>(g, n, guard, out); break;
+        }
+    }
+}
+
 PyObject* py_grad_stats(PyObject*, PyObject* args) {
     long long ta, da, n, tsa;
     int guard, nt;
@@ -166,17 +226,13 @@ PyObject* py_grad_stats(PyObject*, PyObject* args) {
     std::vector<Blk> blocks = flat_blocks(tensors, n);
     const int64_t nb = static_cast<int64_t>(blocks.size());
     std::vector<double> part(3 * (nb + 1));
-#pragma omp parallel for schedule(static) num_threads(nt)
-    for (int64_t b = 0; b < nb; b++) {
-        const Blk& k = blocks[b];
-        Row r = row(tensors, k.t);
-        double* out = &part[3 * b];
-        switch (dtypes[k.t]) {
-            case F32: grad_sums_any<TF32>(r.ptr<float>(L::T_G) + k.start, k.len, guard, out); break;
-            case BF16: grad_sums_any<TBF16>(r.ptr<uint16_t>(L::T_G) + k.start, k.len, guard, out); break;
-            case F16: grad_sums_any<TF16>(r.ptr<_Float16>(L::T_G) + k.start, k.len, guard, out); break;
-            default: grad_sums_any<TF64>(r.ptr<double>(L::T_G) + k.start, k.len, guard, out); break;
-        }
+#pragma omp parallel num_threads(nt)
+    {
+        // contiguous ranges of blocks, one per thread (as schedule(static))
+        const int64_t th = omp_get_thread_num(), nth = omp_get_num_threads();
+        const int64_t per = nb / nth, extra = nb % nth;
+        const int64_t b0 = th * per + (th < extra ? th : extra);
+        stats_range(tensors, dtypes, blocks, b0, b0 + per + (th < extra), guard != 0, part.data());
     }
     // per tensor, in block order
     for (int64_t i = 0; i < n; i++) {

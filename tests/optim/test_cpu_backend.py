@@ -330,6 +330,68 @@ def test_one_and_two_threads_bit_identical(name, dtype):
     _bitwise(two, again)
 
 
+def _lane_model(x: torch.Tensor, guard: bool) -> tuple[float, float, float]:
+    """A tensor's (sum g^2, sum |g|, non-finite count) as the extension defines them, in numpy
+    float64: per block of BLK elements, element i to lane i % 16, each lane summed from +0 in
+    element order, the 16 lanes added in lane order, the blocks in block order."""
+    import numpy as np
+
+    flat = x.detach().reshape(-1).to(torch.float64).numpy()
+    out = [0.0, 0.0, 0.0]
+    for b0 in range(0, flat.size, BLK):
+        blk = flat[b0:b0 + BLK]
+        pad = np.zeros(-(-blk.size // 16) * 16)
+        pad[:blk.size] = blk
+        lanes = pad.reshape(-1, 16)
+        fin = np.isfinite(lanes)
+        ok = np.where(fin, lanes, 0.0) if guard else lanes
+        with np.errstate(invalid="ignore", over="ignore"):
+            sq = np.cumsum(ok * ok, axis=0)[-1]  # cumsum: strictly in element order
+            ab = np.cumsum(np.abs(ok), axis=0)[-1]
+        nf = np.cumsum(~fin, axis=0)[-1].astype(np.float64)
+        for k, lane in enumerate((sq, ab, nf)):
+            s = 0.0
+            for j in range(16):
+                s += float(lane[j])
+            out[k] += s
+    return out[0], out[1], out[2]
+
+
+@needs_ext
+@pytest.mark.parametrize("nthreads", [1, 2, 3])
+@pytest.mark.parametrize("guard", [True, False], ids=["guard", "noguard"])
+def test_statistics_pass_bits_of_the_lane_order(nthreads, guard):
+    """The statistics pass reads two runs of blocks side by side on each thread (a thread's
+    blocks paired differently with 1, 2 or 3 threads): every tensor's sums are still those of
+    its blocks summed alone, bit for bit against a numpy model of the lane order; tensors of
+    four dtypes and awkward lengths, a block with an inf and a NaN."""
+    L = fastsched.kernels.layout
+    gen = torch.Generator().manual_seed(11)
+    specs = [((3 * BLK + 11,), torch.float32), ((BLK + 5,), torch.bfloat16), ((7,), torch.float32),
+             ((2 * BLK,), torch.float16), ((2, BLK + 9), torch.float32), ((), torch.float32),
+             ((BLK + 3,), torch.float64), ((5 * BLK - 1,), torch.float32), ((33,), torch.bfloat16)]
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen).to(dt)) for s, dt in specs]
+    for k, p in enumerate(params):
+        p.grad = (torch.randn(p.shape, generator=gen) * 10.0 ** (k % 3 - 1)).to(p.dtype)
+    bad = params[4].grad.view(-1)
+    bad[BLK + 100], bad[BLK + 777] = float("inf"), float("nan")
+    opt = fastsched.AdamW(params, lr=1e-3, backend="cpu", stats=True,
+                          nonfinite="skip" if guard else "ignore")
+    n = torch.get_num_threads()
+    torch.set_num_threads(nthreads)
+    try:
+        opt.step()
+    finally:
+        torch.set_num_threads(n)
+    ts = opt.tables()["tstat"]
+    names = opt.stats_names()
+    for i, p in enumerate(params):
+        row = names.index(f"group0.param{i}")
+        want = _lane_model(p.grad, guard)
+        got = tuple(float(ts[row, c]) for c in (L.TS_SQ, L.TS_ABS, L.TS_NONFINITE))
+        assert str(got) == str(want), (i, got, want)  # bits (nan == nan)
+
+
 # -- build, fallback, errors ---------------------------------------------------------------------
 
 @needs_ext
