@@ -511,6 +511,14 @@ struct SumSq {
     }
 };
 
+// a software prefetch (into L1) of every 64-byte line of [p, p + bytes): for a loop that will
+// read them after other work, so their misses overlap that work instead of stalling the loop
+inline void prefetch_bytes(const void* p, int64_t bytes) {
+    const uintptr_t a = reinterpret_cast<uintptr_t>(p), e = a + static_cast<uintptr_t>(bytes);
+    for (uintptr_t c = a & ~uintptr_t(63); c < e; c += 64)
+        __builtin_prefetch(reinterpret_cast<const void*>(c), 0, 3);
+}
+
 template <class E>
 double sum_sq(const typename E::T* __restrict p, int64_t n) {
     SumSq<E> s;
