@@ -860,14 +860,7 @@ void block_units(Row r, const Blk& k, double* usums, float* scales, float inv_et
 //: elements of a unit updated between two pieces of the next unit's sum (whole quantisation
 //: blocks: see unit_pipe)
 constexpr int64_t PIPE = 512;
-//: the same with 16-bit parameters: their update of a piece takes about half the time of a
-//: float32 one, so the fixed cost of an update call (lowp_block's set-up, ~50 ns) weighs twice
-//: as much; pieces of 1024 kept the prefetch of a piece at 2 KB of weights, as float32's
-//: (bf16 ALLoRA rows on Llama-1B x0.1, 1 thread: 0.97x the update time of pieces of 512;
-//: 2048: no further gain)
-constexpr int64_t PIPE_16 = 1024;
 static_assert(PIPE % L::Q_BLOCK == 0 && PIPE % W == 0, "pieces of whole quantisation blocks");
-static_assert(PIPE_16 % L::Q_BLOCK == 0 && PIPE_16 % W == 0, "pieces of whole quantisation blocks");
 //: the shortest ALLoRA unit whose sum runs beside the update of the unit before it
 constexpr int64_t PIPE_MIN = 1024;
 //: unit_pipe on (the module's unit_pipe(): off only to compare, the bits are the same); atomic:
@@ -875,31 +868,32 @@ constexpr int64_t PIPE_MIN = 1024;
 std::atomic<bool> pipe_on{true};
 
 // The update of unit u of an in-block tensor (weights wr) with the sum of unit u + 1 read beside
-// it, a piece (PIPE, PIPE_16) of each in turn: the weights of u + 1 come from memory together with the
+// it, PIPE elements of each in turn: the weights of u + 1 come from memory together with the
 // g, m, v of u (four streams) instead of alone before them. A unit summed first and then
 // updated read that stream alone at about half the bandwidth of four (Llama-1B x0.1 fp32, rows
 // of 2048 and 5632, 1 thread, Zen 4: the ALLoRA step 0.92-0.95x the time without this, the
 // same optimizer's steps alternated with unit_pipe on and off; 2 threads, GPT-2: no change).
 // The sum is SumSq's, in pieces of whole lane groups: the bits of sum_sq. Units of unit_run ==
-// ulen only: a piece of the update then starts at a multiple of the piece from a unit's start, a
+// ulen only: a piece of the update then starts at a multiple of PIPE from a unit's start, a
 // multiple of Q_BLOCK from the tensor's with 8-bit states (ulen % Q_BLOCK == 0 there), and
-// the statistics lanes continue from piece to piece (pieces are multiples of W). side_sums:
+// the statistics lanes continue from piece to piece (PIPE % W == 0). side_sums:
 // the update goes through adam_fused (lowp_block), which takes the piece of the sum into its
-// own loop (SideSum: bf16 ALLoRA rows of Llama-1B x0.1, 1 thread, 0.96x the update time of
-// summing each piece after the update's; what another loop leaves is summed after it).
+// own loop (SideSum; what another loop leaves is summed after it). bf16 ALLoRA rows of
+// Llama-1B x0.1, 1 thread, update time against summing each piece after the update's: 0.82x,
+// 0.96x, 0.97x and 0.98x in four alternating runs, whole steps within this VM's noise (~7%).
 template <class E, class Update>
-void unit_pipe(Row wr, int64_t u, double* usums, float* scales, float inv_eta2, int64_t piece,
-               bool side_sums, Update&& update) {
+void unit_pipe(Row wr, int64_t u, double* usums, float* scales, float inv_eta2, bool side_sums,
+               Update&& update) {
     const int64_t ulen = wr[L::T_ULEN];
     const auto* wn = wr.ptr<const typename E::T>(L::T_P) + (u + 1) * ulen;
     SumSq<E> acc;
     int64_t done = 0;
-    for (int64_t c = 0; c < ulen; c += piece) {
-        const int64_t take = std::min(piece, (ulen - done) / W * W);
+    for (int64_t c = 0; c < ulen; c += PIPE) {
+        const int64_t take = std::min(PIPE, (ulen - done) / W * W);
         if constexpr (E::NARROW) {
             if (side_sums) {  // adam_fused sums the piece inside its loop (SideSum)
                 SideSum side{wn + done, take, 0, acc.a0, acc.a1};
-                update(u * ulen + c, std::min(piece, ulen - c), &side);
+                update(u * ulen + c, std::min(PIPE, ulen - c), &side);
                 acc.a0 = side.a0;
                 acc.a1 = side.a1;
                 acc.add(wn + done + side.done, take - side.done);  // what the loop left
@@ -910,7 +904,7 @@ void unit_pipe(Row wr, int64_t u, double* usums, float* scales, float inv_eta2, 
         // the piece of the sum requested before the update's piece, read after it from L1
         // (without: the sum's loop waited on its misses, 80% of its cycles)
         prefetch_bytes(wn + done, take * int64_t(sizeof(typename E::T)));
-        update(u * ulen + c, std::min(piece, ulen - c), nullptr);
+        update(u * ulen + c, std::min(PIPE, ulen - c), nullptr);
         acc.add(wn + done, take);
         done += take;
     }
@@ -920,12 +914,6 @@ void unit_pipe(Row wr, int64_t u, double* usums, float* scales, float inv_eta2, 
 
 //: the fewest elements of the ALLoRA units an in-block tensor sums and then updates together
 constexpr int64_t UNIT_GROUP = 256;
-//: the same with 16-bit parameters, for the fixed cost of their update calls (PIPE_16): rows of
-//: 768 two at a time instead of one (bf16 ALLoRA rows on GPT-2 x0.1, 1 thread: 0.91x the update
-//: time; 4096, five rows: 0.98x of that, within the noise). A group's statistics lanes flush at
-//: its own multiples of LANE_RUN: the update statistics of units shorter than PIPE_MIN move in
-//: their last bits against earlier builds (still the same for any thread count)
-constexpr int64_t UNIT_GROUP_16 = 2048;
 
 PyObject* py_update(PyObject*, PyObject* args) {
     long long kind, ta, da, n, sa, s64a, usa, ua, sumsa;
@@ -1059,8 +1047,6 @@ PyObject* py_update(PyObject*, PyObject* args) {
             auto sums = [&](const Blk& kg) {
                 by_weights([&](auto e) { block_units<decltype(e)>(wr, kg, us, sw, ie2); });
             };
-            const bool p16 = pt == BF16 || pt == F16;
-            const int64_t piece = p16 ? PIPE_16 : PIPE;
             if (pipe_on.load(std::memory_order_relaxed) && run == ulen && ulen >= PIPE_MIN) {
                 // each unit updated beside the sum of the next (unit_pipe); the chain goes on
                 // into the tensor's next block where this thread takes it too
@@ -1073,13 +1059,12 @@ PyObject* py_update(PyObject*, PyObject* args) {
                         continue;
                     }
                     by_weights([&](auto e) {
-                        unit_pipe<decltype(e)>(wr, u, us, sw, ie2, piece, !plain, update);
+                        unit_pipe<decltype(e)>(wr, u, us, sw, ie2, !plain, update);
                     });
                 }
                 carry = more ? b + 1 : -1;
             } else {
-                const int64_t grp = p16 ? UNIT_GROUP_16 : UNIT_GROUP;
-                const int64_t step = run >= grp ? run : grp / run * run;
+                const int64_t step = run >= UNIT_GROUP ? run : UNIT_GROUP / run * run;
                 const int64_t end = k.start + k.len, wsz = dtype_size(wt);
                 const char* wp = wr.ptr<const char>(L::T_P);
                 for (int64_t g0 = k.start; g0 < end; g0 += step) {
