@@ -1047,6 +1047,9 @@ PyObject* py_update(PyObject*, PyObject* args) {
             auto sums = [&](const Blk& kg) {
                 by_weights([&](auto e) { block_units<decltype(e)>(wr, kg, us, sw, ie2); });
             };
+            // the update goes through adam_fused (fused_prefix: Adam without amsgrad through
+            // lowp_block), which sums the next unit inside its loop
+            const bool side_in_loop = !plain && kind == L::KIND_ADAM && !r[L::T_S3];
             if (pipe_on.load(std::memory_order_relaxed) && run == ulen && ulen >= PIPE_MIN) {
                 // each unit updated beside the sum of the next (unit_pipe); the chain goes on
                 // into the tensor's next block where this thread takes it too
@@ -1059,7 +1062,7 @@ PyObject* py_update(PyObject*, PyObject* args) {
                         continue;
                     }
                     by_weights([&](auto e) {
-                        unit_pipe<decltype(e)>(wr, u, us, sw, ie2, !plain, update);
+                        unit_pipe<decltype(e)>(wr, u, us, sw, ie2, side_in_loop, update);
                     });
                 }
                 carry = more ? b + 1 : -1;

@@ -1524,42 +1524,39 @@ void adam_fused(const AdamScal& s, const FusedIo& io, int64_t n, Lanes* ls, cons
         }
         if (STATS) st.add(pf, u);
     };
+    // the side sum (SideSum): W elements of the other unit's weights per group of 16 updated,
+    // in the master's storage with WM_MASTER, else in the parameter's
+    using WT = typename std::conditional<WM == WM_MASTER, TF32, E>::type;
+    const typename WT::T* side_w = nullptr;
+    int64_t side_n = 0;  // elements of it this call sums (0: none)
+    v8d side0 = {}, side1 = {};
+    if (io.side) {
+        side_w = static_cast<const typename WT::T*>(io.side->w) + io.side->done;
+        side_n = io.side->n - io.side->done;
+        side_n = side_n < n ? side_n : n / 16 * 16;
+        side0 = io.side->a0;
+        side1 = io.side->a1;
+    }
+    auto side_group = [&](int64_t i) {  // as SumSq::add
+        side0 = add_sq_exact(side0, WT::ld8d(side_w + i));
+        side1 = add_sq_exact(side1, WT::ld8d(side_w + i + 8));
+    };
     if constexpr (!std::is_same<S, TQ8>::value) {
         using ST = typename S::T;
         ST* __restrict m = static_cast<ST*>(io.m);
         ST* __restrict v = static_cast<ST*>(io.v);
         auto run = [&](auto side_c) {
-            constexpr bool SIDE = decltype(side_c)::value;
-            // the side sum's weights: the master's storage with WM_MASTER, else the parameter's
-            using WT = typename std::conditional<WM == WM_MASTER, TF32, E>::type;
-            const typename WT::T* sw = nullptr;
-            int64_t sn = 0;
-            v8d s0 = {}, s1 = {};
-            if (SIDE) {
-                sw = static_cast<const typename WT::T*>(io.side->w) + io.side->done;
-                sn = io.side->n - io.side->done;
-                sn = sn < n ? sn : n / 16 * 16;
-                s0 = io.side->a0;
-                s1 = io.side->a1;
-            }
+            constexpr bool SIDE = decltype(side_c)::value;  // (the loop without it as before)
             for (int64_t i = 0; i < n; i += 16) {
                 if (STATS && i % MB == 0 && i > 0) st.flush();
                 if (MUL && !one_mul && i % MB == 0) um->fill(i, n - i < MB ? n - i : MB, mul);
                 if (WM == WM_SR && i % MB == 0)
                     sr_words(io.src, io.idx0 + i, n - i < MB ? n - i : MB, rnd);
-                if (SIDE && i < sn) {  // as SumSq::add
-                    s0 = add_sq_exact(s0, WT::ld8d(sw + i));
-                    s1 = add_sq_exact(s1, WT::ld8d(sw + i + 8));
-                }
+                if (SIDE && i < side_n) side_group(i);
                 v16f mf = ld16<S>(m + i), vf = ld16<S>(v + i);
                 group(i, mf, vf, mul + (MUL ? i % MB : 0));
                 st16<S>(m + i, mf);
                 st16<S>(v + i, vf);
-            }
-            if (SIDE) {
-                io.side->a0 = s0;
-                io.side->a1 = s1;
-                io.side->done += sn;
             }
         };
         if (io.side)
@@ -1602,6 +1599,7 @@ void adam_fused(const AdamScal& s, const FusedIo& io, int64_t n, Lanes* ls, cons
                     mf = QCodec<true>::dec(u8_ld16(mc + o + j), sm);
                     vf = QCodec<false>::dec(u8_ld16(vc + o + j), sv);
                 }
+                if (o + j < side_n) side_group(o + j);
                 group(o + j, mf, vf, mul + (MUL ? j : 0));
                 std::memcpy(nm + j, &mf, 64);
                 std::memcpy(nv + j, &vf, 64);
@@ -1668,6 +1666,11 @@ void adam_fused(const AdamScal& s, const FusedIo& io, int64_t n, Lanes* ls, cons
             how = !(fm && fv) ? 0 : nb ? 2 : 1;
         }
         if (nq > 0) encode_last(nq);
+    }
+    if (io.side) {
+        io.side->a0 = side0;
+        io.side->a1 = side1;
+        io.side->done += side_n;
     }
     if (STATS) {
         st.flush();
