@@ -1409,7 +1409,8 @@ struct TQ8 {
 // elements of it per W updated, in SumSq's lanes and order (the bits of sum_sq). Its chain of
 // dependent float64 fma (4 cycles per W elements) and its loads then run beside the update's
 // arithmetic instead of after it: summed after each update piece, the next row's sum was 24%
-// of a bf16 ALLoRA step's samples (Llama-like rows of 2048, 1 thread). done: elements summed.
+// of a bf16 ALLoRA step's samples (Llama-like rows of 2048, 1 thread). done: elements summed
+// (what the loop left, the caller sums).
 struct SideSum {
     const void* w;  // the weights: the parameter's storage, or the float32 master
     int64_t n;      // elements to sum (a multiple of W)
@@ -1525,12 +1526,13 @@ void adam_fused(const AdamScal& s, const FusedIo& io, int64_t n, Lanes* ls, cons
         if (STATS) st.add(pf, u);
     };
     // the side sum (SideSum): W elements of the other unit's weights per group of 16 updated,
-    // in the master's storage with WM_MASTER, else in the parameter's
+    // in the master's storage with WM_MASTER, else in the parameter's. Not with 8-bit states
+    // (left to the caller: ALLoRA tensors, the only ones with a side sum, keep float32 states)
     using WT = typename std::conditional<WM == WM_MASTER, TF32, E>::type;
     const typename WT::T* side_w = nullptr;
     int64_t side_n = 0;  // elements of it this call sums (0: none)
     v8d side0 = {}, side1 = {};
-    if (io.side) {
+    if (io.side && !std::is_same<S, TQ8>::value) {
         side_w = static_cast<const typename WT::T*>(io.side->w) + io.side->done;
         side_n = io.side->n - io.side->done;
         side_n = side_n < n ? side_n : n / 16 * 16;
@@ -1599,7 +1601,6 @@ void adam_fused(const AdamScal& s, const FusedIo& io, int64_t n, Lanes* ls, cons
                     mf = QCodec<true>::dec(u8_ld16(mc + o + j), sm);
                     vf = QCodec<false>::dec(u8_ld16(vc + o + j), sv);
                 }
-                if (o + j < side_n) side_group(o + j);
                 group(o + j, mf, vf, mul + (MUL ? j : 0));
                 std::memcpy(nm + j, &mf, 64);
                 std::memcpy(nv + j, &vf, 64);

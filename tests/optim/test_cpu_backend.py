@@ -279,6 +279,32 @@ def test_allora_long_rows_summed_beside_the_update(name, dtype, mode, float64_ta
 
 
 @needs_ext
+@pytest.mark.parametrize("sr", [False, True], ids=["rne", "sr"])
+def test_allora_long_rows_of_bf16_with_float32_states(sr):
+    """bf16 parameters with float32 states (state_dtype=torch.float32) step through the fused
+    loop, which sums the next row beside its update (SideSum): the bits of the sums read alone
+    (unit_pipe(False)), with 1 and 2 threads."""
+    kw = {"lr": 1e-2, "weight_decay": 0.1, "allora_eta": 0.7, "allora_unit": "row",
+          "state_dtype": torch.float32, "stats": True, "max_grad_norm": 1.0,
+          **({"stochastic_rounding": True, "seed": 3} if sr else {})}
+    grads = _grads(LONG_ROWS, 4, 9)
+    ext = _cpu.ext()
+    was = ext.unit_pipe(False)
+    try:
+        _, _, alone = _run("cpu", fastsched.AdamW, kw, LONG_ROWS, torch.bfloat16, grads,
+                           nthreads=1)
+        ext.unit_pipe(True)
+        _, _, one = _run("cpu", fastsched.AdamW, kw, LONG_ROWS, torch.bfloat16, grads,
+                         nthreads=1)
+        _, _, two = _run("cpu", fastsched.AdamW, kw, LONG_ROWS, torch.bfloat16, grads,
+                         nthreads=2)
+    finally:
+        ext.unit_pipe(was)
+    _bitwise(alone, one)
+    _bitwise(one, two)
+
+
+@needs_ext
 def test_many_tensors_and_groups():
     gen = torch.Generator().manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in MANY]
