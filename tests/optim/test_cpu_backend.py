@@ -356,6 +356,50 @@ def test_one_and_two_threads_bit_identical(name, dtype):
     _bitwise(two, again)
 
 
+#: configurations whose passes run through the ranges of blocks the threads take in turn
+RANGE_CASES = {
+    "adamw-fp32": ("adamw", torch.float32, {}),
+    "adamw-bf16": ("adamw", torch.bfloat16, {}),
+    "adamw-bf16-sr-8bit": ("adamw", torch.bfloat16,
+                           {"stochastic_rounding": True, "seed": 5, "state_dtype": "8bit"}),
+    "sgd-fp32": ("sgd-momentum-dampening-wd", torch.float32, {}),
+}
+
+
+@needs_ext
+@pytest.mark.parametrize("unit", [None, "row", "column"], ids=lambda u: u or "plain")
+@pytest.mark.parametrize("case", list(RANGE_CASES))
+def test_thread_ranges_do_not_change_the_bits(case, unit):
+    """The threads of the statistics and update passes take the blocks in ranges of
+    ``chunk_blocks`` (16) from a shared counter: ranges of 1 and 3 blocks on 2 threads (a
+    boundary at every block or every third: the chains of ALLoRA row sums cut there, the two
+    runs of the statistics pass side by side in short ranges) give the bits of one thread's
+    single range."""
+    name, dtype, extra = RANGE_CASES[case]
+    cls, kw = OPTIONS[name]
+    kw = {**kw, **extra, "max_grad_norm": 1.0, "stats": True,
+          **({"allora_eta": 0.7, "allora_unit": unit} if unit else {})}
+    shapes = LONG_ROWS + [(3 * BLK + 11,), (300, 70), (2 * BLK + 256,), ()]
+    grads = _grads(shapes, 3, 10, scale=3.0)
+    ext = _cpu.ext()
+    _, _, one = _run("cpu", cls, kw, shapes, dtype, grads, nthreads=1)
+    was = ext.chunk_blocks(0)
+    try:
+        for n in (1, 3):
+            assert ext.chunk_blocks(n) in (was, 1)
+            _, _, two = _run("cpu", cls, kw, shapes, dtype, grads, nthreads=2)
+            _bitwise(one, two)
+    finally:
+        ext.chunk_blocks(was)
+    assert ext.chunk_blocks(0) == was == 16
+
+
+@needs_ext
+def test_chunk_blocks_rejects_a_negative_count():
+    with pytest.raises(ValueError, match="chunk_blocks: n must be >= 1"):
+        _cpu.ext().chunk_blocks(-1)
+
+
 def _lane_model(x: torch.Tensor, guard: bool) -> tuple[float, float, float]:
     """A tensor's (sum g^2, sum |g|, non-finite count) as the extension defines them, in numpy
     float64: per block of BLK elements, element i to lane i % 16, each lane summed from +0 in
