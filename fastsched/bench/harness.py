@@ -392,10 +392,25 @@ def _measure_interleaved(lives: list[tuple[dict, Built, MemoryMeter]], dev: Devi
         for i in (order if r % 2 == 0 else order[::-1]):
             with lives[i][2].window():
                 lat[i].append(dev.time_single(lives[i][1].step))
+    # rounds_s: the time a step of each round's block, in round order, so that two contenders
+    # of the same rounds compare round by round (paired_ratio)
     return [{"b2b_s": {**quantiles(b2b[i]), "steps_per_block": per_block[i]},
+             "rounds_s": b2b[i],
              "latency_s": quantiles(lat[i]),
              "steps": 2 + plan.warmup_min + plan.blocks * per_block[i] + plan.latency_min,
              "timing": "interleaved"} for i in range(len(lives))]
+
+
+def paired_ratio(num: dict[str, Any], den: dict[str, Any]) -> dict[str, float] | None:
+    """Quantiles of num's step time / den's, round by round, for two entries timed in the same
+    interleaved rounds (None otherwise, or for results saved before rounds were recorded). A
+    ratio of medians hides how far the machine moved between rounds: on a shared 2-vCPU VM the
+    same ALLoRA-against-plain ratio read 1.07x in one run and 1.21x in the next; the spread of
+    the per-round ratios says how much a single figure can be trusted."""
+    a, b = num.get("rounds_s"), den.get("rounds_s")
+    if not a or not b or len(a) != len(b):
+        return None
+    return quantiles([x / y for x, y in zip(a, b)])
 
 
 def _run_interleaved(sset: ShapeSet, dtype: str, config: str, keys: list[str], master,
@@ -514,13 +529,17 @@ def derive(results: dict[str, Any]) -> dict[str, Any]:
         if base is not None and r["family"] != "ceiling":
             r["vs_fp32"] = base["b2b_s"]["median"] / t
             r["vs_fp32_source"] = source
+            # per round: the baseline's time / this one's (a speed ratio, as vs_fp32)
+            r["vs_fp32_rounds"] = paired_ratio(base, r) if source == "same rounds" else None
         else:
-            r["vs_fp32"] = r["vs_fp32_source"] = None
+            r["vs_fp32"] = r["vs_fp32_source"] = r["vs_fp32_rounds"] = None
         # ALLoRA: fastsched's step (not its CUDA graph) against its plain step (on the CPU
         # timed in the same rounds)
         ref = plain.get(k)
-        r["vs_plain"] = (ref["b2b_s"]["median"] / t
-                         if ref is not None and r["contender"] == "fastsched" else None)
+        mine = ref is not None and r["contender"] == "fastsched"
+        r["vs_plain"] = ref["b2b_s"]["median"] / t if mine else None
+        # per round: this step's time / the plain step's (a time ratio, as the target reads)
+        r["plain_ratio_rounds"] = paired_ratio(r, ref) if mine else None
     return results
 
 

@@ -428,8 +428,16 @@ def target_lines(results: dict[str, Any]) -> list[str]:
                    f"{r.get('backend', '?')}): {r['vs_fp32']:.2f}x its speed "
                    f"({fmt_time(r['b2b_s']['median'])} against "
                    f"{fmt_time(r['b2b_s']['median'] * r['vs_fp32'])}, "
-                   f"{r['vs_fp32_source']}): {met}")
+                   f"{r['vs_fp32_source']}{_spread(r.get('vs_fp32_rounds'), 2)}): {met}")
     return out
+
+
+def _spread(q: dict[str, float] | None, digits: int) -> str:
+    """', round by round p10-p90 A-Bx' for the paired per-round ratio quantiles (or '')."""
+    if not q:
+        return ""
+    return f"; round by round p10-p90 {q['p10']:.{digits}f}-{q['p90']:.{digits}f}x"
+
 
 
 def allora_lines(results: dict[str, Any]) -> list[str]:
@@ -447,7 +455,8 @@ def allora_lines(results: dict[str, Any]) -> list[str]:
         out.append(f"ALLoRA rows within 10% of the plain step ({r['set']}, {r['dtype']}"
                    f"{_threads(r.get('threads'))}, backend {r.get('backend', '?')}): "
                    f"{over:.3f}x its time ({fmt_time(r['b2b_s']['median'])} against "
-                   f"{fmt_time(r['b2b_s']['median'] * r['vs_plain'])}, {when}): {met}")
+                   f"{fmt_time(r['b2b_s']['median'] * r['vs_plain'])}, {when}"
+                   f"{_spread(r.get('plain_ratio_rounds'), 3)}): {met}")
     return out
 
 

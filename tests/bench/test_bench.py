@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import textwrap
 
 import pytest
 import torch
 
 from fastsched.bench import contenders as C
-from fastsched.bench.harness import BenchOptions, derive, run_bench
-from fastsched.bench.report import fmt_time, render_readme
+from fastsched.bench.device import quantiles
+from fastsched.bench.harness import BenchOptions, derive, paired_ratio, run_bench
+from fastsched.bench.report import allora_lines, fmt_time, render_readme
 from fastsched.bench.shapes import SHAPE_SETS, ShapeError, parse_shapes, scale_shape
 from fastsched.cli import main
 
@@ -200,8 +202,29 @@ def test_values_finite_and_derived(bench_run):
         assert plain["bytes_per_param"] == r["bytes_per_param"]  # AdamW's, as ALLoRA's
         assert r["vs_plain"] == pytest.approx(plain["b2b_s"]["median"] / r["b2b_s"]["median"],
                                               rel=1e-12)
-    assert all(r["vs_plain"] is None for r in ok if r["family"] != "fastsched"
-               or r["config"] != "allora")
+        # and round by round: each round's ALLoRA step time over the plain step's
+        assert len(r["rounds_s"]) == len(plain["rounds_s"]) == r["b2b_s"]["n"]
+        assert r["b2b_s"]["median"] == pytest.approx(statistics.median(r["rounds_s"]),
+                                                     rel=1e-12)
+        want = quantiles([a / b for a, b in zip(r["rounds_s"], plain["rounds_s"])])
+        assert r["plain_ratio_rounds"] == pytest.approx(want, rel=1e-12)
+        q = r["plain_ratio_rounds"]
+        assert q["p10"] <= q["median"] <= q["p90"]
+    assert all(r["vs_plain"] is None and r["plain_ratio_rounds"] is None for r in ok
+               if r["family"] != "fastsched" or r["config"] != "allora")
+    for line in allora_lines(res):
+        assert "; round by round p10-p90 " in line
+
+
+def test_paired_ratio_needs_the_same_rounds():
+    """Per-round ratios only between entries with as many recorded rounds (not, e.g., a result
+    saved before rounds were recorded)."""
+    a = {"rounds_s": [2.0, 4.0, 6.0]}
+    b = {"rounds_s": [1.0, 2.0, 2.0]}
+    assert paired_ratio(a, b) == quantiles([2.0, 2.0, 3.0])
+    assert paired_ratio(a, {"rounds_s": [1.0, 2.0]}) is None
+    assert paired_ratio(a, {}) is None
+    assert paired_ratio({"b2b_s": {"median": 1.0}}, b) is None
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32],

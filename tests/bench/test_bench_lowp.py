@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import sys
 import types
 
@@ -333,4 +334,12 @@ def test_target_line(lowp_run):
     for line, r in zip(lines, fs):
         assert f"{r['vs_fp32']:.2f}x" in line
         assert line.endswith(": met" if r["vs_fp32"] >= 1 else ": not met")
+        # timed in the same rounds as the baseline: its speed over theirs round by round too
+        (base,) = [b for b in lowp_run["results"] if b["family"] == "baseline"
+                   and (b["set"], b["dtype"], b["config"], b["threads"])
+                   == (r["set"], r["dtype"], r["config"], r["threads"])]
+        q = r["vs_fp32_rounds"]
+        assert q["median"] == pytest.approx(statistics.median(
+            [x / y for x, y in zip(base["rounds_s"], r["rounds_s"])]), rel=1e-12)
+        assert f"; round by round p10-p90 {q['p10']:.2f}-{q['p90']:.2f}x" in line
     assert lines[0] in render_markdown(lowp_run)
