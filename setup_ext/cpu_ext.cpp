@@ -49,10 +49,11 @@ std::vector<Blk> flat_blocks(const int64_t* tensors, int64_t n, const int64_t* b
     return out;
 }
 
-//: blocks per range a thread takes at a time in the statistics and update passes (the
-//: module's chunk_blocks(): other values only to test range boundaries, the bits are the same);
-//: atomic as pipe_on
-std::atomic<int64_t> chunk_blocks{16};
+//: blocks per range a thread takes at a time in the statistics and update passes
+constexpr int64_t CHUNK_BLOCKS = 16;
+//: CHUNK_BLOCKS, or what the module's chunk_blocks() set (other values only to test range
+//: boundaries: the bits are the same); atomic as pipe_on
+std::atomic<int64_t> chunk_blocks{CHUNK_BLOCKS};
 
 // The blocks of a pass as contiguous ranges of chunk_blocks that the threads take in turn from a
 // shared counter (partials are per block and combined in block order: any assignment gives the
@@ -1120,9 +1121,9 @@ PyObject* py_update(PyObject*, PyObject* args) {
             part[2 * b] = lane_sum(ls.p0, ls.p1);
             part[2 * b + 1] = lane_sum(ls.u0, ls.u1);
         }
-    }
-    }
-    }
+    }  // the blocks of a range
+    }  // the ranges
+    }  // omp parallel
     if (stats) {
         for (int64_t i = 0; i < n; i++) {
             double* us = ustat + i * L::US_COLS;
@@ -1254,9 +1255,9 @@ PyObject* py_stream(PyObject*, PyObject* args) {
     auto* m = reinterpret_cast<uint32_t*>(ma);
     auto* v = reinterpret_cast<uint32_t*>(va);
     Py_BEGIN_ALLOW_THREADS
-    // ranges taken in turn as the passes' (Chunks: ranges of chunk_blocks' default, 16 blocks),
-    // so that the ceiling does not wait for a slower thread where the step would not
-    const long long chunk = 16 * BLK, nc = (n + chunk - 1) / chunk;
+    // ranges taken in turn as the passes' (Chunks), so that the ceiling does not wait for a
+    // slower thread where the step would not
+    const long long chunk = CHUNK_BLOCKS * BLK, nc = (n + chunk - 1) / chunk;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
     for (long long k = 0; k < nc; k++) {
         const long long end = (k + 1) * chunk < n ? (k + 1) * chunk : n;

@@ -439,7 +439,6 @@ def _spread(q: dict[str, float] | None, digits: int) -> str:
     return f"; round by round p10-p90 {q['p10']:.{digits}f}-{q['p90']:.{digits}f}x"
 
 
-
 def allora_lines(results: dict[str, Any]) -> list[str]:
     """The target of ALLoRA rows, stated from the run: fastsched's ALLoRA step against its plain
     step timed in the same run (on the CPU in the same rounds), per shape set, dtype and thread
