@@ -55,31 +55,19 @@ constexpr int64_t CHUNK_BLOCKS = 16;
 //: boundaries: the bits are the same); atomic as pipe_on
 std::atomic<int64_t> chunk_blocks{CHUNK_BLOCKS};
 
-// The blocks of a pass as contiguous ranges of chunk_blocks that the threads take in turn from a
-// shared counter (partials are per block and combined in block order: any assignment gives the
-// same bits). A static split (one range per thread) waited for the slower thread: on a shared
-// 2-vCPU VM one thread took up to 1.36x the other's time over the same number of elements (and
-// a static split by elements instead of blocks moved nothing). Alternating both builds in one
-// process, 2 threads, step time against the static split: GPT-2 x0.1 fp32 AdamW 0.94-0.98x,
-// with clipping 0.96-1.00x, SGD 0.97x, bf16 ALLoRA rows 0.90x, bf16 with stochastic rounding
-// and 8-bit states 0.93-0.98x; Llama-1B x0.1 AdamW 0.96-0.98x, with clipping 1.01x (noise);
-// its statistics pass 0.97x. Ranges of 4, 32 or 64 blocks: the same within noise. One thread
-// takes the whole pass as one range.
-struct Chunks {
-    std::atomic<int64_t> next{0};
-    int64_t nb, per;
-
-    Chunks(int64_t nblocks, int64_t nthreads)
-        : nb(nblocks),
-          per(nthreads > 1 ? chunk_blocks.load(std::memory_order_relaxed)
-                           : (nblocks > 0 ? nblocks : 1)) {}
-    // the next range [lo, hi) of blocks; false when none is left
-    bool take(int64_t& lo, int64_t& hi) {
-        lo = next.fetch_add(1, std::memory_order_relaxed) * per;
-        hi = lo + per < nb ? lo + per : nb;
-        return lo < nb;
-    }
-};
+// The blocks of a pass as contiguous ranges of chunk_blocks that the threads take in turn
+// (OpenMP's dynamic schedule over the ranges; partials are per block and combined in block
+// order: any assignment gives the same bits). A static split (one range per thread) waited for
+// the slower thread: on a shared 2-vCPU VM one thread took up to 1.36x the other's time over the
+// same number of elements (and a static split by elements instead of blocks moved nothing).
+// Alternating both builds in one process, 2 threads, step time against the static split: GPT-2
+// x0.1 fp32 AdamW 0.94-0.98x, with clipping 0.96-1.00x, SGD 0.97x, bf16 ALLoRA rows 0.90x, bf16
+// with stochastic rounding and 8-bit states 0.93-0.98x; Llama-1B x0.1 AdamW 0.96-0.98x, with
+// clipping 1.01x (noise); its statistics pass 0.97x. Ranges of 4, 32 or 64 blocks: the same
+// within noise. One thread takes the whole pass as one range.
+inline int64_t range_blocks(int64_t nb, int64_t nthreads) {
+    return nthreads > 1 ? chunk_blocks.load(std::memory_order_relaxed) : (nb > 0 ? nb : 1);
+}
 
 // ALLoRA units that the update pass sums itself, block by block: contiguous units (rows, the
 // tensor) of at most BLK elements; the elements per block of such a tensor (whole units), else 0
@@ -258,14 +246,12 @@ PyObject* py_grad_stats(PyObject*, PyObject* args) {
     std::vector<Blk> blocks = flat_blocks(tensors, n);
     const int64_t nb = static_cast<int64_t>(blocks.size());
     std::vector<double> part(3 * (nb + 1));
-    Chunks chunks(nb, nt);
-#pragma omp parallel num_threads(nt)
-    {
-        // ranges of blocks taken in turn (Chunks)
-        int64_t b0, b1;
-        while (chunks.take(b0, b1))
-            stats_range(tensors, dtypes, blocks, b0, b1, guard != 0, part.data());
-    }
+    const int64_t per = range_blocks(nb, nt), nr = (nb + per - 1) / per;
+    // ranges of blocks taken in turn (range_blocks)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+    for (int64_t c = 0; c < nr; c++)
+        stats_range(tensors, dtypes, blocks, c * per, std::min(nb, (c + 1) * per), guard != 0,
+                    part.data());
     // per tensor, in block order
     for (int64_t i = 0; i < n; i++) {
         double* ts = tstat + i * L::TS_COLS;
@@ -996,14 +982,13 @@ PyObject* py_update(PyObject*, PyObject* args) {
     std::vector<Blk> blocks = flat_blocks(tensors, n, blen.data());
     const int64_t nb = static_cast<int64_t>(blocks.size());
     std::vector<double> part(stats ? 2 * nb + 2 : 2, 0.0);
-    Chunks chunks(nb, nt);
-#pragma omp parallel num_threads(nt)
-    {
-    // ranges of blocks [lo, hi) taken in turn (Chunks), each range's blocks one after the
+    const int64_t per = range_blocks(nb, nt), nr = (nb + per - 1) / per;
+    // ranges of blocks [lo, hi) taken in turn (range_blocks), each range's blocks one after the
     // other: the sums of an in-block ALLoRA tensor carry from one of its blocks to the next
     // (unit_pipe)
-    int64_t lo, hi;
-    while (chunks.take(lo, hi)) {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+    for (int64_t rg = 0; rg < nr; rg++) {
+    const int64_t lo = rg * per, hi = std::min(nb, lo + per);
     int64_t carry = -1;  // the block whose first unit this thread has summed
     for (int64_t b = lo; b < hi; b++) {
         const Blk& k = blocks[b];
@@ -1123,7 +1108,6 @@ PyObject* py_update(PyObject*, PyObject* args) {
         }
     }  // the blocks of a range
     }  // the ranges
-    }  // omp parallel
     if (stats) {
         for (int64_t i = 0; i < n; i++) {
             double* us = ustat + i * L::US_COLS;
@@ -1255,8 +1239,8 @@ PyObject* py_stream(PyObject*, PyObject* args) {
     auto* m = reinterpret_cast<uint32_t*>(ma);
     auto* v = reinterpret_cast<uint32_t*>(va);
     Py_BEGIN_ALLOW_THREADS
-    // ranges taken in turn as the passes' (Chunks), so that the ceiling does not wait for a
-    // slower thread where the step would not
+    // ranges taken in turn as the passes' (range_blocks), so that the ceiling does not wait for
+    // a slower thread where the step would not
     const long long chunk = CHUNK_BLOCKS * BLK, nc = (n + chunk - 1) / chunk;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
     for (long long k = 0; k < nc; k++) {
