@@ -16,8 +16,12 @@
 #include <cstdint>
 #include <vector>
 
+#include "fused.h"
 #include "kernels.h"
 #include "layout.h"
+
+// fused_wm's variants (fused.h) are compiled in fused_f32.cpp and fused_16.cpp: see there
+FS_FUSED_WM(extern template)
 
 namespace {
 
@@ -649,48 +653,6 @@ inline int64_t addr_at(const void* base, int64_t elem, int64_t size) {  // base 
     return reinterpret_cast<int64_t>(base) - elem * size;
 }
 
-// the fused loop of adam_fused for a row's types (E: parameter, WM: mode, S: states; fp16
-// parameters: fp16 states only, the plain fp16 step)
-template <class E, int WM, bool STATS, bool FAST>
-void fused_k(const AdamScal& s, const FusedIo& io, int64_t st, int64_t n, Lanes* ls,
-             const UnitMul* um) {
-    auto go = [&](auto s_c) {
-        using S = decltype(s_c);
-        if (um)
-            adam_fused<E, WM, S, STATS, true, FAST>(s, io, n, ls, um);
-        else
-            adam_fused<E, WM, S, STATS, false, FAST>(s, io, n, ls, um);
-    };
-    if constexpr (std::is_same<E, TF16>::value)
-        go(TF16{});
-    else if (st == F32)
-        go(TF32{});
-    else if (st == BF16)
-        go(TBF16{});
-    else
-        go(TQ8{});
-}
-template <class E, int WM, bool STATS>
-void fused_s(const AdamScal& s, const FusedIo& io, int64_t st, int64_t n, Lanes* ls,
-             const UnitMul* um) {
-    if (s.lo && s.gmul == 1.0f)
-        fused_k<E, WM, STATS, true>(s, io, st, n, ls, um);
-    else
-        fused_k<E, WM, STATS, false>(s, io, st, n, ls, um);
-}
-template <class E, bool STATS>
-void fused_wm(const AdamScal& s, const FusedIo& io, int64_t mode, int64_t st, int64_t n,
-              Lanes* ls, const UnitMul* um) {
-    if constexpr (std::is_same<E, TF16>::value)  // (fused_prefix: no mode)
-        fused_s<E, WM_PLAIN, STATS>(s, io, st, n, ls, um);
-    else if (mode & L::MODE_MASTER)
-        fused_s<E, WM_MASTER, STATS>(s, io, st, n, ls, um);
-    else if (std::is_same<E, TBF16>::value && (mode & L::MODE_SR))
-        fused_s<E, WM_SR, STATS>(s, io, st, n, ls, um);
-    else
-        fused_s<E, WM_PLAIN, STATS>(s, io, st, n, ls, um);
-}
-
 // the elements [start, start + n) of row r through adam_fused, n the most it takes (0: none;
 // the rest: lowp_block's chunks): Adam without amsgrad, float32 or bfloat16 parameters,
 // float32, bfloat16 or 8-bit states, or fp16 parameters with fp16 states and no mode (plain
@@ -705,6 +667,9 @@ int64_t fused_prefix(int64_t kind, const Scal& s, Row r, int64_t pt, int64_t st,
     if (!f16 && ((pt != F32 && pt != BF16) || (st != F32 && st != BF16 && st != L::STATE_8BIT)))
         return 0;
     if ((mode & L::MODE_SR) && pt != BF16) return 0;
+    // (float32 parameters have no master copy: a ValueError before any table; fused_wm keeps
+    // no master variant of them)
+    if ((mode & L::MODE_MASTER) && pt == F32) return 0;
     const int64_t unit = st == L::STATE_8BIT ? L::Q_BLOCK : 16;  // whole blocks, whole groups
     const int64_t n = len / unit * unit;
     if (n == 0) return 0;
