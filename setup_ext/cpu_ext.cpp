@@ -399,6 +399,7 @@ PyObject* py_finalize(PyObject*, PyObject* args) {
 // (T_USTRIDE == 1, T_ESTRIDE == columns) by ranges of columns, row after row.
 
 constexpr int64_t COLW = 256;  // columns per work item of column units
+constexpr int64_t COL_AHEAD = 4;  // rows ahead whose piece a column item requests (unit_item)
 
 struct UItem {
     int64_t t, a, b;  // tensor; units [a, b) (whole), or unit a and its elements [b, b + BLK)
@@ -419,6 +420,9 @@ void unit_item(const UItem& it, Row r, double* usums, double* part) {
         double acc[COLW] = {0};
         for (int64_t i = 0; i < rows; i++) {
             const auto* q = p + i * cols + it.a;
+            // the hardware does not follow rows of w elements at a stride of cols: the piece
+            // COL_AHEAD rows on requested into L1 first (as read_ahead)
+            if (i + COL_AHEAD < rows) prefetch_bytes(q + COL_AHEAD * cols, w * sizeof(*q));
             if constexpr (std::is_same<E, TF16>::value) {  // F16C (GCC converts one by one)
                 alignas(64) float x[COLW];
                 chunk_in<E>(q, w, x);

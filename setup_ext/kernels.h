@@ -378,18 +378,22 @@ void grad_sums_exact(const typename E::T* __restrict g, int64_t n, double out[3]
     out[2] = s2;
 }
 
-//: bytes ahead of the statistics loops that each group requests into L1 (prefetcht0). The
+//: bytes ahead of the loops that read one array alone (the statistics pass, ALLoRA's unit sums
+//: before the update) that each group requests into L1 (prefetcht0). The
 //: hardware alone kept the two streams of grad_sums_k at 10.7-11.5 GB/s where a loop of float32
 //: additions over the same 381 MB read 14.7-15.1 GB/s (one thread, Xeon model 207, C++
 //: microbenchmark): the float64 sums' conversions and fused multiply-adds, ~4.5 cycles per 16
 //: elements, leave fewer misses in flight. Requested 2 or 4 KB ahead: 12.8-15.1 and 14.1-14.6
 //: GB/s; into L2 (prefetcht1) 12.7-14.6; non-temporal (prefetchnta) 8.6-11.4, slower than none.
-constexpr int64_t STATS_AHEAD = 4096;
+constexpr int64_t READ_AHEAD = 4096;
 
-// a request of the line STATS_AHEAD bytes after p into L1 (a prefetch does not fault: past the
-// end of the gradient it is dropped)
-inline void stats_ahead(const void* p) {
-    __builtin_prefetch(static_cast<const char*>(p) + STATS_AHEAD, 0, 3);
+// a request of the line READ_AHEAD bytes after element i of p into L1, once per 64-byte line
+// for a loop over groups of W elements (2-byte elements: every other group). A prefetch does not
+// fault: past the end of the array it is dropped
+template <class T>
+inline void read_ahead(const T* p, int64_t i) {
+    if (sizeof(T) >= 4 || i % (2 * W) == 0)
+        __builtin_prefetch(reinterpret_cast<const char*>(p + i) + READ_AHEAD, 0, 3);
 }
 
 // A block's (sum g^2, sum |g|, non-finite count). First without the finiteness test: when both
@@ -421,7 +425,7 @@ struct GradAcc {
     template <bool GUARD>
     void finish(const T* __restrict g, int64_t i, int64_t n, double out[3]) {
         for (; i + W <= n; i += W) {
-            if (sizeof(T) >= 4 || i % (2 * W) == 0) stats_ahead(g + i);  // (as grad_sums_k)
+            read_ahead(g, i);
             group(g + i);
         }
         if (i < n) {
@@ -469,8 +473,7 @@ void grad_sums_k(const typename E::T* const* g, const int64_t* n, double* const*
     common = common / W * W;
     for (int64_t i = 0; i < common; i += W)
         for (int k = 0; k < K; k++) {
-            // one request per 64-byte line (W elements of 2 bytes are half of one)
-            if (sizeof(typename E::T) >= 4 || i % (2 * W) == 0) stats_ahead(g[k] + i);
+            read_ahead(g[k], i);
             a[k].group(g[k] + i);
         }
     for (int k = 0; k < K; k++) a[k].template finish<GUARD>(g[k], common, n[k], out[k]);
@@ -489,17 +492,20 @@ struct SumSq {
         if constexpr (E::NARROW) {
             v8d x0 = a0, x1 = a1;
             for (int64_t i = 0; i < n; i += W) {
+                read_ahead(p, i);
                 x0 = add_sq_exact(x0, E::ld8d(p + i));
                 x1 = add_sq_exact(x1, E::ld8d(p + i + 8));
             }
             a0 = x0;
             a1 = x1;
         } else {
-            for (int64_t i = 0; i < n; i += W)
+            for (int64_t i = 0; i < n; i += W) {
+                read_ahead(p, i);
                 for (int j = 0; j < W; j++) {
                     double x = E::ld(p[i + j]);
                     acc[j] += x * x;
                 }
+            }
         }
     }
 
