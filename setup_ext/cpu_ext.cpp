@@ -609,16 +609,6 @@ void span(int64_t kind, const Scal& s, Row r, int64_t off, int64_t len, const fl
     }
 }
 
-//: block()'s spans of an ALLoRA tensor shorter than this go to the fused loop (float32 Adam)
-constexpr int64_t SHORT_SPAN = 256;
-
-// whether block() would split row r's ALLoRA tensor into spans shorter than SHORT_SPAN
-inline bool short_spans(Row r) {
-    const int64_t len = r[L::T_ESTRIDE] != 1 ? r[L::T_ESTRIDE]
-                        : r[L::T_NUNITS] == 1 ? r[L::T_NUMEL] : r[L::T_ULEN];
-    return len < SHORT_SPAN;
-}
-
 // a block [start, start + len) of tensor row r, split where the ALLoRA multiplier changes
 template <class E, bool STATS>
 void block(int64_t kind, const Scal& s, Row r, int64_t start, int64_t len, const float* scales,
@@ -973,14 +963,15 @@ PyObject* py_update(PyObject*, PyObject* args) {
         // buffers around the float32 loop, three passes through L1 that made one thread of a
         // bf16 AdamW step bound by them (GPT-2 x0.1, Zen 4: 9.96 -> 7.14 ms, 0.72x; ALLoRA rows
         // 0.80x; 2 threads 0.74x). The same operations in the same order: the same bits.
-        // float32 Adam with short ALLoRA spans too: block() steps a span per unit (per row
-        // of columns units), a call per row of 16 for a LoRA B matrix (rank 16), where the
-        // fused loop fills the multipliers of 256 elements at a time (B matrices of rank 16:
-        // 0.95x the step time); with longer spans the float32 span loop is faster (rows of
-        // 768, GPT-2 x0.1: the fused loop 1.075x)
+        // float32 Adam too: its fused loop requests its arrays ahead (UPDATE_AHEAD) and
+        // divides by the bias correction with one multiply-add chain instead of the divider
+        // (div_by16); one process alternating the builds (Xeon model 207, step time against
+        // the float32 span loop): AdamW 0.89-0.92x on Llama-1B x0.1 and 0.90x on GPT-2 x0.1 (2
+        // threads 0.92x, 0.79x), with clipping 0.87x, ALLoRA rows 0.92-0.93x (ALLoRA spans of
+        // a LoRA B matrix's rows of 16 were there before: 0.95x)
         const bool plain = st == pt && r[L::T_MODE] == 0 &&
-                           !((pt == BF16 || pt == F16 || (pt == F32 && sc && short_spans(r))) &&
-                             kind == L::KIND_ADAM && !r[L::T_S3]);
+                           !((pt == BF16 || pt == F16 || pt == F32) && kind == L::KIND_ADAM &&
+                             !r[L::T_S3]);
         Lanes ls{};
         Lanes* lsp = stats ? &ls : nullptr;
         // the update of elements [start, start + len) of the block (statistics lanes by index

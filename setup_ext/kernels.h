@@ -1431,10 +1431,10 @@ inline v16f sqrt16(v16f x) {
 //: arithmetic, fewer misses in flight: bf16 AdamW on Llama-1B x0.1 took 0.88-0.90x the step
 //: time with 1, 2 or 4 KB ahead (1 thread; 2 threads 0.87-0.92x; one process alternating the
 //: builds, Xeon model 207); bf16 with an fp32 master 0.87x, fp32 parameters with bf16 states
-//: 0.79x, with 8-bit states 0.83x (2 threads 0.87x). Not beside an ALLoRA row's side sum
-//: (SideSum: rows of a few KB whose next row that sum already reads; 1.00-1.08x with it), nor
-//: with 8-bit states of bf16 parameters, whose loop is bound by its arithmetic (1.00-1.10x with
-//: it), nor in the float32 span loop of fp32 parameters (adam_span: 0.97-1.05x, no gain)
+//: 0.79x, with 8-bit states 0.83x (2 threads 0.87x); ALLoRA rows beside the next row's sum
+//: (SideSum) 0.93x (bf16, fp32; Llama-1B x0.1). Not with 8-bit states of bf16 parameters, whose
+//: loop is bound by its arithmetic (1.00-1.10x with it). (The float32 span loop, adam_span,
+//: gained nothing from requests ahead, 0.97-1.05x: fp32 Adam now takes this loop too.)
 constexpr int64_t UPDATE_AHEAD = 2048;
 
 //: how the fused loop writes the parameter (the T_MODE bits)
@@ -1594,13 +1594,11 @@ void adam_fused(const AdamScal& s, const FusedIo& io, int64_t n, Lanes* ls, cons
                 if (WM == WM_SR && i % MB == 0)
                     sr_words(io.src, io.idx0 + i, n - i < MB ? n - i : MB, rnd);
                 if (SIDE && i < side_n) side_group(i);
-                if (!SIDE) {  // (SIDE: rows beside the next row's sum, see UPDATE_AHEAD)
-                    line_ahead<1>(p, i, UPDATE_AHEAD);
-                    line_ahead<0>(g, i, UPDATE_AHEAD);
-                    line_ahead<1>(m, i, UPDATE_AHEAD);
-                    line_ahead<1>(v, i, UPDATE_AHEAD);
-                    if (WM == WM_MASTER) line_ahead<1>(w32, i, UPDATE_AHEAD);
-                }
+                line_ahead<1>(p, i, UPDATE_AHEAD);  // (UPDATE_AHEAD)
+                line_ahead<0>(g, i, UPDATE_AHEAD);
+                line_ahead<1>(m, i, UPDATE_AHEAD);
+                line_ahead<1>(v, i, UPDATE_AHEAD);
+                if (WM == WM_MASTER) line_ahead<1>(w32, i, UPDATE_AHEAD);
                 v16f mf = ld16<S>(m + i), vf = ld16<S>(v + i);
                 group(i, mf, vf, mul + (MUL ? i % MB : 0));
                 st16<S>(m + i, mf);
