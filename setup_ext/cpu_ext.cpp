@@ -411,10 +411,10 @@ void unit_item(const UItem& it, Row r, double* usums, double* part) {
     const auto* p = r.ptr<const typename E::T>(L::T_P);
     const int64_t ulen = r[L::T_ULEN], ustride = r[L::T_USTRIDE];
     if (it.kind == 0) {
-        for (int64_t u = it.a; u < it.b; u++) usums[u] = sum_sq<E>(p + u * ustride, ulen);
+        for (int64_t u = it.a; u < it.b; u++) usums[u] = sum_sq<E, true>(p + u * ustride, ulen);
     } else if (it.kind == 1) {
         const int64_t len = ulen - it.b < BLK ? ulen - it.b : BLK;
-        *part = sum_sq<E>(p + it.a * ustride + it.b, len);
+        *part = sum_sq<E, true>(p + it.a * ustride + it.b, len);
     } else {
         const int64_t cols = r[L::T_ESTRIDE], rows = ulen, w = it.b - it.a;
         double acc[COLW] = {0};
