@@ -74,8 +74,9 @@ ext_modules = []
 if os.environ.get("FASTSCHED_NO_EXT_BUILD") != "1":
     ext_modules.append(Extension(
         "fastsched._cpu_ext",
-        # the largest first: with 2 processes cpu_ext.cpp (~28 s here) runs beside the other two
-        # (~10 s + ~21 s), ~31 s in all against ~52 s one after the other
+        # the largest first, so that with 2 processes cpu_ext.cpp runs beside the other two: 21 s
+        # for the build on a 2-core Xeon (GCC 12), against 52 s for the one file they were (with
+        # -g0; 85 s with Python's -g)
         sources=["setup_ext/cpu_ext.cpp", "setup_ext/fused_16.cpp", "setup_ext/fused_f32.cpp"],
         include_dirs=["setup_ext", "setup_ext/generated"],
         depends=["setup_ext/kernels.h", "setup_ext/fused.h", "kernels/layout.py"],

@@ -66,7 +66,8 @@ void fused_wm(const AdamScal& s, const FusedIo& io, int64_t mode, int64_t st, in
 #define FS_FUSED_WM_ONE(PREFIX, E, STATS)                                                       \
     PREFIX void fs::fused_wm<fs::E, STATS>(const fs::AdamScal&, const fs::FusedIo&, int64_t,    \
                                            int64_t, int64_t, fs::Lanes*, const fs::UnitMul*);
-#define FS_FUSED_WM_F32(PREFIX) FS_FUSED_WM_ONE(PREFIX, TF32, false) FS_FUSED_WM_ONE(PREFIX, TF32, true)
+#define FS_FUSED_WM_F32(PREFIX) \
+    FS_FUSED_WM_ONE(PREFIX, TF32, false) FS_FUSED_WM_ONE(PREFIX, TF32, true)
 #define FS_FUSED_WM_16(PREFIX)                                                                  \
     FS_FUSED_WM_ONE(PREFIX, TBF16, false) FS_FUSED_WM_ONE(PREFIX, TBF16, true)                   \
     FS_FUSED_WM_ONE(PREFIX, TF16, false) FS_FUSED_WM_ONE(PREFIX, TF16, true)

@@ -379,12 +379,12 @@ void grad_sums_exact(const typename E::T* __restrict g, int64_t n, double out[3]
 }
 
 //: bytes ahead of the loops that read one array alone (the statistics pass, ALLoRA's unit sums
-//: before the update) that each group requests into L1 (prefetcht0). The
-//: hardware alone kept the two streams of grad_sums_k at 10.7-11.5 GB/s where a loop of float32
-//: additions over the same 381 MB read 14.7-15.1 GB/s (one thread, Xeon model 207, C++
-//: microbenchmark): the float64 sums' conversions and fused multiply-adds, ~4.5 cycles per 16
-//: elements, leave fewer misses in flight. Requested 2 or 4 KB ahead: 12.8-15.1 and 14.1-14.6
-//: GB/s; into L2 (prefetcht1) 12.7-14.6; non-temporal (prefetchnta) 8.6-11.4, slower than none.
+//: before the update) that each group requests into L1 (prefetcht0). The hardware alone kept the
+//: two streams of grad_sums_k at 10.7-11.5 GB/s where a loop of float32 additions over the same 381
+//: MB read 14.7-15.1 GB/s (one thread, Xeon model 207, C++ microbenchmark): the float64 sums'
+//: conversions and fused multiply-adds, ~4.5 cycles per 16 elements, leave fewer misses in flight.
+//: Requested 2 or 4 KB ahead: 12.8-15.1 and 14.1-14.6 GB/s; into L2 (prefetcht1) 12.7-14.6;
+//: non-temporal (prefetchnta) 8.6-11.4, slower than none.
 constexpr int64_t READ_AHEAD = 4096;
 
 // a request into L1 (RW 1: to be written) of the line `bytes` after element i of p, once per
@@ -1429,14 +1429,15 @@ inline v16f sqrt16(v16f x) {
 #endif
 }
 
-//: bytes ahead of the fused loop (adam_fused) that each of its arrays is requested into L1. The hardware alone left the bf16 loop, ~22 cycles per 16 elements of
-//: arithmetic, fewer misses in flight: bf16 AdamW on Llama-1B x0.1 took 0.88-0.90x the step
-//: time with 1, 2 or 4 KB ahead (1 thread; 2 threads 0.87-0.92x; one process alternating the
-//: builds, Xeon model 207); bf16 with an fp32 master 0.87x, fp32 parameters with bf16 states
-//: 0.79x, with 8-bit states 0.83x (2 threads 0.87x); ALLoRA rows beside the next row's sum
-//: (SideSum) 0.93x (bf16, fp32; Llama-1B x0.1). Not with 8-bit states of bf16 parameters, whose
-//: loop is bound by its arithmetic (1.00-1.10x with it). (The float32 span loop, adam_span,
-//: gained nothing from requests ahead, 0.97-1.05x: fp32 Adam now takes this loop too.)
+//: bytes ahead of the fused loop (adam_fused) that each of its arrays is requested into L1. The
+//: hardware alone left the bf16 loop, ~22 cycles per 16 elements of arithmetic, fewer misses in
+//: flight: bf16 AdamW on Llama-1B x0.1 took 0.88-0.90x the step time with 1, 2 or 4 KB ahead (1
+//: thread; 2 threads 0.87-0.92x; one process alternating the builds, Xeon model 207); bf16 with an
+//: fp32 master 0.87x, fp32 parameters with bf16 states 0.79x, with 8-bit states 0.83x (2 threads
+//: 0.87x); ALLoRA rows beside the next row's sum (SideSum) 0.93x (bf16, fp32; Llama-1B x0.1). Not
+//: with 8-bit states of bf16 parameters, whose loop is bound by its arithmetic (1.00-1.10x with
+//: it). (The float32 span loop, adam_span, gained nothing from requests ahead, 0.97-1.05x: fp32
+//: Adam now takes this loop too.)
 constexpr int64_t UPDATE_AHEAD = 2048;
 
 //: how the fused loop writes the parameter (the T_MODE bits)
