@@ -24,8 +24,12 @@ def _compile_in_parallel(compiler, jobs):
     """Make ``compiler.compile`` run its sources in ``jobs`` compiler processes at once (the
     same per-source steps as distutils' own loop: ``_setup_compile``, ``_get_cc_args``,
     ``_compile``). setuptools' ``build_ext --parallel`` only builds separate extensions side by
-    side; the sources of one it compiles one after the other. Compilers without those steps
-    (MSVC) keep their own loop."""
+    side; the sources of one it compiles one after the other. Only the compilers whose
+    ``compile`` is that loop over ``_compile`` (GCC / Clang through distutils' unix, mingw32 and
+    cygwin classes); MSVC's class compiles in a ``compile`` of its own (its ``_compile`` is the
+    base class's empty one) and keeps it."""
+    if getattr(compiler, "compiler_type", None) not in ("unix", "mingw32", "cygwin"):
+        return
     if not all(hasattr(compiler, a) for a in ("_setup_compile", "_get_cc_args", "_compile")):
         return
 
