@@ -5,54 +5,29 @@ failed build (no C++ compiler, no OpenMP) still installs the package, and the op
 back to the PyTorch reference backend on CPU with one warning.
 
 Environment: ``FASTSCHED_CPU_ARCH`` (default ``native``; e.g. ``x86-64-v3`` for a build shared
-between machines, empty for the compiler's default), ``FASTSCHED_NO_EXT_BUILD=1`` skips the build.
+between machines, empty for the compiler's default), ``FASTSCHED_NO_EXT_BUILD=1`` skips the build,
+``FASTSCHED_BUILD_JOBS`` the compiler processes run side by side (default: one per core).
 """
 
 import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+
+try:  # (a build requirement in pyproject.toml; without it the sources compile one by one)
+    from pybind11.setup_helpers import ParallelCompile
+except ImportError:
+    ParallelCompile = None
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "setup_ext"))
 import gen_layout  # noqa: E402
 
 
-def _compile_in_parallel(compiler, jobs):
-    """Make ``compiler.compile`` run its sources in ``jobs`` compiler processes at once (the
-    same per-source steps as distutils' own loop: ``_setup_compile``, ``_get_cc_args``,
-    ``_compile``). setuptools' ``build_ext --parallel`` only builds separate extensions side by
-    side; the sources of one it compiles one after the other. Only the compilers whose
-    ``compile`` is that loop over ``_compile`` (GCC / Clang through distutils' unix, mingw32 and
-    cygwin classes); MSVC's class compiles in a ``compile`` of its own (its ``_compile`` is the
-    base class's empty one) and keeps it."""
-    if getattr(compiler, "compiler_type", None) not in ("unix", "mingw32", "cygwin"):
-        return
-    if not all(hasattr(compiler, a) for a in ("_setup_compile", "_get_cc_args", "_compile")):
-        return
-
-    def compile(sources, output_dir=None, macros=None, include_dirs=None, debug=0,
-                extra_preargs=None, extra_postargs=None, depends=None):
-        macros, objects, extra_postargs, pp_opts, build = compiler._setup_compile(
-            output_dir, macros, include_dirs, sources, depends, extra_postargs)
-        cc_args = compiler._get_cc_args(pp_opts, debug, extra_preargs)
-
-        def one(obj):
-            src, ext = build[obj]
-            compiler._compile(obj, src, ext, cc_args, extra_postargs, pp_opts)
-
-        with ThreadPoolExecutor(max_workers=jobs) as pool:
-            list(pool.map(one, [o for o in objects if o in build]))
-        return objects
-
-    compiler.compile = compile
-
-
 class BuildExt(build_ext):
     """Generate the layout header, then compile with the flags this compiler accepts, the
-    sources side by side (one compiler process per core, at most one per source)."""
+    sources side by side (one compiler process per core)."""
 
     def build_extension(self, ext):
         gen_layout.write(os.path.join(HERE, "setup_ext", "generated", "layout.h"))
@@ -70,8 +45,15 @@ class BuildExt(build_ext):
             flags = ["/O2", "/openmp", "/fp:precise", "/std:c++17"]
         ext.extra_compile_args = flags
         ext.extra_link_args = [] if cc.compiler_type == "msvc" else ["-fopenmp"]
-        _compile_in_parallel(cc, max(1, min(len(ext.sources), os.cpu_count() or 1)))
-        super().build_extension(ext)
+        if ParallelCompile is None:
+            super().build_extension(ext)
+            return
+        # setuptools compiles the sources of one extension one after the other (build_ext
+        # --parallel only builds separate extensions side by side); pybind11's ParallelCompile
+        # replaces distutils' compile loop with one thread per core, each running the compiler
+        # (FASTSCHED_BUILD_JOBS sets how many; MSVC's compiler class has a loop of its own)
+        with ParallelCompile("FASTSCHED_BUILD_JOBS"):
+            super().build_extension(ext)
 
 
 ext_modules = []
