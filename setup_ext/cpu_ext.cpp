@@ -798,13 +798,13 @@ void short_sums16(const typename E::T* __restrict p, int64_t ustride, int64_t ul
         alignas(64) double t[16];
         for (int k = 0; k < 16; k++) t[k] = E::ldd(p[k * ustride + j]);
         v8d x0, x1;
-        std::memcpy(&x0, t, 64);
-        std::memcpy(&x1, t + 8, 64);
+        vld(x0, t);
+        vld(x1, t + 8);
         acc0 = add_sq_exact(acc0, x0);
         acc1 = add_sq_exact(acc1, x1);
     }
-    std::memcpy(out, &acc0, 64);
-    std::memcpy(out + 8, &acc1, 64);
+    vst(out, acc0);
+    vst(out + 8, acc1);
 }
 
 // the ALLoRA sums and multipliers of the units of one block of an in-block tensor: the same
@@ -1156,9 +1156,9 @@ PyObject* py_div_by(PyObject*, PyObject* args) {
         alignas(64) float t[16] = {0};
         std::memcpy(t, x + i, 4 * m);
         v16f a;
-        std::memcpy(&a, t, 64);
+        vld(a, t);
         a = div_by16(a, b, y);
-        std::memcpy(t, &a, 64);
+        vst(t, a);
         std::memcpy(out + i, t, 4 * m);
     }
     Py_RETURN_NONE;
@@ -1216,6 +1216,19 @@ PyObject* py_stream(PyObject*, PyObject* args) {
     Py_RETURN_NONE;
 }
 
+// the vectors the loops were compiled for (FASTSCHED_CPU_ARCH, default the build machine's)
+PyObject* py_simd(PyObject*, PyObject*) {
+#if defined(__AVX512F__)
+    return PyUnicode_FromString("avx512");
+#elif defined(__AVX2__) && defined(__FMA__)
+    return PyUnicode_FromString("avx2");
+#elif defined(__AVX__)
+    return PyUnicode_FromString("avx");
+#else
+    return PyUnicode_FromString("generic");
+#endif
+}
+
 PyObject* py_unit_pipe(PyObject*, PyObject* args) {
     int on;
     if (!PyArg_ParseTuple(args, "p", &on)) return nullptr;
@@ -1266,6 +1279,9 @@ PyMethodDef methods[] = {
      "chunk_blocks(n): blocks per range that the threads of the statistics and update passes "
      "take in turn (n >= 1; 0 only reads it; the same bits for any value: others only to test "
      "range boundaries); returns the previous setting."},
+    {"simd", py_simd, METH_NOARGS,
+     "The vector instructions the loops were built for: 'avx512' (64-byte vectors), 'avx2' "
+     "(with FMA), 'avx' or 'generic' (16-byte vectors: SSE2, NEON)."},
     {"stream", py_stream, METH_VARARGS,
      "stream(p, g, m, v, n, nthreads): bandwidth ceiling, 4 reads + 3 writes per element."},
     {nullptr, nullptr, 0, nullptr}};

@@ -15,11 +15,20 @@
 
 #include "layout.h"
 
-#if defined(__AVX512F__) || defined(__F16C__)
+#if defined(__AVX512F__) || defined(__F16C__) || defined(__AVX__)
 #include <immintrin.h>
 #endif
 
 namespace fs {
+
+// a lambda of a loop body inlined whatever GCC's estimate: without AVX-512 the Adam group's,
+// over Wide vectors, became a call that passed its vectors through memory (AVX-512 builds keep
+// GCC's choice, the code measured there)
+#if defined(__AVX512F__)
+#define FS_ALWAYS_INLINE
+#else
+#define FS_ALWAYS_INLINE __attribute__((always_inline))
+#endif
 
 namespace L = layout;
 
@@ -46,12 +55,203 @@ inline uint32_t float_to_bits(float f) {
 // the float64 value of the statistics pass (the reference sums g.to(float64))
 // GCC / Clang vector extensions (the lane order, and so every sum, is the same whatever
 // instructions the target has)
-typedef double v8d __attribute__((vector_size(64)));
-typedef int64_t v8l __attribute__((vector_size(64)));
 typedef float v8f __attribute__((vector_size(32)));
 typedef uint32_t v8u __attribute__((vector_size(32)));
 typedef uint16_t v8h __attribute__((vector_size(16)));
+#if defined(__AVX512F__)
+typedef double v8d __attribute__((vector_size(64)));
+typedef int64_t v8l __attribute__((vector_size(64)));
 typedef float v16f __attribute__((vector_size(64)));
+typedef uint32_t v16u __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+
+// the bits of a vector as another type of the same size
+template <class To, class From>
+inline To vcast(From x) {
+    return (To)x;
+}
+// the lanes of a where mask (all ones or zero per lane) is set, else those of b
+template <class M, class V>
+inline V vsel(M mask, V a, V b) {
+    return mask ? a : b;
+}
+#else
+// Without AVX-512 GCC keeps a 64-byte vector of its vector extension in memory: every
+// operation on it loads its pieces from the stack and stores the result back (the float32
+// AdamW step of an x86-64-v3 build took 2.7x torch's fused step, GPT-2 x0.1, 1 thread). Wide
+// holds the same lanes in native vectors (32 bytes with AVX, else 16), which GCC keeps in
+// registers, with the operators the loops use applied part by part: the same lanes, the same
+// operations, the same bits.
+#if defined(__AVX__)
+constexpr int NATIVE = 32;
+#else
+constexpr int NATIVE = 16;
+#endif
+template <class S>
+using LaneMask = typename std::conditional<sizeof(S) == 8, int64_t, int32_t>::type;
+template <class S, int N>
+struct Wide {
+    typedef S part __attribute__((vector_size(NATIVE)));
+    static constexpr int K = N * static_cast<int>(sizeof(S)) / NATIVE;
+    static_assert(K >= 1 && K * NATIVE == N * static_cast<int>(sizeof(S)), "whole parts");
+    part v[K];
+    S operator[](int j) const {
+        S x;
+        std::memcpy(&x, reinterpret_cast<const char*>(v) + j * sizeof(S), sizeof(S));
+        return x;
+    }
+    S& operator[](int j) { return reinterpret_cast<S*>(v)[j]; }
+};
+template <class X>
+using ScalarOnly = typename std::enable_if<std::is_arithmetic<X>::value>::type;
+
+#define FS_WIDE_BINARY(OP)                                                              \
+    template <class S, int N>                                                           \
+    inline Wide<S, N> operator OP(const Wide<S, N>& a, const Wide<S, N>& b) {           \
+        Wide<S, N> r;                                                                   \
+        for (int k = 0; k < Wide<S, N>::K; k++) r.v[k] = a.v[k] OP b.v[k];              \
+        return r;                                                                       \
+    }                                                                                   \
+    template <class S, int N, class X, class = ScalarOnly<X>>                           \
+    inline Wide<S, N> operator OP(const Wide<S, N>& a, X b) {                           \
+        Wide<S, N> r;                                                                   \
+        for (int k = 0; k < Wide<S, N>::K; k++) r.v[k] = a.v[k] OP static_cast<S>(b);   \
+        return r;                                                                       \
+    }                                                                                   \
+    template <class S, int N, class X, class = ScalarOnly<X>>                           \
+    inline Wide<S, N> operator OP(X a, const Wide<S, N>& b) {                           \
+        Wide<S, N> r;                                                                   \
+        for (int k = 0; k < Wide<S, N>::K; k++) r.v[k] = static_cast<S>(a) OP b.v[k];   \
+        return r;                                                                       \
+    }                                                                                   \
+    template <class S, int N, class B>                                                  \
+    inline Wide<S, N>& operator OP##=(Wide<S, N>& a, const B& b) {                      \
+        a = a OP b;                                                                     \
+        return a;                                                                       \
+    }
+FS_WIDE_BINARY(+)
+FS_WIDE_BINARY(-)
+FS_WIDE_BINARY(*)
+FS_WIDE_BINARY(/)
+FS_WIDE_BINARY(&)
+FS_WIDE_BINARY(|)
+FS_WIDE_BINARY(^)
+#undef FS_WIDE_BINARY
+template <class S, int N>  // shifts by a scalar count
+inline Wide<S, N> operator<<(const Wide<S, N>& a, int c) {
+    Wide<S, N> r;
+    for (int k = 0; k < Wide<S, N>::K; k++) r.v[k] = a.v[k] << c;
+    return r;
+}
+template <class S, int N>
+inline Wide<S, N> operator>>(const Wide<S, N>& a, int c) {
+    Wide<S, N> r;
+    for (int k = 0; k < Wide<S, N>::K; k++) r.v[k] = a.v[k] >> c;
+    return r;
+}
+template <class S, int N>
+inline Wide<S, N> operator-(const Wide<S, N>& a) {
+    Wide<S, N> r;
+    for (int k = 0; k < Wide<S, N>::K; k++) r.v[k] = -a.v[k];
+    return r;
+}
+template <class S, int N>
+inline Wide<S, N> operator~(const Wide<S, N>& a) {
+    Wide<S, N> r;
+    for (int k = 0; k < Wide<S, N>::K; k++) r.v[k] = ~a.v[k];
+    return r;
+}
+// comparisons: all ones (-1) in the lanes where true, as GCC's vector comparisons
+#define FS_WIDE_COMPARE(OP)                                                             \
+    template <class S, int N>                                                           \
+    inline Wide<LaneMask<S>, N> operator OP(const Wide<S, N>& a, const Wide<S, N>& b) { \
+        Wide<LaneMask<S>, N> r;                                                         \
+        for (int k = 0; k < Wide<S, N>::K; k++) r.v[k] = a.v[k] OP b.v[k];              \
+        return r;                                                                       \
+    }                                                                                   \
+    template <class S, int N, class X, class = ScalarOnly<X>>                           \
+    inline Wide<LaneMask<S>, N> operator OP(const Wide<S, N>& a, X b) {                 \
+        Wide<LaneMask<S>, N> r;                                                         \
+        for (int k = 0; k < Wide<S, N>::K; k++) r.v[k] = a.v[k] OP static_cast<S>(b);   \
+        return r;                                                                       \
+    }
+FS_WIDE_COMPARE(<)
+FS_WIDE_COMPARE(<=)
+FS_WIDE_COMPARE(>)
+FS_WIDE_COMPARE(>=)
+FS_WIDE_COMPARE(==)
+FS_WIDE_COMPARE(!=)
+#undef FS_WIDE_COMPARE
+
+typedef Wide<double, 8> v8d;
+typedef Wide<int64_t, 8> v8l;
+typedef Wide<float, 16> v16f;
+typedef Wide<uint32_t, 16> v16u;
+typedef Wide<int32_t, 16> v16i;
+
+template <class To, class From>
+inline To vcast(const From& x) {
+    static_assert(sizeof(To) == sizeof(From), "the same size");
+    To r;
+    for (int k = 0; k < To::K; k++) r.v[k] = (typename To::part)x.v[k];
+    return r;
+}
+template <class M, class V>
+inline V vsel(const M& mask, const V& a, const V& b) {  // (mask: a comparison's lanes)
+    V r;
+#if defined(__AVX__)
+    // one blend on the mask's sign bits (GCC's ?: on a vector tests each lane against zero
+    // first: a compare more per blend)
+    for (int k = 0; k < V::K; k++)
+        r.v[k] = (typename V::part)_mm256_blendv_ps((__m256)b.v[k], (__m256)a.v[k],
+                                                    (__m256)mask.v[k]);
+#else
+    for (int k = 0; k < V::K; k++) r.v[k] = mask.v[k] ? a.v[k] : b.v[k];
+#endif
+    return r;
+}
+#endif
+
+// the 64 bytes at p into x, and x into p (a Wide part by part: GCC copied a whole Wide through
+// the stack in 16-byte pieces)
+template <class V>
+inline void vld(V& x, const void* p) {
+    static_assert(sizeof(V) == 64, "a 64-byte vector");
+#if defined(__AVX512F__)
+    std::memcpy(&x, p, 64);
+#else
+    for (int k = 0; k < V::K; k++)
+        std::memcpy(&x.v[k], static_cast<const char*>(p) + k * NATIVE, NATIVE);
+#endif
+}
+template <class V>
+inline void vst(void* p, const V& x) {
+    static_assert(sizeof(V) == 64, "a 64-byte vector");
+#if defined(__AVX512F__)
+    std::memcpy(p, &x, 64);
+#else
+    for (int k = 0; k < V::K; k++)
+        std::memcpy(static_cast<char*>(p) + k * NATIVE, &x.v[k], NATIVE);
+#endif
+}
+
+// 8 float32 values in float64 (exact)
+inline v8d cvt8d(v8f f) {
+#if defined(__AVX512F__)
+    return __builtin_convertvector(f, v8d);
+#elif defined(__AVX__)
+    __m256 x;
+    std::memcpy(&x, &f, 32);
+    v8d r;
+    r.v[0] = (v8d::part)_mm256_cvtps_pd(_mm256_castps256_ps128(x));
+    r.v[1] = (v8d::part)_mm256_cvtps_pd(_mm256_extractf128_ps(x, 1));
+    return r;
+#else
+    v8d r;
+    for (int j = 0; j < 8; j++) r[j] = f[j];
+    return r;
+#endif
+}
 
 struct TF32 {
     static constexpr bool NARROW = true;  // its values square exactly in float64
@@ -66,7 +266,7 @@ struct TF32 {
 #else
         v8f f;
         std::memcpy(&f, p, sizeof f);
-        return __builtin_convertvector(f, v8d);
+        return cvt8d(f);
 #endif
     }
 };
@@ -92,7 +292,7 @@ struct TBF16 {
         const v8u u = __builtin_convertvector(h, v8u) << 16;
         v8f f;
         std::memcpy(&f, &u, sizeof f);
-        return __builtin_convertvector(f, v8d);
+        return cvt8d(f);
 #endif
     }
 };
@@ -112,7 +312,7 @@ struct TF16 {
         const __m256 f = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
         v8f h;
         std::memcpy(&h, &f, 32);
-        return __builtin_convertvector(h, v8d);
+        return cvt8d(h);
 #else
         v8d d;
         for (int j = 0; j < 8; j++) d[j] = ldd(p[j]);
@@ -162,7 +362,7 @@ inline void chunk_in(const typename E::T* __restrict s, int64_t n, float* __rest
     if constexpr (std::is_same<E, TF16>::value)
         for (; i + 16 <= n; i += 16) {
             const v16f v = f16_ld16(s + i);
-            std::memcpy(d + i, &v, 64);
+            vst(d + i, v);
         }
     for (; i < n; i++) d[i] = E::ld(s[i]);
 }
@@ -172,7 +372,7 @@ inline void chunk_out(const float* __restrict s, int64_t n, typename E::T* __res
     if constexpr (std::is_same<E, TF16>::value)
         for (; i + 16 <= n; i += 16) {
             v16f v;
-            std::memcpy(&v, s + i, 64);
+            vld(v, s + i);
             f16_st16(d + i, v);
         }
     for (; i < n; i++) d[i] = E::st(s[i]);
@@ -248,8 +448,8 @@ inline double schedule_value(const double* tab, int64_t nseg, double t) {
 // W = 16 lanes as two vectors of 8 doubles: element i of a block goes to lane i % 16
 
 inline v8d vabs(v8d x) {  // |x| (the sign bit cleared)
-    const v8l m = (v8l)x & 0x7FFFFFFFFFFFFFFFLL;
-    return (v8d)m;
+    const v8l m = vcast<v8l>(x) & 0x7FFFFFFFFFFFFFFFLL;
+    return vcast<v8d>(m);
 }
 
 // acc + x * x where the product is exact (x a float32 value: 24-bit significands give a 48-bit
@@ -258,6 +458,10 @@ inline v8d vabs(v8d x) {  // |x| (the sign bit cleared)
 inline v8d add_sq_exact(v8d acc, v8d x) {
 #if defined(__AVX512F__)
     return (v8d)_mm512_fmadd_pd((__m512d)x, (__m512d)x, (__m512d)acc);
+#elif defined(__FMA__) && defined(__AVX__)
+    for (int k = 0; k < 2; k++)
+        acc.v[k] = (v8d::part)_mm256_fmadd_pd((__m256d)x.v[k], (__m256d)x.v[k], (__m256d)acc.v[k]);
+    return acc;
 #elif defined(__FMA__)
     v8d r;
     for (int j = 0; j < 8; j++) r[j] = __builtin_fma(x[j], x[j], acc[j]);
@@ -271,6 +475,10 @@ inline v8d add_sq_exact(v8d acc, v8d x) {
 inline v16f fma16(v16f a, v16f b, v16f c) {
 #if defined(__AVX512F__)
     return (v16f)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#elif defined(__FMA__) && defined(__AVX__)
+    for (int k = 0; k < 2; k++)
+        c.v[k] = (v16f::part)_mm256_fmadd_ps((__m256)a.v[k], (__m256)b.v[k], (__m256)c.v[k]);
+    return c;
 #else
     v16f r;
     for (int j = 0; j < 16; j++) r[j] = __builtin_fmaf(a[j], b[j], c[j]);
@@ -302,6 +510,16 @@ inline v16f div_by16(v16f a, float b, float y) {
     // lanes with r a NaN (a = inf; a NaN keeps its q, a NaN too): q
     const __mmask16 keep = _mm512_cmp_ps_mask(r, r, _CMP_UNORD_Q);
     return (v16f)_mm512_mask_mov_ps(q2, keep, q);
+#elif defined(__FMA__) && defined(__AVX__)  // the same steps on two halves
+    const __m256 vb = _mm256_set1_ps(b), vy = _mm256_set1_ps(y);
+    for (int k = 0; k < 2; k++) {
+        const __m256 va = (__m256)a.v[k];
+        const __m256 q = _mm256_mul_ps(va, vy);
+        const __m256 r = _mm256_fnmadd_ps(q, vb, va);
+        const __m256 q2 = _mm256_fmadd_ps(r, vy, q);
+        a.v[k] = (v16f::part)_mm256_blendv_ps(q2, q, _mm256_cmp_ps(r, r, _CMP_UNORD_Q));
+    }
+    return a;
 #else
     (void)y;
     return a / b;  // (the divider: the same bits)
@@ -311,13 +529,13 @@ inline v16f div_by16(v16f a, float b, float y) {
 inline v8d lo8d(v16f x) {  // lanes 0..7 in float64
     v8f h;
     std::memcpy(&h, &x, 32);
-    return __builtin_convertvector(h, v8d);
+    return cvt8d(h);
 }
 
 inline v8d hi8d(v16f x) {  // lanes 8..15 in float64
     v8f h;
     std::memcpy(&h, reinterpret_cast<const char*>(&x) + 32, 32);
-    return __builtin_convertvector(h, v8d);
+    return cvt8d(h);
 }
 
 // a two-vector shuffle of v8d: __builtin_shufflevector where the compiler has it (clang, GCC
@@ -337,14 +555,14 @@ inline double lane_sum(v8d a, v8d b) {  // lanes 0..15 in order
 
 template <bool GUARD>
 inline void sums8(v8d x, v8d& sq, v8d& ab, v8d& nf) {
-    const v8d zero = {0, 0, 0, 0, 0, 0, 0, 0};
+    const v8d zero = {};
     const v8d one = zero + 1.0;
-    const v8d ax = x < zero ? -x : x;
+    const v8d ax = vsel(x < zero, -x, x);
     const v8l fin = ax <= (zero + DBL_MAX);  // false for nan and inf
-    const v8d ok = GUARD ? (fin ? x : zero) : x;
+    const v8d ok = GUARD ? vsel(fin, x, zero) : x;
     sq += ok * ok;
-    ab += GUARD ? (fin ? ax : zero) : ax;
-    nf += fin ? zero : one;
+    ab += GUARD ? vsel(fin, ax, zero) : ax;
+    nf += vsel(fin, zero, one);
 }
 
 // the exact pass, element by element: used for a block with a non-finite value (or, float64,
@@ -361,8 +579,8 @@ void grad_sums_exact(const typename E::T* __restrict g, int64_t n, double out[3]
             for (int j = 0; j < W; j++) tmp[j] = j < m ? E::ldd(g[i + j]) : 0.0;
         }
         v8d x0, x1;
-        std::memcpy(&x0, tmp, 64);
-        std::memcpy(&x1, tmp + 8, 64);
+        vld(x0, tmp);
+        vld(x1, tmp + 8);
         sums8<GUARD>(x0, sq[0], ab[0], nf[0]);
         sums8<GUARD>(x1, sq[1], ab[1], nf[1]);
     }
@@ -436,8 +654,8 @@ struct GradAcc {
             double t[W] = {0};
             for (int j = 0; i + j < n; j++) t[j] = E::ldd(g[i + j]);
             v8d x0, x1;
-            std::memcpy(&x0, t, 64);
-            std::memcpy(&x1, t + 8, 64);
+            vld(x0, t);
+            vld(x1, t + 8);
             sq0 += x0 * x0;
             sq1 += x1 * x1;
             ab0 += vabs(x0);
@@ -525,8 +743,8 @@ struct SumSq {
                 alignas(64) double t[W] = {0};
                 for (int j = 0; j < n; j++) t[j] = E::ldd(p[j]);
                 v8d x0, x1;
-                std::memcpy(&x0, t, 64);
-                std::memcpy(&x1, t + 8, 64);
+                vld(x0, t);
+                vld(x1, t + 8);
                 a0 = add_sq_exact(a0, x0);
                 a1 = add_sq_exact(a1, x1);
             }
@@ -559,6 +777,10 @@ double sum_sq(const typename E::T* __restrict p, int64_t n) {
 
 // the 8 x 8 transpose: out[j][k] = in[k][j]
 inline void transpose8(const v8d* in, v8d* out) {
+#if !defined(__AVX512F__)
+    for (int j = 0; j < 8; j++)
+        for (int k = 0; k < 8; k++) out[j][k] = in[k][j];
+#else
     v8d t[8], u[8];
     for (int k = 0; k < 8; k += 2) {
         t[k] = FS_SHUF8(in[k], in[k + 1], 0, 8, 2, 10, 4, 12, 6, 14);
@@ -574,6 +796,7 @@ inline void transpose8(const v8d* in, v8d* out) {
         out[j] = FS_SHUF8(u[j], u[j + 4], 0, 1, 2, 3, 8, 9, 10, 11);
         out[j + 4] = FS_SHUF8(u[j], u[j + 4], 4, 5, 6, 7, 12, 13, 14, 15);
     }
+#endif
 }
 
 // sum_sq of 8 contiguous units of ulen elements (ulen a multiple of 16, or 8), side by side:
@@ -596,7 +819,7 @@ void sum_sq_rows8(const typename E::T* __restrict p, int64_t ulen, double* out) 
     for (int j = 0; j < 8; j++) sum += c[j];
     transpose8(hi, c);
     for (int j = 0; j < 8; j++) sum += c[j];
-    std::memcpy(out, &sum, 64);
+    vst(out, sum);
 }
 
 //: elements whose squares a float32 partial sum of Lanes takes before it goes to the float64
@@ -632,17 +855,17 @@ struct Lanes {
 // add the squares of one group of 16 new p (x) and u (y) values
 inline void acc16(const float* x, const float* y, Lanes& s) {
     v16f a, b;
-    std::memcpy(&a, x, 64);
-    std::memcpy(&b, y, 64);
+    vld(a, x);
+    vld(b, y);
     s.add(a, b);
 }
 
 inline void acc16(const double* x, const double* y, Lanes& s) {  // (no contraction)
     v8d a, b, c, d;
-    std::memcpy(&a, x, 64);
-    std::memcpy(&b, x + 8, 64);
-    std::memcpy(&c, y, 64);
-    std::memcpy(&d, y + 8, 64);
+    vld(a, x);
+    vld(b, x + 8);
+    vld(c, y);
+    vld(d, y + 8);
     s.p0 += a * a;
     s.p1 += b * b;
     s.u0 += c * c;
@@ -803,26 +1026,35 @@ void adam_span(const AdamScalT<typename E::C>& s, typename E::T* __restrict p,
 // 16 bf16 values at a time: the conversions of TBF16::ld / st (exact widening; round to nearest
 // even on the bits, NaN -> 0x7FC0) and the float32 operations of the span's loop in the same
 // order, in one pass (no float32 buffers between the passes of a chunk)
-typedef uint32_t v16u __attribute__((vector_size(64)));
+
 typedef uint16_t v16h __attribute__((vector_size(32)));
 
 inline v16f bf16_ld16(const uint16_t* p) {
 #if defined(__AVX512F__)  // GCC lowers the generic widening in pieces
     return (v16f)_mm512_slli_epi32(
         _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
+#elif defined(__AVX2__)
+    v16f r;
+    for (int k = 0; k < 2; k++)
+        r.v[k] = (v16f::part)_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8 * k))), 16);
+    return r;
 #else
-    v16h h;
-    std::memcpy(&h, p, sizeof h);
-    const v16u u = __builtin_convertvector(h, v16u) << 16;
-    return (v16f)u;
+    v16u u;
+    for (int j = 0; j < 16; j++) u[j] = static_cast<uint32_t>(p[j]) << 16;
+    return vcast<v16f>(u);
 #endif
 }
-inline void u16_st16(uint16_t* p, v16u x) {  // the low half of each lane
+inline void u16_st16(uint16_t* p, v16u x) {  // each lane < 2^16: the low half of each lane
 #if defined(__AVX512F__)
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16((__m512i)x));
+#elif defined(__AVX2__)
+    // packed within each 128-bit lane (packus: exact for lanes < 2^16, all the callers'), the
+    // lanes' 64-bit pieces put back in order
+    const __m256i pk = _mm256_packus_epi32((__m256i)x.v[0], (__m256i)x.v[1]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_permute4x64_epi64(pk, 0xD8));
 #else
-    const v16h h = __builtin_convertvector(x, v16h);
-    std::memcpy(p, &h, sizeof h);
+    for (int j = 0; j < 16; j++) p[j] = static_cast<uint16_t>(x[j]);
 #endif
 }
 inline void bf16_st16(uint16_t* p, v16f x) {
@@ -834,11 +1066,10 @@ inline void bf16_st16(uint16_t* p, v16f x) {
         return;
     }
 #endif
-    const v16u b = (v16u)x;
+    const v16u b = vcast<v16u>(x);
     v16u r = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
-    const v16u nan = (v16u)(x != x);  // all ones where x is NaN
-    r = (r & ~nan) | (nan & 0x7FC0u);
-    u16_st16(p, r);
+    const v16u nan = vcast<v16u>(x != x);  // all ones where x is NaN
+    u16_st16(p, vsel(nan, v16u{} + 0x7FC0u, r));
 }
 
 // The bf16 loop of sgd_span, 64 elements at a time, its options fixed at compile time: GCC kept
@@ -863,7 +1094,7 @@ inline v16f ld16(const typename E::T* p);
 template <>
 inline v16f ld16<TF32>(const float* p) {
     v16f v;
-    std::memcpy(&v, p, 64);
+    vld(v, p);
     return v;
 }
 template <>
@@ -873,24 +1104,32 @@ inline v16f ld16<TF16>(const _Float16* p) { return f16_ld16(p); }
 template <class E>
 inline void st16(typename E::T* p, v16f x);
 template <>
-inline void st16<TF32>(float* p, v16f x) { std::memcpy(p, &x, 64); }
+inline void st16<TF32>(float* p, v16f x) { vst(p, x); }
 template <>
 inline void st16<TBF16>(uint16_t* p, v16f x) { bf16_st16(p, x); }
 template <>
 inline void st16<TF16>(_Float16* p, v16f x) { f16_st16(p, x); }
+//: groups of 16 that sgd16_loop loads before it stores: 4 (12 vectors in flight) fit AVX-512's
+//: 32 registers; a Wide vector of AVX2 takes two of its 16, so there 2
+#if defined(__AVX512F__)
+constexpr int SGD_GROUPS = 4;
+#else
+constexpr int SGD_GROUPS = 2;
+#endif
 template <class E, bool MOM, bool SG, bool POST, bool DAMP, bool NEST>
 void sgd16_loop(const SgdScal& s, float pre, float post, typename E::T* __restrict p,
                 const typename E::T* __restrict g, typename E::T* __restrict buf, int64_t nv) {
     const float gmul = s.gmul, lr = s.lr, mom_a = s.mom_a, mom_b = s.mom_b, wd = s.wd;
     const float momentum = s.momentum;
-    for (int64_t i = 0; i < nv; i += 64) {
-        v16f pf[4], d[4], b[4];
-        for (int j = 0; j < 4; j++) {  // the group's loads before its stores
+    constexpr int G = SGD_GROUPS;  // (nv: a multiple of 64)
+    for (int64_t i = 0; i < nv; i += 16 * G) {
+        v16f pf[G], d[G], b[G];
+        for (int j = 0; j < G; j++) {  // the group's loads before its stores
             pf[j] = ld16<E>(p + i + 16 * j);
             d[j] = ld16<E>(g + i + 16 * j);
             if (MOM) b[j] = ld16<E>(buf + i + 16 * j);
         }
-        for (int j = 0; j < 4; j++) {
+        for (int j = 0; j < G; j++) {
             if (SG) d[j] = d[j] * gmul * pre;  // (d * gmul) * pre: the float32 loop's order
             if (wd != 0.0f) d[j] = d[j] + wd * pf[j];  // as torch.optim.SGD (adam_span)
             if (MOM) {
@@ -900,7 +1139,7 @@ void sgd16_loop(const SgdScal& s, float pre, float post, typename E::T* __restri
             if (POST) d[j] = d[j] * post;
             pf[j] = pf[j] - lr * d[j];
         }
-        for (int j = 0; j < 4; j++) {
+        for (int j = 0; j < G; j++) {
             if (MOM) st16<E>(buf + i + 16 * j, b[j]);
             st16<E>(p + i + 16 * j, pf[j]);
         }
@@ -983,7 +1222,6 @@ static_assert(L::Q_BLOCK % 16 == 0 && BLK % L::Q_BLOCK == 0, "quantisation block
 //: fastsched.optim._cpu compares it with q_top() of the extension at import)
 constexpr float Q_TOP = 1.875f;
 
-typedef int32_t v16i __attribute__((vector_size(64)));
 typedef uint8_t v16b __attribute__((vector_size(16)));
 
 inline constexpr float pow2f(int e) {  // 2^e, exactly (normal range)
@@ -997,18 +1235,32 @@ inline constexpr float pow2f(int e) {  // 2^e, exactly (normal range)
 inline v16u u8_ld16(const uint8_t* p) {
 #if defined(__AVX512F__)
     return (v16u)_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+#elif defined(__AVX2__)
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    v16u r;
+    r.v[0] = (v16u::part)_mm256_cvtepu8_epi32(b);
+    r.v[1] = (v16u::part)_mm256_cvtepu8_epi32(_mm_srli_si128(b, 8));
+    return r;
 #else
-    v16b b;
-    std::memcpy(&b, p, 16);
-    return __builtin_convertvector(b, v16u);
+    v16u r;
+    for (int j = 0; j < 16; j++) r[j] = p[j];
+    return r;
 #endif
 }
 inline void u8_st16(uint8_t* p, v16u x) {  // the low byte of each lane
 #if defined(__AVX512F__)
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm512_cvtepi32_epi8((__m512i)x));
+#elif defined(__AVX2__)
+    // the low bytes (masked: the packs saturate) packed to 16-bit, then to 8-bit, then the
+    // 32-bit pieces of the two 128-bit lanes put back in order
+    const __m256i k = _mm256_set1_epi32(0xFF);
+    const __m256i w = _mm256_packus_epi32(_mm256_and_si256((__m256i)x.v[0], k),
+                                          _mm256_and_si256((__m256i)x.v[1], k));
+    const __m256i b = _mm256_packus_epi16(w, w);
+    const __m256i o = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 0, 0, 0, 0));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(o));
 #else
-    const v16b b = __builtin_convertvector(x, v16b);
-    std::memcpy(p, &b, 16);
+    for (int j = 0; j < 16; j++) p[j] = static_cast<uint8_t>(x[j]);
 #endif
 }
 
@@ -1034,10 +1286,10 @@ struct QCodec {
 
     // magnitude codes of a in [0, Q_TOP] (or NaN): _lowp._encode, mod 256
     static v16u enc(v16f a) {
-        const v16u sub = (v16u)(a + MAGIC) - float_to_bits(MAGIC);
-        const v16u b = (v16u)a;
+        const v16u sub = vcast<v16u>(a + MAGIC) - float_to_bits(MAGIC);
+        const v16u b = vcast<v16u>(a);
         const v16u r = ((b + ((1u << (22 - M)) - 1u) + ((b >> (23 - M)) & 1u)) >> (23 - M)) - EOFF;
-        return (v16u)(a < SUBMAX) ? sub : r;
+        return vsel(a < SUBMAX, sub, r);
     }
     static uint32_t enc1(float a) {
         const uint32_t b = float_to_bits(a);
@@ -1049,9 +1301,9 @@ struct QCodec {
     // subnormal) times 2^(127 - BIAS) is the decoded magnitude exactly (E = 0: mag *
     // 2^(1 - BIAS - M), as _decode), then the scale (one rounding), then the sign
     static v16f dec(v16u c, float scale) {
-        const v16f d = (v16f)((c << (23 - M)) & (MASK << (23 - M))) * KDEC;
+        const v16f d = vcast<v16f>((c << (23 - M)) & (MASK << (23 - M))) * KDEC;
         v16f v = d * scale;
-        if (SIGNED) v = (v16f)((v16u)v ^ ((c << 24) & 0x80000000u));  // -(d * scale)
+        if (SIGNED) v = vcast<v16f>(vcast<v16u>(v) ^ ((c << 24) & 0x80000000u));  // -(d * scale)
         return v;
     }
     // the multiplier of dec16 for a block's scale: KDEC * scale, exact when finite (a power of
@@ -1076,7 +1328,7 @@ struct QCodec {
         const v16u c = u8_ld16(p);
         v16u b = (c & MASK) << (23 - M);
         if (SIGNED) b |= (c << 24) & 0x80000000u;
-        return (v16f)b * ks;
+        return vcast<v16f>(b) * ks;
 #endif
     }
     static float dec1(uint32_t c, float scale) {
@@ -1096,10 +1348,10 @@ struct QCodec {
         int64_t i = 0;
         for (; i + 16 <= n; i += 16) {
             v16u b;
-            std::memcpy(&b, x + i, 64);
+            vld(b, x + i);
             b &= 0x7FFFFFFFu;
-            vm = vm > b ? vm : b;
-            vn = vn < b ? vn : b;
+            vm = vsel(vm > b, vm, b);
+            vn = vsel(vn < b, vn, b);
         }
         uint32_t mx = 0, mn = ~0u;
         for (int j = 0; j < 16; j++) {
@@ -1139,11 +1391,11 @@ struct QCodec {
 #else
         const v16f zero = {}, top = zero + Q_TOP;
         v16f xv;
-        std::memcpy(&xv, x, 64);
-        v16f a = (v16f)((v16u)xv & 0x7FFFFFFFu) * inv;
-        a = a > top ? top : a;  // torch.clamp(max=): a NaN stays NaN
+        vld(xv, x);
+        v16f a = vcast<v16f>(vcast<v16u>(xv) & 0x7FFFFFFFu) * inv;
+        a = vsel(a > top, top, a);  // torch.clamp(max=): a NaN stays NaN
         v16u m = enc(a);
-        if (SIGNED) m |= (v16u)(xv < zero) & 0x80u;
+        if (SIGNED) m |= vcast<v16u>(xv < zero) & 0x80u;
         u8_st16(codes, m);
 #endif
     }
@@ -1231,11 +1483,11 @@ struct QCodec {
             if (ks != 0.0f)
                 for (; i + 16 <= m; i += 16) {
                     const v16f v = dec16(codes + o + i, ks);
-                    std::memcpy(out + o + i, &v, 64);
+                    vst(out + o + i, v);
                 }
             for (; i + 16 <= m; i += 16) {
                 const v16f v = dec(u8_ld16(codes + o + i), s);
-                std::memcpy(out + o + i, &v, 64);
+                vst(out + o + i, v);
             }
             for (; i < m; i++) out[o + i] = dec1(codes[o + i], s);
         }
@@ -1305,9 +1557,8 @@ inline v16u sr16(v16f x, uint32_t c, uint64_t idx) {
                               _mm512_set1_epi32(0x7FC0));
     return (v16u)r;
 #else
-    v16u r = ((v16u)x + h) >> 16;
-    const v16u nan = (v16u)(x != x);
-    return (r & ~nan) | (nan & 0x7FC0u);
+    const v16u r = (vcast<v16u>(x) + h) >> 16;
+    return vsel(x != x, v16u{} + 0x7FC0u, r);
 #endif
 }
 inline void sr_st16(uint16_t* __restrict out, v16f x, uint32_t c, uint64_t idx) {
@@ -1323,7 +1574,7 @@ inline void sr_bf16(const float* __restrict x, int64_t n, uint16_t* __restrict o
     int64_t i = 0;
     for (; i + 16 <= n; i += 16) {
         v16f xv;
-        std::memcpy(&xv, x + i, 64);
+        vld(xv, x + i);
         sr_st16(out + i, xv, c, idx0 + static_cast<uint64_t>(i));
     }
     for (; i < n; i++) out[i] = sr_one(x[i], c, idx0 + static_cast<uint64_t>(i));
@@ -1336,7 +1587,7 @@ inline void sr_words(uint32_t c, uint64_t idx0, int64_t n, uint32_t* __restrict 
         const uint64_t idx = idx0 + static_cast<uint64_t>(i);
         if (static_cast<uint32_t>(idx) <= 0xFFFFFFF0u) {
             const v16u h = sr_hash16(c, idx);
-            std::memcpy(out + i, &h, 64);
+            vst(out + i, h);
         } else {  // the low word wraps
             for (int j = 0; j < 16; j++) out[i + j] = sr_hash1(c, idx + j);
         }
@@ -1352,10 +1603,9 @@ inline void sr_st16_r(uint16_t* __restrict out, v16f x, const uint32_t* __restri
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtepi32_epi16(t));
 #else
     v16u h;
-    std::memcpy(&h, r, 64);
-    v16u t = ((v16u)x + h) >> 16;
-    const v16u nan = (v16u)(x != x);
-    u16_st16(out, (t & ~nan) | (nan & 0x7FC0u));
+    vld(h, r);
+    const v16u t = (vcast<v16u>(x) + h) >> 16;
+    u16_st16(out, vsel(x != x, v16u{} + 0x7FC0u, t));
 #endif
 }
 
@@ -1372,7 +1622,7 @@ inline void cvt_load(int64_t code, const void* src, int64_t n, float* __restrict
             int64_t i = 0;
             for (; i + 16 <= n; i += 16) {
                 const v16f v = bf16_ld16(s + i);
-                std::memcpy(dst + i, &v, 64);
+                vst(dst + i, v);
             }
             for (; i < n; i++) dst[i] = TBF16::ld(s[i]);
             break;
@@ -1395,7 +1645,7 @@ inline void cvt_store(int64_t code, void* dst, int64_t n, const float* __restric
             int64_t i = 0;
             for (; i + 16 <= n; i += 16) {
                 v16f v;
-                std::memcpy(&v, src + i, 64);
+                vld(v, src + i);
                 bf16_st16(d + i, v);
             }
             for (; i < n; i++) d[i] = TBF16::st(src[i]);
@@ -1423,6 +1673,9 @@ inline void cvt_store(int64_t code, void* dst, int64_t n, const float* __restric
 inline v16f sqrt16(v16f x) {
 #if defined(__AVX512F__)
     return (v16f)_mm512_sqrt_ps((__m512)x);
+#elif defined(__AVX__)
+    for (int k = 0; k < 2; k++) x.v[k] = (v16f::part)_mm256_sqrt_ps((__m256)x.v[k]);
+    return x;
 #else
     for (int j = 0; j < 16; j++) x[j] = std::sqrt(x[j]);
     return x;
@@ -1538,7 +1791,7 @@ void adam_fused(const AdamScal& s, const FusedIo& io, int64_t n, Lanes* ls, cons
     alignas(64) uint32_t rnd[WM == WM_SR ? MB : 1];
     // one group of 16: mf, vf the states in, the new ones out; sc: the ALLoRA multipliers of
     // the group (MUL; else 1, left out as adam_span's multiplications by 1: x * 1 is x)
-    auto group = [&](int64_t i, v16f& mf, v16f& vf, const float* sc) {
+    auto group = [&](int64_t i, v16f& mf, v16f& vf, const float* sc) FS_ALWAYS_INLINE {
         v16f pf = WM == WM_MASTER ? ld16<TF32>(w32 + i) : ld16<E>(p + i);
         v16f gf = ld16<E>(g + i);
         if (!one_gmul) gf = gf * gmul;  // x * 1 is x
@@ -1655,13 +1908,14 @@ void adam_fused(const AdamScal& s, const FusedIo& io, int64_t n, Lanes* ls, cons
                     vf = QCodec<false>::dec(u8_ld16(vc + o + j), sv);
                 }
                 group(o + j, mf, vf, mul + (MUL ? j : 0));
-                std::memcpy(nm + j, &mf, 64);
-                std::memcpy(nv + j, &vf, 64);
-                const v16u am = (v16u)mf & 0x7FFFFFFFu, av = (v16u)vf & 0x7FFFFFFFu;
-                xm = xm > am ? xm : am;
-                xv = xv > av ? xv : av;
-                nnm = nnm < am ? nnm : am;
-                nnv = nnv < av ? nnv : av;
+                vst(nm + j, mf);
+                vst(nv + j, vf);
+                const v16u am = vcast<v16u>(mf) & 0x7FFFFFFFu;
+                const v16u av = vcast<v16u>(vf) & 0x7FFFFFFFu;
+                xm = vsel(xm > am, xm, am);
+                xv = vsel(xv > av, xv, av);
+                nnm = vsel(nnm < am, nnm, am);
+                nnv = vsel(nnv < av, nnv, av);
                 if (HOW > 0) {
                     QCodec<true>::template enc16<HOW == 2>(pm + j, mc + po + j, invm);
                     QCodec<false>::template enc16<HOW == 2>(pv + j, vc + po + j, invv);
