@@ -870,8 +870,17 @@ def _cpu_facts(dev: Device) -> dict[str, Any] | None:
         num = int(size.rstrip("KMG")) * mult
         if llc is None or level >= llc[0]:
             llc = (level, num)
+    # the vectors each side was built for or dispatches to: an AVX2 build of the extension
+    # ("avx2", FASTSCHED_CPU_ARCH=x86-64-v3) on an AVX-512 machine is timed against torch
+    # with ATEN_CPU_CAPABILITY=avx2 (torch's own kernels pick their vectors at run time)
+    from ..optim import _cpu
+
+    ext = _cpu.ext() if _cpu.available() else None
+    simd = getattr(ext, "simd", None)
     return {"cores": os.cpu_count(), "llc_level": llc[0] if llc else None,
-            "llc_bytes": llc[1] if llc else None}
+            "llc_bytes": llc[1] if llc else None,
+            "cpu_ext_simd": simd() if simd is not None else None,
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 def _dynamo_reset() -> None:

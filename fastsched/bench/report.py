@@ -190,7 +190,11 @@ def _header_lines(results: dict[str, Any]) -> list[str]:
     if cpu:
         llc = (f"; last-level cache (L{cpu['llc_level']}) {_fmt_bytes(cpu['llc_bytes'])}"
                if cpu.get("llc_bytes") else "")
-        lines.append(f"CPU: {cpu['cores']} cores{llc}; torch threads: "
+        vec = ""
+        if cpu.get("cpu_ext_simd") or cpu.get("torch_cpu_capability"):
+            vec = (f"; vectors: fastsched's extension {cpu.get('cpu_ext_simd') or 'not built'}, "
+                   f"torch {cpu.get('torch_cpu_capability') or '?'}")
+        lines.append(f"CPU: {cpu['cores']} cores{llc}{vec}; torch threads: "
                      + ", ".join(str(t) for t in m.get("threads") or [m["torch_threads"]])
                      + "; contenders of a configuration timed in interleaved rounds")
     return lines

@@ -113,6 +113,8 @@ def test_run_metadata(bench_run):
     assert m["dtypes"] == ["fp32", "bf16"] and m["threads"] == [1]
     assert m["configs"] == ["adamw", "adamw-clip", "allora", "sgd"]
     assert m["cpu"]["cores"] >= 1 and (m["cpu"]["llc_bytes"] is None or m["cpu"]["llc_bytes"] > 0)
+    assert m["cpu"]["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert m["cpu"]["cpu_ext_simd"] in (None, "avx512", "avx2", "avx", "generic")
     assert "--scale 0.01" in m["command"]
     assert _finite(res["copy"]["gbps"]) and res["copy"]["gbps"] > 0
     assert res["configs"]["adamw"]["bytes_per_param"] == {"fp32": 28, "bf16": 14, "fp16": 14}
