@@ -777,7 +777,22 @@ double sum_sq(const typename E::T* __restrict p, int64_t n) {
 
 // the 8 x 8 transpose: out[j][k] = in[k][j]
 inline void transpose8(const v8d* in, v8d* out) {
-#if !defined(__AVX512F__)
+#if !defined(__AVX512F__) && defined(__AVX__)
+    // four 4 x 4 transposes of the 256-bit halves: out[j]'s half h holds rows 4h..4h+3 of
+    // column j, from the halves j / 4 of those rows (the scalar loop made ALLoRA on a LoRA
+    // set's rows of 16 1.5x the plain step, against 1.05x with 512-bit shuffles)
+    for (int h = 0; h < 2; h++)      // rows 4h..4h+3
+        for (int q = 0; q < 2; q++) {  // columns 4q..4q+3
+            const __m256d r0 = (__m256d)in[4 * h].v[q], r1 = (__m256d)in[4 * h + 1].v[q];
+            const __m256d r2 = (__m256d)in[4 * h + 2].v[q], r3 = (__m256d)in[4 * h + 3].v[q];
+            const __m256d t0 = _mm256_unpacklo_pd(r0, r1), t1 = _mm256_unpackhi_pd(r0, r1);
+            const __m256d t2 = _mm256_unpacklo_pd(r2, r3), t3 = _mm256_unpackhi_pd(r2, r3);
+            out[4 * q].v[h] = (v8d::part)_mm256_permute2f128_pd(t0, t2, 0x20);
+            out[4 * q + 1].v[h] = (v8d::part)_mm256_permute2f128_pd(t1, t3, 0x20);
+            out[4 * q + 2].v[h] = (v8d::part)_mm256_permute2f128_pd(t0, t2, 0x31);
+            out[4 * q + 3].v[h] = (v8d::part)_mm256_permute2f128_pd(t1, t3, 0x31);
+        }
+#elif !defined(__AVX512F__)
     for (int j = 0; j < 8; j++)
         for (int k = 0; k < 8; k++) out[j][k] = in[k][j];
 #else
