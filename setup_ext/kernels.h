@@ -1082,7 +1082,16 @@ inline void bf16_st16(uint16_t* p, v16f x) {
     }
 #endif
     const v16u b = vcast<v16u>(x);
-    v16u r = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
+    const v16u r = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
+#if !defined(__AVX512F__) && defined(__AVX__)
+    // a NaN among the 16? (one unordered compare of the two halves and a test, against a
+    // compare and a blend per half: a bf16 AdamW step stores three such groups per 16 elements)
+    const __m256 un = _mm256_cmp_ps((__m256)x.v[0], (__m256)x.v[1], _CMP_UNORD_Q);
+    if (_mm256_testz_ps(un, un)) {
+        u16_st16(p, r);
+        return;
+    }
+#endif
     const v16u nan = vcast<v16u>(x != x);  // all ones where x is NaN
     u16_st16(p, vsel(nan, v16u{} + 0x7FC0u, r));
 }
