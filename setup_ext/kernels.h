@@ -1050,9 +1050,10 @@ inline v16f bf16_ld16(const uint16_t* p) {
         _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
 #elif defined(__AVX2__)
     v16f r;
-    for (int k = 0; k < 2; k++)
-        r.v[k] = (v16f::part)_mm256_slli_epi32(
-            _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8 * k))), 16);
+    for (int k = 0; k < 2; k++) {
+        const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8 * k));
+        r.v[k] = (v16f::part)_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16);
+    }
     return r;
 #else
     v16u u;
