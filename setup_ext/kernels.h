@@ -95,12 +95,9 @@ struct Wide {
     static constexpr int K = N * static_cast<int>(sizeof(S)) / NATIVE;
     static_assert(K >= 1 && K * NATIVE == N * static_cast<int>(sizeof(S)), "whole parts");
     part v[K];
-    S operator[](int j) const {
-        S x;
-        std::memcpy(&x, reinterpret_cast<const char*>(v) + j * sizeof(S), sizeof(S));
-        return x;
-    }
-    S& operator[](int j) { return reinterpret_cast<S*>(v)[j]; }
+    static constexpr int P = NATIVE / static_cast<int>(sizeof(S));  // lanes per part
+    S operator[](int j) const { return v[j / P][j % P]; }
+    S& operator[](int j) { return v[j / P][j % P]; }
 };
 template <class X>
 using ScalarOnly = typename std::enable_if<std::is_arithmetic<X>::value>::type;
