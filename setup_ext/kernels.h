@@ -456,8 +456,9 @@ inline v8d add_sq_exact(v8d acc, v8d x) {
 #if defined(__AVX512F__)
     return (v8d)_mm512_fmadd_pd((__m512d)x, (__m512d)x, (__m512d)acc);
 #elif defined(__FMA__) && defined(__AVX__)
-    for (int k = 0; k < 2; k++)
-        acc.v[k] = (v8d::part)_mm256_fmadd_pd((__m256d)x.v[k], (__m256d)x.v[k], (__m256d)acc.v[k]);
+    for (int k = 0; k < v8d::K; k++)
+        acc.v[k] = (v8d::part)_mm256_fmadd_pd((__m256d)x.v[k], (__m256d)x.v[k],
+                                              (__m256d)acc.v[k]);
     return acc;
 #elif defined(__FMA__)
     v8d r;
@@ -473,7 +474,7 @@ inline v16f fma16(v16f a, v16f b, v16f c) {
 #if defined(__AVX512F__)
     return (v16f)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
 #elif defined(__FMA__) && defined(__AVX__)
-    for (int k = 0; k < 2; k++)
+    for (int k = 0; k < v16f::K; k++)
         c.v[k] = (v16f::part)_mm256_fmadd_ps((__m256)a.v[k], (__m256)b.v[k], (__m256)c.v[k]);
     return c;
 #else
@@ -509,7 +510,7 @@ inline v16f div_by16(v16f a, float b, float y) {
     return (v16f)_mm512_mask_mov_ps(q2, keep, q);
 #elif defined(__FMA__) && defined(__AVX__)  // the same steps on two halves
     const __m256 vb = _mm256_set1_ps(b), vy = _mm256_set1_ps(y);
-    for (int k = 0; k < 2; k++) {
+    for (int k = 0; k < v16f::K; k++) {
         const __m256 va = (__m256)a.v[k];
         const __m256 q = _mm256_mul_ps(va, vy);
         const __m256 r = _mm256_fnmadd_ps(q, vb, va);
@@ -1047,7 +1048,7 @@ inline v16f bf16_ld16(const uint16_t* p) {
         _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
 #elif defined(__AVX2__)
     v16f r;
-    for (int k = 0; k < 2; k++) {
+    for (int k = 0; k < v16f::K; k++) {
         const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8 * k));
         r.v[k] = (v16f::part)_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16);
     }
@@ -1696,7 +1697,7 @@ inline v16f sqrt16(v16f x) {
 #if defined(__AVX512F__)
     return (v16f)_mm512_sqrt_ps((__m512)x);
 #elif defined(__AVX__)
-    for (int k = 0; k < 2; k++) x.v[k] = (v16f::part)_mm256_sqrt_ps((__m256)x.v[k]);
+    for (int k = 0; k < v16f::K; k++) x.v[k] = (v16f::part)_mm256_sqrt_ps((__m256)x.v[k]);
     return x;
 #else
     for (int j = 0; j < 16; j++) x[j] = std::sqrt(x[j]);
