@@ -201,7 +201,7 @@ void stats_range(const int64_t* tensors, const int64_t* dtypes, const std::vecto
         switch (dtypes[k.t]) {
             case F32: grad_sums_any<TF32>(r.ptr<float>(L::T_G) + k.start, k.len, guard, out); break;
             case BF16: grad_sums_any<TBF16>(r.ptr<uint16_t>(L::T_G) + k.start, k.len, guard, out); break;
-            case F16: grad_sums_any<TF16>(r.ptr<_Float16>(L::T_G) + k.start, k.len, guard, out); break;
+            case F16: grad_sums_any<TF16>(r.ptr<half_t>(L::T_G) + k.start, k.len, guard, out); break;
             default: grad_sums_any<TF64>(r.ptr<double>(L::T_G) + k.start, k.len, guard, out); break;
         }
     };
@@ -1229,6 +1229,17 @@ PyObject* py_simd(PyObject*, PyObject*) {
 #endif
 }
 
+// how fp16 values are stored and converted (half_t, setup_ext/kernels.h)
+PyObject* py_half(PyObject*, PyObject*) {
+#if defined(FS_SOFT_HALF)
+    return PyUnicode_FromString("software");
+#elif defined(__aarch64__)
+    return PyUnicode_FromString("__fp16");
+#else
+    return PyUnicode_FromString("_Float16");
+#endif
+}
+
 PyObject* py_unit_pipe(PyObject*, PyObject* args) {
     int on;
     if (!PyArg_ParseTuple(args, "p", &on)) return nullptr;
@@ -1282,6 +1293,11 @@ PyMethodDef methods[] = {
     {"simd", py_simd, METH_NOARGS,
      "The vector instructions the loops were built for: 'avx512' (64-byte vectors), 'avx2' "
      "(with FMA), 'avx' or 'generic' (16-byte vectors: SSE2, NEON)."},
+    {"half", py_half, METH_NOARGS,
+     "How fp16 values are converted: '_Float16' (the compiler's type: GCC >= 12, clang >= 15 "
+     "on x86-64), '__fp16' (AArch64) or 'software' (16-bit words converted by the extension's "
+     "own code: older compilers). Every one gives the same bits; where F16C is there the "
+     "16-wide loops convert with it."},
     {"stream", py_stream, METH_VARARGS,
      "stream(p, g, m, v, n, nthreads): bandwidth ceiling, 4 reads + 3 writes per element."},
     {nullptr, nullptr, 0, nullptr}};

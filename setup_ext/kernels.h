@@ -250,6 +250,69 @@ inline v8d cvt8d(v8f f) {
 #endif
 }
 
+// The storage of fp16 tensors (F16), half_t, and its conversions from and to float32 (exact
+// one way, round to nearest even the other, as torch's c10::Half and the F16C instructions):
+// - _Float16 where the compiler has it in C++: GCC >= 12 and clang >= 15 on x86-64;
+// - ARM's __fp16 on AArch64 (GCC 12 knows _Float16 there in C only; the FCVT instructions);
+// - else (GCC 11, the default compiler of Ubuntu 22.04, on which `_Float16` does not compile in
+//   C++; other targets; or FS_SOFT_HALF defined, which CI's check of this path sets) 16-bit words
+//   converted below. Where F16C is there the 16-wide loops convert with it on every path.
+#if !defined(FS_SOFT_HALF) && defined(__aarch64__)
+using half_t = __fp16;
+inline float half_to_float(half_t x) { return static_cast<float>(x); }
+inline half_t float_to_half(float x) { return static_cast<half_t>(x); }
+#elif !defined(FS_SOFT_HALF) && defined(__x86_64__) && \
+    ((defined(__clang__) && __clang_major__ >= 15) || \
+     (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 12))
+using half_t = _Float16;
+inline float half_to_float(half_t x) { return static_cast<float>(x); }
+inline half_t float_to_half(float x) { return static_cast<half_t>(x); }
+#else
+#ifndef FS_SOFT_HALF
+#define FS_SOFT_HALF 1
+#endif
+struct half_t {
+    uint16_t bits;
+};
+static_assert(sizeof(half_t) == 2, "fp16 storage");
+// binary16 -> binary32, exact; a NaN keeps its payload and becomes quiet (as vcvtph2ps)
+inline float half_to_float(half_t x) {
+    const uint32_t sign = static_cast<uint32_t>(x.bits & 0x8000u) << 16;
+    const uint32_t em = x.bits & 0x7FFFu;  // exponent and mantissa
+    if (em >= 0x7C00u) {  // inf, NaN
+        const uint32_t man = em & 0x3FFu;
+        return bits_to_float(sign | 0x7F800000u | (man << 13) | (man ? 0x400000u : 0u));
+    }
+    if (em >= 0x0400u)  // normal: the exponent's bias 15 -> 127 (112 << 10 = 0x1C000)
+        return bits_to_float(sign | ((em + 0x1C000u) << 13));
+    // subnormal or zero: em * 2^-24 (an integer below 2^10 times a power of two: exact)
+    return bits_to_float(sign | float_to_bits(static_cast<float>(em) * 0x1p-24f));
+}
+// binary32 -> binary16, round to nearest even; overflow to inf, a NaN quiet with the top 10
+// bits of its payload (as vcvtps2ph)
+inline half_t float_to_half(float f) {
+    const uint32_t x = float_to_bits(f);
+    const uint32_t sign = (x >> 16) & 0x8000u, a = x & 0x7FFFFFFFu;
+    uint32_t h;
+    if (a > 0x7F800000u) {
+        h = 0x7E00u | ((a >> 13) & 0x3FFu);
+    } else if (a >= 0x477FF000u) {  // >= 65520 = 65504 + half its ulp (a tie to even: inf)
+        h = 0x7C00u;
+    } else if (a >= 0x38800000u) {  // >= 2^-14: normal; 127 - 15 = 112 (112 << 23)
+        const uint32_t r = a - 0x38000000u;
+        h = (r + 0xFFFu + ((r >> 13) & 1u)) >> 13;  // (a carry into the exponent is right)
+    } else if (a <= 0x33000000u) {  // <= 2^-25: half the smallest subnormal, a tie to 0
+        h = 0;
+    } else {  // subnormal: the significand, 24 bits, shifted right by 126 - e in [14, 24]
+        const uint32_t m = (a & 0x7FFFFFu) | 0x800000u, sh = 126u - (a >> 23);
+        const uint32_t rem = m & ((1u << sh) - 1u), halfway = 1u << (sh - 1u);
+        h = m >> sh;
+        h += (rem > halfway || (rem == halfway && (h & 1u))) ? 1u : 0u;  // 0x400: 2^-14
+    }
+    return half_t{static_cast<uint16_t>(sign | h)};
+}
+#endif
+
 struct TF32 {
     static constexpr bool NARROW = true;  // its values square exactly in float64
     using T = float;
@@ -295,11 +358,11 @@ struct TBF16 {
 };
 struct TF16 {
     static constexpr bool NARROW = true;  // its values square exactly in float64
-    using T = _Float16;
+    using T = half_t;
     using C = float;
-    static float ld(T x) { return static_cast<float>(x); }
-    static T st(float x) { return static_cast<T>(x); }  // IEEE conversion: nearest even
-    static double ldd(T x) { return static_cast<float>(x); }
+    static float ld(T x) { return half_to_float(x); }
+    static T st(float x) { return float_to_half(x); }  // IEEE conversion: nearest even
+    static double ldd(T x) { return half_to_float(x); }
     static v8d ld8d(const T* p) {  // F16C: 8 at a time (GCC converts one by one: the
                                    // statistics and unit sums of fp16 took 10x bf16's)
 #if defined(__AVX512F__)
@@ -320,7 +383,7 @@ struct TF16 {
 // 16 fp16 values <-> float32 with F16C (vcvtph2ps, exact; vcvtps2ph, round to nearest even:
 // the instructions of TF16::ld / st, which GCC emits one element at a time, ~4x the time of a
 // bf16 step); without F16C the scalar conversions
-inline v16f f16_ld16(const _Float16* p) {
+inline v16f f16_ld16(const half_t* p) {
 #if defined(__AVX512F__)
     return (v16f)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 #elif defined(__F16C__)  // AVX2 machines: two halves of 8
@@ -336,7 +399,7 @@ inline v16f f16_ld16(const _Float16* p) {
     return f;
 #endif
 }
-inline void f16_st16(_Float16* p, v16f x) {
+inline void f16_st16(half_t* p, v16f x) {
 #if defined(__AVX512F__)
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
                         _mm512_cvtps_ph((__m512)x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
@@ -1123,7 +1186,7 @@ inline v16f ld16<TF32>(const float* p) {
 template <>
 inline v16f ld16<TBF16>(const uint16_t* p) { return bf16_ld16(p); }
 template <>
-inline v16f ld16<TF16>(const _Float16* p) { return f16_ld16(p); }
+inline v16f ld16<TF16>(const half_t* p) { return f16_ld16(p); }
 template <class E>
 inline void st16(typename E::T* p, v16f x);
 template <>
@@ -1131,7 +1194,7 @@ inline void st16<TF32>(float* p, v16f x) { vst(p, x); }
 template <>
 inline void st16<TBF16>(uint16_t* p, v16f x) { bf16_st16(p, x); }
 template <>
-inline void st16<TF16>(_Float16* p, v16f x) { f16_st16(p, x); }
+inline void st16<TF16>(half_t* p, v16f x) { f16_st16(p, x); }
 //: groups of 16 that sgd16_loop loads before it stores: 4 (12 vectors in flight) fit AVX-512's
 //: 32 registers; a Wide vector of AVX2 takes two of its 16, so there 2
 #if defined(__AVX512F__)
@@ -1650,7 +1713,7 @@ inline void cvt_load(int64_t code, const void* src, int64_t n, float* __restrict
             for (; i < n; i++) dst[i] = TBF16::ld(s[i]);
             break;
         }
-        case F16: chunk_in<TF16>(static_cast<const _Float16*>(src), n, dst); break;
+        case F16: chunk_in<TF16>(static_cast<const half_t*>(src), n, dst); break;
         default: {
             auto* s = static_cast<const double*>(src);
             for (int64_t i = 0; i < n; i++) dst[i] = TF64::ld(s[i]);
@@ -1674,7 +1737,7 @@ inline void cvt_store(int64_t code, void* dst, int64_t n, const float* __restric
             for (; i < n; i++) d[i] = TBF16::st(src[i]);
             break;
         }
-        case F16: chunk_out<TF16>(src, n, static_cast<_Float16*>(dst)); break;
+        case F16: chunk_out<TF16>(src, n, static_cast<half_t*>(dst)); break;
         default: {
             auto* d = static_cast<double*>(dst);
             for (int64_t i = 0; i < n; i++) d[i] = TF64::st(src[i]);

@@ -728,6 +728,48 @@ def test_bias_correction_division_has_the_dividers_bits():
             ext.div_by(a.data_ptr(), bad, n, out.data_ptr())
 
 
+def test_software_fp16_conversions_equal_the_compilers(tmp_path):
+    """Compilers without _Float16 in C++ (GCC 11, Ubuntu 22.04's default: the extension did
+    not build there) store fp16 as 16-bit words converted by setup_ext/kernels.h
+    (FS_SOFT_HALF): setup_ext/check_half.cpp compares them with the compiler's _Float16 on
+    every binary16 value, every float32 whose binary16 is subnormal or about to overflow,
+    every rounding boundary of every exponent, inf and NaN. Needs g++ >= 12 or clang >= 15 on
+    x86-64 (the reference); ``check_half all`` checks all 2^32 float32."""
+    import shutil
+
+    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    root = os.path.join(os.path.dirname(__file__), os.pardir, os.pardir)
+    sys.path.insert(0, os.path.join(root, "setup_ext"))
+    try:
+        import gen_layout
+    finally:
+        sys.path.pop(0)
+    gen_layout.write(str(tmp_path / "layout.h"))
+    exe = tmp_path / "check_half"
+    # F16C (x86-64-v3) where the CPU has it: the reference conversions are then instructions
+    # (0.8 s to run), not libgcc's calls (20 s)
+    arch = ["-march=native"] if "f16c" in _cpu_flags() else []
+    build = subprocess.run([cxx, "-O2", "-std=c++17", *arch, f"-I{root}/setup_ext",
+                            f"-I{tmp_path}", f"{root}/setup_ext/check_half.cpp", "-o", str(exe)],
+                           capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr[-2000:]
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=300)
+    if run.returncode == 2:
+        pytest.skip(run.stdout.strip())
+    assert run.returncode == 0, run.stdout[-2000:]
+    assert "mismatched 0" in run.stdout
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
 @needs_ext
 @pytest.mark.parametrize("kw, passes", [
     ({}, ["fastsched::finalize", "fastsched::update"]),
