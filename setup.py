@@ -6,7 +6,14 @@ back to the PyTorch reference backend on CPU with one warning.
 
 Environment: ``FASTSCHED_CPU_ARCH`` (default ``native``; e.g. ``x86-64-v3`` for a build shared
 between machines, empty for the compiler's default), ``FASTSCHED_NO_EXT_BUILD=1`` skips the build,
-``FASTSCHED_BUILD_JOBS`` the compiler processes run side by side (default: one per core).
+``FASTSCHED_BUILD_JOBS`` the compiler processes run side by side (default: one per core),
+``FASTSCHED_OPENMP=0`` builds without OpenMP (one thread; the same bits).
+
+OpenMP and ``-march=native`` are what the compiler accepts, tried in turn: ``-fopenmp`` (GCC,
+clang with libomp), then Homebrew's libomp through ``-Xpreprocessor -fopenmp`` (Apple clang has no
+``-fopenmp``), else none: the extension then runs one thread, with a warning at build time;
+``-march=native``, then ``-mcpu=native`` (clang on ARM before version 15), then the compiler's
+default. An explicit ``FASTSCHED_CPU_ARCH`` the compiler refuses fails the build of the extension.
 """
 
 import os
@@ -23,6 +30,7 @@ except ImportError:
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "setup_ext"))
 import gen_layout  # noqa: E402
+from build_flags import arch_flags, links, openmp_flags  # noqa: E402
 
 
 class BuildExt(build_ext):
@@ -32,19 +40,24 @@ class BuildExt(build_ext):
     def build_extension(self, ext):
         gen_layout.write(os.path.join(HERE, "setup_ext", "generated", "layout.h"))
         cc = self.compiler
-        arch = os.environ.get("FASTSCHED_CPU_ARCH", "native")
-        # no FMA contraction and no fast-math: the reference's fp32 operations, one by one
-        # -g0: Python's own flags ask for debug information, which took 33 of the 85 s one file
-        # took to compile (GCC 12, 2-core Xeon); GCC's AVX-512 headers' "__Y may be used
-        # uninitialized" (the idiom of their _mm512_undefined_*) printed ~5,000 lines of warnings
-        flags = ["-O3", "-g0", "-std=c++17", "-fopenmp", "-ffp-contract=off", "-fno-math-errno",
-                 "-fno-trapping-math", "-fvisibility=hidden", "-Wno-maybe-uninitialized"]
-        if arch:
-            flags.append(f"-march={arch}")
         if cc.compiler_type == "msvc":
-            flags = ["/O2", "/openmp", "/fp:precise", "/std:c++17"]
-        ext.extra_compile_args = flags
-        ext.extra_link_args = [] if cc.compiler_type == "msvc" else ["-fopenmp"]
+            ext.extra_compile_args = ["/O2", "/openmp", "/fp:precise", "/std:c++17"]
+            ext.extra_link_args = []
+        else:
+            omp_c, omp_l = openmp_flags(cc)
+            quiet = ["-Wno-maybe-uninitialized"]
+            # no FMA contraction and no fast-math: the reference's fp32 operations, one by one
+            # -g0: Python's own flags ask for debug information, which took 33 of the 85 s one
+            # file took to compile (GCC 12, 2-core Xeon); GCC's AVX-512 headers' "__Y may be
+            # used uninitialized" (the idiom of their _mm512_undefined_*) printed ~5,000 lines
+            # of warnings
+            ext.extra_compile_args = [
+                "-O3", "-g0", "-std=c++17", *omp_c, "-ffp-contract=off", "-fno-math-errno",
+                "-fno-trapping-math", "-fvisibility=hidden",
+                *(quiet if links(cc, ["-Werror", *quiet], []) else []),  # (GCC's option)
+                *([] if omp_c else ["-Wno-unknown-pragmas"]),
+                *arch_flags(cc, os.environ.get("FASTSCHED_CPU_ARCH", "native"))]
+            ext.extra_link_args = omp_l
         if ParallelCompile is None:
             super().build_extension(ext)
             return

@@ -10,7 +10,9 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
+#if defined(_OPENMP)  // (a build without OpenMP runs the same loops on one thread)
 #include <omp.h>
+#endif
 
 #include <atomic>
 #include <cstdint>
@@ -1229,6 +1231,16 @@ PyObject* py_simd(PyObject*, PyObject*) {
 #endif
 }
 
+// whether the passes run on torch.get_num_threads() threads (else one: a compiler without
+// OpenMP, or FASTSCHED_OPENMP=0 at build time)
+PyObject* py_openmp(PyObject*, PyObject*) {
+#if defined(_OPENMP)
+    Py_RETURN_TRUE;
+#else
+    Py_RETURN_FALSE;
+#endif
+}
+
 // how fp16 values are stored and converted (half_t, setup_ext/kernels.h)
 PyObject* py_half(PyObject*, PyObject*) {
 #if defined(FS_SOFT_HALF)
@@ -1293,6 +1305,9 @@ PyMethodDef methods[] = {
     {"simd", py_simd, METH_NOARGS,
      "The vector instructions the loops were built for: 'avx512' (64-byte vectors), 'avx2' "
      "(with FMA), 'avx' or 'generic' (16-byte vectors: SSE2, NEON)."},
+    {"openmp", py_openmp, METH_NOARGS,
+     "Whether the build has OpenMP: the passes then run on torch.get_num_threads() threads, "
+     "else on one (the same bits either way)."},
     {"half", py_half, METH_NOARGS,
      "How fp16 values are converted: '_Float16' (the compiler's type: GCC >= 12, clang >= 15 "
      "on x86-64), '__fp16' (AArch64) or 'software' (16-bit words converted by the extension's "

@@ -876,10 +876,17 @@ def _cpu_facts(dev: Device) -> dict[str, Any] | None:
     from ..optim import _cpu
 
     ext = _cpu.ext() if _cpu.available() else None
-    simd = getattr(ext, "simd", None)
+
+    def built(name):  # (None: no extension, or one built before it had the function)
+        f = getattr(ext, name, None)
+        return f() if f is not None else None
+
+    # without OpenMP (a compiler without it) the extension runs one thread whatever the
+    # thread count: its 2-thread rows are then 1-thread times
     return {"cores": os.cpu_count(), "llc_level": llc[0] if llc else None,
             "llc_bytes": llc[1] if llc else None,
-            "cpu_ext_simd": simd() if simd is not None else None,
+            "cpu_ext_simd": built("simd"), "cpu_ext_openmp": built("openmp"),
+            "cpu_ext_half": built("half"),
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 

@@ -192,8 +192,10 @@ def _header_lines(results: dict[str, Any]) -> list[str]:
                if cpu.get("llc_bytes") else "")
         vec = ""
         if cpu.get("cpu_ext_simd") or cpu.get("torch_cpu_capability"):
-            vec = (f"; vectors: fastsched's extension {cpu.get('cpu_ext_simd') or 'not built'}, "
-                   f"torch {cpu.get('torch_cpu_capability') or '?'}")
+            one = (" (built without OpenMP: one thread)"
+                   if cpu.get("cpu_ext_openmp") is False else "")
+            vec = (f"; vectors: fastsched's extension {cpu.get('cpu_ext_simd') or 'not built'}"
+                   f"{one}, torch {cpu.get('torch_cpu_capability') or '?'}")
         lines.append(f"CPU: {cpu['cores']} cores{llc}{vec}; torch threads: "
                      + ", ".join(str(t) for t in m.get("threads") or [m["torch_threads"]])
                      + "; contenders of a configuration timed in interleaved rounds")

@@ -115,6 +115,10 @@ def test_run_metadata(bench_run):
     assert m["cpu"]["cores"] >= 1 and (m["cpu"]["llc_bytes"] is None or m["cpu"]["llc_bytes"] > 0)
     assert m["cpu"]["torch_cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert m["cpu"]["cpu_ext_simd"] in (None, "avx512", "avx2", "avx", "generic")
+    assert m["cpu"]["cpu_ext_openmp"] in (None, True, False)
+    assert m["cpu"]["cpu_ext_half"] in (None, "_Float16", "__fp16", "software")
+    if m["cpu"]["cpu_ext_simd"] is not None:  # this build has all three
+        assert None not in (m["cpu"]["cpu_ext_openmp"], m["cpu"]["cpu_ext_half"])
     assert "--scale 0.01" in m["command"]
     assert _finite(res["copy"]["gbps"]) and res["copy"]["gbps"] > 0
     assert res["configs"]["adamw"]["bytes_per_param"] == {"fp32": 28, "bf16": 14, "fp16": 14}
