@@ -21,6 +21,7 @@ import sys
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
+from setuptools.errors import CompileError
 
 try:  # (a build requirement in pyproject.toml; without it the sources compile one by one)
     from pybind11.setup_helpers import ParallelCompile
@@ -44,6 +45,10 @@ class BuildExt(build_ext):
             ext.extra_compile_args = ["/O2", "/openmp", "/fp:precise", "/std:c++17"]
             ext.extra_link_args = []
         else:
+            if not links(cc, [], []):  # (the optional extension is then skipped with a warning)
+                raise CompileError("the C++ compiler builds no program: "
+                                   + " ".join(getattr(cc, "compiler_so_cxx", None)
+                                              or getattr(cc, "compiler_so", None) or ["?"]))
             omp_c, omp_l = openmp_flags(cc)
             quiet = ["-Wno-maybe-uninitialized"]
             # no FMA contraction and no fast-math: the reference's fp32 operations, one by one
