@@ -76,3 +76,33 @@ def test_the_extension_reports_its_build():
     assert e.simd() in ("avx512", "avx2", "avx", "generic")
     assert e.half() in ("_Float16", "__fp16", "software")
     assert isinstance(e.openmp(), bool)
+
+
+def _setup_build_ext(tmp_path, **env):
+    """`python setup.py build_ext` into tmp_path with these environment variables."""
+    import subprocess
+
+    root = os.path.join(os.path.dirname(__file__), os.pardir)
+    r = subprocess.run([sys.executable, "setup.py", "build_ext", "--build-lib",
+                        str(tmp_path / "lib"), "--build-temp", str(tmp_path / "tmp")],
+                       cwd=root, env={**os.environ, **env}, capture_output=True, text=True,
+                       timeout=300)
+    return r, list((tmp_path / "lib").rglob("_cpu_ext*"))
+
+
+def test_without_a_compiler_the_install_goes_on(tmp_path, cc):
+    """No working compiler: the optional extension is skipped with a warning (CPU steps then
+    run the reference backend), the build itself succeeds."""
+    bad = "/nonexistent/fastsched-no-compiler"
+    r, built = _setup_build_ext(tmp_path, CC=bad, CXX=bad, LDSHARED=f"{bad} -shared")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert 'building extension "fastsched._cpu_ext" failed' in r.stdout + r.stderr
+    assert "builds no program" in r.stdout + r.stderr
+    assert built == []
+
+
+def test_an_architecture_the_compiler_refuses_is_an_error(tmp_path, cc):
+    r, built = _setup_build_ext(tmp_path, FASTSCHED_CPU_ARCH="no-such-arch")
+    assert r.returncode != 0
+    assert "FASTSCHED_CPU_ARCH='no-such-arch'" in r.stderr
+    assert built == []
