@@ -42,8 +42,11 @@ class BuildExt(build_ext):
         gen_layout.write(os.path.join(HERE, "setup_ext", "generated", "layout.h"))
         cc = self.compiler
         if cc.compiler_type == "msvc":
-            ext.extra_compile_args = ["/O2", "/openmp", "/fp:precise", "/std:c++17"]
-            ext.extra_link_args = []
+            # the loops are written on GCC / clang vector types (__attribute__((vector_size)),
+            # __builtin_convertvector), which MSVC does not have: say so, instead of its pages
+            # of errors (the optional extension is then skipped with this warning)
+            raise CompileError("MSVC cannot compile the CPU backend (GCC / clang vector "
+                               "extensions); CPU steps use the reference backend")
         else:
             if not links(cc, [], []):  # (the optional extension is then skipped with a warning)
                 raise CompileError("the C++ compiler builds no program: "
