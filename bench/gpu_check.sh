@@ -7,13 +7,16 @@
 #   1. install the checkout without touching the machine's torch/triton (the compiled CPU
 #      executor is not built: nothing here measures it; its tests skip);
 #   2. the gpu-marked tests (CUDA graphs, no host sync in step(), native kernel parity);
-#   3. the benchmark on the four shape sets (fastsched, torch fused, both as CUDA graphs, the
-#      stream copy of the same run; CONTENDERS= (empty) for all of them, and no torch.compile unless
-#      COMPILE=1);
-#   4. the configurations below fp32 (master weights, stochastic rounding, bf16 / 8-bit states)
+#   3. the rest of the test suite natively on the GPU (kernels compiled, not interpreted),
+#      side by side in XDIST processes (pytest-xdist) when it is installed: correctness first,
+#      and its processes compile most kernel variants at once into Triton's cache, which the
+#      benchmarks below then read instead of compiling one by one (~0.8 s a variant on one
+#      core: bench/compile_check.py compiles 380 in ~2.5 min on 2);
+#   4. the benchmark on the four shape sets (fastsched, torch fused, both as CUDA graphs, the
+#      stream copy of the same run; CONTENDERS= (empty) for all of them, and no torch.compile
+#      unless COMPILE=1);
+#   5. the configurations below fp32 (master weights, stochastic rounding, bf16 / 8-bit states)
 #      at their own byte counts, beside torch / torchao / bitsandbytes where importable (lowp/);
-#   5. the rest of the test suite natively on the GPU (kernels compiled, not interpreted),
-#      side by side in XDIST processes (pytest-xdist) when it is installed;
 #   6. the update kernels' launch configurations compared: the per-variant (SPLIT, warps) of
 #      kernels/optim.py against FASTSCHED_UPDATE_WARPS=4 (every update program at 4 warps in one
 #      piece, Triton's default and the configuration before), on llama-1b, fp32 and bf16
@@ -62,22 +65,22 @@ if want 2 120; then
   timeout "$(cap 120)" python3 -m pytest tests -m gpu -q -rfE --tb=short -p no:cacheprovider \
     "${per_test[@]}" 2>&1 | tee "$out/gpu-tests-marked.log" | tail -25
 fi
+if want 3 110; then
+  timeout "$(cap 110)" python3 -m pytest tests -q -rfE --tb=short -p no:cacheprovider \
+    -m "not gpu" "${xdist[@]}" "${per_test[@]}" 2>&1 | tee "$out/gpu-tests-all.log" | tail -30
+fi
 compile=(--no-compile); [ -n "${COMPILE:-}" ] && compile=()
 cont=(--contenders "${CONTENDERS-fastsched,fastsched-graph,fastsched-plain,torch-fused,torch-fused-graph,stream}")
 [ -z "${cont[1]}" ] && cont=()
-if want 3 130; then
+if want 4 130; then
   c=$(cap 130)
   timeout "$c" fastsched bench --out "$out" --quick "${compile[@]}" --no-progress \
     "${cont[@]}" --time-limit $(( c - 25 )) 2>&1 | tee "$out/gpu-bench.log" | tail -60
 fi
-if want 4 90; then
+if want 5 90; then
   c=$(cap 90)
   timeout "$c" fastsched bench --out "$out/lowp" --lowp --quick --no-compile --no-plot \
     --no-progress --time-limit $(( c - 20 )) 2>&1 | tee "$out/lowp.log" | tail -40
-fi
-if want 5 110; then
-  timeout "$(cap 110)" python3 -m pytest tests -q -rfE --tb=short -p no:cacheprovider \
-    -m "not gpu" "${xdist[@]}" "${per_test[@]}" 2>&1 | tee "$out/gpu-tests-all.log" | tail -30
 fi
 # same shapes, contenders and time limit for both; the stream contender is the copy ceiling
 # measured in the same run (compare GB/s and the fraction of copy)
