@@ -1310,7 +1310,7 @@ PyMethodDef methods[] = {
      "else on one (the same bits either way)."},
     {"half", py_half, METH_NOARGS,
      "How fp16 values are converted: '_Float16' (the compiler's type: GCC >= 12, clang >= 15 "
-     "on x86-64), '__fp16' (AArch64) or 'software' (16-bit words converted by the extension's "
+     "with F16C on x86-64), '__fp16' (AArch64) or 'software' (16-bit words converted by the extension's "
      "own code: older compilers). Every one gives the same bits; where F16C is there the "
      "16-wide loops convert with it."},
     {"stream", py_stream, METH_VARARGS,

@@ -252,7 +252,9 @@ inline v8d cvt8d(v8f f) {
 
 // The storage of fp16 tensors (F16), half_t, and its conversions from and to float32 (exact
 // one way, round to nearest even the other, as torch's c10::Half and the F16C instructions):
-// - _Float16 where the compiler has it in C++: GCC >= 12 and clang >= 15 on x86-64;
+// - _Float16 where the compiler has it in C++: GCC >= 12 and clang >= 15 on x86-64 (clang with
+//   F16C only: without it its conversions are calls to libgcc's __truncsfhf2 / __extendhfsf2,
+//   which a libgcc older than GCC 12's lacks);
 // - ARM's __fp16 on AArch64 (GCC 12 knows _Float16 there in C only; the FCVT instructions);
 // - else (GCC 11, the default compiler of Ubuntu 22.04, on which `_Float16` does not compile in
 //   C++; other targets; or FS_SOFT_HALF defined, which CI's check of this path sets) 16-bit words
@@ -262,7 +264,7 @@ using half_t = __fp16;
 inline float half_to_float(half_t x) { return static_cast<float>(x); }
 inline half_t float_to_half(float x) { return static_cast<half_t>(x); }
 #elif !defined(FS_SOFT_HALF) && defined(__x86_64__) && \
-    ((defined(__clang__) && __clang_major__ >= 15) || \
+    ((defined(__clang__) && __clang_major__ >= 15 && defined(__F16C__)) || \
      (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 12))
 using half_t = _Float16;
 inline float half_to_float(half_t x) { return static_cast<float>(x); }
