@@ -97,7 +97,18 @@ struct Wide {
     part v[K];
     static constexpr int P = NATIVE / static_cast<int>(sizeof(S));  // lanes per part
     S operator[](int j) const { return v[j / P][j % P]; }
-    S& operator[](int j) { return v[j / P][j % P]; }
+    // an assignable lane: clang binds no reference to a vector element (GCC does)
+    struct Lane {
+        part& p;
+        int i;
+        operator S() const { return p[i]; }
+        Lane& operator=(S x) {
+            p[i] = x;
+            return *this;
+        }
+        Lane& operator=(const Lane& o) { return *this = static_cast<S>(o); }
+    };
+    Lane operator[](int j) { return Lane{v[j / P], j % P}; }
 };
 template <class X>
 using ScalarOnly = typename std::enable_if<std::is_arithmetic<X>::value>::type;
