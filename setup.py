@@ -7,11 +7,13 @@ back to the PyTorch reference backend on CPU with one warning.
 Environment: ``FASTSCHED_CPU_ARCH`` (default ``native``; e.g. ``x86-64-v3`` for a build shared
 between machines, empty for the compiler's default), ``FASTSCHED_NO_EXT_BUILD=1`` skips the build,
 ``FASTSCHED_BUILD_JOBS`` the compiler processes run side by side (default: one per core),
-``FASTSCHED_OPENMP=0`` builds without OpenMP (one thread; the same bits).
+``FASTSCHED_OPENMP`` ``0`` / ``1`` / ``auto`` (default: with OpenMP, but on macOS without: see
+build_flags.openmp_flags; one thread, the same bits).
 
 OpenMP and ``-march=native`` are what the compiler accepts, tried in turn: ``-fopenmp`` (GCC,
 clang with libomp), then Homebrew's libomp through ``-Xpreprocessor -fopenmp`` (Apple clang has no
-``-fopenmp``), else none: the extension then runs one thread, with a warning at build time;
+``-fopenmp``; macOS with FASTSCHED_OPENMP=1 only), else none: the extension then runs one thread,
+with a warning at build time;
 ``-march=native``, then ``-mcpu=native`` (clang on ARM before version 15), then the compiler's
 default. An explicit ``FASTSCHED_CPU_ARCH`` the compiler refuses fails the build of the extension.
 """

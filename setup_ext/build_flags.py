@@ -38,8 +38,24 @@ def links(cc, compile_args, link_args, source="int main() { return 0; }\n") -> b
 
 
 def openmp_flags(cc) -> tuple[list[str], list[str]]:
-    """(compile, link) arguments of the first way to OpenMP this compiler takes, or none."""
-    if os.environ.get("FASTSCHED_OPENMP", "1").strip() == "0":
+    """(compile, link) arguments of the first way to OpenMP this compiler takes, or none.
+
+    FASTSCHED_OPENMP: ``0`` none; ``1`` the first way that links, macOS included; unset
+    (``auto``): the same, except on macOS, where the build has none unless asked for: torch's
+    macOS wheels load their own libomp, and a second LLVM OpenMP runtime in the process (the
+    one Homebrew's libomp or an LLVM clang links) stops it at import ("OMP: Error #15:
+    Initializing libomp.dylib, but found libomp.dylib already initialized"), where a build
+    without OpenMP only runs one thread."""
+    mode = os.environ.get("FASTSCHED_OPENMP", "auto").strip().lower() or "auto"
+    if mode not in ("0", "1", "auto"):
+        raise ValueError(f"FASTSCHED_OPENMP must be 0, 1 or auto, got {mode!r}")
+    if mode == "0":
+        return [], []
+    if sys.platform == "darwin" and mode == "auto":
+        warnings.warn("fastsched: on macOS the compiled CPU backend is built without OpenMP "
+                      "(one thread; torch's own libomp and a second copy abort the process); "
+                      "FASTSCHED_OPENMP=1 builds with the compiler's or Homebrew's libomp",
+                      stacklevel=1)
         return [], []
     ways = [(["-fopenmp"], ["-fopenmp"])]
     if sys.platform == "darwin":  # Apple clang: Homebrew's libomp (`brew install libomp`)
@@ -50,9 +66,9 @@ def openmp_flags(cc) -> tuple[list[str], list[str]]:
     for cflags, lflags in ways:
         if links(cc, cflags, lflags, OPENMP_PROBE):
             return cflags, lflags
-    warnings.warn("fastsched: this C++ compiler builds no OpenMP program (on macOS: `brew "
-                  "install libomp`); the compiled CPU backend is built for one thread (the same "
-                  "results, slower with several cores)", stacklevel=1)
+    warnings.warn("fastsched: this C++ compiler builds no OpenMP program; the compiled CPU "
+                  "backend is built for one thread (the same results, slower with several "
+                  "cores)", stacklevel=1)
     return [], []
 
 

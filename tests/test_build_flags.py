@@ -52,8 +52,23 @@ def test_no_openmp_builds_for_one_thread_with_a_warning(cc, monkeypatch):
     monkeypatch.delenv("FASTSCHED_OPENMP", raising=False)
     monkeypatch.setattr(build_flags, "OPENMP_PROBE",
                         "#include <no_such_omp_header.h>\nint main() { return 0; }\n")
-    with pytest.warns(UserWarning, match="no OpenMP.*one thread"):
+    with pytest.warns(UserWarning, match="no OpenMP program.*one thread"):
         assert build_flags.openmp_flags(cc) == ([], [])
+
+
+def test_macos_builds_without_openmp_unless_asked(cc, monkeypatch):
+    """torch's macOS wheels carry their own libomp; a second one aborts the process at import
+    (OMP Error #15), so macOS builds have no OpenMP unless FASTSCHED_OPENMP=1."""
+    monkeypatch.setattr(build_flags.sys, "platform", "darwin")
+    monkeypatch.delenv("FASTSCHED_OPENMP", raising=False)
+    with pytest.warns(UserWarning, match="macOS.*without OpenMP.*FASTSCHED_OPENMP=1"):
+        assert build_flags.openmp_flags(cc) == ([], [])
+    monkeypatch.setenv("FASTSCHED_OPENMP", "1")
+    if build_flags.links(cc, ["-fopenmp"], ["-fopenmp"], build_flags.OPENMP_PROBE):
+        assert build_flags.openmp_flags(cc) == (["-fopenmp"], ["-fopenmp"])
+    monkeypatch.setenv("FASTSCHED_OPENMP", "yes")
+    with pytest.raises(ValueError, match="FASTSCHED_OPENMP must be 0, 1 or auto, got 'yes'"):
+        build_flags.openmp_flags(cc)
 
 
 def test_arch_flags(cc):
