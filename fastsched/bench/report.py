@@ -199,7 +199,31 @@ def _header_lines(results: dict[str, Any]) -> list[str]:
         lines.append(f"CPU: {cpu['cores']} cores{llc}{vec}; torch threads: "
                      + ", ".join(str(t) for t in m.get("threads") or [m["torch_threads"]])
                      + "; contenders of a configuration timed in interleaved rounds")
+        lines += _cache_lines(results["shape_sets"], cpu.get("llc_bytes"))
     return lines
+
+
+#: bytes of an fp32 AdamW step's tensors a parameter (p, g, exp_avg, exp_avg_sq)
+_STATE_BYTES = 16
+
+
+def _cache_lines(sets: list[dict], llc: int | None) -> list[str]:
+    """A line for each shape set whose fp32 AdamW tensors fit in the last-level cache: its
+    steps may run from the cache (a server's L3 is shared by every core of the host, so how
+    much of it a run gets is not known) rather than from memory, which the scaled CPU sets are
+    meant to measure; the scale that exceeds it is named."""
+    out = []
+    for s in sets if llc else ():
+        held = s["params"] * _STATE_BYTES
+        if held > llc:
+            continue
+        scale = s.get("scale", 1.0) * 2 * llc / held  # (of the full set, as --scale)
+        name = _NAMES.get(s["name"], s["name"])
+        over = f"; --scale {scale:.2g} makes them twice its size" if scale <= 1 else ""
+        out.append(f"{name}: its fp32 AdamW tensors (p, g, m, v: {_fmt_bytes(held)}) fit in "
+                   f"the {_fmt_bytes(llc)} last-level cache: part of each step may run from the "
+                   f"cache, not from memory{over}")
+    return out
 
 
 def print_table(results: dict[str, Any], file=None) -> None:

@@ -16,7 +16,7 @@ import torch
 from fastsched.bench import contenders as C
 from fastsched.bench.device import quantiles
 from fastsched.bench.harness import BenchOptions, derive, paired_ratio, run_bench
-from fastsched.bench.report import allora_lines, fmt_time, render_readme
+from fastsched.bench.report import _cache_lines, allora_lines, fmt_time, render_readme
 from fastsched.bench.shapes import SHAPE_SETS, ShapeError, parse_shapes, scale_shape
 from fastsched.cli import main
 
@@ -306,6 +306,20 @@ def test_readme_is_generated_from_results(bench_run, capsys):
     for r in ok[:5]:
         assert fmt_time(r["b2b_s"]["median"]) in out
     assert out == render_readme(res, source=str(path), image=str(path.with_suffix(".png")))
+
+
+def test_cache_lines():
+    """A set whose fp32 AdamW tensors (16 B a parameter) fit in the last-level cache is named,
+    with the --scale that makes them twice its size; a larger one, or no cache size, is not."""
+    gpt2 = {"name": "gpt2", "params": 12_443_981, "scale": 0.1, "full_params": 124_439_808}
+    big = {"name": "llama-1b", "params": 123_000_000, "scale": 0.1}
+    (line,) = _cache_lines([gpt2, big], 260 << 20)
+    assert line.startswith("GPT-2 small: its fp32 AdamW tensors (p, g, m, v: 190 MiB) fit in "
+                           "the 260 MiB last-level cache")
+    assert line.endswith("--scale 0.27 makes them twice its size")
+    assert _cache_lines([gpt2, big], 48 << 20) == [] and _cache_lines([gpt2], None) == []
+    # the full set fits too: no scale to name
+    assert "--scale" not in _cache_lines([{**gpt2, "scale": 1.0, "params": 1000}], 260 << 20)[0]
 
 
 def test_report_rerenders(bench_run, capsys):
