@@ -56,8 +56,7 @@ class FusedOptimizer(GroupsMixin, PrecisionMixin, StatsMixin, CheckpointMixin,
         if schedule is not None and not isinstance(schedule, Schedule):
             raise ValueError(f"schedule must be a fastsched.schedules.Schedule or None, got "
                              f"{schedule!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
+        self._check_choice(backend)
         if (not isinstance(block_size, int) or block_size < 16
                 or block_size & (block_size - 1)):
             raise ValueError(f"block_size must be a power of two >= 16, got {block_size!r}")
@@ -137,10 +136,21 @@ class FusedOptimizer(GroupsMixin, PrecisionMixin, StatsMixin, CheckpointMixin,
 
         return "cpu" if _cpu.available() else "reference"
 
-    @backend.setter
-    def backend(self, value: str) -> None:
+    @staticmethod
+    def _check_choice(value) -> None:
+        """A backend that can never run here is refused when it is chosen, not at the first
+        step: ``"cpu"`` without the extension (not built, stale, or FASTSCHED_NO_EXT=1)."""
         if value not in BACKENDS:
             raise ValueError(f"backend must be one of {list(BACKENDS)}, got {value!r}")
+        if value == "cpu":
+            from . import _cpu
+
+            if not _cpu.available():
+                raise ValueError(_cpu.unavailable())
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        self._check_choice(value)
         self._backend_choice = value
         self._tables.invalidate()
 
@@ -158,8 +168,7 @@ class FusedOptimizer(GroupsMixin, PrecisionMixin, StatsMixin, CheckpointMixin,
                 raise ValueError(f"backend='cpu' runs on CPU tensors, the parameters are on "
                                  f"{dev}; use backend='auto' or 'triton'")
             if not _cpu.available():
-                raise ValueError(f"backend='cpu' is not available: {_cpu.reason()}; "
-                                 f"{_cpu.HOW}, or use backend='reference'")
+                raise ValueError(_cpu.unavailable())
         if b == "reference" and self._backend_choice == "auto":
             _cpu.warn_fallback()
         return b
@@ -236,7 +245,9 @@ class FusedOptimizer(GroupsMixin, PrecisionMixin, StatsMixin, CheckpointMixin,
             return super().zero_grad(False)
         if not hasattr(self, "_zero_grad_profile_name"):
             self._patch_step_function()
-        hx = _hostext.get()
+        # (not with the reference backend, whose step costs ~25x the compiled one's: a machine
+        # without a C++ compiler runs it and would get a second warning, the host helper's)
+        hx = _hostext.get() if self.backend != "reference" else None
         if hx is not None and not _TF_MODE() and type(self.param_groups) is list \
                 and all(type(g.get("params")) is list for g in self.param_groups):
             if _PROFILING():
@@ -253,11 +264,12 @@ class FusedOptimizer(GroupsMixin, PrecisionMixin, StatsMixin, CheckpointMixin,
         entries, order, copied = [], [], False
         pos = 0
         for gi, group in enumerate(self.param_groups):
-            for p in group["params"]:
+            for i, p in enumerate(group["params"]):
                 g = grads[pos]
                 pos += 1
                 if g is None:
                     continue
+                self._check_built(f"param_groups[{gi}]['params'][{i}]", p, group)
                 if g.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse "
                                        "gradients")
@@ -304,6 +316,26 @@ class FusedOptimizer(GroupsMixin, PrecisionMixin, StatsMixin, CheckpointMixin,
                                                    self._group_sizes())[0]
         plan = self._tables.build(built, order, key, backend, lambda p: names[id(p)])
         return plan, grads
+
+    def _check_built(self, where: str, p, group) -> None:
+        """A parameter changed since its group was added (``p.data`` replaced) is checked again
+        before anything of this step is modified: its layout and dtype (_check_param), and that
+        each state it has is of its shape. The executors take raw pointers to p and its states
+        and walk ``p.numel()`` elements of each: a state of fewer elements would be read and
+        written past its end (the reference backend and torch.optim fail on the shapes)."""
+        self._check_param(where, p, group.get("allora_eta") is not None)
+        state = self.state.get(p)
+        if not state:
+            return
+        for name in self._state_names:
+            for key in (name, name + "_code"):
+                v = state.get(key)
+                if isinstance(v, torch.Tensor) and v.shape != p.shape:
+                    raise ValueError(f"{where}: its state {key!r} has shape {tuple(v.shape)}, "
+                                     f"the parameter {tuple(p.shape)} (p.data replaced by a "
+                                     "tensor of another shape after the state was made?): "
+                                     "delete the parameter's state (optimizer.state[p]) to "
+                                     "start it again")
 
     def _ensure_state(self, p, group) -> None:
         state = self.state[p]

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 import warnings
 
 import torch
@@ -113,15 +114,37 @@ def warn_fallback() -> None:
     warnings.warn(f"fastsched: the compiled CPU backend is not available: {reason()}. CPU steps "
                   f"run on the PyTorch reference backend (about 25x slower); to get the compiled "
                   f"one, {HOW}. Set FASTSCHED_NO_EXT=1 to silence this.", RuntimeWarning,
-                  stacklevel=5)
+                  stacklevel=caller_level())
+
+
+#: the directories of fastsched's and torch's sources
+_INSIDE = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,
+           os.path.dirname(os.path.abspath(torch.__file__)) + os.sep)
+
+
+def caller_level() -> int:
+    """``stacklevel`` for a warning raised under ``step()`` that names the user's line: the
+    first frame outside fastsched and torch (step is wrapped by torch.no_grad and by
+    torch.optim's profiling hook, so the depth is not fixed: 6 frames on torch 2.13)."""
+    f, level = sys._getframe(1), 1
+    while f is not None and f.f_code.co_filename.startswith(_INSIDE):
+        f, level = f.f_back, level + 1
+    return level
+
+
+def unavailable() -> str:
+    """Why ``backend='cpu'`` cannot run and what to do about it ('' when it can)."""
+    if _load() is not None:
+        return ""
+    fix = ("unset FASTSCHED_NO_EXT" if os.environ.get("FASTSCHED_NO_EXT") == "1" else HOW)
+    return f"backend='cpu' is not available: {_reason}; {fix}, or use backend='reference'"
 
 
 def ext():
     """The extension module (ValueError when it is not available)."""
     m = _load()
     if m is None:
-        raise ValueError(f"backend='cpu' is not available: {_reason}; {HOW}, or use "
-                         "backend='reference'")
+        raise ValueError(unavailable())
     return m
 
 

@@ -59,24 +59,12 @@ class GroupsMixin:
         seen: set[int] = set()
         device = self._device
         for i, p in enumerate(group["params"]):
-            if p.is_complex():
-                raise ValueError(f"params[{i}]: complex parameters are not supported by "
-                                 "fastsched optimizers (view them as real with "
-                                 "torch.view_as_real)")
-            if p.dtype not in FLOAT_DTYPES:
-                names = ", ".join(str(d).removeprefix("torch.") for d in FLOAT_DTYPES)
-                raise ValueError(f"params[{i}]: dtype must be one of {names}, got {p.dtype}")
+            self._check_param(f"params[{i}]", p, allora=False)
             if p.dtype not in TRITON_DTYPES and (self._backend_choice == "triton" or (
                     self._backend_choice == "auto" and local(p).device.type == "cuda")):
                 raise ValueError(f"params[{i}]: dtype {p.dtype} is not supported by the Triton "
                                  "backend (float32, bfloat16, float16); float64 parameters need "
                                  "backend='cpu' or 'reference' on CPU tensors")
-            if p.is_sparse:
-                raise ValueError(f"params[{i}]: sparse parameters are not supported")
-            if not _dense(p):
-                raise ValueError(f"params[{i}]: parameters must be dense in memory (contiguous "
-                                 f"or a permutation of contiguous), got strides {p.stride()} "
-                                 f"for shape {tuple(p.shape)}")
             if id(p) in seen:
                 raise ValueError(f"some parameters appear more than once in a parameter group: "
                                  f"params[{i}] (shape {tuple(p.shape)})")
@@ -97,10 +85,31 @@ class GroupsMixin:
                                                len(self.param_groups) - 1, self._mesh)
         if group["allora_eta"] is not None:
             for i, p in enumerate(group["params"]):
-                if not p.is_contiguous():
-                    raise ValueError(f"params[{i}]: ALLoRA units need contiguous parameters, "
-                                     f"got strides {p.stride()}")
+                self._check_param(f"params[{i}]", p, allora=True)
         self._device = device
+
+    @staticmethod
+    def _check_param(where: str, p: torch.Tensor, allora: bool) -> None:
+        """What the tables need of a parameter: a real floating dtype the executors store, dense
+        (the kernels walk p, g and the states as flat arrays), contiguous under ALLoRA (its
+        units are rows of the flat array). Checked when a group is added and again when the
+        tables are rebuilt (``p.data`` may have been replaced since): a strided ``p.data``
+        walked as flat would update elements outside the parameter."""
+        if p.is_complex():
+            raise ValueError(f"{where}: complex parameters are not supported by fastsched "
+                             "optimizers (view them as real with torch.view_as_real)")
+        if p.dtype not in FLOAT_DTYPES:
+            names = ", ".join(str(d).removeprefix("torch.") for d in FLOAT_DTYPES)
+            raise ValueError(f"{where}: dtype must be one of {names}, got {p.dtype}")
+        if p.is_sparse:
+            raise ValueError(f"{where}: sparse parameters are not supported")
+        if not _dense(p):
+            raise ValueError(f"{where}: parameters must be dense in memory (contiguous or a "
+                             f"permutation of contiguous), got strides {p.stride()} for shape "
+                             f"{tuple(p.shape)}")
+        if allora and not p.is_contiguous():
+            raise ValueError(f"{where}: ALLoRA units need contiguous parameters, got strides "
+                             f"{p.stride()}")
 
     @staticmethod
     def _validate_allora(group: dict[str, Any]) -> None:

@@ -315,6 +315,11 @@ def ddp_and_tensor_parallel(rank, world, tmp):
 
     out["tp"] = run("reference", True, STEPS)
     out["tp_single"] = run("reference", False, STEPS)
+    # the compiled CPU backend on the same shards (unit sums of a unit spanning ranks
+    # all-reduced between its passes); None without the extension
+    from fastsched.optim import _cpu
+
+    out["tp_cpu"] = run("cpu", True, STEPS) if _cpu.available() else None
 
     # the Triton kernels (interpreted) on local shards: the per-tensor sums all-reduced between
     # the reduce and finalize launches. ALLoRA units spanning ranks are refused there.

@@ -21,6 +21,7 @@ import math
 import os
 import subprocess
 import sys
+import textwrap
 import warnings
 
 import pytest
@@ -515,12 +516,62 @@ def test_fallback_warns_once_and_says_how(no_ext):
     assert "not built" in msgs[0] and "pip install -e ." in msgs[0] and "g++" in msgs[0]
 
 
+def test_without_a_compiler_one_warning_at_the_users_line(tmp_path):
+    """No C++ compiler on PATH and no extension: CPU training (step and zero_grad) warns once,
+    the fallback's warning, at the line of the user's step() (not torch's wrapper); the host
+    helper of step() is not built for the reference backend, so it does not warn too."""
+    code = textwrap.dedent("""
+        import sys, warnings
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name == "fastsched._cpu_ext":
+                    raise ImportError("no extension (test)")
+        sys.meta_path.insert(0, Block())
+        import torch, fastsched
+        model = torch.nn.Linear(8, 2)
+        opt = fastsched.AdamW(model.parameters(), lr=1e-3)
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            for _ in range(3):
+                model(torch.randn(4, 8)).sum().backward()
+                opt.step()  # the user's line
+                opt.zero_grad()
+        print(opt.backend, len(w))
+        for x in w:
+            print(x.filename, x.lineno, str(x.message)[:60])
+        """)
+    script = tmp_path / "user.py"
+    script.write_text(code)
+    env = {k: v for k, v in os.environ.items() if k not in ("CXX", "CC", "FASTSCHED_NO_EXT",
+                                                            "FASTSCHED_HOST_EXT")}
+    env.update(PATH=str(tmp_path), FASTSCHED_CACHE_DIR=str(tmp_path / "cache"))
+    out = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "reference 1", out.stdout
+    line = 1 + next(i for i, t in enumerate(code.splitlines()) if "the user's line" in t)
+    assert lines[1].startswith(f"{script} {line} fastsched: the compiled CPU backend"), lines
+
+
 def test_cpu_backend_without_the_extension_names_the_reason(no_ext):
+    """Refused when it is chosen (the constructor, the setter), not at the first step."""
     p = torch.nn.Parameter(torch.randn(4))
-    p.grad = torch.randn(4)
-    opt = fastsched.AdamW([p], backend="cpu")
-    with pytest.raises(ValueError, match=r"backend='cpu' is not available: .*not built"):
-        opt.step()
+    with pytest.raises(ValueError, match=r"backend='cpu' is not available: .*not built.*g\+\+"):
+        fastsched.AdamW([p], backend="cpu")
+    opt = fastsched.AdamW([p], backend="reference")
+    with pytest.raises(ValueError, match=r"backend='cpu' is not available"):
+        opt.backend = "cpu"
+    assert opt.backend == "reference"
+
+
+def test_cpu_backend_turned_off_says_how_to_turn_it_on(monkeypatch):
+    monkeypatch.setattr(_cpu, "_ext", None)
+    monkeypatch.setattr(_cpu, "_reason", None)
+    monkeypatch.setenv("FASTSCHED_NO_EXT", "1")
+    with pytest.raises(ValueError, match=r"turned off by FASTSCHED_NO_EXT=1; unset "
+                                         r"FASTSCHED_NO_EXT, or use backend='reference'"):
+        fastsched.SGD([torch.nn.Parameter(torch.randn(4))], lr=0.1, backend="cpu")
 
 
 def test_stale_build_is_refused(monkeypatch):

@@ -264,6 +264,14 @@ def test_ddp_tensor_parallel_triton_and_errors(tmp_path):
         compare_stats(tp["stats"], single["stats"], what)
         assert_close(tp["params"], single["params"], what=what)
 
+        # the same on the compiled CPU backend (where it is built): the reference's bits
+        tpc = r["tp_cpu"]
+        if tpc is not None:
+            what = f"tensor parallel, compiled CPU backend, rank {rank}"
+            assert tpc["distributed"], what
+            compare_stats(tpc["stats"], tp["stats"], what)
+            assert_close(tpc["params"], single["params"], what=what)
+
         # Triton: column units of a Shard(0) parameter refused at the step, parameter untouched
         err = r["column_units_error"]
         assert err is not None, f"rank {rank}: column units of a Shard(0) parameter ran on the " \
@@ -292,7 +300,7 @@ def test_ddp_tensor_parallel_triton_and_errors(tmp_path):
             (rank, r["q8_warnings"])
 
     # the ranks agree with each other
-    for key in ("tp", "triton"):
+    for key in ("tp", "triton") + (("tp_cpu",) if ranks[0]["tp_cpu"] is not None else ()):
         what = f"{key} rank 1 vs rank 0"
         compare_stats(ranks[1][key]["stats"], ranks[0][key]["stats"], what)
         assert_equal(ranks[1][key]["params"], ranks[0][key]["params"], what)

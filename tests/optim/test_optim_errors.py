@@ -22,6 +22,7 @@ from optim_cases import (
 )
 
 import fastsched
+from fastsched.optim import _cpu
 from fastsched.schedules import Cosine
 
 CLASSES = [fastsched.Adam, fastsched.AdamW, fastsched.SGD]
@@ -283,6 +284,65 @@ def test_gradient_of_wrong_shape_raises_before_any_change():
     params[1].grad.data = torch.zeros(params[1].numel() + 1)
     with Unchanged(opt, params):
         with pytest.raises(RuntimeError, match="does not match its parameter"):
+            opt.step()
+
+
+def _replaced(case: str, p: torch.Tensor) -> torch.Tensor:
+    """What ``p.data`` becomes in each case of the test below."""
+    if case == "shape":  # another number of elements: the states no longer fit
+        return torch.randn(p.numel() + 7)
+    if case == "strided":  # every other column of a wider tensor (not dense)
+        return torch.randn(p.shape[0], 2 * p.shape[1])[:, ::2]
+    if case == "complex":
+        return torch.randn(p.shape, dtype=torch.complex64)
+    if case == "float8":
+        return torch.randn(p.shape).to(torch.float8_e4m3fn)
+    return torch.randn(tuple(reversed(p.shape))).t()  # "transposed": dense, not contiguous
+
+
+CPU_BACKENDS = ["reference", pytest.param("cpu", marks=pytest.mark.skipif(
+    not _cpu.available(), reason="the compiled CPU backend is not built"))]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("case,allora,match", [
+    ("shape", False, r"\['params'\]\[1\]: its state 'exp_avg' has shape \(3, 5\), the "
+                     r"parameter \(22,\)"),
+    ("strided", False, r"\['params'\]\[1\]: parameters must be dense in memory"),
+    ("complex", False, r"\['params'\]\[1\]: complex parameters are not supported"),
+    ("float8", False, r"\['params'\]\[1\]: dtype must be one of float32, .*float8_e4m3fn"),
+    ("transposed", True, r"\['params'\]\[1\]: ALLoRA units need contiguous parameters"),
+])
+def test_parameter_data_replaced_after_the_first_step(backend, case, allora, match):
+    """``p.data`` replaced after the states were made is checked again when the tables are
+    rebuilt, before anything is modified: the executors walk p and its states as flat arrays
+    of p's size (a smaller state was read and written past its end by the compiled backend, a
+    strided p updated elements outside it)."""
+    params = [torch.nn.Parameter(torch.randn(4, 6)), torch.nn.Parameter(torch.randn(3, 5))]
+    kw = {"allora_eta": 2.0} if allora else {}
+    opt = fastsched.AdamW(params, lr=0.1, backend=backend, **kw)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    params[1].data = _replaced(case, params[1])
+    for p in params:
+        p.grad = torch.randn(p.shape).to(p.dtype)
+    with Unchanged(opt, params):
+        with pytest.raises(ValueError, match=r"param_groups\[0\]" + match):
+            opt.step()
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_sgd_momentum_of_another_shape_is_refused(backend):
+    p = torch.nn.Parameter(torch.randn(4))
+    opt = fastsched.SGD([p], lr=0.1, momentum=0.9, backend=backend)
+    p.grad = torch.randn(4)
+    opt.step()
+    p.data = torch.randn(9)
+    p.grad = torch.randn(9)
+    with Unchanged(opt, [p]):
+        with pytest.raises(ValueError, match=r"state 'momentum_buffer' has shape \(4,\), the "
+                                             r"parameter \(9,\)"):
             opt.step()
 
 
