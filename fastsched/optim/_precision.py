@@ -31,11 +31,12 @@ from typing import Any
 import torch
 
 from ..kernels import layout as L
-from . import _lowp
+from . import _cpu, _lowp
+from ._distributed import _name as _param_name
 from ._distributed import is_dtensor, local
 from ._tables import LowP
 
-__all__ = ["PrecisionMixin", "STATE_DTYPES", "LOWP_KEYS"]
+__all__ = ["PrecisionMixin", "STATE_DTYPES", "LOWP_KEYS", "state_dtype_from_name"]
 
 #: the values of ``state_dtype``
 STATE_DTYPES = (None, torch.float32, torch.bfloat16, "8bit")
@@ -47,6 +48,21 @@ LOWP_KEYS = {"master_weights": False, "stochastic_rounding": False, "state_dtype
 def dtype_name(v) -> str | None:
     """``state_dtype`` as stored in a state dict (a string; torch dtypes do not travel well)."""
     return v if v is None or isinstance(v, str) else str(v).removeprefix("torch.")
+
+
+#: ``state_dtype`` by the name :func:`dtype_name` stores
+_BY_NAME = {"float32": torch.float32, "bfloat16": torch.bfloat16, "8bit": "8bit"}
+
+
+def state_dtype_from_name(v, where: str):
+    """``state_dtype`` of a loaded group (a name, None, or a torch dtype, which
+    :meth:`PrecisionMixin._validate_lowp` checks); ValueError naming the allowed names."""
+    if v is None or isinstance(v, torch.dtype):
+        return v
+    if isinstance(v, str) and v in _BY_NAME:
+        return _BY_NAME[v]
+    raise ValueError(f"{where}: state_dtype must be one of None, {', '.join(map(repr, _BY_NAME))}"
+                     f" (as a state dict stores it), got {v!r}")
 
 
 _flat = _lowp.storage_flat
@@ -158,7 +174,10 @@ def dequantize_like(p: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, s
 class PrecisionMixin:
     """Options below fp32: validation, state storage, conversions on load and export."""
 
-    def _validate_lowp(self, group: dict[str, Any]) -> None:
+    def _validate_lowp(self, group: dict[str, Any], warn: bool = True) -> None:
+        """ValueError for a bad option or combination; ``warn``: also warn (once) about 8-bit
+        storage the group asks for and cannot have (off for a checkpoint's group checked before
+        it is loaded: the load may still be refused)."""
         mw, sr = group.get("master_weights", False), group.get("stochastic_rounding", False)
         sd, m8 = group.get("state_dtype"), group.get("min_8bit_size", _lowp.MIN_8BIT_SIZE)
         if not isinstance(mw, bool):
@@ -197,6 +216,8 @@ class PrecisionMixin:
                                  f"sharded on dim {p.placements[0].dim}: the generator indexes "
                                  "elements of the whole parameter, which a shard on another dim "
                                  "does not hold contiguously (Shard(0), as FSDP2, is supported)")
+        if not warn:
+            return
         warned = self.__dict__.setdefault("_rowless_warned", set())
         if rowless and not set(rowless) <= warned:
             warnings.warn(
@@ -204,8 +225,24 @@ class PrecisionMixin:
                 f" keep float32 states: a DTensor parameter has 8-bit states only when it is "
                 f"sharded on dim 0 (FSDP2) and each row holds whole {L.Q_BLOCK}-element blocks "
                 "(2-D or more, row length a multiple of 256), so that every world size has the "
-                "same blocks and checkpoints reshard", stacklevel=4)
+                "same blocks and checkpoints reshard", stacklevel=_cpu.caller_level())
             warned.update(rowless)
+        if sd == "8bit" and group.get("allora_eta") is not None and any(
+                p.numel() >= m8 and blocks_in_rows(p) for p in group["params"]):
+            # 8-bit asked for and not given (the memory a user plans with): said once per group
+            # of this optimizer (by index: a load replaces the group dicts)
+            gi = next((i for i, g in enumerate(self.param_groups) if g is group), None)
+            warned = self.__dict__.setdefault("_allora_8bit_warned", set())
+            if gi not in warned:
+                warned.add(gi)
+                warnings.warn(
+                    f"state_dtype='8bit': param_groups[{gi}] has ALLoRA (allora_eta="
+                    f"{group['allora_eta']!r}); its tensors keep float32 states (4 B an element "
+                    "of each state, not ~1): a program of the ALLoRA units kernel owns whole "
+                    f"units (rows, columns or the tensor), which do not hold whole {L.Q_BLOCK}-"
+                    "element blocks of 8-bit states (ALLoRA trains LoRA adapters, a small share "
+                    "of the states). state_dtype=torch.bfloat16 on this group halves them",
+                    stacklevel=_cpu.caller_level())
 
     @property
     def seed(self) -> int:
@@ -322,6 +359,30 @@ class PrecisionMixin:
                     _elem0(p) if sr else 0)
 
     # -- checkpoints ----------------------------------------------------------------------------
+    def _check_lowp_states(self, sd: dict) -> None:
+        """Before anything is loaded (torch's ``load_state_dict`` replaces groups and states at
+        once; a failure after it would leave the optimizer half loaded, and a wrong dtype would
+        be misread, not refused, by the reference backend): each 8-bit state of the checkpoint
+        is ``<name>_code`` uint8 with ``<name>_scale`` float32, one scale per ``Q_BLOCK`` codes,
+        as :meth:`_new_state` and :func:`quantize_like` make them, and not beside a full-precision
+        ``<name>``; the states and the master are floating. ValueError naming the parameter and
+        the key. (Shapes: :func:`._distributed.check_state_dict`.)"""
+        state = sd["state"]
+        for gi, (theirs, ours) in enumerate(zip(sd["param_groups"], self.param_groups)):
+            names = ours.get("param_names")
+            for i, pid in enumerate(theirs.get("params", [])):
+                st = state.get(pid)
+                if not isinstance(st, dict):
+                    continue
+                where = _param_name(names, i, gi)
+                for name in self._state_names:
+                    _check_8bit_entry(where, name, st)
+                for k in (*self._state_names, "master_param"):
+                    v = st.get(k)
+                    if isinstance(v, torch.Tensor) and not v.is_floating_point():
+                        raise ValueError(f"{where}: checkpoint state {k!r} has dtype {v.dtype}, "
+                                         "a floating dtype expected")
+
     def _stash_lowp(self, sd: dict) -> dict:
         """Take the entries that torch's ``load_state_dict`` would cast to the parameter's dtype
         (it casts every floating state but ``step``: uint8 codes, float32 scales and masters, and
@@ -365,6 +426,10 @@ class PrecisionMixin:
         parameters' dtype, as it does for any checkpoint)."""
         sd = self.state_dict()
         sd.pop("fastsched", None)
+        # torch's state_dict hands out the optimizer's own per-parameter dicts: the codes,
+        # scales and master are taken out of copies (else the next step would find no master
+        # and rebuild it from the rounded parameter, and would restart the 8-bit states)
+        sd["state"] = {pid: dict(st) for pid, st in sd["state"].items()}
         params = [p for g in self.param_groups for p in g["params"]]
         for pid, st in sd["state"].items():
             p = params[pid]
@@ -376,7 +441,39 @@ class PrecisionMixin:
         for g in sd["param_groups"]:
             for k in LOWP_KEYS:
                 g.pop(k, None)
+            if g.get("allora_eta", 0) is None:  # no ALLoRA: none of its keys, as torch's
+                for k in ("allora_eta", "allora_unit", "allora_apply"):
+                    g.pop(k, None)
         return sd
+
+
+def _check_8bit_entry(where: str, name: str, st: dict) -> None:
+    """The 8-bit entries of state ``name`` in a checkpoint's per-parameter dict ``st`` (none, or
+    uint8 codes and their float32 scales); ValueError naming the key and what is expected."""
+    codes, scale = st.get(name + "_code"), st.get(name + "_scale")
+    if codes is None and scale is None:
+        return
+    if name in st:
+        raise ValueError(f"{where}: the checkpoint holds both {name!r} and its 8-bit "
+                         f"{name}_code / {name}_scale: one state cannot be in two storages "
+                         f"(keep either {name!r} or the codes and scales)")
+    if not isinstance(codes, torch.Tensor) or codes.dtype != torch.uint8:
+        raise ValueError(f"{where}: checkpoint state '{name}_code' must be a torch.uint8 tensor "
+                         f"(8-bit codes), got {_what(codes)}")
+    if not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32:
+        raise ValueError(f"{where}: checkpoint state '{name}_scale' must be a torch.float32 "
+                         f"tensor (one scale per {L.Q_BLOCK} codes of '{name}_code'), got "
+                         f"{_what(scale)}")
+    if scale.numel() != _lowp.n_blocks(codes.numel()):
+        raise ValueError(f"{where}: checkpoint state '{name}_scale' has {scale.numel()} scales "
+                         f"for {codes.numel()} codes; {_lowp.n_blocks(codes.numel())} expected "
+                         f"(one per {L.Q_BLOCK})")
+
+
+def _what(v) -> str:
+    if v is None:
+        return "none"
+    return f"dtype {v.dtype}" if isinstance(v, torch.Tensor) else type(v).__name__
 
 
 def _elem0(p) -> int:

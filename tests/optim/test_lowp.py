@@ -216,6 +216,7 @@ def test_small_tensors_keep_fp32_states():
                                      min_8bit_size=0),
                                 dict(master_weights=True, state_dtype="8bit", min_8bit_size=0)])
 @pytest.mark.parametrize("kind", ["AdamW", "SGD"])
+@pytest.mark.filterwarnings("ignore:state_dtype='8bit'.*ALLoRA")  # (its group keeps float32)
 def test_lowp_awkward_shapes_many_steps(kw, kind):
     """0-d, 1, 255 / 256 / 257 elements, odd 2-D shapes, ALLoRA on one group: 30 steps stay
     finite and close to an fp32 run (loose: bf16 parameters and 8-bit states)."""
