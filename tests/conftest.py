@@ -44,43 +44,12 @@ def kernel_device():
     return KERNEL_DEVICE
 
 
-@pytest.fixture
-def exact(monkeypatch):
-    """The optimizer reference (tests/optim) with correctly rounded float32 sqrt and float64
-    ALLoRA unit sums, as the compiled CPU executor computes them (torch's CPU float32 sqrt is
-    off by up to 0.75 ulp; its float32 unit sums round otherwise): every difference left is a
-    bug. Here, not in tests/optim/conftest.py: a second module named conftest would shadow
-    this one for ``from conftest import ...``."""
-    import math
-
-    from fastsched.optim import _reference
-
-    sqrt = torch.Tensor.sqrt
-
-    def sqrt_rn(self):
-        if self.dtype == torch.float32:
-            return sqrt(self.double()).float()
-        return sqrt(self)
-
-    def allora_scales(p, unit, inv_eta2, reduce=None):
-        p64 = p.to(torch.float32).double()
-        if p.dim() < 2 or unit == "tensor":
-            n = (p64 * p64).sum().float()
-            return (1.0 / sqrt_rn(n + inv_eta2)).expand(p.shape).contiguous()
-        cols = math.prod(p.shape[1:])
-        v = p64.reshape(p.shape[0], cols)
-        n = (v * v).sum(1 if unit == "row" else 0, keepdim=True).float()
-        return (1.0 / sqrt_rn(n + inv_eta2)).expand_as(v).reshape(p.shape).contiguous()
-
-    monkeypatch.setattr(torch.Tensor, "sqrt", sqrt_rn)
-    monkeypatch.setattr(_reference, "allora_scales", allora_scales)
-
-
 @pytest.fixture(scope="session")
 def bench_script():
     """load(NAME): bench/NAME.py as a module (those scripts run as ``python bench/NAME.py``, not
     from a package), registered in sys.modules under NAME (dataclasses and pickling look their
-    module up there). Here for the reason ``exact`` is."""
+    module up there). Here, not in a conftest.py under tests/: a second module named conftest
+    would shadow this one for ``from conftest import ...``."""
     import importlib.util
     import sys
     from pathlib import Path

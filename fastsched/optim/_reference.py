@@ -11,12 +11,40 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from ..kernels import layout as L
 from . import _lowp
 
-__all__ = ["grad_sums", "finalize", "adam_update", "sgd_update", "allora_scales"]
+__all__ = ["grad_sums", "finalize", "adam_update", "sgd_update", "allora_scales", "sqrt_rn",
+           "unit_sums", "unit_sums_f32"]
+
+
+def sqrt_rn(x: torch.Tensor) -> torch.Tensor:
+    """The correctly rounded square root of a float32 or float64 tensor, as the compiled CPU
+    executor's ``std::sqrt`` and the kernels' ``sqrt_rn``. torch's CPU ``sqrt`` is not (MKL's
+    vector routine: ~0.7% of float32 and ~0.9% of float64 inputs one ulp off). On the CPU:
+    numpy's (the sqrt instruction, IEEE); elsewhere float32 through float64 (correctly rounded
+    whenever the float64 root is within 4 ulps: the exact root of a float32 lies at least 2^-50
+    of its binade from every float32 midpoint) and float64 as torch's (IEEE on CUDA)."""
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+        out = torch.empty_like(x)
+        np.sqrt(x.numpy(), out=out.numpy())
+        return out
+    if x.dtype == torch.float32:
+        return torch.sqrt(x.double()).float()
+    return torch.sqrt(x)
+
+
+def _pow(b: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+    """``b ** e`` (float64 vectors) as the compiled CPU executor's ``std::pow``: on the CPU the C
+    library's ``pow`` element by element (``math.pow``), which torch's vectorised pow (8
+    elements or more) differs from in the last bit for ~1% of (beta, step) pairs; elsewhere
+    torch's."""
+    if b.device.type != "cpu":
+        return torch.pow(b, e)
+    return torch.tensor(list(map(math.pow, b.tolist(), e.tolist())), dtype=b.dtype)
 
 
 def grad_sums(grads, tstat: torch.Tensor, *, guard: bool, reduce=None) -> None:
@@ -55,9 +83,9 @@ def finalize(plan, buffers, schedule_table: torch.Tensor, *, stats_pass: bool, c
     active = torch.ones((), dtype=torch.bool, device=dev)
     ts = plan.tstat
     if stats_pass:
-        gnorm = ts[:, L.TS_SQ].sum().sqrt() * inv_scale
+        gnorm = sqrt_rn(ts[:, L.TS_SQ].sum()) * inv_scale
         nonfinite = ts[:, L.TS_NONFINITE].sum()
-        ts[:, L.TS_NORM] = ts[:, L.TS_SQ].sqrt() * inv_scale
+        ts[:, L.TS_NORM] = sqrt_rn(ts[:, L.TS_SQ]) * inv_scale
         if clip:  # clip_grad_norm_: max_norm / (norm + 1e-6), clamped at 1
             coef = torch.clamp(buffers.config[L.CFG_MAX_GRAD_NORM] / (gnorm + 1e-6), max=1.0)
         if guard:
@@ -73,10 +101,10 @@ def finalize(plan, buffers, schedule_table: torch.Tensor, *, stats_pass: bool, c
     if plan.kind == L.KIND_ADAM:
         b1, b2 = rows[:, L.G_ADAM_BETA1], rows[:, L.G_ADAM_BETA2]
         wd, dec = rows[:, L.G_WEIGHT_DECAY], rows[:, L.G_ADAM_DECOUPLED] != 0
-        bc1 = 1.0 - torch.pow(b1, new_step)
-        bc2 = 1.0 - torch.pow(b2, new_step)
+        bc1 = 1.0 - _pow(b1, new_step)
+        bc2 = 1.0 - _pow(b2, new_step)
         out[:, L.S_ADAM_STEP_SIZE] = lr / bc1
-        out[:, L.S_ADAM_BC2_SQRT] = bc2.sqrt()
+        out[:, L.S_ADAM_BC2_SQRT] = sqrt_rn(bc2)
         out[:, L.S_ADAM_DECAY_MUL] = torch.where(dec, 1.0 - lr * wd, 1.0)
         out[:, L.S_ADAM_L2] = torch.where(dec, 0.0, wd)
         # 1 - beta in float64, rounded once (fp32 1 - fp32(0.999) is 1.3e-5 off)
@@ -128,26 +156,94 @@ def finalize(plan, buffers, schedule_table: torch.Tensor, *, stats_pass: bool, c
             buffers.history_pos += 1
 
 
+#: elements of the pieces the CPU executor sums a contiguous unit longer than this in
+#: (``BLK`` of setup_ext/kernels.h), and its accumulation lanes (``W``)
+_UNIT_PIECE = 8192
+_LANES = 16
+
+
+def _lane_sums(sq: torch.Tensor) -> torch.Tensor:
+    """Sums of the rows of ``sq`` (float64 squares, a unit a row) in the CPU executor's order
+    (``SumSq`` of setup_ext/kernels.h): element j into lane j % 16, each lane from +0 in element
+    order, then the lanes 0..15 in order from +0; a row over 8192 elements in pieces of 8192
+    summed so and added in order (``unit_sums``). Zeros pad the rows (a zero adds nothing to a
+    sum of squares, which is never -0). ``cumsum`` on the CPU adds in order (one rounding per
+    element): its last entry is the sequential sum."""
+    units, n = sq.shape
+    if n == 0 or units == 0:
+        return sq.new_zeros(units)
+    piece = _UNIT_PIECE if n > _UNIT_PIECE else -(-n // _LANES) * _LANES
+    pieces = -(-n // piece)
+    sq = torch.nn.functional.pad(sq, (0, pieces * piece - n))
+    lanes = sq.reshape(units, pieces, piece // _LANES, _LANES).cumsum(2)[:, :, -1]
+    parts = lanes.cumsum(2)[:, :, -1]
+    return parts.cumsum(1)[:, -1]
+
+
+def unit_sums(p: torch.Tensor, unit: str) -> torch.Tensor:
+    """The ALLoRA sums of squares of ``p``'s units, float64, as the CPU executor sums them (bit
+    for bit): the float32 values (float64 parameters rounded to float32 first), squared exactly
+    in float64; contiguous units (rows, the tensor, a single column) by :func:`_lane_sums`,
+    columns row by row in order. Shaped for the reduction over ranks: () for the tensor,
+    (rows, 1) for rows, (1, columns) for columns."""
+    x = p.to(torch.float32).to(torch.float64)
+    if p.dim() < 2 or unit == "tensor":
+        return _lane_sums((x * x).reshape(1, -1)).reshape(())
+    v = x.reshape(p.shape[0], math.prod(p.shape[1:]))
+    sq = v * v
+    if unit == "row":
+        return _lane_sums(sq).reshape(-1, 1)
+    if sq.shape[1] == 1:  # one column: a contiguous unit
+        return _lane_sums(sq.t()).reshape(1, 1)
+    if sq.shape[0] == 0:
+        return sq.new_zeros(1, sq.shape[1])
+    return sq.cumsum(0)[-1:]
+
+
+def unit_sums_f32(p: torch.Tensor, unit: str) -> torch.Tensor:
+    """:func:`unit_sums` rounded to float32 (the executor's ``static_cast<float>``), from
+    torch's faster float64 sums where the order cannot matter: two float64 sums of the same n
+    non-negative terms in any orders are within 2.01 n 2^-53 of each other (relative), so where
+    the ends of that interval round to the same float32 both do; the other units (~n 2^-29 of
+    them: rare) are summed again in the executor's order."""
+    x = p.to(torch.float32).to(torch.float64)
+    whole = p.dim() < 2 or unit == "tensor"
+    v = x.reshape(1, -1) if whole else x.reshape(p.shape[0], math.prod(p.shape[1:]))
+    dim = 1 if whole or unit == "row" else 0
+    n = v.shape[dim]
+    fast = v.square_().sum(dim)
+    delta = (4 * n + 4) * 2.0 ** -53
+    amb = (fast * (1 - delta)).to(torch.float32) != (fast * (1 + delta)).to(torch.float32)
+    if amb.any():  # NaN and infinite sums too: the executor's order gives their value
+        exact = unit_sums(p, unit).reshape(-1)
+        fast = torch.where(amb, exact, fast)
+    out = fast.to(torch.float32)
+    return out.reshape(()) if whole else out.reshape((1, -1) if dim == 0 else (-1, 1))
+
+
 def allora_scales(p: torch.Tensor, unit: str, inv_eta2: float, reduce=None) -> torch.Tensor:
-    """ALLoRA gradient multiplier ``1 / sqrt(||theta_unit||^2 + 1 / eta^2)`` shaped like ``p``.
+    """ALLoRA gradient multiplier ``1 / sqrt(||theta_unit||^2 + 1 / eta^2)`` shaped like ``p``
+    (float32, a broadcast view), as the CPU executor's ``unit_scale``: the float64 sum of
+    squares (:func:`unit_sums`) rounded to float32, plus ``inv_eta2`` rounded to float32, a
+    correctly rounded float32 square root and division.
 
     Units are the rows or columns of ``p.reshape(p.shape[0], -1)`` or the whole tensor (always
-    the whole tensor below two dimensions). ``reduce`` (or None) sums the per-unit partial sums
+    the whole tensor below two dimensions). ``reduce`` (or None) sums the per-unit float64 sums
     of squares over the ranks holding parts of a unit (a sharded parameter's local shard); it
     is called on every rank, also for an empty shard.
     """
-    p32 = p.to(torch.float32)
-    if p.dim() < 2 or unit == "tensor":
-        n = (p32 * p32).sum()
-        if reduce is not None:
-            n = reduce(n.reshape(1)).reshape(())
-        return (1.0 / torch.sqrt(n + inv_eta2)).expand_as(p32)
+    if isinstance(inv_eta2, torch.Tensor):  # (a float64 scalar would promote the sums)
+        inv_eta2 = inv_eta2.to(torch.float32)
+    if reduce is None:
+        n = unit_sums_f32(p, unit)
+    else:  # the executor's float64 sums of each rank, summed over the ranks, then rounded
+        n = unit_sums(p, unit)
+        n = (reduce(n.reshape(1)).reshape(()) if n.dim() == 0 else reduce(n)).to(torch.float32)
+    scale = 1.0 / sqrt_rn(n + inv_eta2)
+    if n.dim() == 0:
+        return scale.expand(p.shape)
     cols = math.prod(p.shape[1:])
-    v = p32.reshape(p.shape[0], cols)
-    n = (v * v).sum(1 if unit == "row" else 0, keepdim=True)
-    if reduce is not None:
-        n = reduce(n)
-    return (1.0 / torch.sqrt(n + inv_eta2)).expand_as(v).reshape(p.shape)
+    return scale.expand(p.shape[0], cols).reshape(p.shape)
 
 
 def _scales(plan, rows):
@@ -293,7 +389,7 @@ def adam_update(plan, grads, rows, *, stats: bool, can_skip: bool = True) -> Non
         if vmax_t is not None:
             vv = torch.maximum(io.state(vmax_t, 2), v)
             io.write_state(vmax_t, 2, vv)
-        u = m / (vv.sqrt() / s[L.S_ADAM_BC2_SQRT] + s[L.S_ADAM_EPS])
+        u = m / (sqrt_rn(vv) / s[L.S_ADAM_BC2_SQRT] + s[L.S_ADAM_EPS])
         if u_scale is not None:
             u = u * u_scale  # the decoupled decay above is not scaled
         p32 = p32 - s[L.S_ADAM_STEP_SIZE] * u
