@@ -1724,10 +1724,16 @@ inline void sr_words(uint32_t c, uint64_t idx0, int64_t n, uint32_t* __restrict 
 inline void sr_st16_r(uint16_t* __restrict out, v16f x, const uint32_t* __restrict r) {
 #if defined(__AVX512F__)
     const __m512i h = _mm512_loadu_si512(r);
-    __m512i t = _mm512_srli_epi32(_mm512_add_epi32((__m512i)x, h), 16);
-    t = _mm512_mask_mov_epi32(t, _mm512_cmp_ps_mask((__m512)x, (__m512)x, _CMP_UNORD_Q),
-                              _mm512_set1_epi32(0x7FC0));
+    const __m512i t = _mm512_srli_epi32(_mm512_add_epi32((__m512i)x, h), 16);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtepi32_epi16(t));
+    // NaN (rare): one classification and a branch, the lanes then rewritten; a compare, the
+    // constant's broadcast (GCC made it again in every iteration) and a blend in the loop
+    // otherwise
+    const __mmask16 nan = _mm512_fpclass_ps_mask((__m512)x, 0x81);  // QNaN | SNaN
+    if (__builtin_expect(nan != 0, 0)) {
+        for (int j = 0; j < 16; j++)
+            if (nan >> j & 1) out[j] = 0x7FC0;
+    }
 #else
     v16u h;
     vld(h, r);
@@ -1941,7 +1947,8 @@ void adam_fused(const AdamScal& s, const FusedIo& io, int64_t n, Lanes* ls, cons
             st16<TF32>(w32 + i, pf);
             st16<E>(p + i, pf);
         } else if (WM == WM_SR) {
-            sr_st16_r(reinterpret_cast<uint16_t*>(p) + i, pf, rnd + i % MB);
+            // (i >= 0: the mask; GCC's signed i % MB is five scalar instructions a group)
+            sr_st16_r(reinterpret_cast<uint16_t*>(p) + i, pf, rnd + (i & (MB - 1)));
         } else {
             st16<E>(p + i, pf);
         }
