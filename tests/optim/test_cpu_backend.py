@@ -487,6 +487,7 @@ def test_auto_picks_cpu_on_cpu_tensors():
     assert fastsched.SGD([p], lr=0.1, backend="reference").backend == "reference"
 
 
+@needs_ext  # (without it backend="cpu" is refused when chosen)
 def test_cpu_backend_refuses_other_devices():
     p = torch.nn.Parameter(torch.empty(3, device="meta"))
     p.grad = torch.empty(3, device="meta")
