@@ -444,16 +444,23 @@ def render_readme(results: dict[str, Any], source: str = "RESULTS.json",
     return "\n".join(lines)
 
 
+#: the configurations with 8-bit states the CPU target holds, and how its line names them
+_TARGET_8BIT = {"adamw-8bit": "8-bit states",
+                "adamw-sr-8bit": "8-bit states with stochastic rounding"}
+
+
 def target_lines(results: dict[str, Any]) -> list[str]:
-    """The CPU target of 8-bit states, stated from the run: fastsched's 8-bit AdamW step against
-    torch's fused fp32 AdamW timed in the same rounds, per shape set, dtype and thread count."""
+    """The CPU target of 8-bit states, stated from the run: fastsched's 8-bit AdamW step (with
+    or without stochastic rounding) against torch's fused fp32 AdamW timed in the same rounds,
+    per shape set, dtype and thread count."""
     out = []
     for r in results["results"]:
-        if r["config"] != "adamw-8bit" or r["family"] != "fastsched" or r["status"] != "ok" \
-                or r.get("vs_fp32") is None:
+        if r["config"] not in _TARGET_8BIT or r["family"] != "fastsched" \
+                or r["status"] != "ok" or r.get("vs_fp32") is None:
             continue
         met = "met" if r["vs_fp32"] >= 1.0 else "not met"
-        out.append(f"8-bit states no slower than torch's fused fp32 AdamW ({r['set']}, "
+        out.append(f"{_TARGET_8BIT[r['config']]} no slower than torch's fused fp32 AdamW "
+                   f"({r['set']}, "
                    f"{r['dtype']} parameters{_threads(r.get('threads'))}, backend "
                    f"{r.get('backend', '?')}): {r['vs_fp32']:.2f}x its speed "
                    f"({fmt_time(r['b2b_s']['median'])} against "

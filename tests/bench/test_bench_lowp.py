@@ -328,10 +328,12 @@ def test_target_line(lowp_run):
     from fastsched.bench.report import target_lines
 
     lines = target_lines(lowp_run)
-    fs = [r for r in lowp_run["results"] if r["config"] == "adamw-8bit"
+    fs = [r for r in lowp_run["results"] if r["config"] in ("adamw-8bit", "adamw-sr-8bit")
           and r["family"] == "fastsched"]
-    assert len(lines) == len(fs) == 2
+    assert len(lines) == len(fs) == 3  # fp32 and bf16 8-bit, bf16 SR + 8-bit
     for line, r in zip(lines, fs):
+        assert line.startswith("8-bit states with stochastic rounding no slower" if r["config"]
+                               == "adamw-sr-8bit" else "8-bit states no slower")
         assert f"{r['vs_fp32']:.2f}x" in line
         assert line.endswith(": met" if r["vs_fp32"] >= 1 else ": not met")
         # timed in the same rounds as the baseline: its speed over theirs round by round too
