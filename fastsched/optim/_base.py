@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import torch
 
 from ..schedules import Constant, Schedule
-from . import _hostext
+from . import _cpu, _hostext
 from ._buffers import StepBuffers
 from ._checkpoint import CheckpointMixin
 from ._distributed import local
@@ -132,8 +132,6 @@ class FusedOptimizer(GroupsMixin, PrecisionMixin, StatsMixin, CheckpointMixin,
         dev = self._device
         if dev is not None and dev.type == "cuda":
             return "triton"
-        from . import _cpu
-
         return "cpu" if _cpu.available() else "reference"
 
     @staticmethod
@@ -142,11 +140,8 @@ class FusedOptimizer(GroupsMixin, PrecisionMixin, StatsMixin, CheckpointMixin,
         step: ``"cpu"`` without the extension (not built, stale, or FASTSCHED_NO_EXT=1)."""
         if value not in BACKENDS:
             raise ValueError(f"backend must be one of {list(BACKENDS)}, got {value!r}")
-        if value == "cpu":
-            from . import _cpu
-
-            if not _cpu.available():
-                raise ValueError(_cpu.unavailable())
+        if value == "cpu" and not _cpu.available():
+            raise ValueError(_cpu.unavailable())
 
     @backend.setter
     def backend(self, value: str) -> None:
@@ -155,8 +150,6 @@ class FusedOptimizer(GroupsMixin, PrecisionMixin, StatsMixin, CheckpointMixin,
         self._tables.invalidate()
 
     def _check_backend(self) -> str:
-        from . import _cpu
-
         b = self.backend
         dev = self._device
         if b == "triton" and dev is not None and dev.type != "cuda" \
