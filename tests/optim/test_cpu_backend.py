@@ -881,3 +881,28 @@ def test_stochastic_rounding_of_nan_in_the_fused_loop(state_dtype):
     nan = torch.isnan(out["cpu"].view(torch.bfloat16))
     assert int(nan.sum()) >= 5 and bool((out["cpu"][nan] == 0x7FC0).all())
     assert torch.equal(out["cpu"], out["reference"])
+
+
+@needs_ext
+def test_schedules_give_the_references_learning_rates_bit_for_bit():
+    """The executor's schedule evaluation (C++ ``schedule_value``) and the reference's
+    (``evaluate_table``) are two implementations of the segment table: the applied learning
+    rates (float64) of every step equal, warmups, restarts and decays included."""
+    from fastsched import schedules as S
+
+    scheds = [S.Cosine(total_steps=150, warmup_steps=20), S.CosineRestarts(period=70),
+              S.Exponential(gamma=0.97), S.InverseSqrt(warmup_steps=30),
+              S.WSD(total_steps=150, warmup_steps=10, decay_steps=60),
+              S.OneCycle(total_steps=150), S.Polynomial(total_steps=150, power=2.0)]
+    for sch in scheds:
+        lrs = {}
+        for backend in ("reference", "cpu"):
+            p = torch.nn.Parameter(torch.ones(3))
+            opt = fastsched.AdamW([p], lr=1e-3, backend=backend, schedule=sch)
+            seen = []
+            for _ in range(160):
+                p.grad = torch.ones(3)
+                opt.step()
+                seen.append(opt.tables()["lr"].clone())
+            lrs[backend] = torch.stack(seen)
+        assert torch.equal(lrs["cpu"], lrs["reference"]), sch
