@@ -53,7 +53,7 @@ inline int64_t layout_of(const at::Tensor& p) {
     return static_cast<int64_t>(h);
 }
 
-// check(param_groups, n, pptr, gptr, layouts, state, states, states_len, group_sizes) -> int
+// check(param_groups, n, pptr, gptr, layouts, state, states, values, group_sizes) -> int
 //
 // pptr / gptr / layouts: addresses of int64[n] arrays with the data pointers of the n
 // parameters and of their gradients (0: no gradient) and the parameters' layout_of, in
@@ -62,16 +62,18 @@ inline int64_t layout_of(const at::Tensor& p) {
 // group or is not a plain tensor, the set of parameters with a
 // gradient changed, a gradient is laid out differently from its parameter (the kernels walk
 // both as one flat array) or has no strided storage, or the state dicts differ from `states`
-// (identity, order) or in total size; else the number of gradients at new addresses, written
+// (identity, order) or the objects in them from `values` (identity, order: a state tensor
+// replaced inside its dict); else the number of gradients at new addresses, written
 // into gptr (the caller rewrites the gradient column of its tables); gptr is written only then.
 PyObject* check(PyObject*, PyObject* args) {
-    PyObject *groups, *state, *states, *sizes;
-    Py_ssize_t n, states_len;
+    PyObject *groups, *state, *states, *values, *sizes;
+    Py_ssize_t n;
     unsigned long long pa, ga, la;
-    if (!PyArg_ParseTuple(args, "OnKKKO!OnO", &groups, &n, &pa, &ga, &la, &PyDict_Type, &state,
-                          &states, &states_len, &sizes))
+    if (!PyArg_ParseTuple(args, "OnKKKO!OOO", &groups, &n, &pa, &ga, &la, &PyDict_Type, &state,
+                          &states, &values, &sizes))
         return nullptr;
-    if (!PyList_Check(groups) || !PyList_Check(states) || !PyTuple_Check(sizes) ||
+    if (!PyList_Check(groups) || !PyList_Check(states) || !PyList_Check(values) ||
+        !PyTuple_Check(sizes) ||
         PyTuple_GET_SIZE(sizes) != PyList_GET_SIZE(groups))
         return PyLong_FromLong(SLOW);
     const int64_t* lay = reinterpret_cast<const int64_t*>(la);
@@ -115,17 +117,21 @@ PyObject* check(PyObject*, PyObject* args) {
         return PyLong_FromLong(SLOW);
     }
     if (i != n) return PyLong_FromLong(SLOW);
-    // the per-parameter state dicts: the same objects in the same order, the same total size
-    // (a state reset by opt.state.clear() or opt.state[p] = {} rebuilds the tables, as in torch)
+    // the per-parameter state dicts: the same objects in the same order (a state reset by
+    // opt.state.clear() or opt.state[p] = {} rebuilds the tables, as in torch), and the same
+    // objects in them, in order (opt.state[p]["exp_avg"] = t rebuilds: torch reads t at once)
     if (PyDict_GET_SIZE(state) != PyList_GET_SIZE(states)) return PyLong_FromLong(SLOW);
-    Py_ssize_t pos = 0, j = 0, total = 0;
-    PyObject *key, *value;
+    Py_ssize_t pos = 0, j = 0, v = 0;
+    const Py_ssize_t nv = PyList_GET_SIZE(values);
+    PyObject *key, *value, *skey, *svalue;
     while (PyDict_Next(state, &pos, &key, &value)) {
         if (value != PyList_GET_ITEM(states, j++) || !PyDict_Check(value))
             return PyLong_FromLong(SLOW);
-        total += PyDict_GET_SIZE(value);
+        Py_ssize_t spos = 0;
+        while (PyDict_Next(value, &spos, &skey, &svalue))
+            if (v >= nv || svalue != PyList_GET_ITEM(values, v++)) return PyLong_FromLong(SLOW);
     }
-    if (total != states_len) return PyLong_FromLong(SLOW);
+    if (v != nv) return PyLong_FromLong(SLOW);
     for (const auto& [k, a] : moved) gptr[k] = a;
     return PyLong_FromSsize_t(static_cast<Py_ssize_t>(moved.size()));
 }
@@ -210,11 +216,11 @@ PyObject* init(PyObject*, PyObject* parameter) {
     Py_RETURN_NONE;
 }
 
-PyObject* version(PyObject*, PyObject*) { return PyLong_FromLong(2); }
+PyObject* version(PyObject*, PyObject*) { return PyLong_FromLong(3); }
 
 PyMethodDef methods[] = {
     {"check", check, METH_VARARGS,
-     "check(param_groups, n, pptr, gptr, layouts, state, states, states_len, group_sizes) -> "
+     "check(param_groups, n, pptr, gptr, layouts, state, states, values, group_sizes) -> "
      "int: -1 (rebuild) or the number of gradients that moved (gptr rewritten)."},
     {"layouts", layouts, METH_VARARGS, "layouts(param_groups, n, out) -> bool"},
     {"zero_grads", zero_grads, METH_O, "zero_grads(param_groups): every p.grad = None."},

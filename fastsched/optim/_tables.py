@@ -225,7 +225,7 @@ class TableBuilder:
         self.rebuilds = 0
         self._key: tuple | None = None
         # the key of the cached plan as the host helper reads it: (key, parameter and gradient
-        # addresses as int64 arrays in flat order, the state dicts) (see fast())
+        # addresses as int64 arrays in flat order, the state dicts and their values) (see fast())
         self._armed: tuple | None = None
 
     def invalidate(self) -> None:
@@ -236,7 +236,8 @@ class TableBuilder:
 
     def armed(self, hx=None, param_groups: list | None = None) -> tuple | None:
         """(key, parameter addresses, gradient addresses, parameter layouts (int64 tensors in
-        flat order; gradient 0: none), their data pointers, the state dicts): the cached key as
+        flat order; gradient 0: none), their data pointers, the state dicts, the objects in
+        them in order): the cached key as
         the helper reads it, made from :attr:`_key` when that changed; None when the parameters
         are not laid out as the key says (the Python path decides then)."""
         key, armed = self._key, self._armed
@@ -252,7 +253,7 @@ class TableBuilder:
             if not hx.layouts(param_groups, len(key[1]), lay.data_ptr()):
                 return None
             armed = self._armed = (key, pp, gp, lay, pp.data_ptr(), gp.data_ptr(),
-                                   lay.data_ptr(), list(key[2]))
+                                   lay.data_ptr(), list(key[2]), list(key[5]))
         return armed
 
     def fast(self, hx, param_groups: list, state: dict) -> Plan | None:
@@ -269,7 +270,7 @@ class TableBuilder:
         if armed is None:
             return None
         gp, pa, ga, la, states = armed[2], armed[4], armed[5], armed[6], armed[7]
-        moved = hx.check(param_groups, len(key[1]), pa, ga, la, state, states, key[3],
+        moved = hx.check(param_groups, len(key[1]), pa, ga, la, state, states, armed[8],
                          key[4][1])
         if moved < 0:
             return None
@@ -288,11 +289,12 @@ class TableBuilder:
 
         The key is the addresses of every parameter and gradient and the identity and size of
         every per-parameter state dict (a state reset by ``opt.state.clear()`` or
-        ``opt.state[p] = {}`` rebuilds, as in torch). Addresses, not gradient objects:
+        ``opt.state[p] = {}`` rebuilds, as in torch), and the identity of every object in those
+        dicts (a tensor put in place of a state, ``opt.state[p]["exp_avg"] = t``, rebuilds:
+        torch.optim reads it at once). Addresses, not gradient objects:
         ``zero_grad(set_to_none=True)`` + ``backward()`` usually hands back gradients at the
         same addresses, and the tables hold addresses only, so those steps reuse the tables and
-        the previous gradients are not kept alive. Replacing one tensor inside a state dict is
-        not seen here: modify states in place or through ``load_state_dict``.
+        the previous gradients are not kept alive.
 
         Cost: C-level ``map`` chains, about 0.25 us a parameter on a 2-core Xeon (the
         calibration ``[p.grad for p in params]`` takes 0.08 us); a generator doing the same
@@ -312,11 +314,17 @@ class TableBuilder:
         except RuntimeError:  # a gradient without storage (sparse): the slow path refuses it
             return (None, None, (), 0, ((), ())), grads
         states = list(state.values())
+        # the objects inside them, in order: a state tensor put in place of another
+        # (`opt.state[p]["exp_avg"] = t`) rebuilds the tables, as torch would read it at once
+        try:
+            values = list(chain.from_iterable(map(dict.values, states)))
+        except TypeError:  # a state that is not a dict (the build says what is wrong)
+            values = list(chain.from_iterable(s.values() for s in states))
         # the parameters' strides (`p.data = p.data.t()` keeps the address) and the size of
         # each group (moving a parameter to another group keeps the flat order)
         layout = (tuple(map(_STRIDE, params)) if not dtensors
                   else tuple(local(p).stride() for p in params), tuple(sizes))
-        return (gkey, pkey, states, sum(map(len, states)), layout), grads
+        return (gkey, pkey, states, len(values), layout, values), grads
 
     def cached(self, key: tuple) -> Plan | None:
         """The cached plan when ``key`` equals the key it was built or patched for."""
@@ -324,7 +332,7 @@ class TableBuilder:
         if self.plan is not None and last is not None and key[0] is not None \
                 and key[0] == last[0] and key[1] == last[1] and len(key[2]) == len(last[2]) \
                 and all(map(operator.is_, key[2], last[2])) and key[3] == last[3] \
-                and key[4] == last[4]:
+                and key[4] == last[4] and all(map(operator.is_, key[5], last[5])):
             return self.plan
         return None
 
@@ -399,7 +407,8 @@ class TableBuilder:
         if plan is None or last is None or key[0] is None or plan.dist is not None \
                 or key[1] != last[1] or key[3] != last[3] or key[4] != last[4] \
                 or len(key[2]) != len(last[2]) \
-                or not all(map(operator.is_, key[2], last[2])):
+                or not all(map(operator.is_, key[2], last[2])) \
+                or not all(map(operator.is_, key[5], last[5])):
             return None
         gk, lk = key[0], last[0]
         if (gk.count(0) or lk.count(0)) and [a == 0 for a in gk] != [a == 0 for a in lk]:

@@ -50,7 +50,7 @@ def _armed(hx, opt):
 
 
 def _call(hx, opt, key, a):
-    return hx.check(opt.param_groups, len(key[1]), a[4], a[5], a[6], opt.state, a[7], key[3],
+    return hx.check(opt.param_groups, len(key[1]), a[4], a[5], a[6], opt.state, a[7], a[8],
                     key[4][1])
 
 
@@ -92,8 +92,8 @@ def test_check_sees_every_change(hx):
 
 @pytest.mark.parametrize("change", [
     "param_moved", "grad_none", "grad_transposed", "state_reset", "state_added",
-    "state_cleared", "param_replaced", "group_added", "subclass", "param_transposed",
-    "group_moved"])
+    "state_replaced", "state_cleared", "param_replaced", "group_added", "subclass",
+    "param_transposed", "group_moved"])
 def test_check_leaves_other_changes_to_the_python_path(hx, change):
     params = _params()
     opt = fastsched.AdamW([{"params": params[:4]}, {"params": params[4:]}], lr=1e-2,
@@ -117,6 +117,8 @@ def test_check_leaves_other_changes_to_the_python_path(hx, change):
         params[2].grad = g.t().contiguous().t()
     elif change == "state_reset":
         opt.state[params[0]] = {}
+    elif change == "state_replaced":  # a tensor put in place of a state inside its dict
+        opt.state[params[0]]["exp_avg"] = opt.state[params[0]]["exp_avg"].clone()
     elif change == "state_added":
         opt.state[params[0]]["extra"] = torch.zeros(())
     elif change == "state_cleared":
@@ -154,6 +156,9 @@ def _script(opt_params, opt, steps=12, seed=3):
             opt_params[3].data = opt_params[3].data.clone()  # p.data replaced
         if k == 7:
             opt_params[2].grad = opt_params[2].grad.t().contiguous().t()  # another layout
+        if k == 8:  # a state tensor replaced inside its dict
+            st = opt.state[opt_params[4]]
+            st["exp_avg"] = st["exp_avg"] * 0.5
         if k == 9:
             opt.param_groups[0]["lr"] *= 0.5
         opt.step()

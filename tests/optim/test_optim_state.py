@@ -26,6 +26,7 @@ from optim_cases import (
 )
 
 import fastsched
+from fastsched.optim import _cpu
 from fastsched.schedules import WSD, Cosine, from_dict
 from fastsched.testing import TOLERANCES, Layout
 
@@ -229,6 +230,24 @@ def test_state_moves_to_the_parameters_dtype_and_layout():
     assert any(not torch.equal(a, b) for a, b in zip(ours, kept))
 
 
+def _steps_with_a_change(opt, ref, ours, theirs, grads, change) -> None:
+    """Steps both optimizers over ``grads``, ``change()`` before the third step, the memory it
+    freed then reused, as a training loop would (a table still pointing there would show); the
+    parameters must end equal."""
+    junk = None
+    for k, gs in enumerate(grads):
+        if k == 2:
+            change()
+            junk = [torch.full_like(p, 1e30) for p in ours for _ in range(3)]
+        set_grads(ours, gs, 1)  # into the same gradient tensors: the cached tables' case
+        set_grads(theirs, gs, 1)
+        opt.step()
+        ref.step()
+    del junk
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.cpu(), b, **TOL)
+
+
 def _reset(opt, params, how: str) -> None:
     if how == "clear":
         opt.state.clear()
@@ -250,21 +269,43 @@ def test_state_reset_between_steps(how, backend, kernel_device):
     ours, theirs = inputs.params(device=device), inputs.params()
     opt = ADAM.make(ours, backend=backend)
     ref = ADAM.make_torch(theirs)
-    for k, gs in enumerate(inputs.grads):
-        if k == 2:
-            _reset(opt, ours, how)
-            _reset(ref, theirs, how)
-            # reuse the freed memory, as a training loop would
-            junk = [torch.full_like(p, 1e30) for p in ours for _ in range(3)]
-        set_grads(ours, gs, 1)  # into the same gradient tensors: the cached tables' case
-        set_grads(theirs, gs, 1)
-        opt.step()
-        ref.step()
-    del junk
-    for a, b in zip(ours, theirs):
-        torch.testing.assert_close(a.cpu(), b, **TOL)
+    def change():
+        _reset(opt, ours, how)
+        _reset(ref, theirs, how)
+
+    _steps_with_a_change(opt, ref, ours, theirs, inputs.grads, change)
     assert [float(opt.state[p]["step"]) for p in ours] == \
         [float(ref.state[p]["step"]) for p in theirs]
+
+
+@pytest.mark.parametrize("what", ["exp_avg", "exp_avg_sq", "step", "all"])
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=pytest.mark.skipif(
+    not _cpu.available(), reason="the compiled CPU backend is not built")), "triton"])
+def test_state_tensor_replaced_between_steps(what, backend, kernel_device):
+    """A tensor put in place of a state inside its dict (``opt.state[p]["exp_avg"] = t``) is
+    what the next step reads and writes, as in torch.optim: the cached tables are rebuilt
+    (they once kept the old tensor until something else changed). The old tensor is dropped
+    and its memory reused before the step, so a table still pointing there would show."""
+    device = kernel_device if backend == "triton" else "cpu"
+    inputs = make_inputs([Layout(()), Layout((BLOCK + 1,)), Layout((7, 3))], 5, 31)
+    ours, theirs = inputs.params(device=device), inputs.params()
+    opt = ADAMW.make(ours, backend=backend)
+    ref = ADAMW.make_torch(theirs)
+    names = ["exp_avg", "exp_avg_sq", "step"] if what == "all" else [what]
+
+    def change():
+        for i in (0, 1):
+            for name in names:
+                for o, p in ((opt, ours[i]), (ref, theirs[i])):
+                    old = o.state[p][name]
+                    o.state[p][name] = (torch.full_like(old, 40.0) if name == "step" else
+                                        old * 0.5 + (0.25 if name == "exp_avg_sq" else -0.125))
+
+    _steps_with_a_change(opt, ref, ours, theirs, inputs.grads, change)
+    for p, q in zip(ours, theirs):
+        for name in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(opt.state[p][name].cpu(), ref.state[q][name], **TOL)
+        assert float(opt.state[p]["step"]) == float(ref.state[q]["step"])
 
 
 @pytest.mark.parametrize("case", [ADAMW, ADAM, SGD_MOM], ids=lambda c: c.id)
