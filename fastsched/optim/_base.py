@@ -325,8 +325,8 @@ class FusedOptimizer(GroupsMixin, PrecisionMixin, StatsMixin, CheckpointMixin,
                 v = state.get(key)
                 if isinstance(v, torch.Tensor) and v.shape != p.shape:
                     raise ValueError(f"{where}: its state {key!r} has shape {tuple(v.shape)}, "
-                                     f"the parameter {tuple(p.shape)} (p.data replaced by a "
-                                     "tensor of another shape after the state was made?): "
+                                     f"the parameter {tuple(p.shape)} (p.data, or the state, "
+                                     "replaced by a tensor of another shape?): "
                                      "delete the parameter's state (optimizer.state[p]) to "
                                      "start it again")
 

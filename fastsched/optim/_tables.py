@@ -301,7 +301,8 @@ class TableBuilder:
         costs twice that. The list of state values adds ~0.1 us a parameter of three states
         (2000 parameters on a 2-vCPU AMD EPYC, Zen 3: key() 0.46-0.58 us a parameter, the
         list 0.10-0.13, the calibration 0.08; comparing lazily, without the list, took 1.5x the
-        list); the host helper's path (:meth:`fast`) compares the same objects in C. DTensors key on their local shards (their own ``data_ptr()`` is 0).
+        list); the host helper's path (:meth:`fast`) compares the same objects in C. DTensors
+        key on their local shards (their own ``data_ptr()`` is 0).
         """
         grads = list(map(_GRAD, params))
         try:
