@@ -308,6 +308,27 @@ def test_state_tensor_replaced_between_steps(what, backend, kernel_device):
         assert float(opt.state[p]["step"]) == float(ref.state[q]["step"])
 
 
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpu", marks=pytest.mark.skipif(
+    not _cpu.available(), reason="the compiled CPU backend is not built"))])
+def test_state_tensor_replaced_by_another_shape_is_refused(backend):
+    """A state replaced by a tensor of another shape than its parameter: a ValueError naming
+    the parameter and the state before anything changes (the executors walk p.numel()
+    elements of every state)."""
+    params = [torch.nn.Parameter(torch.randn(6, 4)), torch.nn.Parameter(torch.randn(5))]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = fastsched.AdamW(params, lr=1e-2, backend=backend)
+    opt.step()
+    opt.state[params[1]]["exp_avg_sq"] = torch.ones(3)
+    kept = [p.detach().clone() for p in params]
+    m = opt.state[params[0]]["exp_avg"].clone()
+    with pytest.raises(ValueError, match=r"\['params'\]\[1\]: its state 'exp_avg_sq' has shape "
+                                         r"\(3,\), the parameter \(5,\)"):
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(params, kept))
+    assert torch.equal(opt.state[params[0]]["exp_avg"], m)
+
+
 @pytest.mark.parametrize("case", [ADAMW, ADAM, SGD_MOM], ids=lambda c: c.id)
 def test_checkpoint_of_an_older_torch(case):
     """Group keys added by later torch versions (maximize, foreach, capturable, differentiable,
