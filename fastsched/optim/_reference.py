@@ -180,17 +180,26 @@ def _lane_sums(sq: torch.Tensor) -> torch.Tensor:
     return parts.cumsum(1)[:, -1]
 
 
+def _units64(p: torch.Tensor, unit: str) -> tuple[torch.Tensor, bool]:
+    """``p``'s float32 values (float64 parameters rounded to float32 first) in float64, 2-D, and
+    whether the whole tensor is one unit (then one row; else ``p.reshape(p.shape[0], -1)``:
+    rows are units of ``"row"``, columns of ``"column"``)."""
+    x = p.to(torch.float32).to(torch.float64)
+    if p.dim() < 2 or unit == "tensor":
+        return x.reshape(1, -1), True
+    return x.reshape(p.shape[0], math.prod(p.shape[1:])), False
+
+
 def unit_sums(p: torch.Tensor, unit: str) -> torch.Tensor:
     """The ALLoRA sums of squares of ``p``'s units, float64, as the CPU executor sums them (bit
     for bit): the float32 values (float64 parameters rounded to float32 first), squared exactly
     in float64; contiguous units (rows, the tensor, a single column) by :func:`_lane_sums`,
     columns row by row in order. Shaped for the reduction over ranks: () for the tensor,
     (rows, 1) for rows, (1, columns) for columns."""
-    x = p.to(torch.float32).to(torch.float64)
-    if p.dim() < 2 or unit == "tensor":
-        return _lane_sums((x * x).reshape(1, -1)).reshape(())
-    v = x.reshape(p.shape[0], math.prod(p.shape[1:]))
+    v, whole = _units64(p, unit)
     sq = v * v
+    if whole:
+        return _lane_sums(sq).reshape(())
     if unit == "row":
         return _lane_sums(sq).reshape(-1, 1)
     if sq.shape[1] == 1:  # one column: a contiguous unit
@@ -206,9 +215,7 @@ def unit_sums_f32(p: torch.Tensor, unit: str) -> torch.Tensor:
     non-negative terms in any orders are within 2.01 n 2^-53 of each other (relative), so where
     the ends of that interval round to the same float32 both do; the other units (~n 2^-29 of
     them: rare) are summed again in the executor's order."""
-    x = p.to(torch.float32).to(torch.float64)
-    whole = p.dim() < 2 or unit == "tensor"
-    v = x.reshape(1, -1) if whole else x.reshape(p.shape[0], math.prod(p.shape[1:]))
+    v, whole = _units64(p, unit)
     dim = 1 if whole or unit == "row" else 0
     n = v.shape[dim]
     fast = v.square_().sum(dim)
