@@ -63,3 +63,22 @@ def bench_script():
         spec.loader.exec_module(mod)
         return mod
     return load
+
+
+@pytest.fixture(scope="session")
+def compile_check(bench_script):
+    """bench/compile_check.py, loaded once, with ``variants(lowp)`` computed once per ``lowp``:
+    the enumeration runs the host path of every configuration (~12 s, ~15 s with the variants
+    below fp32 on a 2-core machine), and three tests of tests/kernels read the same lists. Each
+    call returns a new list of the same variants."""
+    cc = bench_script("compile_check")
+    enumerate_variants, done = cc.variants, {}
+
+    def variants(lowp=False):
+        if lowp not in done:
+            done[lowp] = enumerate_variants(lowp)
+        vs, n_cfg = done[lowp]
+        return list(vs), n_cfg
+
+    cc.variants = variants
+    return cc

@@ -7,7 +7,6 @@ They run in process under the interpreter (conftest sets ``TRITON_INTERPRET=1``)
 are recorded, never run, and the recorder works the same on interpreted kernels.
 """
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -22,18 +21,9 @@ from fastsched.kernels import schedule as ks
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _load_compile_check():
-    spec = importlib.util.spec_from_file_location("compile_check",
-                                                  ROOT / "bench" / "compile_check.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses resolve the module's annotations through it
-    spec.loader.exec_module(mod)
-    return mod
-
-
 @pytest.fixture(scope="module")
-def cc():
-    return _load_compile_check()
+def cc(compile_check):
+    return compile_check
 
 
 @pytest.fixture(scope="module")

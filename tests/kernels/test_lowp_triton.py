@@ -401,18 +401,10 @@ def test_encode_multiplier_rounds_as_torch():
         assert torch.equal(got.cpu(), want) and torch.equal(_bits32(scale.cpu()), _bits32(wscale))
 
 
-def test_compile_check_sweeps_the_variants_below_fp32():
+def test_compile_check_sweeps_the_variants_below_fp32(compile_check):
     """bench/compile_check.py compiles the variants below fp32 (lowp_configs, through the real
     host path), apart from the torch-semantics ones whose count test_compile.py holds."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[2] / "bench" / "compile_check.py"
-    spec = importlib.util.spec_from_file_location("compile_check_lowp", path)
-    cc = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = cc
-    spec.loader.exec_module(cc)
+    cc = compile_check
     base, _ = cc.variants()
     assert not any(cc.is_lowp(v) for v in base)
     vs, n = cc.variants(lowp=True)

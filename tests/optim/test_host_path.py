@@ -309,7 +309,26 @@ def test_mode_and_build_errors(monkeypatch, tmp_path):
         _hostext._reset_for_tests(*prev)
 
 
-def test_auto_mode_builds_in_the_background_and_switches_paths(monkeypatch, tmp_path):
+@pytest.fixture(scope="module")
+def build_of_an_exited_process(tmp_path_factory):
+    """The cache directory of a build started by a process that has exited (it starts the
+    build and ends). Started by the first test that asks for it: the auto-mode test below
+    compiles its own module meanwhile, so the two compiles (~15 s each here) share the cores
+    instead of running one after the other."""
+    import os
+    import subprocess
+    import sys
+
+    cache = tmp_path_factory.mktemp("exited-build")
+    env = {**os.environ, "FASTSCHED_HOST_EXT": "auto", "FASTSCHED_CACHE_DIR": str(cache)}
+    code = ("from fastsched.optim import _hostext; assert _hostext.get() is None; "
+            "assert _hostext._thread is not None")
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=60)
+    return cache
+
+
+def test_auto_mode_builds_in_the_background_and_switches_paths(monkeypatch, tmp_path,
+                                                               build_of_an_exited_process):
     """The default: the first step starts the build and takes the Python path; once the module
     is there, steps take it (same tables, same results). A fresh cache directory, so this
     really compiles (~10-15 s)."""
@@ -358,22 +377,16 @@ def test_auto_mode_builds_in_the_background_and_switches_paths(monkeypatch, tmp_
         _hostext._thread = saved_thread
 
 
-def test_a_build_outlives_the_process_that_started_it(tmp_path):
+def test_a_build_outlives_the_process_that_started_it(build_of_an_exited_process):
     """A process shorter than the build (a CLI run, a short job) still leaves the module in the
     cache: the compiler renames its own output."""
-    import subprocess
-    import sys
     import time
 
-    env = {**__import__("os").environ, "FASTSCHED_HOST_EXT": "auto",
-           "FASTSCHED_CACHE_DIR": str(tmp_path)}
-    code = ("from fastsched.optim import _hostext; assert _hostext.get() is None; "
-            "assert _hostext._thread is not None")
-    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=60)
+    cache = build_of_an_exited_process
     deadline = time.time() + 180
-    while time.time() < deadline and not list(tmp_path.rglob("fastsched_host*")):
+    while time.time() < deadline and not list(cache.rglob("fastsched_host*")):
         time.sleep(1)
-    found = list(tmp_path.rglob("fastsched_host*"))
+    found = list(cache.rglob("fastsched_host*"))
     assert found, "the build did not finish after its process exited"
     assert found[0].stat().st_mode & 0o044, "readable by others sharing the cache"
 
