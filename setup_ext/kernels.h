@@ -784,7 +784,11 @@ void grad_sums(const typename E::T* __restrict g, int64_t n, double out[3]) {
 //: reading a single gradient stream is bound by the latency of its misses: foreach_norm and
 //: grad_sums alike read ~9 GB/s on one thread of a 2-vCPU Xeon (Llama-1B x0.1, fp32 gradients,
 //: 381 MB), where the update's seven streams move ~25 GB/s. Two streams: 0.70x the pass's time
-//: (1 thread; 0.67x with 2); 4 and 8 streams gained nothing more (Xeon model 207, 2026-11-30)
+//: (1 thread; 0.67x with 2); 4 and 8 streams gained nothing more (Xeon model 207, 2026-11-30;
+//: on a later Xeon with AVX-512 BF16 / FP16, 2026-12-02: 4 streams 24.4-24.7 ms against 23.6-23.8
+//: for 2, READ_AHEAD 8 or 16 KB 24.3-25.5 ms against 4 KB's 23.6-23.8; the blocks read in the
+//: reverse of the update's order, to find the last ones in the cache: the clipping + statistics
+//: step 1.00-1.04x its time, 1 and 2 threads)
 constexpr int STATS_STREAMS = 2;
 
 // K blocks of one dtype side by side: their common whole groups in lockstep, then each block's
@@ -1237,7 +1241,11 @@ inline void st16<TBF16>(uint16_t* p, v16f x) { bf16_st16(p, x); }
 template <>
 inline void st16<TF16>(half_t* p, v16f x) { f16_st16(p, x); }
 //: groups of 16 that sgd16_loop loads before it stores: 4 (12 vectors in flight) fit AVX-512's
-//: 32 registers; a Wide vector of AVX2 takes two of its 16, so there 2
+//: 32 registers; a Wide vector of AVX2 takes two of its 16, so there 2. (Requests of its three
+//: arrays 2 or 4 KB ahead, as adam_fused's UPDATE_AHEAD, gained nothing: fp32 SGD with momentum
+//: on Llama-1B x0.1, 1 thread, 78.3 and 77.7 ms against 78.2 and 77.8 without; 2 threads 42.9
+//: and 41.6 against 41.6 and 41.7; one process alternating the builds, a 2-vCPU Xeon with
+//: AVX-512 BF16 / FP16, 2026-12-02)
 #if defined(__AVX512F__)
 constexpr int SGD_GROUPS = 4;
 #else
