@@ -1828,7 +1828,8 @@ inline v16f sqrt16(v16f x) {
 //: flight: bf16 AdamW on Llama-1B x0.1 took 0.88-0.90x the step time with 1, 2 or 4 KB ahead (1
 //: thread; 2 threads 0.87-0.92x; one process alternating the builds, Xeon model 207); bf16 with an
 //: fp32 master 0.87x, fp32 parameters with bf16 states 0.79x, with 8-bit states 0.83x (2 threads
-//: 0.87x); ALLoRA rows beside the next row's sum (SideSum) 0.93x (bf16, fp32; Llama-1B x0.1). Not
+//: 0.87x); ALLoRA rows beside the next row's sum (SideSum) 0.93x (bf16, fp32; Llama-1B x0.1; the
+//: sum's own weights requested ahead too since 2026-12-02: see adam_fused). Not
 //: with 8-bit states of bf16 parameters, whose loop is bound by its arithmetic (1.00-1.10x with
 //: it). (The float32 span loop, adam_span, gained nothing from requests ahead, 0.97-1.05x: fp32
 //: Adam now takes this loop too.)
@@ -1992,6 +1993,15 @@ void adam_fused(const AdamScal& s, const FusedIo& io, int64_t n, Lanes* ls, cons
                 if (WM == WM_SR && i % MB == 0)
                     sr_words(io.src, io.idx0 + i, n - i < MB ? n - i : MB, rnd);
                 if (SIDE && i < side_n) side_group(i);
+                // the side sum's weights are the first touch of the next unit's p (the update
+                // of that unit reads them again from L1 / L2 and writes them): requested ahead
+                // with the intent to write (prefetchw), as the update's own arrays. ALLoRA rows
+                // of Llama-1B x0.1, one process alternating the builds (Xeon with AVX-512 BF16 /
+                // FP16, 2026-12-02): bf16 0.90-0.92x the step time (1 and 2 threads), fp32
+                // 0.94-0.96x; 4 KB ahead the same, 1 KB and a read request (prefetcht0) nothing.
+                // An hour later, the VM's ALLoRA / plain ratio without it down from 1.36 to 1.20
+                // (bf16), the same builds measured 0.99-1.01x (bf16) and 0.97-0.99x (fp32)
+                if (SIDE) line_ahead<1>(side_w, i, UPDATE_AHEAD);
                 line_ahead<1>(p, i, UPDATE_AHEAD);  // (UPDATE_AHEAD)
                 line_ahead<0>(g, i, UPDATE_AHEAD);
                 line_ahead<1>(m, i, UPDATE_AHEAD);
