@@ -271,3 +271,23 @@ def test_launch_tables_cover_every_update_variant(cc):
     # no stale rows: each one is launched by some configuration
     assert seen == {(n, k) for n, t in tables.items() for k in t}
     assert seen_no_l2 == {(n, k) for n, t in no_l2.items() for k in t}
+
+
+def test_pipeline_probe_reads_cp_async(bench_script):
+    """bench/pipeline_probe.py: LDGSTS widths from a listing, and which compiled configurations
+    count (no spills, no 16-byte load left in registers, cp.async copies mostly 16 bytes)."""
+    pp = bench_script("pipeline_probe")
+    sass = """
+        /*0100*/  LDGSTS.E.BYPASS.128 [R3], desc[UR4][R4.64] ;
+        /*0110*/  @P0 LDGSTS.E.BYPASS.128 [R3+0x800], desc[UR4][R6.64] ;
+        /*0120*/  LDGSTS.E.64 [R9], desc[UR4][R10.64] ;
+        /*0130*/  LDGSTS.E [R12], desc[UR4][R14.64] ;
+        /*0140*/  LDG.E.128 R16, desc[UR4][R2.64] ;
+    """
+    assert pp.ldgsts(sass) == {16: 2, 8: 1, 4: 1}
+    ok = dict(spill=0, ldg128=0, cp={16: 60, 4: 2})
+    assert pp.reject(ok) is None  # 8 of 968 bytes narrow: the 8-bit states' scales
+    assert "spills" in pp.reject(dict(ok, spill=8))
+    assert "LDG.128" in pp.reject(dict(ok, ldg128=4))
+    assert "widths" in pp.reject(dict(ok, cp={16: 4, 8: 12}))
+    assert "widths" in pp.reject(dict(ok, cp={}))
