@@ -602,7 +602,9 @@ inline v16f fma16(v16f a, v16f b, v16f c) {
 // 512-bit vector). Inputs are the loop's: a = sqrt(v) is +0, in [2^-75, 2^64], inf or NaN, so
 // the quotient never overflows (an overflowing one would come out NaN) and a -0 (which sqrt(v)
 // never is: v >= +0) would come out +0. An infinite a gives r = NaN: it keeps q (inf / b is
-// inf); a NaN stays a NaN; 0 gives 0.
+// inf); a NaN stays a NaN; 0 gives 0. On a Zen 1 (AVX2 on 128-bit units, 2026-12-02) the
+// divider instead of these steps made bf16 AdamW 1.00-1.05x the step time (Llama-1B x0.1, 1
+// thread, builds alternated in one process): the divider is what that core's loop waits on.
 inline v16f div_by16(v16f a, float b, float y) {
 #if defined(__AVX512F__)
     const __m512 va = (__m512)a, vb = _mm512_set1_ps(b), vy = _mm512_set1_ps(y);
@@ -1832,7 +1834,10 @@ inline v16f sqrt16(v16f x) {
 //: sum's own weights requested ahead too since 2026-12-02: see adam_fused). Not
 //: with 8-bit states of bf16 parameters, whose loop is bound by its arithmetic (1.00-1.10x with
 //: it). (The float32 span loop, adam_span, gained nothing from requests ahead, 0.97-1.05x: fp32
-//: Adam now takes this loop too.)
+//: Adam now takes this loop too.) On a Zen 1, whose bf16 loop is bound by its arithmetic
+//: (~6.7 cycles an element at 2.0 GHz), the loop without the requests ran 0.94-0.99x the time
+//: of the one with them, within the spread of two copies of one build in the same runs
+//: (0.5-4.5%; bf16 AdamW, Llama-1B x0.1, 1 thread, 2026-12-02): kept for the others.
 constexpr int64_t UPDATE_AHEAD = 2048;
 
 //: how the fused loop writes the parameter (the T_MODE bits)
