@@ -15,7 +15,7 @@ loop, one block per iteration as today, the pipeliner copies the table values th
 memory too and the registers rose to 93-255: measured on a prototype of bf16 AdamW.)
 
 This compiles, for each update variant the optimizers launch (``compile_check.variants``; by
-default the keys of ``KNOWN_SHORT`` and fp32 / bf16 AdamW for comparison; ``--all`` every one),
+default the keys of ``KNOWN_SHORT`` and fp32 / 16-bit AdamW for comparison; ``--all`` every one),
 such a loop around the shipped arithmetic (``kernels.optim._apply``, full aligned blocks) at a
 grid of BLOCK x STAGES x num_warps, and prints per variant the configuration with the most
 bytes in flight per SM among those :func:`reject` lets count (no spills, no data load left in
@@ -34,7 +34,9 @@ import json
 import multiprocessing
 import os
 import re
+import subprocess
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -154,10 +156,7 @@ def _probe(v, block: int, stages: int, warps: int) -> dict | None:
                       "options": dict(v.options, num_warps=warps)})
     ck = cc.compile_variant(p, GPUTarget("cuda", 90, 32))
     code = cc.read_code(ck)
-    import subprocess
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as d:
+    with tempfile.TemporaryDirectory() as d:  # (read_code keeps counts, not the listing)
         path = os.path.join(d, "k.cubin")
         with open(path, "wb") as f:
             f.write(ck.asm["cubin"])
@@ -169,7 +168,7 @@ def _probe(v, block: int, stages: int, warps: int) -> dict | None:
                                             "constexprs": dict(v.constexprs, BLOCK=block)}))
     return dict(cfg=(block, stages, warps), regs=code.regs, spill=code.spill, smem=code.smem,
                 programs=programs, cp=cp, ldg128=code.ops.get("LDG.128", 0),
-                stg=code.ops, inflight=programs * (stages - 1) * nbytes)
+                ops=code.ops, inflight=programs * (stages - 1) * nbytes)
 
 
 def reject(r: dict) -> str | None:
