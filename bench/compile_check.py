@@ -58,7 +58,10 @@ class Config:
     kind: int
     dtype: torch.dtype
     aligned: bool  # False: parameter and gradient are views at an odd storage offset
-    flag: bool  # amsgrad (Adam) / momentum (SGD): the optional state exists
+    #: amsgrad (Adam) / momentum (SGD): the optional state exists; "mixed": for one flat
+    #: tensor only (groups with and without momentum in one launch: the per-block kernel, where
+    #: a launch whose every tensor has it may run pipelined)
+    flag: bool | str
     options: StepOptions
     scaler: bool  # GradScaler's grad_scale / found_inf handed to the step
     unit: str | None  # ALLoRA unit of the extra tensors (one per unit class); None: none
@@ -110,15 +113,20 @@ def kernels() -> list:
             if k.endswith("_kernel") and isinstance(v, KernelInterface)]
 
 
+#: the optional state: on every tensor, on none, on some (Config.flag)
+FLAGS = (True, False, "mixed")
+
+
 def configs() -> list[Config]:
     """Every combination of what the host path branches on: 2 kinds x 3 dtypes x aligned x flag
-    x 16 option sets x scaler x 4 ALLoRA settings x the weight term = 6,144 steps, ~5 s of host
-    work (the variants they launch are deduplicated; --quick picks among them too)."""
+    (:data:`FLAGS`) x 16 option sets x scaler x 4 ALLoRA settings x the weight term = 9,216
+    steps, ~8 s of host work (the variants they launch are deduplicated; --quick picks among
+    them too)."""
     opts = [StepOptions(max_grad_norm=m, stats=s, nonfinite=nf, history=h)
             for m, s, nf, h in itertools.product((None, 1.0), (False, True), ("skip", "ignore"),
                                                  (0, 4))]
     return [Config(*c[:-1], l2=c[-1])
-            for c in itertools.product(KINDS, DTYPES, (True, False), (True, False), opts,
+            for c in itertools.product(KINDS, DTYPES, (True, False), FLAGS, opts,
                                        (True, False), ALLORA_UNITS, (False, True))]
 
 
@@ -144,7 +152,7 @@ def lowp_configs() -> list[Config]:
     opts = (StepOptions(), StepOptions(stats=True))
     out = []
     for (dtype, state, mode), kind, aligned, flag, o, unit, l2 in itertools.product(
-            LOWP, KINDS, (True, False), (True, False), opts, ALLORA_UNITS, (False, True)):
+            LOWP, KINDS, (True, False), FLAGS, opts, ALLORA_UNITS, (False, True)):
         if state == L.STATE_8BIT and (unit is not None or (kind == L.KIND_ADAM and flag)):
             continue
         out.append(Config(kind, dtype, aligned, flag, o, False, unit, (state, mode), l2))
@@ -175,15 +183,16 @@ def _entries(cfg: Config) -> list[Entry]:
         specs += [(s, cfg.unit) for s in _ALLORA_SHAPES[cfg.unit]]
     out = []
     for shape, unit in specs:
+        flag = bool(cfg.flag) and not (cfg.flag == "mixed" and shape == (33, 65))
         p = _tensor(shape, cfg.dtype, cfg.aligned)
         g = _tensor(shape, cfg.dtype, cfg.aligned)
         # states as _init_state makes them: fresh allocations, so aligned whatever p is
         sd = p.dtype if cfg.lowp is None else _STATE_DTYPES[cfg.lowp[0]]
         if cfg.kind == L.KIND_ADAM:
             states = (torch.zeros_like(p, dtype=sd), torch.zeros_like(p, dtype=sd),
-                      torch.zeros_like(p, dtype=sd) if cfg.flag else None)
+                      torch.zeros_like(p, dtype=sd) if flag else None)
         else:
-            states = (torch.zeros_like(p, dtype=sd) if cfg.flag else None, None, None)
+            states = (torch.zeros_like(p, dtype=sd) if flag else None, None, None)
         lowp = None
         if cfg.lowp is not None:
             state, mode = cfg.lowp
@@ -221,7 +230,7 @@ def run_config(cfg: Config) -> None:
                   allora_eta=None if cfg.unit is None else 1.0,
                   weight_decay=0.01 if cfg.l2 else 0.0, **scaler)
     if cfg.kind == L.KIND_ADAM:
-        functional.adam(plan, buffers, amsgrad=cfg.flag, **common)
+        functional.adam(plan, buffers, amsgrad=bool(cfg.flag), **common)
     else:
         functional.sgd(plan, buffers, momentum=0.9 if cfg.flag else 0.0, **common)
 
@@ -374,7 +383,7 @@ def compile_variant(v: Variant, target):
 SM_REGS, SM_WARPS, SM_PROGRAMS, SM_SMEM = 65536, 64, 32, 233472
 #: the properties --require asserts of every update variant (the bandwidth floor, see README)
 MIN_INFLIGHT = 128 * 1024
-UPDATE_KERNELS = ("_update_kernel", "_units_update_kernel")
+UPDATE_KERNELS = ("_update_kernel", "_run_update_kernel", "_units_update_kernel")
 #: variants not yet at MIN_INFLIGHT, with the KB they reach (triton 3.6, the "iss" figure:
 #: 16-byte data loads a thread has issued and not yet used x the threads an SM holds):
 #: --require holds them to that figure so they cannot regress unnoticed. Keyed by ``short_key``:
@@ -390,6 +399,10 @@ UPDATE_KERNELS = ("_update_kernel", "_units_update_kernel")
 #: rounds, 56 KB, and spilled). ALLoRA unit tiles add the per-unit scale and a row norm pass
 #: (48-114 KB). The floor this figure is held to was measured as programs x block bytes, which
 #: assumes every load of a program in flight at once; read from the SASS, fewer are.
+#: The per-block (``_update_kernel``) keys left are those launched per block: FLAG launches
+#: whose tensors differ in the optional state, and the variants the pipelined kernel does not
+#: improve (kernels/optim.py, _RUN_LAUNCH); ``_run_update_kernel`` keys are the pipelined
+#: variants still short (bench/results/run-sweep-sm90-20261202.txt).
 KNOWN_SHORT = {("_units_update_kernel", L.KIND_ADAM, "bf16", "bf16", 1, False): 80,
                ("_units_update_kernel", L.KIND_ADAM, "bf16", "bf16", 1, True): 96,
                ("_units_update_kernel", L.KIND_ADAM, "bf16", "bf16", 2, False): 64,
@@ -423,27 +436,24 @@ KNOWN_SHORT = {("_units_update_kernel", L.KIND_ADAM, "bf16", "bf16", 1, False): 
                ("_update_kernel", L.KIND_ADAM, "bf16", "bf16", 1, True): 120,
                ("_update_kernel", L.KIND_ADAM, "bf16", "bf16", 2, False): 112,
                ("_update_kernel", L.KIND_ADAM, "bf16", "bf16", 2, True): 80,
-               ("_update_kernel", L.KIND_ADAM, "bf16", "uint8", 0, False): 42,
-               ("_update_kernel", L.KIND_ADAM, "bf16", "uint8", 1, False): 60,
-               ("_update_kernel", L.KIND_ADAM, "bf16", "uint8", 2, False): 32,
-               ("_update_kernel", L.KIND_ADAM, "fp32", "uint8", 0, False): 78,
-               ("_update_kernel", L.KIND_ADAM, True, False): 96,
                ("_update_kernel", L.KIND_ADAM, True, True): 100,
-               ("_update_kernel", L.KIND_SGD, "bf16", "bf16", 1, False): 120,
                ("_update_kernel", L.KIND_SGD, "bf16", "bf16", 1, True): 108,
-               ("_update_kernel", L.KIND_SGD, "bf16", "bf16", 2, False): 64,
                ("_update_kernel", L.KIND_SGD, "bf16", "bf16", 2, True): 56,
-               ("_update_kernel", L.KIND_SGD, "bf16", "fp32", 0, False): 96,
                ("_update_kernel", L.KIND_SGD, "bf16", "fp32", 0, True): 96,
-               ("_update_kernel", L.KIND_SGD, "bf16", "fp32", 1, False): 120,
                ("_update_kernel", L.KIND_SGD, "bf16", "uint8", 0, True): 90,
-               ("_update_kernel", L.KIND_SGD, "bf16", "uint8", 1, False): 120,
                ("_update_kernel", L.KIND_SGD, "bf16", "uint8", 1, True): 112,
-               ("_update_kernel", L.KIND_SGD, "bf16", "uint8", 2, False): 72,
                ("_update_kernel", L.KIND_SGD, "bf16", "uint8", 2, True): 60,
-               ("_update_kernel", L.KIND_SGD, "fp16", "fp32", 1, False): 120,
-               ("_update_kernel", L.KIND_SGD, True, False): 96,
-               ("_update_kernel", L.KIND_SGD, True, True): 72}
+               ("_update_kernel", L.KIND_SGD, True, True): 72,
+               # pipelined (_RUN_LAUNCH: where they hold more than per block): resident
+               # programs x the blocks copied ahead; registers (166-223 with 8-bit states) or
+               # the copies' shared memory bound the programs
+               ("_run_update_kernel", L.KIND_ADAM, "bf16", "bf16", 2, True): 120,
+               ("_run_update_kernel", L.KIND_ADAM, "bf16", "uint8", 0, False): 72,
+               ("_run_update_kernel", L.KIND_ADAM, "bf16", "uint8", 1, False): 96,
+               ("_run_update_kernel", L.KIND_ADAM, "bf16", "uint8", 2, False): 72,
+               ("_run_update_kernel", L.KIND_ADAM, "fp32", "uint8", 0, False): 120,
+               ("_run_update_kernel", L.KIND_ADAM, True, True): 120,
+               ("_run_update_kernel", L.KIND_SGD, "bf16", "uint8", 1, True): 126}
 #: the variants without the weight term in the gradient (L2=False: AdamW, weight_decay 0) that
 #: hold less than KNOWN_SHORT's figure for their key at every launch configuration
 #: (`launch_sweep.py --l2 false --key ...`, the best taken; the variant with the term keeps
@@ -457,8 +467,7 @@ KNOWN_SHORT_NO_L2 = {("_units_update_kernel", L.KIND_SGD, False, False): 108,
                      # the [16, 128] and [8, 256] tiles (not in CI's --one-unit-class)
                      ("_units_update_kernel", L.KIND_SGD, "bf16", "bf16", 2, False): 52,
                      ("_update_kernel", L.KIND_ADAM, "bf16", "bf16", 2, False): 84,
-                     ("_update_kernel", L.KIND_SGD, "bf16", "uint8", 0, False): 100,
-                     ("_update_kernel", L.KIND_SGD, "bf16", "uint8", 2, False): 70}
+                     ("_update_kernel", L.KIND_SGD, "bf16", "uint8", 0, False): 100}
 #: variants that spill (ptxas moves registers to local memory: STL / LDL in the SASS), with the
 #: bytes of their spill stores (the STL instructions' widths summed over the listing, as ptxas
 #: -v counts them): --require holds them to that figure. Keyed by ``spill_key`` (update
@@ -498,22 +507,22 @@ def _bin(name: str) -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
 
 
-_OP = re.compile(r"\b(LDG|STG|LDL|STL|ATOMG|REDG|RED|ATOMS|ATOM|MEMBAR|CCTL)(?![A-Z])"
+_OP = re.compile(r"\b(LDGSTS|LDG|STG|LDL|STL|ATOMG|REDG|RED|ATOMS|ATOM|MEMBAR|CCTL)(?![A-Z])"
                  r"(\.[A-Z0-9_.]+)?")
 
 
 def sass_ops(sass: str) -> dict:
     """Counts of the memory instructions of a SASS listing: global loads and stores by width
-    (128/64/32 bits, U16), local-memory loads and stores (LDL / STL: spills, the kernels have no
-    local arrays), atomics (ATOMG returns a value, REDG does not), fences (MEMBAR) and L1
-    invalidations (CCTL)."""
+    (128/64/32 bits, U16), cp.async copies global -> shared (LDGSTS, by width), local-memory
+    loads and stores (LDL / STL: spills, the kernels have no local arrays), atomics (ATOMG
+    returns a value, REDG does not), fences (MEMBAR) and L1 invalidations (CCTL)."""
     counts: dict = {}
     for line in sass.splitlines():
         m = _OP.search(line)
         if not m:
             continue
         op, suf = m.group(1), m.group(2) or ""
-        if op in ("LDG", "STG"):
+        if op in ("LDG", "STG", "LDGSTS"):
             parts = suf.split(".")
             w = next((x for x in ("128", "64", "U16", "S16", "U8", "S8") if x in parts), "32")
             op = f"{op}.{w.lstrip('US')}"
@@ -544,7 +553,7 @@ def program_bytes(v: Variant) -> int:
     parameter (MODE_MASTER; the 8-bit scales, 1/64 of the codes, left out)."""
     c = v.constexprs
     if v.name in UPDATE_KERNELS:
-        n = c["BLOCK"] if v.name == "_update_kernel" else c["UNITS"] * c["CHUNK"]
+        n = c["UNITS"] * c["CHUNK"] if v.name == "_units_update_kernel" else c["BLOCK"]
         states = (2 if c["KIND"] == L.KIND_ADAM else 0) + (1 if c["FLAG"] else 0)
         param = 4 if c.get("MODE", 0) & L.MODE_MASTER else _esize(v)
         return n * (param + _esize(v) + states * _esize(v, "SDTYPE"))
@@ -568,6 +577,9 @@ class Code:
     #: bytes of 16-byte global loads a thread has issued and not yet used, at most
     #: (:func:`issued`)
     issued: int = 0
+    #: pipelined kernels (``_run_update_kernel``): the bytes a program has copied ahead into
+    #: shared memory, (STAGES - 1) x a block's (0: not pipelined)
+    ahead: int = 0
 
     @property
     def programs(self) -> int:
@@ -576,13 +588,17 @@ class Code:
     @property
     def inflight(self) -> int:
         """Bytes of block data in flight per SM: the resident programs' threads x what each
-        has issued and not yet used."""
+        has issued and not yet used; pipelined, the resident programs x the blocks each has
+        copied ahead (cp.async fills shared memory without holding a register)."""
+        if self.ahead:
+            return self.programs * self.ahead
         return self.programs * 32 * self.warps * self.issued
 
 
-def read_code(ck) -> Code:
+def read_code(ck, v: Variant | None = None) -> Code:
     """Registers, spills and the memory instructions of a compiled kernel, from its cubin with
-    the cuobjdump Triton ships (nothing runs)."""
+    the cuobjdump Triton ships (nothing runs); ``v``: the variant, for a pipelined kernel's
+    bytes copied ahead (:attr:`Code.ahead`)."""
     import tempfile
 
     with tempfile.TemporaryDirectory() as d:
@@ -594,8 +610,12 @@ def read_code(ck) -> Code:
         sass = subprocess.run([_bin("cuobjdump"), "-sass", cubin], capture_output=True,
                               text=True, check=True).stdout
     reg = re.search(r"REG:(\d+)", res)
+    ahead = 0
+    if v is not None and "STAGES" in v.constexprs:
+        ahead = (v.constexprs["STAGES"] - 1) * program_bytes(v)
     return Code(ck.metadata.num_warps, int(reg.group(1)) if reg else -1, spill_bytes(sass),
-                ck.metadata.shared, sass_ops(sass), ptx_inexact(ck.asm["ptx"]), issued(sass))
+                ck.metadata.shared, sass_ops(sass), ptx_inexact(ck.asm["ptx"]), issued(sass),
+                ahead)
 
 
 _STL = re.compile(r"\bSTL(\.[A-Z0-9_.]+)?\s")
@@ -700,14 +720,19 @@ def requirements(v: Variant, code: Code) -> list[str]:
             floor = min(floor, KNOWN_SHORT_NO_L2.get(short_key(v), floor))
         if round(code.inflight / 1024) < floor:
             bad.append(f"{code.inflight / 1024:.0f} KB in flight per SM < {floor} KB")
-    if v.name in ("_update_kernel", "_grad_stats_kernel"):
+    if v.name in ("_update_kernel", "_run_update_kernel", "_grad_stats_kernel"):
         threads = 32 * code.warps
-        ld = code.ops.get("LDG.128", 0) * 16 * threads
+        # pipelined: the full blocks' loads are cp.async copies; a 16-byte load left in
+        # registers is one the pipeliner did not reach (a load under a runtime branch)
+        op = "LDGSTS.128" if v.name == "_run_update_kernel" else "LDG.128"
+        ld = code.ops.get(op, 0) * 16 * threads
         want = program_bytes(v)
         if ld < want:
             bad.append(f"16-byte loads cover {ld} of the {want} bytes of a full block")
-        if v.name == "_update_kernel" and not code.ops.get("STG.128"):
+        if v.name != "_grad_stats_kernel" and not code.ops.get("STG.128"):
             bad.append("no 16-byte stores")
+        if v.name == "_run_update_kernel" and code.ops.get("LDG.128"):
+            bad.append(f"{code.ops['LDG.128']} 16-byte loads not pipelined (LDG.128)")
     return bad
 
 
@@ -781,7 +806,7 @@ def main(argv=None) -> int:
                 break
             continue
         if table:
-            code = read_code(ck)
+            code = read_code(ck, v)
             print(row(v, code), flush=True)
             bad = requirements(v, code) if args.require else []
             if bad:

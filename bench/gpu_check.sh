@@ -17,10 +17,12 @@
 #      unless COMPILE=1);
 #   5. the configurations below fp32 (master weights, stochastic rounding, bf16 / 8-bit states)
 #      at their own byte counts, beside torch / torchao / bitsandbytes where importable (lowp/);
-#   6. the update kernels' launch configurations compared: the per-variant (SPLIT, warps) of
-#      kernels/optim.py against FASTSCHED_UPDATE_WARPS=4 (every update program at 4 warps in one
-#      piece, Triton's default and the configuration before), on llama-1b, fp32 and bf16
-#      (launch-new/, launch-old/);
+#   6. the update kernels' launch configurations compared, on llama-1b, fp32 and bf16: as
+#      shipped (the pipelined update where _RUN_LAUNCH has the variant, the per-variant (SPLIT,
+#      warps) tables elsewhere; launch-new/), FASTSCHED_UPDATE_RUNS=0 (one program per block
+#      everywhere, at the tables; launch-block/) and FASTSCHED_UPDATE_WARPS=4 (every update
+#      program at 4 warps in one piece, Triton's default and the first configuration;
+#      launch-old/);
 #   7. host and device time per step on LoRA and 2,000 small tensors, eager and CUDA graph,
 #      fastsched beside torch fused (`fastsched profile`, host-*.log).
 # Usage: OUT=/some/dir bash bench/gpu_check.sh   (default out: bench/results/gpu-<date>)
@@ -84,10 +86,13 @@ if want 5 90; then
 fi
 # same shapes, contenders and time limit for both; the stream contender is the copy ceiling
 # measured in the same run (compare GB/s and the fraction of copy)
-for cfg in new old; do
-  want 6 45 || break
-  c=$(cap 45); warps=""; [ "$cfg" = old ] && warps=4
-  FASTSCHED_UPDATE_WARPS="$warps" timeout "$c" fastsched bench --out "$out/launch-$cfg" \
+for cfg in new block old; do
+  want 6 40 || break
+  c=$(cap 40); warps=""; runs=1
+  [ "$cfg" = old ] && warps=4
+  [ "$cfg" = block ] && runs=0
+  FASTSCHED_UPDATE_WARPS="$warps" FASTSCHED_UPDATE_RUNS="$runs" timeout "$c" \
+    fastsched bench --out "$out/launch-$cfg" \
     --sets llama-1b --dtypes fp32,bf16 --configs adamw,adamw-clip,sgd,allora \
     --contenders fastsched,fastsched-plain,stream --no-compile --no-plot --no-progress --quick \
     --time-limit $(( c - 15 )) 2>&1 | tee "$out/launch-$cfg.log" | tail -14

@@ -17,9 +17,13 @@ Passes of a step:
    the counters (not on a skipped step).
 3. update: one program per ``BLOCK`` elements of every tensor of one dtype in one launch. 2048-
    element blocks with 16-byte alignment hints reached 2.99 TB/s on an H100 (99% of copy), 2.53
-   TB/s without the hints and 2.39 TB/s at 4096. ALLoRA tensors go to a unit-tiled variant in
-   which a program owns whole rows (or columns, or the tensor), so the unit norms cost no extra
-   trip to memory for units that stay in cache between the norm and the update loop.
+   TB/s without the hints and 2.39 TB/s at 4096. The variants that cannot hold a block's worth
+   of loads in registers (16-bit and 8-bit storage: fp32 working copies of every array) run
+   pipelined instead: one program per run of blocks of a tensor, the next blocks copied into
+   shared memory while one is computed (``_run_update_kernel``, ``_RUN_LAUNCH``). ALLoRA
+   tensors go to a unit-tiled variant in which a program owns whole rows (or columns, or the
+   tensor), so the unit norms cost no extra trip to memory for units that stay in cache between
+   the norm and the update loop.
 """
 
 from __future__ import annotations
@@ -675,6 +679,92 @@ def _add_stats(us_ptr, psq, usq, STATS: tl.constexpr):
         tl.atomic_add(us_ptr + L.US_UPDATE_SQ, usq, sem="relaxed")
 
 
+@triton.jit
+def _tensor_row(tensors_ptr, scal_ptr, tidx, KIND: tl.constexpr, STATS: tl.constexpr,
+                SDTYPE: tl.constexpr, MODE: tl.constexpr):
+    """What a program of the update needs from the tables about tensor ``tidx``, loaded once:
+    (numel, the addresses of p, g, S1, S2, S3, has3, the master's and the 8-bit scales', every
+    address 16-byte aligned, the stochastic-rounding key and first element, :func:`_scalars`)."""
+    row = tensors_ptr + tidx * L.T_COLS
+    numel = tl.load(row + L.T_NUMEL)
+    pa = tl.load(row + L.T_P)
+    ga = tl.load(row + L.T_G)
+    s1 = tl.load(row + L.T_S1)
+    s2 = tl.load(row + L.T_S2)  # 0 for SGD
+    s3 = tl.load(row + L.T_S3)  # 0 without amsgrad
+    # the optional state of the FLAG variants (absent states have address 0: aligned)
+    has3 = (s3 if KIND == L.KIND_ADAM else s1) != 0
+    grad_mul, c0, c1, c2, c3, c4, c5, c6, c7 = _scalars(scal_ptr, tidx, KIND, STATS)
+    wa = pa  # the master's address (MODE_MASTER; otherwise never read)
+    if (MODE & L.MODE_MASTER) != 0:
+        wa = tl.load(row + L.T_MASTER)
+    q1 = pa  # the scales of 8-bit S1 / S2 (read with SDTYPE uint8 only)
+    q2 = pa
+    if SDTYPE == tl.uint8:
+        q1 = tl.load(row + L.T_Q1)
+        q2 = tl.load(row + L.T_Q2)
+    sr_c, elem0 = _sr_prologue(row, MODE)
+    aligned = ((pa | ga | s1 | s2 | s3 | (wa if (MODE & L.MODE_MASTER) != 0 else 0)) & 15) == 0
+    return (numel, pa, ga, s1, s2, s3, has3, wa, q1, q2, aligned, sr_c, elem0, grad_mul, c0, c1,
+            c2, c3, c4, c5, c6, c7)
+
+
+@triton.jit
+def _aligned_ptrs(pa, ga, s1, s2, s3, wa, q1, q2, DTYPE: tl.constexpr, SDTYPE: tl.constexpr):
+    """The pointers of the full-block path of a tensor whose addresses are 16-byte aligned
+    (:func:`_tensor_row`'s ``aligned``): p, g, S1, S2, S3, the master, the 8-bit scales (4-byte
+    per-block values: no hint)."""
+    return (_typed(pa, DTYPE, True), _typed(ga, DTYPE, True), _typed(s1, SDTYPE, True),
+            _typed(s2, SDTYPE, True), _typed(s3, SDTYPE, True), _typed(wa, tl.float32, True),
+            _typed(q1, tl.float32, False), _typed(q2, tl.float32, False))
+
+
+@triton.jit
+def _masked_block(pa, ga, s1, s2, s3, has3, wa, q1, q2, start, numel, sr_c, elem0, grad_mul,
+                  c0, c1, c2, c3, c4, c5, c6, c7, KIND: tl.constexpr, DTYPE: tl.constexpr,
+                  BLOCK: tl.constexpr, FLAG: tl.constexpr, STATS: tl.constexpr,
+                  SDTYPE: tl.constexpr, MODE: tl.constexpr, L2: tl.constexpr):
+    """The block at ``start`` of a tensor through the masked path (its elements below
+    ``numel``): the partial last block, and every block of an unaligned tensor. Returns the
+    block's (sum p^2, sum u^2) (STATS; else 0)."""
+    # the last block, unaligned tensors: scalar accesses (a masked element cannot share a
+    # 16-byte instruction with its neighbours), in quarter blocks so that this path, one
+    # register per element, does not set the kernel's register count (bf16 at 4 warps: 161
+    # registers with the whole block at once); 8-bit states: in whole quantisation blocks
+    psq = tl.zeros([], dtype=tl.float32)
+    usq = tl.zeros([], dtype=tl.float32)
+    if SDTYPE == tl.uint8:
+        QR: tl.constexpr = (BLOCK + 4 * L.Q_BLOCK - 1) // (4 * L.Q_BLOCK)
+        # (names apart from the other path's: Triton merges the variables of both)
+        mrow = tl.arange(0, QR)
+        for s0 in range(0, BLOCK, QR * L.Q_BLOCK):
+            r0 = start + s0 + mrow * L.Q_BLOCK
+            offs = r0[:, None] + tl.arange(0, L.Q_BLOCK)[None, :]
+            a, b = _apply(_typed(pa, DTYPE, False), _typed(ga, DTYPE, False),
+                          _typed(s1, SDTYPE, False), _typed(s2, SDTYPE, False),
+                          _typed(s3, SDTYPE, False), has3, offs, offs < numel, 1.0, 1.0,
+                          grad_mul, c0, c1, c2, c3, c4, c5, c6, c7,
+                          _typed(wa, tl.float32, False), _typed(q1, tl.float32, False),
+                          _typed(q2, tl.float32, False), (start + s0) // L.Q_BLOCK + mrow,
+                          r0 < numel, sr_c, elem0, KIND, DTYPE, True, FLAG, STATS, SDTYPE,
+                          MODE, L2)
+            psq += a
+            usq += b
+    else:
+        for s0 in range(0, BLOCK, BLOCK // 4):
+            offs = start + s0 + tl.arange(0, BLOCK // 4)
+            a, b = _apply(_typed(pa, DTYPE, False), _typed(ga, DTYPE, False),
+                          _typed(s1, SDTYPE, False), _typed(s2, SDTYPE, False),
+                          _typed(s3, SDTYPE, False), has3, offs, offs < numel, 1.0, 1.0,
+                          grad_mul, c0, c1, c2, c3, c4, c5, c6, c7,
+                          _typed(wa, tl.float32, False), _typed(q1, tl.float32, False),
+                          _typed(q2, tl.float32, False), offs, offs, sr_c, elem0, KIND,
+                          DTYPE, True, FLAG, STATS, SDTYPE, MODE, L2)
+            psq += a
+            usq += b
+    return psq, usq
+
+
 @triton.jit(do_not_specialize=["advance"])
 def _update_kernel(tensors_ptr, blocks_ptr, scal_ptr, ustat_ptr, clock_ptr, advance,
                    KIND: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
@@ -699,27 +789,9 @@ def _update_kernel(tensors_ptr, blocks_ptr, scal_ptr, ustat_ptr, clock_ptr, adva
         return  # a skipped step touches nothing (nor the clock: it advances by S_ACTIVE = 0)
     if (advance != 0) & (pid == 0):
         tl.store(clock_ptr, tl.load(clock_ptr) + 1)
-    row = tensors_ptr + tidx * L.T_COLS
-    numel = tl.load(row + L.T_NUMEL)
-    pa = tl.load(row + L.T_P)
-    ga = tl.load(row + L.T_G)
-    s1 = tl.load(row + L.T_S1)
-    s2 = tl.load(row + L.T_S2)  # 0 for SGD
-    s3 = tl.load(row + L.T_S3)  # 0 without amsgrad
-    # the optional state of the FLAG variants (absent states have address 0: aligned)
-    has3 = (s3 if KIND == L.KIND_ADAM else s1) != 0
-    grad_mul, c0, c1, c2, c3, c4, c5, c6, c7 = _scalars(scal_ptr, tidx, KIND, STATS)
-    wa = pa  # the master's address (MODE_MASTER; otherwise never read)
-    if (MODE & L.MODE_MASTER) != 0:
-        wa = tl.load(row + L.T_MASTER)
-    q1 = pa  # the scales of 8-bit S1 / S2 (read with SDTYPE uint8 only)
-    q2 = pa
-    if SDTYPE == tl.uint8:
-        q1 = tl.load(row + L.T_Q1)
-        q2 = tl.load(row + L.T_Q2)
-    sr_c, elem0 = _sr_prologue(row, MODE)
-    if (start + BLOCK <= numel) & ((
-            (pa | ga | s1 | s2 | s3 | (wa if (MODE & L.MODE_MASTER) != 0 else 0)) & 15) == 0):
+    (numel, pa, ga, s1, s2, s3, has3, wa, q1, q2, aligned, sr_c, elem0, grad_mul, c0, c1, c2,
+     c3, c4, c5, c6, c7) = _tensor_row(tensors_ptr, scal_ptr, tidx, KIND, STATS, SDTYPE, MODE)
+    if (start + BLOCK <= numel) & aligned:
         # uint8 codes of a BLOCK-aligned block of a 16-byte-aligned state are 16-byte aligned
         HB: tl.constexpr = BLOCK // SPLIT
         if SDTYPE == tl.uint8:
@@ -731,14 +803,8 @@ def _update_kernel(tensors_ptr, blocks_ptr, scal_ptr, ustat_ptr, clock_ptr, adva
             offs = start + tl.arange(0, HB)
             qoffs = offs
             QH: tl.constexpr = HB
-        fp = _typed(pa, DTYPE, True)
-        fg = _typed(ga, DTYPE, True)
-        f1 = _typed(s1, SDTYPE, True)
-        f2 = _typed(s2, SDTYPE, True)
-        f3 = _typed(s3, SDTYPE, True)
-        fw = _typed(wa, tl.float32, True)
-        fq1 = _typed(q1, tl.float32, False)
-        fq2 = _typed(q2, tl.float32, False)
+        fp, fg, f1, f2, f3, fw, fq1, fq2 = _aligned_ptrs(pa, ga, s1, s2, s3, wa, q1, q2, DTYPE,
+                                                             SDTYPE)
         if SPLIT == 1:
             psq, usq = _apply(fp, fg, f1, f2, f3, has3, offs, offs, 1.0, 1.0, grad_mul, c0, c1,
                               c2, c3, c4, c5, c6, c7, fw, fq1, fq2, qoffs, qoffs, sr_c, elem0,
@@ -761,41 +827,74 @@ def _update_kernel(tensors_ptr, blocks_ptr, scal_ptr, ustat_ptr, clock_ptr, adva
             psq += x
             usq += y
     else:
-        # the last block, unaligned tensors: scalar accesses (a masked element cannot share a
-        # 16-byte instruction with its neighbours), in quarter blocks so that this path, one
-        # register per element, does not set the kernel's register count (bf16 at 4 warps: 161
-        # registers with the whole block at once); 8-bit states: in whole quantisation blocks
-        psq = tl.zeros([], dtype=tl.float32)
-        usq = tl.zeros([], dtype=tl.float32)
+        psq, usq = _masked_block(pa, ga, s1, s2, s3, has3, wa, q1, q2, start, numel, sr_c,
+                                 elem0, grad_mul, c0, c1, c2, c3, c4, c5, c6, c7, KIND, DTYPE,
+                                 BLOCK, FLAG, STATS, SDTYPE, MODE, L2)
+    _add_stats(ustat_ptr + tidx * L.US_COLS, psq, usq, STATS)
+
+
+@triton.jit(do_not_specialize=["advance"])
+def _run_update_kernel(tensors_ptr, runs_ptr, scal_ptr, ustat_ptr, clock_ptr, advance,
+                       KIND: tl.constexpr, DTYPE: tl.constexpr, BLOCK: tl.constexpr,
+                       RUN: tl.constexpr, STAGES: tl.constexpr, FLAG: tl.constexpr,
+                       ALL3: tl.constexpr, STATS: tl.constexpr, SDTYPE: tl.constexpr,
+                       MODE: tl.constexpr, L2: tl.constexpr):
+    """The update of :func:`_update_kernel` (same loads, arithmetic and stores), one program
+    per run of ``RUN`` blocks of one tensor (rows of ``runs``: tensor, first element), its
+    table row and scalars loaded once. The full blocks of an aligned tensor go through a loop
+    the compiler software-pipelines ``STAGES`` deep (``tl.range(..., num_stages=STAGES)``):
+    triton 3.6 copies the next STAGES - 1 blocks global -> shared with ``cp.async`` (SASS
+    ``LDGSTS.E.BYPASS.128``, 16 bytes a thread) while one block is computed, so the bytes an SM
+    has in flight sit in shared memory (228 KB) instead of registers: resident programs x
+    (STAGES - 1) x a block's bytes (bench/compile_check.py counts them so). The 16-bit and 8-bit
+    variants, which hold fp32 working copies of every array, stop at 32-120 KB with a block in
+    registers; pipelined, most reach 144-216 KB at 32-170 registers (bench/run_sweep.py). The
+    partial last block and unaligned tensors then take the masked path of
+    :func:`_masked_block`, in the same program.
+
+    ALL3 (FLAG variants): every tensor of the launch has the optional state, so its load is
+    not under the runtime branch ``has3``: the pipeliner leaves a load under a branch of the
+    loop body in registers (``LDG.128`` in the loop). A launch whose tensors differ in it
+    (groups with and without momentum) takes :func:`_update_kernel`.
+    Free of races as :func:`_update_kernel`: a run is owned by one program."""
+    pid = tl.program_id(0)
+    tidx = tl.load(runs_ptr + pid * L.B_COLS + L.B_TENSOR)
+    start = tl.multiple_of(tl.load(runs_ptr + pid * L.B_COLS + L.B_START), RUN * BLOCK)
+    if tl.load(scal_ptr + tidx * L.S_COLS + L.S_ACTIVE) == 0.0:
+        return  # a skipped step touches nothing (nor the clock: it advances by S_ACTIVE = 0)
+    if (advance != 0) & (pid == 0):
+        tl.store(clock_ptr, tl.load(clock_ptr) + 1)
+    (numel, pa, ga, s1, s2, s3, has3, wa, q1, q2, aligned, sr_c, elem0, grad_mul, c0, c1, c2,
+     c3, c4, c5, c6, c7) = _tensor_row(tensors_ptr, scal_ptr, tidx, KIND, STATS, SDTYPE, MODE)
+    if ALL3:
+        has3 = True
+    rest = numel - start
+    n_blocks = tl.minimum((rest + BLOCK - 1) // BLOCK, RUN).to(tl.int32)
+    n_full = tl.where(aligned, tl.minimum(rest // BLOCK, RUN), 0).to(tl.int32)
+    fp, fg, f1, f2, f3, fw, fq1, fq2 = _aligned_ptrs(pa, ga, s1, s2, s3, wa, q1, q2, DTYPE,
+                                                         SDTYPE)
+    psq = tl.zeros([], dtype=tl.float32)
+    usq = tl.zeros([], dtype=tl.float32)
+    for k in tl.range(0, n_full, num_stages=STAGES):
+        b0 = start + k * BLOCK
         if SDTYPE == tl.uint8:
-            QR: tl.constexpr = (BLOCK + 4 * L.Q_BLOCK - 1) // (4 * L.Q_BLOCK)
-            # (names apart from the other path's: Triton merges the variables of both)
-            mrow = tl.arange(0, QR)
-            for s0 in range(0, BLOCK, QR * L.Q_BLOCK):
-                r0 = start + s0 + mrow * L.Q_BLOCK
-                offs = r0[:, None] + tl.arange(0, L.Q_BLOCK)[None, :]
-                a, b = _apply(_typed(pa, DTYPE, False), _typed(ga, DTYPE, False),
-                              _typed(s1, SDTYPE, False), _typed(s2, SDTYPE, False),
-                              _typed(s3, SDTYPE, False), has3, offs, offs < numel, 1.0, 1.0,
-                              grad_mul, c0, c1, c2, c3, c4, c5, c6, c7,
-                              _typed(wa, tl.float32, False), _typed(q1, tl.float32, False),
-                              _typed(q2, tl.float32, False), (start + s0) // L.Q_BLOCK + mrow,
-                              r0 < numel, sr_c, elem0, KIND, DTYPE, True, FLAG, STATS, SDTYPE,
-                              MODE, L2)
-                psq += a
-                usq += b
+            qrow = tl.arange(0, BLOCK // L.Q_BLOCK)
+            offs = b0 + qrow[:, None] * L.Q_BLOCK + tl.arange(0, L.Q_BLOCK)[None, :]
+            qoffs = b0 // L.Q_BLOCK + qrow
         else:
-            for s0 in range(0, BLOCK, BLOCK // 4):
-                offs = start + s0 + tl.arange(0, BLOCK // 4)
-                a, b = _apply(_typed(pa, DTYPE, False), _typed(ga, DTYPE, False),
-                              _typed(s1, SDTYPE, False), _typed(s2, SDTYPE, False),
-                              _typed(s3, SDTYPE, False), has3, offs, offs < numel, 1.0, 1.0,
-                              grad_mul, c0, c1, c2, c3, c4, c5, c6, c7,
-                              _typed(wa, tl.float32, False), _typed(q1, tl.float32, False),
-                              _typed(q2, tl.float32, False), offs, offs, sr_c, elem0, KIND,
-                              DTYPE, True, FLAG, STATS, SDTYPE, MODE, L2)
-                psq += a
-                usq += b
+            offs = b0 + tl.arange(0, BLOCK)
+            qoffs = offs
+        a, b = _apply(fp, fg, f1, f2, f3, has3, offs, offs, 1.0, 1.0, grad_mul, c0, c1, c2, c3,
+                      c4, c5, c6, c7, fw, fq1, fq2, qoffs, qoffs, sr_c, elem0, KIND, DTYPE, False,
+                      FLAG, STATS, SDTYPE, MODE, L2)
+        psq += a
+        usq += b
+    for k in range(n_full, n_blocks):
+        a, b = _masked_block(pa, ga, s1, s2, s3, has3, wa, q1, q2, start + k * BLOCK, numel,
+                             sr_c, elem0, grad_mul, c0, c1, c2, c3, c4, c5, c6, c7, KIND, DTYPE,
+                             BLOCK, FLAG, STATS, SDTYPE, MODE, L2)
+        psq += a
+        usq += b
     _add_stats(ustat_ptr + tidx * L.US_COLS, psq, usq, STATS)
 
 
@@ -1236,10 +1335,145 @@ def launch_finalize(tensors, groups, scal, sched_table, clock, n_tensors: int, k
         rec)
 
 
+#: (BLOCK, STAGES, num_warps) of the pipelined update (:func:`_run_update_kernel`) by (kind,
+#: parameter dtype, state storage, mode, flag, statistics, weight term): the variants where,
+#: compiled for sm_90 by triton 3.6, it holds at least 1.1x the bytes in flight per SM of the
+#: per-block kernel at its tables above, chosen by `python bench/run_sweep.py` (no spills, no
+#: data load left in registers, 16-byte cp.async copies; then the most in flight, then the
+#: fewest registers x warps). A FLAG key applies to launches whose every tensor has the
+#: optional state (Bucket.all3); the others, and every variant not here, keep the per-block
+#: kernel: fp32 AdamW holds 192 KB either way, and the per-block design is the one measured
+#: on an H100 (2.99 TB/s, 99.7% of copy). Of the 114 variants the sweep compiled (those short
+#: of 128 KB per block, and fp32 / 16-bit AdamW), 98 are here; at 128 KB or more: 76 with
+#: them, 24 per block (bench/results/run-sweep-sm90-20261202.txt). 16-bit SGD with momentum
+#: 56-108 -> 180-216 KB (32-96 registers), 16-bit Adam 96-144 -> 120-192, bf16 with 8-bit
+#: states 32-112 -> 72-216; not here (the pipelined one holds no more): bf16 SGD with 8-bit
+#: momentum without a master or with stochastic rounding (60-90 KB either way), with a master
+#: and statistics (84 against 112), bf16 Adam with stochastic rounding and the weight term or
+#: statistics (96 against 108-128). The partial last block in the same program costs
+#: registers: the loop alone (bench/run_sweep.py's first version) held 192 KB where 2-byte
+#: Adam with statistics holds 144 here.
+_RUN_LAUNCH = {
+    (L.KIND_ADAM, "bf16", "bf16", 0, False, False, False): (2048, 4, 4),
+    (L.KIND_ADAM, "bf16", "bf16", 0, False, False, True): (2048, 4, 4),
+    (L.KIND_ADAM, "bf16", "bf16", 0, False, True, False): (2048, 4, 4),
+    (L.KIND_ADAM, "bf16", "bf16", 0, False, True, True): (2048, 4, 4),
+    (L.KIND_ADAM, "bf16", "bf16", 0, True, False, False): (2048, 4, 4),
+    (L.KIND_ADAM, "bf16", "bf16", 0, True, False, True): (2048, 4, 4),
+    (L.KIND_ADAM, "bf16", "bf16", 0, True, True, True): (1024, 4, 4),
+    (L.KIND_ADAM, "bf16", "bf16", 1, True, False, False): (1024, 4, 4),
+    (L.KIND_ADAM, "bf16", "bf16", 1, True, False, True): (1024, 4, 4),
+    (L.KIND_ADAM, "bf16", "bf16", 1, True, True, False): (1024, 4, 4),
+    (L.KIND_ADAM, "bf16", "bf16", 1, True, True, True): (1024, 4, 4),
+    (L.KIND_ADAM, "bf16", "bf16", 2, False, False, False): (2048, 4, 4),
+    (L.KIND_ADAM, "bf16", "bf16", 2, True, False, False): (1024, 4, 4),
+    (L.KIND_ADAM, "bf16", "bf16", 2, True, False, True): (1024, 4, 4),
+    (L.KIND_ADAM, "bf16", "bf16", 2, True, True, False): (2048, 4, 4),
+    (L.KIND_ADAM, "bf16", "bf16", 2, True, True, True): (1024, 4, 4),
+    (L.KIND_ADAM, "bf16", "uint8", 0, False, False, False): (2048, 4, 4),
+    (L.KIND_ADAM, "bf16", "uint8", 0, False, False, True): (2048, 3, 4),
+    (L.KIND_ADAM, "bf16", "uint8", 0, False, True, False): (2048, 4, 4),
+    (L.KIND_ADAM, "bf16", "uint8", 0, False, True, True): (2048, 4, 4),
+    (L.KIND_ADAM, "bf16", "uint8", 1, False, False, False): (2048, 4, 4),
+    (L.KIND_ADAM, "bf16", "uint8", 1, False, False, True): (2048, 4, 4),
+    (L.KIND_ADAM, "bf16", "uint8", 1, False, True, False): (2048, 4, 4),
+    (L.KIND_ADAM, "bf16", "uint8", 1, False, True, True): (2048, 4, 4),
+    (L.KIND_ADAM, "bf16", "uint8", 2, False, False, False): (2048, 4, 4),
+    (L.KIND_ADAM, "bf16", "uint8", 2, False, False, True): (2048, 4, 4),
+    (L.KIND_ADAM, "bf16", "uint8", 2, False, True, False): (2048, 4, 4),
+    (L.KIND_ADAM, "bf16", "uint8", 2, False, True, True): (2048, 4, 4),
+    (L.KIND_ADAM, "fp16", "fp16", 0, False, False, False): (2048, 4, 4),
+    (L.KIND_ADAM, "fp16", "fp16", 0, False, False, True): (2048, 4, 4),
+    (L.KIND_ADAM, "fp16", "fp16", 0, False, True, False): (2048, 4, 4),
+    (L.KIND_ADAM, "fp16", "fp16", 0, False, True, True): (2048, 4, 4),
+    (L.KIND_ADAM, "fp16", "fp16", 0, True, False, False): (2048, 4, 4),
+    (L.KIND_ADAM, "fp16", "fp16", 0, True, False, True): (2048, 4, 4),
+    (L.KIND_ADAM, "fp16", "fp16", 0, True, True, False): (1024, 4, 4),
+    (L.KIND_ADAM, "fp16", "fp16", 0, True, True, True): (1024, 4, 4),
+    (L.KIND_ADAM, "fp32", "uint8", 0, False, False, False): (2048, 3, 4),
+    (L.KIND_ADAM, "fp32", "uint8", 0, False, False, True): (2048, 3, 4),
+    (L.KIND_ADAM, "fp32", "uint8", 0, False, True, False): (2048, 4, 4),
+    (L.KIND_ADAM, "fp32", "uint8", 0, False, True, True): (2048, 4, 4),
+    (L.KIND_SGD, "bf16", "bf16", 0, False, False, False): (2048, 4, 4),
+    (L.KIND_SGD, "bf16", "bf16", 0, False, False, True): (2048, 4, 4),
+    (L.KIND_SGD, "bf16", "bf16", 0, False, True, False): (2048, 4, 4),
+    (L.KIND_SGD, "bf16", "bf16", 0, False, True, True): (2048, 4, 4),
+    (L.KIND_SGD, "bf16", "bf16", 0, True, False, False): (2048, 3, 4),
+    (L.KIND_SGD, "bf16", "bf16", 0, True, False, True): (2048, 3, 4),
+    (L.KIND_SGD, "bf16", "bf16", 0, True, True, False): (2048, 4, 4),
+    (L.KIND_SGD, "bf16", "bf16", 0, True, True, True): (2048, 4, 4),
+    (L.KIND_SGD, "bf16", "bf16", 1, False, False, False): (1024, 4, 4),
+    (L.KIND_SGD, "bf16", "bf16", 1, False, False, True): (1024, 4, 4),
+    (L.KIND_SGD, "bf16", "bf16", 1, False, True, False): (2048, 4, 4),
+    (L.KIND_SGD, "bf16", "bf16", 1, False, True, True): (2048, 4, 4),
+    (L.KIND_SGD, "bf16", "bf16", 1, True, False, False): (2048, 4, 4),
+    (L.KIND_SGD, "bf16", "bf16", 1, True, False, True): (2048, 4, 4),
+    (L.KIND_SGD, "bf16", "bf16", 1, True, True, False): (2048, 4, 4),
+    (L.KIND_SGD, "bf16", "bf16", 1, True, True, True): (2048, 3, 4),
+    (L.KIND_SGD, "bf16", "bf16", 2, False, False, False): (2048, 4, 4),
+    (L.KIND_SGD, "bf16", "bf16", 2, False, False, True): (2048, 4, 4),
+    (L.KIND_SGD, "bf16", "bf16", 2, False, True, False): (1024, 4, 4),
+    (L.KIND_SGD, "bf16", "bf16", 2, False, True, True): (1024, 4, 4),
+    (L.KIND_SGD, "bf16", "bf16", 2, True, False, False): (2048, 4, 4),
+    (L.KIND_SGD, "bf16", "bf16", 2, True, False, True): (2048, 4, 4),
+    (L.KIND_SGD, "bf16", "bf16", 2, True, True, False): (2048, 4, 4),
+    (L.KIND_SGD, "bf16", "bf16", 2, True, True, True): (2048, 4, 4),
+    (L.KIND_SGD, "bf16", "fp32", 0, False, False, False): (2048, 4, 4),
+    (L.KIND_SGD, "bf16", "fp32", 0, False, False, True): (2048, 4, 4),
+    (L.KIND_SGD, "bf16", "fp32", 0, False, True, False): (2048, 4, 4),
+    (L.KIND_SGD, "bf16", "fp32", 0, False, True, True): (2048, 4, 4),
+    (L.KIND_SGD, "bf16", "fp32", 0, True, False, False): (1024, 4, 4),
+    (L.KIND_SGD, "bf16", "fp32", 0, True, False, True): (1024, 4, 4),
+    (L.KIND_SGD, "bf16", "fp32", 0, True, True, False): (1024, 4, 4),
+    (L.KIND_SGD, "bf16", "fp32", 0, True, True, True): (1024, 4, 4),
+    (L.KIND_SGD, "bf16", "fp32", 1, False, False, False): (1024, 4, 4),
+    (L.KIND_SGD, "bf16", "fp32", 1, False, False, True): (1024, 4, 4),
+    (L.KIND_SGD, "bf16", "fp32", 1, False, True, False): (2048, 4, 4),
+    (L.KIND_SGD, "bf16", "fp32", 1, False, True, True): (2048, 4, 4),
+    (L.KIND_SGD, "bf16", "uint8", 1, False, False, False): (2048, 3, 4),
+    (L.KIND_SGD, "bf16", "uint8", 1, False, False, True): (2048, 3, 4),
+    (L.KIND_SGD, "bf16", "uint8", 1, False, True, False): (2048, 4, 4),
+    (L.KIND_SGD, "bf16", "uint8", 1, False, True, True): (2048, 4, 4),
+    (L.KIND_SGD, "bf16", "uint8", 1, True, False, False): (2048, 4, 4),
+    (L.KIND_SGD, "bf16", "uint8", 1, True, False, True): (2048, 4, 4),
+    (L.KIND_SGD, "bf16", "uint8", 2, False, False, False): (2048, 4, 4),
+    (L.KIND_SGD, "bf16", "uint8", 2, False, False, True): (2048, 4, 4),
+    (L.KIND_SGD, "bf16", "uint8", 2, False, True, False): (2048, 4, 4),
+    (L.KIND_SGD, "bf16", "uint8", 2, False, True, True): (2048, 4, 4),
+    (L.KIND_SGD, "fp16", "fp16", 0, False, False, False): (2048, 4, 4),
+    (L.KIND_SGD, "fp16", "fp16", 0, False, False, True): (2048, 4, 4),
+    (L.KIND_SGD, "fp16", "fp16", 0, False, True, False): (2048, 4, 4),
+    (L.KIND_SGD, "fp16", "fp16", 0, False, True, True): (2048, 4, 4),
+    (L.KIND_SGD, "fp16", "fp16", 0, True, False, False): (2048, 4, 4),
+    (L.KIND_SGD, "fp16", "fp16", 0, True, False, True): (2048, 4, 4),
+    (L.KIND_SGD, "fp16", "fp16", 0, True, True, False): (2048, 4, 4),
+    (L.KIND_SGD, "fp16", "fp16", 0, True, True, True): (2048, 4, 4),
+    (L.KIND_SGD, "fp16", "fp32", 1, False, False, False): (1024, 4, 4),
+    (L.KIND_SGD, "fp16", "fp32", 1, False, False, True): (1024, 4, 4),
+    (L.KIND_SGD, "fp16", "fp32", 1, False, True, False): (2048, 4, 4),
+    (L.KIND_SGD, "fp16", "fp32", 1, False, True, True): (2048, 4, 4)}
+#: benchmarks only (bench/gpu_check.sh): FASTSCHED_UPDATE_RUNS=0 launches every flat update
+#: through the per-block kernel (the launch configuration before the pipelined one)
+_RUNS = os.environ.get("FASTSCHED_UPDATE_RUNS", "1") != "0"
+
+
+@functools.cache  # on the host path of every step: a dict lookup
+def run_launch(kind: int, dtype: torch.dtype, flag: bool, all3: bool, stats: bool,
+               state: int | None = None, mode: int = 0, l2: bool = True):
+    """(BLOCK, STAGES, num_warps) of the pipelined update of this variant, or None where the
+    per-block kernel runs it (:data:`_RUN_LAUNCH`)."""
+    if not _RUNS or _FORCE_WARPS or (flag and not all3):
+        return None
+    key = (kind, _DT_NAMES[dtype], _TL_NAMES[tl_state(state, dtype, mode)], mode, bool(flag),
+           bool(stats), bool(l2))
+    return _RUN_LAUNCH.get(key)
+
+
 def launch_update(kind: int, tensors, blocks, scal, ustat, n_blocks: int, dtype: torch.dtype,
                   block: int, flag: bool, stats: bool, clock, advance: bool,
                   state: int | None = None, mode: int = 0, l2: bool = True,
-                  rec=None) -> None:
+                  runs=None, n_runs: int = 0, run_elements: int = 0, all3: bool = False,
+                  rec=None) -> bool:
     """The update pass over every block of one dtype bucket (``flag``: amsgrad / momentum;
     ``stats``: per-tensor sums of p^2 and u^2 into ``ustat``; ``advance``: this launch
     advances ``clock``, on exactly one launch of a step). ``state``: the STATE_* code of the
@@ -1247,17 +1481,32 @@ def launch_update(kind: int, tensors, blocks, scal, ustat, n_blocks: int, dtype:
     ``l2``: the gradient gets ``weight_decay * p`` (Adam's L2 penalty, SGD's weight decay;
     False: the term is left out, for AdamW and groups with weight_decay 0). The launch
     configuration does not depend on ``l2`` (the variant without the term is the other one
-    less a multiply and an add) except where :data:`_UPDATE_NO_L2` says."""
+    less a multiply and an add) except where :data:`_UPDATE_NO_L2` says.
+    ``runs`` / ``n_runs``: the same elements as rows (tensor, first element) of
+    ``run_elements`` each; where :func:`run_launch` has the variant (``all3``: every tensor
+    has the optional state), the launch is one program per run of the pipelined kernel.
+    Returns whether it was (False: the per-block kernel, or nothing to launch)."""
     if n_blocks:
         sdtype = tl_state(state, dtype, mode)
         if sdtype == tl.uint8 and (block % L.Q_BLOCK or (kind == L.KIND_ADAM and flag)):
             raise ValueError("8-bit states: the block must be a multiple of Q_BLOCK and "
                              "amsgrad's max_exp_avg_sq is never 8-bit")
+        cfg = None if runs is None else run_launch(kind, dtype, flag, all3, stats, state, mode,
+                                                   bool(l2))
+        if cfg is not None and run_elements % cfg[0] == 0:
+            rb, stages, warps = cfg
+            _go(_run_update_kernel, (n_runs,),
+                (tensors, runs, scal, ustat if stats else scal, clock, int(advance)),
+                dict(KIND=kind, DTYPE=tl_dtype(dtype), BLOCK=rb, RUN=run_elements // rb,
+                     STAGES=stages, FLAG=flag, ALL3=bool(flag and all3), STATS=stats,
+                     SDTYPE=sdtype, MODE=mode, L2=bool(l2), num_warps=warps), rec)
+            return True
         split, warps = update_launch(kind, dtype, block, flag, state, mode, bool(l2))
         _go(_update_kernel, (n_blocks,),
             (tensors, blocks, scal, ustat if stats else scal, clock, int(advance)),
             dict(KIND=kind, DTYPE=tl_dtype(dtype), BLOCK=block, FLAG=flag, STATS=stats,
                  SDTYPE=sdtype, MODE=mode, SPLIT=split, L2=bool(l2), num_warps=warps), rec)
+    return False
 
 
 #: (SPLIT, num_warps) of an ALLoRA unit tile of 2048 elements by (kind, parameter dtype, state

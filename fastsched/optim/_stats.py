@@ -156,9 +156,11 @@ class StatsMixin:
         ``"units"`` for ALLoRA), the storage dtype, the programs, the tensors it covers (names
         as in :meth:`stats_names`) and its variant (alignment hints, ALLoRA tile; below fp32
         ``"states"``, the storage of the states, and ``"mode"``: ``"master"`` or
-        ``"stochastic_rounding"``; ``"l2": True`` when its tensors' groups add
-        ``weight_decay * p`` to the gradient, Adam's L2 penalty or SGD's weight decay: a variant
-        of its own, so such groups and those without the term launch apart).
+        ``"stochastic_rounding"``; ``"pipelined": True`` when one program ran each run of
+        ``RUN_ELEMENTS`` elements through the pipelined update; ``"l2": True`` when its
+        tensors' groups add ``weight_decay * p`` to the gradient, Adam's L2 penalty or SGD's
+        weight decay: a variant of its own, so such groups and those without the term launch
+        apart).
         The reference backend runs the same passes as PyTorch operations."""
         plan = self._tables.plan
         if plan is None:
@@ -184,7 +186,10 @@ class StatsMixin:
                     "tensors": names})
         for b in plan.buckets:
             d = {"pass": "units" if b.units else "update", "dtype": b.dtype,
-                 "programs": b.n_blocks, "tensors": names[b.lo:b.hi], "aligned": b.aligned}
+                 "programs": b.n_runs if b.pipelined else b.n_blocks,
+                 "tensors": names[b.lo:b.hi], "aligned": b.aligned}
+            if b.pipelined:
+                d["pipelined"] = True
             if b.state is not None:
                 d["states"] = _STATE_NAMES[b.state]
             if b.mode:

@@ -22,10 +22,16 @@ from . import _distributed, _lowp
 from ._distributed import local
 
 __all__ = ["Plan", "Bucket", "Entry", "LowP", "TableBuilder", "allora_units", "h2d",
-           "DEFAULT_BLOCK", "UNIT_CLASSES"]
+           "DEFAULT_BLOCK", "RUN_ELEMENTS", "UNIT_CLASSES"]
 
 #: 2048-element blocks with alignment hints: 2.99 TB/s on an H100 (99% of copy); 4096: 2.39 TB/s
 DEFAULT_BLOCK = 2048
+#: elements of a run, the unit of the pipelined update (kernels/optim.py, _run_update_kernel):
+#: 8 blocks of 2048, 16 of 1024, so that a program's steady state (STAGES - 1 = 2-3 blocks
+#: copied ahead) covers most of its run, while GPT-2 small (124M parameters) still makes
+#: ~7,600 programs, ~10 rounds of the ~790 an H100 holds (132 SMs x 6), for the tail to
+#: balance. A multiple of every BLOCK of the table (run starts are aligned to all of them)
+RUN_ELEMENTS = 16384
 #: ALLoRA tiles (longest unit, units per program, elements per chunk) by unit length: short rows
 #: (LoRA B, out x r) would leave most lanes of a 256-wide chunk idle
 UNIT_CLASSES = ((16, 128, 16), (128, 16, 128), (None, 8, 256))
@@ -128,6 +134,14 @@ class Bucket:
     state: int | None = None  # STATE_* code of the states; None: the parameter's dtype
     mode: int = 0  # MODE_* bits (master copy, stochastic rounding)
     l2: bool = False  # the weight term in the gradient (Entry.l2 of every row)
+    #: flat Triton launches: one row (tensor, first element) per run of RUN_ELEMENTS elements,
+    #: for the pipelined update where its launch table has the variant (None: ALLoRA tiles)
+    runs: torch.Tensor | None = None
+    n_runs: int = 0
+    #: FLAG buckets: every row has the optional state (amsgrad's max_exp_avg_sq, the momentum
+    #: buffer), so the pipelined update can load it outside a branch
+    all3: bool = False
+    pipelined: bool = False  # the last step launched it pipelined (runs, not blocks)
 
 
 @dataclass
@@ -530,14 +544,19 @@ class TableBuilder:
                                         plan.l2)]
         for lo, hi in self._runs(keys):
             dtype, (state, mode), c, l2 = keys[lo]
-            flag = any(r[_FLAG_COL[self.kind]] != 0 for r in rows[lo:hi])
+            has = [r[_FLAG_COL[self.kind]] != 0 for r in rows[lo:hi]]
+            flag = any(has)
             if c < 0:
                 blocks = _block_table(flat[lo:hi], lo, self.block, plan.device)
+                counts = torch.tensor([-(-r[L.T_NUMEL] // RUN_ELEMENTS) for r in rows[lo:hi]],
+                                      dtype=torch.int64)
+                runs = _block_table(counts, lo, RUN_ELEMENTS, plan.device)
                 static = self._aligned(rows[lo:hi], (L.T_P,) + L.T_STATES)
                 plan.buckets.append(Bucket(dtype, lo, hi, blocks, blocks.shape[0],
                                            static and self._aligned(rows[lo:hi], (L.T_G,)),
                                            flag, static_aligned=static, state=state,
-                                           mode=mode, l2=l2))
+                                           mode=mode, l2=l2, runs=runs, n_runs=runs.shape[0],
+                                           all3=all(has)))
             else:
                 _, nu, chunk = UNIT_CLASSES[c]
                 tiles = torch.tensor([(ui[3] + nu - 1) // nu for ui in info[lo:hi]],

@@ -22,6 +22,7 @@ import torch
 
 from ..kernels import layout as L
 from . import _reference
+from ._tables import DEFAULT_BLOCK, RUN_ELEMENTS
 
 __all__ = ["StepOptions", "NONFINITE", "ALLORA_APPLY", "adam", "sgd", "adam_row", "sgd_row",
            "run_step"]
@@ -308,9 +309,12 @@ def _run_triton(plan, buffers, groups, cfg, table, options: StepOptions, gs, fi)
                                 b.n_blocks, b.dtype, b.units, b.chunk, b.flag, options.stats,
                                 buffers.clock, i == first, **_variant(b), rec=rec)
         else:
-            launch_update(plan.kind, plan.tensors, b.blocks, plan.scal, plan.ustat, b.n_blocks,
-                          b.dtype, plan.block, b.flag, options.stats, buffers.clock, i == first,
-                          **_variant(b), rec=rec)
+            b.pipelined = launch_update(
+                plan.kind, plan.tensors, b.blocks, plan.scal, plan.ustat, b.n_blocks, b.dtype,
+                plan.block, b.flag, options.stats, buffers.clock, i == first, **_variant(b),
+                # (a block_size of the user's own keeps one program per block of that size)
+                runs=b.runs if plan.block == DEFAULT_BLOCK else None, n_runs=b.n_runs,
+                run_elements=RUN_ELEMENTS, all3=b.all3, rec=rec)
     if plan.dist is not None and options.stats:  # whole-tensor norms (stats=True)
         plan.dist.reduce_rows(plan.ustat)
     if rec is not None and None not in rec[0]:

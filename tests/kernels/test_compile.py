@@ -74,10 +74,26 @@ def test_derived_variants_span_every_specialisation(derived):
         for flag in ("FLAG", "STATS", "L2"):
             assert {v.constexprs[flag] for v in got} == {False, True}, (name, flag)
     upd = _by_kernel(vs, "_update_kernel")
+    run = _by_kernel(vs, "_run_update_kernel")
     # 2 kinds x 3 dtypes x flag x stats x weight term (alignment is tested per tensor in the
-    # kernel)
-    assert len(upd) == 48
-    assert all("ALIGNED" not in v.constexprs for v in upd)
+    # kernel), each launched per block, pipelined or both (a FLAG variant whose tensors differ
+    # in the optional state runs per block)
+    base = ("KIND", "DTYPE", "FLAG", "STATS", "L2")
+    keys = {tuple(str(v.constexprs[k]) for k in base) for v in upd + run}
+    assert len(keys) == 48
+    assert {v.constexprs["FLAG"] for v in upd} == {False, True}
+    assert all("ALIGNED" not in v.constexprs for v in upd + run)
+    # the pipelined launches: the table's configuration, runs of RUN_ELEMENTS, and a FLAG
+    # variant only where every tensor has the optional state
+    from fastsched.optim._tables import RUN_ELEMENTS
+
+    for v in run:
+        c = v.constexprs
+        k = (c["KIND"], ko._TL_NAMES[c["DTYPE"]], ko._TL_NAMES[c["SDTYPE"]], c["MODE"],
+             c["FLAG"], c["STATS"], c["L2"])
+        assert (c["BLOCK"], c["STAGES"], v.options["num_warps"]) == ko._RUN_LAUNCH[k]
+        assert c["RUN"] * c["BLOCK"] == RUN_ELEMENTS
+        assert c["ALL3"] == c["FLAG"]
     # launch options: the (SPLIT, warps) of update_launch(), recorded per variant
     assert all((v.constexprs["SPLIT"], v.options["num_warps"]) == ko.update_launch(
         v.constexprs["KIND"], {"fp32": torch.float32, "bf16": torch.bfloat16,
@@ -251,15 +267,26 @@ def test_launch_tables_cover_every_update_variant(cc):
         sys.path.remove(str(ROOT / "bench"))
     vs, _ = cc.variants(lowp=True)
     tables = {"_update_kernel": ko._UPDATE_LAUNCH, "_units_update_kernel": ko._UNITS_LAUNCH}
+    pipelined = set()
     # the variants without the weight term: their own row where the table's does not hold
     no_l2 = {"_update_kernel": ko._UPDATE_NO_L2, "_units_update_kernel": ko._UNITS_NO_L2}
     seen, seen_no_l2 = set(), set()
     for v in vs:
-        if v.name not in tables:
+        if v.name not in tables and v.name != "_run_update_kernel":
             continue
-        rows = launch_sweep._entries(cc.short_key(v))
         c = v.constexprs
         mine = (c["KIND"], str(c["DTYPE"]), str(c["SDTYPE"]), c["MODE"], c["FLAG"])
+        if v.name == "_run_update_kernel":
+            # its per-block row is what FASTSCHED_UPDATE_RUNS=0 and a block_size of the
+            # user's own launch
+            assert mine in tables["_update_kernel"], mine
+            seen.add(("_update_kernel", mine))
+            if not c["L2"] and mine in no_l2["_update_kernel"]:
+                seen_no_l2.add(("_update_kernel", mine))
+            pipelined.add((c["KIND"], ko._TL_NAMES[c["DTYPE"]], ko._TL_NAMES[c["SDTYPE"]],
+                           c["MODE"], c["FLAG"], c["STATS"], c["L2"]))
+            continue
+        rows = launch_sweep._entries(cc.short_key(v))
         assert mine in rows, (v.name, mine, rows)
         assert mine in tables[v.name], (v.name, mine)
         want = tables[v.name][mine]
@@ -271,12 +298,13 @@ def test_launch_tables_cover_every_update_variant(cc):
     # no stale rows: each one is launched by some configuration
     assert seen == {(n, k) for n, t in tables.items() for k in t}
     assert seen_no_l2 == {(n, k) for n, t in no_l2.items() for k in t}
+    assert pipelined == set(ko._RUN_LAUNCH)
 
 
-def test_pipeline_probe_reads_cp_async(bench_script):
-    """bench/pipeline_probe.py: LDGSTS widths from a listing, and which compiled configurations
+def test_run_sweep_reads_cp_async(bench_script):
+    """bench/run_sweep.py: LDGSTS widths from a listing, and which compiled configurations
     count (no spills, no 16-byte load left in registers, cp.async copies mostly 16 bytes)."""
-    pp = bench_script("pipeline_probe")
+    pp = bench_script("run_sweep")
     sass = """
         /*0100*/  LDGSTS.E.BYPASS.128 [R3], desc[UR4][R4.64] ;
         /*0110*/  @P0 LDGSTS.E.BYPASS.128 [R3+0x800], desc[UR4][R6.64] ;
@@ -291,3 +319,38 @@ def test_pipeline_probe_reads_cp_async(bench_script):
     assert "LDG.128" in pp.reject(dict(ok, ldg128=4))
     assert "widths" in pp.reject(dict(ok, cp={16: 4, 8: 12}))
     assert "widths" in pp.reject(dict(ok, cp={}))
+
+
+def test_requirements_of_the_pipelined_update(cc, derived):
+    """A pipelined variant's full blocks are 16-byte cp.async copies (LDGSTS), nothing of them
+    stays a register load, and its bytes in flight are the blocks copied ahead."""
+    sass = """
+        /*0100*/  LDGSTS.E.BYPASS.128 [R3], desc[UR4][R4.64] ;
+        /*0110*/  LDGSTS.E.BYPASS.128 [R3+0x800], desc[UR4][R6.64] ;
+        /*0140*/  LDG.E.128 R16, desc[UR4][R2.64] ;
+    """
+    assert cc.sass_ops(sass) == {"LDGSTS.128": 2, "LDG.128": 1}
+    vs, _ = derived
+    v = next(x for x in vs if x.name == "_run_update_kernel"
+             and x.constexprs["KIND"] == L.KIND_ADAM and str(x.constexprs["DTYPE"]) == "bf16"
+             and str(x.constexprs["SDTYPE"]) == "bf16" and not x.constexprs["FLAG"]
+             and not x.constexprs["MODE"])
+    c = {k: v.constexprs[k] for k in ("KIND", "DTYPE", "FLAG", "STATS", "SDTYPE", "MODE", "L2")}
+    run = cc.Variant(**{**v.__dict__, "fn": ko._run_update_kernel,
+                        "constexprs": dict(c, BLOCK=2048, RUN=8, STAGES=4, ALL3=False)})
+    need = cc.program_bytes(run)  # 2048 x 4 arrays x 2 bytes
+    assert need == 2048 * 8
+    w = 4
+    vec = need // (16 * 32 * w)
+    # 4 programs (125 registers, 3 x 16 KB of copies each) x 3 blocks ahead: 192 KB
+    good = cc.Code(w, 125, 0, 49152, {"LDGSTS.128": 4 * vec, "STG.128": 6},
+                   ahead=3 * need)
+    assert good.programs == 4 and good.inflight == 192 * 1024
+    assert cc.requirements(run, good) == []
+    assert any("not pipelined" in b for b in cc.requirements(
+        run, cc.Code(w, 125, 0, 49152, {"LDGSTS.128": 4 * vec, "LDG.128": 2, "STG.128": 6},
+                     ahead=3 * need)))
+    assert any("16-byte loads" in b for b in cc.requirements(
+        run, cc.Code(w, 125, 0, 49152, {"LDG.16": 8, "STG.128": 6}, ahead=3 * need)))
+    assert any("in flight" in b for b in cc.requirements(
+        run, cc.Code(w, 125, 0, 49152, {"LDGSTS.128": 4 * vec, "STG.128": 6}, ahead=need)))

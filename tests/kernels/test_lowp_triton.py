@@ -409,7 +409,8 @@ def test_compile_check_sweeps_the_variants_below_fp32(compile_check):
     assert not any(cc.is_lowp(v) for v in base)
     vs, n = cc.variants(lowp=True)
     assert n == len(cc.configs()) + len(cc.lowp_configs()) + 1
-    upd = [v for v in vs if v.name == "_update_kernel" and cc.is_lowp(v)]
+    # per block or pipelined (kernels/optim.py, _RUN_LAUNCH)
+    upd = [v for v in vs if v.name in ("_update_kernel", "_run_update_kernel") and cc.is_lowp(v)]
     got = {(str(v.constexprs["DTYPE"]), str(v.constexprs["SDTYPE"]), v.constexprs["MODE"])
            for v in upd}
     want = {(str(ko.tl_dtype(d)), str(ko.tl_state(s, d, m)), m) for d, s, m in cc.LOWP}
@@ -420,6 +421,11 @@ def test_compile_check_sweeps_the_variants_below_fp32(compile_check):
     # the warps the launchers chose, and the bytes a program moves, as compiled
     for v in upd:
         c = v.constexprs
+        if v.name == "_run_update_kernel":
+            key = (c["KIND"], ko._TL_NAMES[c["DTYPE"]], ko._TL_NAMES[c["SDTYPE"]], c["MODE"],
+                   c["FLAG"], c["STATS"], c["L2"])
+            assert (c["BLOCK"], c["STAGES"], v.options["num_warps"]) == ko._RUN_LAUNCH[key]
+            continue
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16,
                  "fp16": torch.float16}[str(c["DTYPE"])]
         state = next(s for d, s, m in cc.LOWP if (d, m) == (dtype, c["MODE"])
@@ -429,7 +435,7 @@ def test_compile_check_sweeps_the_variants_below_fp32(compile_check):
             c["KIND"], dtype, 2048, c["FLAG"], st, c["MODE"], c["L2"])
     v = next(v for v in upd if str(v.constexprs["SDTYPE"]) == "uint8"
              and str(v.constexprs["DTYPE"]) == "fp32" and v.constexprs["KIND"] == L.KIND_ADAM)
-    assert cc.program_bytes(v) == 2048 * (4 + 4 + 1 + 1)
+    assert cc.program_bytes(v) == v.constexprs["BLOCK"] * (4 + 4 + 1 + 1)
 
 
 @pytest.mark.parametrize("elem0", [0, 2**32 - 1000, 5 * 2**32 + 3])
