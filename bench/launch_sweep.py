@@ -3,7 +3,8 @@ code: ``python bench/launch_sweep.py [--kernel units] [--jobs 2]`` (triton 3.6, 
 without ``TRITON_INTERPRET``), about 15 minutes a kernel on 2 cores.
 
 Each variant that ``bench/compile_check.py`` finds (every dtype, flag, statistics, weight term
-and unit class the optimizers launch) is compiled for sm_90 at SPLIT 1 and 2 (the block in one
+and unit class the optimizers launch per block: the pipelined ones, ``_RUN_LAUNCH``, are
+``bench/run_sweep.py``'s) is compiled for sm_90 at SPLIT 1 and 2 (the block in one
 piece, or in two halves whose loads are all issued before the first half's stores) and 1, 2, 4 and 8
 warps (units: 1, 2, 4). Per launch key (``compile_check.short_key``: kind, dtypes, mode, flag;
 the statistics and unit-class variants behind a key are taken at their worst) the choice is:
