@@ -848,7 +848,7 @@ def _run_update_kernel(tensors_ptr, runs_ptr, scal_ptr, ustat_ptr, clock_ptr, ad
     has in flight sit in shared memory (228 KB) instead of registers: resident programs x
     (STAGES - 1) x a block's bytes (bench/compile_check.py counts them so). The 16-bit and 8-bit
     variants, which hold fp32 working copies of every array, stop at 32-120 KB with a block in
-    registers; pipelined, most reach 144-216 KB at 32-170 registers (bench/run_sweep.py). The
+    registers; pipelined, 72-216 KB at 32-245 registers (bench/run_sweep.py). The
     partial last block and unaligned tensors then take the masked path of
     :func:`_masked_block`, in the same program.
 
