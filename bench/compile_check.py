@@ -437,6 +437,7 @@ KNOWN_SHORT = {("_units_update_kernel", L.KIND_ADAM, "bf16", "bf16", 1, False): 
                ("_update_kernel", L.KIND_ADAM, "bf16", "bf16", 2, False): 112,
                ("_update_kernel", L.KIND_ADAM, "bf16", "bf16", 2, True): 80,
                ("_update_kernel", L.KIND_ADAM, True, True): 100,
+               ("_update_kernel", L.KIND_ADAM, "bf16", "uint8", 1, False): 78,
                ("_update_kernel", L.KIND_SGD, "bf16", "bf16", 1, True): 108,
                ("_update_kernel", L.KIND_SGD, "bf16", "bf16", 2, True): 56,
                ("_update_kernel", L.KIND_SGD, "bf16", "fp32", 0, True): 96,
@@ -445,15 +446,15 @@ KNOWN_SHORT = {("_units_update_kernel", L.KIND_ADAM, "bf16", "bf16", 1, False): 
                ("_update_kernel", L.KIND_SGD, "bf16", "uint8", 2, True): 60,
                ("_update_kernel", L.KIND_SGD, True, True): 72,
                # pipelined (_RUN_LAUNCH: where they hold more than per block): resident
-               # programs x the blocks copied ahead; registers (166-223 with 8-bit states) or
+               # programs x the blocks copied ahead; registers (134-204 with 8-bit states) or
                # the copies' shared memory bound the programs
                ("_run_update_kernel", L.KIND_ADAM, "bf16", "bf16", 2, True): 120,
                ("_run_update_kernel", L.KIND_ADAM, "bf16", "uint8", 0, False): 72,
                ("_run_update_kernel", L.KIND_ADAM, "bf16", "uint8", 1, False): 96,
                ("_run_update_kernel", L.KIND_ADAM, "bf16", "uint8", 2, False): 72,
-               ("_run_update_kernel", L.KIND_ADAM, "fp32", "uint8", 0, False): 120,
-               ("_run_update_kernel", L.KIND_ADAM, True, True): 120,
-               ("_run_update_kernel", L.KIND_SGD, "bf16", "uint8", 1, True): 126}
+               ("_run_update_kernel", L.KIND_SGD, "bf16", "uint8", 1, True): 126,
+               ("_run_update_kernel", L.KIND_SGD, "bf16", "uint8", 2, False): 120,
+               ("_run_update_kernel", L.KIND_SGD, "bf16", "uint8", 2, True): 90}
 #: the variants without the weight term in the gradient (L2=False: AdamW, weight_decay 0) that
 #: hold less than KNOWN_SHORT's figure for their key at every launch configuration
 #: (`launch_sweep.py --l2 false --key ...`, the best taken; the variant with the term keeps

@@ -847,10 +847,10 @@ def _run_update_kernel(tensors_ptr, runs_ptr, scal_ptr, ustat_ptr, clock_ptr, ad
     ``LDGSTS.E.BYPASS.128``, 16 bytes a thread) while one block is computed, so the bytes an SM
     has in flight sit in shared memory (228 KB) instead of registers: resident programs x
     (STAGES - 1) x a block's bytes (bench/compile_check.py counts them so). The 16-bit and 8-bit
-    variants, which hold fp32 working copies of every array, stop at 32-120 KB with a block in
-    registers; pipelined, 72-216 KB at 32-245 registers (bench/run_sweep.py). The
-    partial last block and unaligned tensors then take the masked path of
-    :func:`_masked_block`, in the same program.
+    variants, which hold fp32 working copies of every array, stop at 32-168 KB with a block in
+    registers; pipelined, 72-216 KB at 39-204 registers (bench/run_sweep.py). The
+    partial last block and unaligned tensors take the masked path of :func:`_masked_block`
+    first, in the same program.
 
     ALL3 (FLAG variants): every tensor of the launch has the optional state, so its load is
     not under the runtime branch ``has3``: the pipeliner leaves a load under a branch of the
@@ -875,6 +875,15 @@ def _run_update_kernel(tensors_ptr, runs_ptr, scal_ptr, ustat_ptr, clock_ptr, ad
                                                          SDTYPE)
     psq = tl.zeros([], dtype=tl.float32)
     usq = tl.zeros([], dtype=tl.float32)
+    # The masked blocks (a partial last block, an unaligned tensor) go first: compiled after the
+    # pipelined loop, their registers stayed live beside its buffers (sm_90, triton 3.6:
+    # 2-byte Adam + statistics 140 -> 123 registers, 144 -> 192 KB in flight).
+    for k in range(n_full, n_blocks):
+        a, b = _masked_block(pa, ga, s1, s2, s3, has3, wa, q1, q2, start + k * BLOCK, numel,
+                             sr_c, elem0, grad_mul, c0, c1, c2, c3, c4, c5, c6, c7, KIND, DTYPE,
+                             BLOCK, FLAG, STATS, SDTYPE, MODE, L2)
+        psq += a
+        usq += b
     for k in tl.range(0, n_full, num_stages=STAGES):
         b0 = start + k * BLOCK
         if SDTYPE == tl.uint8:
@@ -887,12 +896,6 @@ def _run_update_kernel(tensors_ptr, runs_ptr, scal_ptr, ustat_ptr, clock_ptr, ad
         a, b = _apply(fp, fg, f1, f2, f3, has3, offs, offs, 1.0, 1.0, grad_mul, c0, c1, c2, c3,
                       c4, c5, c6, c7, fw, fq1, fq2, qoffs, qoffs, sr_c, elem0, KIND, DTYPE, False,
                       FLAG, STATS, SDTYPE, MODE, L2)
-        psq += a
-        usq += b
-    for k in range(n_full, n_blocks):
-        a, b = _masked_block(pa, ga, s1, s2, s3, has3, wa, q1, q2, start + k * BLOCK, numel,
-                             sr_c, elem0, grad_mul, c0, c1, c2, c3, c4, c5, c6, c7, KIND, DTYPE,
-                             BLOCK, FLAG, STATS, SDTYPE, MODE, L2)
         psq += a
         usq += b
     _add_stats(ustat_ptr + tidx * L.US_COLS, psq, usq, STATS)
@@ -1344,52 +1347,51 @@ def launch_finalize(tensors, groups, scal, sched_table, clock, n_tensors: int, k
 #: optional state (Bucket.all3); the others, and every variant not here, keep the per-block
 #: kernel: fp32 AdamW holds 192 KB either way, and the per-block design is the one measured
 #: on an H100 (2.99 TB/s, 99.7% of copy). Of the 114 variants the sweep compiled (those short
-#: of 128 KB per block, and fp32 / 16-bit AdamW), 98 are here; at 128 KB or more: 76 with
+#: of 128 KB per block, and fp32 / 16-bit AdamW), 102 are here; at 128 KB or more: 86 with
 #: them, 24 per block (bench/results/run-sweep-sm90-20261202.txt). 16-bit SGD with momentum
-#: 56-108 -> 180-216 KB (32-96 registers), 16-bit Adam 96-144 -> 120-192, bf16 with 8-bit
-#: states 32-112 -> 72-216; not here (the pipelined one holds no more): bf16 SGD with 8-bit
-#: momentum without a master or with stochastic rounding (60-90 KB either way), with a master
-#: and statistics (84 against 112), bf16 Adam with stochastic rounding and the weight term or
-#: statistics (96 against 108-128). The partial last block in the same program costs
-#: registers: the loop alone (bench/run_sweep.py's first version) held 192 KB where 2-byte
-#: Adam with statistics holds 144 here.
+#: 56-108 -> 180-216 KB (55-127 registers), 16-bit Adam 80-144 -> 120-192, bf16 with 8-bit
+#: states 32-168 -> 72-216; not here (the pipelined one holds no more): bf16 SGD with 8-bit
+#: momentum without a master or with stochastic rounding (60-90 KB either way), bf16 Adam
+#: with stochastic rounding and the weight term (96 against 112-128), bf16 Adam with 8-bit
+#: states, a master and statistics (no configuration copies 16 bytes at a time).
 _RUN_LAUNCH = {
     (L.KIND_ADAM, "bf16", "bf16", 0, False, False, False): (2048, 4, 4),
     (L.KIND_ADAM, "bf16", "bf16", 0, False, False, True): (2048, 4, 4),
     (L.KIND_ADAM, "bf16", "bf16", 0, False, True, False): (2048, 4, 4),
-    (L.KIND_ADAM, "bf16", "bf16", 0, False, True, True): (2048, 4, 4),
+    (L.KIND_ADAM, "bf16", "bf16", 0, False, True, True): (1024, 4, 4),
     (L.KIND_ADAM, "bf16", "bf16", 0, True, False, False): (2048, 4, 4),
     (L.KIND_ADAM, "bf16", "bf16", 0, True, False, True): (2048, 4, 4),
-    (L.KIND_ADAM, "bf16", "bf16", 0, True, True, True): (1024, 4, 4),
+    (L.KIND_ADAM, "bf16", "bf16", 0, True, True, False): (2048, 4, 4),
+    (L.KIND_ADAM, "bf16", "bf16", 0, True, True, True): (2048, 4, 4),
     (L.KIND_ADAM, "bf16", "bf16", 1, True, False, False): (1024, 4, 4),
     (L.KIND_ADAM, "bf16", "bf16", 1, True, False, True): (1024, 4, 4),
     (L.KIND_ADAM, "bf16", "bf16", 1, True, True, False): (1024, 4, 4),
     (L.KIND_ADAM, "bf16", "bf16", 1, True, True, True): (1024, 4, 4),
     (L.KIND_ADAM, "bf16", "bf16", 2, False, False, False): (2048, 4, 4),
+    (L.KIND_ADAM, "bf16", "bf16", 2, False, True, False): (2048, 4, 4),
     (L.KIND_ADAM, "bf16", "bf16", 2, True, False, False): (1024, 4, 4),
     (L.KIND_ADAM, "bf16", "bf16", 2, True, False, True): (1024, 4, 4),
-    (L.KIND_ADAM, "bf16", "bf16", 2, True, True, False): (2048, 4, 4),
+    (L.KIND_ADAM, "bf16", "bf16", 2, True, True, False): (1024, 4, 4),
     (L.KIND_ADAM, "bf16", "bf16", 2, True, True, True): (1024, 4, 4),
     (L.KIND_ADAM, "bf16", "uint8", 0, False, False, False): (2048, 4, 4),
-    (L.KIND_ADAM, "bf16", "uint8", 0, False, False, True): (2048, 3, 4),
-    (L.KIND_ADAM, "bf16", "uint8", 0, False, True, False): (2048, 4, 4),
-    (L.KIND_ADAM, "bf16", "uint8", 0, False, True, True): (2048, 4, 4),
-    (L.KIND_ADAM, "bf16", "uint8", 1, False, False, False): (2048, 4, 4),
-    (L.KIND_ADAM, "bf16", "uint8", 1, False, False, True): (2048, 4, 4),
-    (L.KIND_ADAM, "bf16", "uint8", 1, False, True, False): (2048, 4, 4),
+    (L.KIND_ADAM, "bf16", "uint8", 0, False, False, True): (2048, 4, 4),
+    (L.KIND_ADAM, "bf16", "uint8", 0, False, True, False): (2048, 3, 4),
+    (L.KIND_ADAM, "bf16", "uint8", 0, False, True, True): (2048, 3, 4),
+    (L.KIND_ADAM, "bf16", "uint8", 1, False, False, False): (2048, 3, 4),
+    (L.KIND_ADAM, "bf16", "uint8", 1, False, False, True): (2048, 3, 4),
     (L.KIND_ADAM, "bf16", "uint8", 1, False, True, True): (2048, 4, 4),
     (L.KIND_ADAM, "bf16", "uint8", 2, False, False, False): (2048, 4, 4),
     (L.KIND_ADAM, "bf16", "uint8", 2, False, False, True): (2048, 4, 4),
     (L.KIND_ADAM, "bf16", "uint8", 2, False, True, False): (2048, 4, 4),
     (L.KIND_ADAM, "bf16", "uint8", 2, False, True, True): (2048, 4, 4),
     (L.KIND_ADAM, "fp16", "fp16", 0, False, False, False): (2048, 4, 4),
-    (L.KIND_ADAM, "fp16", "fp16", 0, False, False, True): (2048, 4, 4),
+    (L.KIND_ADAM, "fp16", "fp16", 0, False, False, True): (1024, 4, 4),
     (L.KIND_ADAM, "fp16", "fp16", 0, False, True, False): (2048, 4, 4),
     (L.KIND_ADAM, "fp16", "fp16", 0, False, True, True): (2048, 4, 4),
     (L.KIND_ADAM, "fp16", "fp16", 0, True, False, False): (2048, 4, 4),
     (L.KIND_ADAM, "fp16", "fp16", 0, True, False, True): (2048, 4, 4),
-    (L.KIND_ADAM, "fp16", "fp16", 0, True, True, False): (1024, 4, 4),
-    (L.KIND_ADAM, "fp16", "fp16", 0, True, True, True): (1024, 4, 4),
+    (L.KIND_ADAM, "fp16", "fp16", 0, True, True, False): (2048, 4, 4),
+    (L.KIND_ADAM, "fp16", "fp16", 0, True, True, True): (2048, 4, 4),
     (L.KIND_ADAM, "fp32", "uint8", 0, False, False, False): (2048, 3, 4),
     (L.KIND_ADAM, "fp32", "uint8", 0, False, False, True): (2048, 3, 4),
     (L.KIND_ADAM, "fp32", "uint8", 0, False, True, False): (2048, 4, 4),
@@ -1399,17 +1401,17 @@ _RUN_LAUNCH = {
     (L.KIND_SGD, "bf16", "bf16", 0, False, True, False): (2048, 4, 4),
     (L.KIND_SGD, "bf16", "bf16", 0, False, True, True): (2048, 4, 4),
     (L.KIND_SGD, "bf16", "bf16", 0, True, False, False): (2048, 3, 4),
-    (L.KIND_SGD, "bf16", "bf16", 0, True, False, True): (2048, 3, 4),
+    (L.KIND_SGD, "bf16", "bf16", 0, True, False, True): (2048, 4, 4),
     (L.KIND_SGD, "bf16", "bf16", 0, True, True, False): (2048, 4, 4),
     (L.KIND_SGD, "bf16", "bf16", 0, True, True, True): (2048, 4, 4),
-    (L.KIND_SGD, "bf16", "bf16", 1, False, False, False): (1024, 4, 4),
-    (L.KIND_SGD, "bf16", "bf16", 1, False, False, True): (1024, 4, 4),
+    (L.KIND_SGD, "bf16", "bf16", 1, False, False, False): (2048, 3, 4),
+    (L.KIND_SGD, "bf16", "bf16", 1, False, False, True): (2048, 3, 4),
     (L.KIND_SGD, "bf16", "bf16", 1, False, True, False): (2048, 4, 4),
-    (L.KIND_SGD, "bf16", "bf16", 1, False, True, True): (2048, 4, 4),
+    (L.KIND_SGD, "bf16", "bf16", 1, False, True, True): (2048, 3, 4),
     (L.KIND_SGD, "bf16", "bf16", 1, True, False, False): (2048, 4, 4),
     (L.KIND_SGD, "bf16", "bf16", 1, True, False, True): (2048, 4, 4),
     (L.KIND_SGD, "bf16", "bf16", 1, True, True, False): (2048, 4, 4),
-    (L.KIND_SGD, "bf16", "bf16", 1, True, True, True): (2048, 3, 4),
+    (L.KIND_SGD, "bf16", "bf16", 1, True, True, True): (2048, 4, 4),
     (L.KIND_SGD, "bf16", "bf16", 2, False, False, False): (2048, 4, 4),
     (L.KIND_SGD, "bf16", "bf16", 2, False, False, True): (2048, 4, 4),
     (L.KIND_SGD, "bf16", "bf16", 2, False, True, False): (1024, 4, 4),
@@ -1426,31 +1428,34 @@ _RUN_LAUNCH = {
     (L.KIND_SGD, "bf16", "fp32", 0, True, False, True): (1024, 4, 4),
     (L.KIND_SGD, "bf16", "fp32", 0, True, True, False): (1024, 4, 4),
     (L.KIND_SGD, "bf16", "fp32", 0, True, True, True): (1024, 4, 4),
-    (L.KIND_SGD, "bf16", "fp32", 1, False, False, False): (1024, 4, 4),
-    (L.KIND_SGD, "bf16", "fp32", 1, False, False, True): (1024, 4, 4),
+    (L.KIND_SGD, "bf16", "fp32", 1, False, False, False): (2048, 3, 4),
+    (L.KIND_SGD, "bf16", "fp32", 1, False, False, True): (2048, 3, 4),
     (L.KIND_SGD, "bf16", "fp32", 1, False, True, False): (2048, 4, 4),
-    (L.KIND_SGD, "bf16", "fp32", 1, False, True, True): (2048, 4, 4),
-    (L.KIND_SGD, "bf16", "uint8", 1, False, False, False): (2048, 3, 4),
-    (L.KIND_SGD, "bf16", "uint8", 1, False, False, True): (2048, 3, 4),
+    (L.KIND_SGD, "bf16", "fp32", 1, False, True, True): (2048, 3, 4),
+    (L.KIND_SGD, "bf16", "uint8", 1, False, False, False): (1024, 4, 4),
+    (L.KIND_SGD, "bf16", "uint8", 1, False, False, True): (1024, 4, 4),
     (L.KIND_SGD, "bf16", "uint8", 1, False, True, False): (2048, 4, 4),
     (L.KIND_SGD, "bf16", "uint8", 1, False, True, True): (2048, 4, 4),
     (L.KIND_SGD, "bf16", "uint8", 1, True, False, False): (2048, 4, 4),
     (L.KIND_SGD, "bf16", "uint8", 1, True, False, True): (2048, 4, 4),
+    (L.KIND_SGD, "bf16", "uint8", 1, True, True, False): (2048, 4, 4),
+    (L.KIND_SGD, "bf16", "uint8", 1, True, True, True): (2048, 4, 4),
     (L.KIND_SGD, "bf16", "uint8", 2, False, False, False): (2048, 4, 4),
     (L.KIND_SGD, "bf16", "uint8", 2, False, False, True): (2048, 4, 4),
     (L.KIND_SGD, "bf16", "uint8", 2, False, True, False): (2048, 4, 4),
     (L.KIND_SGD, "bf16", "uint8", 2, False, True, True): (2048, 4, 4),
+    (L.KIND_SGD, "bf16", "uint8", 2, True, False, False): (2048, 4, 4),
     (L.KIND_SGD, "fp16", "fp16", 0, False, False, False): (2048, 4, 4),
     (L.KIND_SGD, "fp16", "fp16", 0, False, False, True): (2048, 4, 4),
     (L.KIND_SGD, "fp16", "fp16", 0, False, True, False): (2048, 4, 4),
     (L.KIND_SGD, "fp16", "fp16", 0, False, True, True): (2048, 4, 4),
-    (L.KIND_SGD, "fp16", "fp16", 0, True, False, False): (2048, 4, 4),
+    (L.KIND_SGD, "fp16", "fp16", 0, True, False, False): (2048, 3, 4),
     (L.KIND_SGD, "fp16", "fp16", 0, True, False, True): (2048, 4, 4),
     (L.KIND_SGD, "fp16", "fp16", 0, True, True, False): (2048, 4, 4),
     (L.KIND_SGD, "fp16", "fp16", 0, True, True, True): (2048, 4, 4),
-    (L.KIND_SGD, "fp16", "fp32", 1, False, False, False): (1024, 4, 4),
-    (L.KIND_SGD, "fp16", "fp32", 1, False, False, True): (1024, 4, 4),
-    (L.KIND_SGD, "fp16", "fp32", 1, False, True, False): (2048, 4, 4),
+    (L.KIND_SGD, "fp16", "fp32", 1, False, False, False): (2048, 3, 4),
+    (L.KIND_SGD, "fp16", "fp32", 1, False, False, True): (2048, 3, 4),
+    (L.KIND_SGD, "fp16", "fp32", 1, False, True, False): (2048, 3, 4),
     (L.KIND_SGD, "fp16", "fp32", 1, False, True, True): (2048, 4, 4)}
 #: benchmarks only (bench/gpu_check.sh): FASTSCHED_UPDATE_RUNS=0 launches every flat update
 #: through the per-block kernel (the launch configuration before the pipelined one)
