@@ -401,8 +401,9 @@ UPDATE_KERNELS = ("_update_kernel", "_run_update_kernel", "_units_update_kernel"
 #: assumes every load of a program in flight at once; read from the SASS, fewer are.
 #: The per-block (``_update_kernel``) keys left are those launched per block: FLAG launches
 #: whose tensors differ in the optional state, and the variants the pipelined kernel does not
-#: improve (kernels/optim.py, _RUN_LAUNCH); ``_run_update_kernel`` keys are the pipelined
-#: variants still short (bench/results/run-sweep-sm90-20261202.txt).
+#: improve (kernels/optim.py, _RUN_LAUNCH: since the sweep's deeper pipelines, fp32 AdamW only,
+#: which holds 192 KB); ``_run_update_kernel`` keys are the pipelined variants still short
+#: (bench/results/run-sweep-sm90-20261202.txt).
 KNOWN_SHORT = {("_units_update_kernel", L.KIND_ADAM, "bf16", "bf16", 1, False): 80,
                ("_units_update_kernel", L.KIND_ADAM, "bf16", "bf16", 1, True): 96,
                ("_units_update_kernel", L.KIND_ADAM, "bf16", "bf16", 2, False): 64,
@@ -434,10 +435,8 @@ KNOWN_SHORT = {("_units_update_kernel", L.KIND_ADAM, "bf16", "bf16", 1, False): 
                ("_units_update_kernel", L.KIND_SGD, True, False): 60,
                ("_units_update_kernel", L.KIND_SGD, True, True): 48,
                ("_update_kernel", L.KIND_ADAM, "bf16", "bf16", 1, True): 120,
-               ("_update_kernel", L.KIND_ADAM, "bf16", "bf16", 2, False): 112,
                ("_update_kernel", L.KIND_ADAM, "bf16", "bf16", 2, True): 80,
                ("_update_kernel", L.KIND_ADAM, True, True): 100,
-               ("_update_kernel", L.KIND_ADAM, "bf16", "uint8", 1, False): 78,
                ("_update_kernel", L.KIND_SGD, "bf16", "bf16", 1, True): 108,
                ("_update_kernel", L.KIND_SGD, "bf16", "bf16", 2, True): 56,
                ("_update_kernel", L.KIND_SGD, "bf16", "fp32", 0, True): 96,
@@ -445,30 +444,24 @@ KNOWN_SHORT = {("_units_update_kernel", L.KIND_ADAM, "bf16", "bf16", 1, False): 
                ("_update_kernel", L.KIND_SGD, "bf16", "uint8", 1, True): 112,
                ("_update_kernel", L.KIND_SGD, "bf16", "uint8", 2, True): 60,
                ("_update_kernel", L.KIND_SGD, True, True): 72,
-               # pipelined (_RUN_LAUNCH: where they hold more than per block): resident
-               # programs x the blocks copied ahead; registers (134-204 with 8-bit states) or
-               # the copies' shared memory bound the programs
-               ("_run_update_kernel", L.KIND_ADAM, "bf16", "bf16", 2, True): 120,
-               ("_run_update_kernel", L.KIND_ADAM, "bf16", "uint8", 0, False): 72,
-               ("_run_update_kernel", L.KIND_ADAM, "bf16", "uint8", 1, False): 96,
-               ("_run_update_kernel", L.KIND_ADAM, "bf16", "uint8", 2, False): 72,
-               ("_run_update_kernel", L.KIND_SGD, "bf16", "uint8", 1, True): 126,
-               ("_run_update_kernel", L.KIND_SGD, "bf16", "uint8", 2, False): 120,
-               ("_run_update_kernel", L.KIND_SGD, "bf16", "uint8", 2, True): 90}
+               # pipelined (_RUN_LAUNCH): bf16 Adam with 8-bit states, statistics and the
+               # weight term, 2 programs an SM at 6 stages (214 registers) hold 120 KB; every
+               # other pipelined variant holds 128 KB or more (3-8 stages)
+               ("_run_update_kernel", L.KIND_ADAM, "bf16", "uint8", 0, False): 120}
 #: the variants without the weight term in the gradient (L2=False: AdamW, weight_decay 0) that
 #: hold less than KNOWN_SHORT's figure for their key at every launch configuration
 #: (`launch_sweep.py --l2 false --key ...`, the best taken; the variant with the term keeps
 #: KNOWN_SHORT's): leaving out one multiply and one add moved ptxas's allocation (bf16 Adam
-#: with stochastic rounding 112 -> 84 KB, 255 registers at 1 warp either way). The other
+#: with stochastic rounding per block was 112 -> 84 KB, 255 registers at 1 warp either way,
+#: and bf16 SGD with 8-bit states and no momentum 128 -> 100, before they ran pipelined; fp32
+#: SGD in ALLoRA units 112 -> 108). The other
 #: L2=False variants are held to KNOWN_SHORT / MIN_INFLIGHT like those with the term (fp32
 #: AdamW 192 KB, bf16 AdamW 128: the same as with it).
 KNOWN_SHORT_NO_L2 = {("_units_update_kernel", L.KIND_SGD, False, False): 108,
                      ("_units_update_kernel", L.KIND_SGD, "fp32", "bf16", 0, False): 108,
                      ("_units_update_kernel", L.KIND_SGD, "bf16", "bf16", 1, True): 80,
                      # the [16, 128] and [8, 256] tiles (not in CI's --one-unit-class)
-                     ("_units_update_kernel", L.KIND_SGD, "bf16", "bf16", 2, False): 52,
-                     ("_update_kernel", L.KIND_ADAM, "bf16", "bf16", 2, False): 84,
-                     ("_update_kernel", L.KIND_SGD, "bf16", "uint8", 0, False): 100}
+                     ("_units_update_kernel", L.KIND_SGD, "bf16", "bf16", 2, False): 52}
 #: variants that spill (ptxas moves registers to local memory: STL / LDL in the SASS), with the
 #: bytes of their spill stores (the STL instructions' widths summed over the listing, as ptxas
 #: -v counts them): --require holds them to that figure. Keyed by ``spill_key`` (update

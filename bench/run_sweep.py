@@ -1,6 +1,6 @@
 """Choose where the update runs pipelined, and how, from the compiled code:
 ``python bench/run_sweep.py [--all] [--jobs 2] [--json FILE]`` (triton 3.6, no GPU; run without
-``TRITON_INTERPRET``; ~10 minutes on 2 cores).
+``TRITON_INTERPRET``; 7-15 minutes on 2 cores).
 
 ``_update_kernel`` gives each program one block and keeps its loads in registers: the bytes an
 SM has in flight are bounded by the registers its threads hold them in, and the 16-bit and
@@ -11,16 +11,17 @@ num_stages=STAGES)``: triton 3.6 then copies the next STAGES - 1 blocks from glo
 memory with ``cp.async`` (SASS ``LDGSTS``, 16 bytes a thread per instruction) while the current
 one is computed, so the bytes in flight live in shared memory (228 KB an SM), not in registers.
 
-For each flat update variant the optimizers launch (``compile_check.variants``; by default those
-of ``KNOWN_SHORT``'s keys and of the table ``_RUN_LAUNCH`` in ``kernels/optim.py``, plus fp32 /
-16-bit AdamW for comparison; ``--all`` every one) this compiles ``_run_update_kernel`` at a grid
-of BLOCK x STAGES x num_warps and prints the configuration with the most bytes in flight per SM
-among those :func:`reject` lets count (no spills, no data load left in registers, the copies
-16-byte ``LDGSTS``): resident programs x (STAGES - 1) x the bytes a block loads (the shared memory
-the copies take bounds the programs too), beside ``_update_kernel``'s figure at its launch
-tables (compile_check's "iss"). A variant runs pipelined where that holds at least
-:data:`GAIN` x the per-block kernel's figure; the table to paste into ``_RUN_LAUNCH`` closes the
-output. Nothing runs: the speed of either needs a GPU (``bench/gpu_check.sh``).
+For each flat update variant the optimizers launch (``compile_check.variants``; by default those of
+``KNOWN_SHORT``'s and ``KNOWN_SHORT_NO_L2``'s keys and of the table ``_RUN_LAUNCH`` in
+``kernels/optim.py``, plus fp32 / 16-bit AdamW for comparison; ``--all`` every one) this compiles
+``_run_update_kernel`` at a grid of BLOCK x STAGES x num_warps (:data:`GRID`; :data:`DEEP`'s deeper
+pipelines for the variants GRID leaves short of 128 KB) and prints the configuration with the most
+bytes in flight per SM among those :func:`reject` lets count (no spills, no data load left in
+registers, the copies 16-byte ``LDGSTS``): resident programs x (STAGES - 1) x the bytes a block
+loads (the shared memory the copies take bounds the programs too), beside ``_update_kernel``'s
+figure at its launch tables (compile_check's "iss"). A variant runs pipelined where that holds at
+least :data:`GAIN` x the per-block kernel's figure; the table to paste into ``_RUN_LAUNCH`` closes
+the output. Nothing runs: the speed of either needs a GPU (``bench/gpu_check.sh``).
 """
 
 from __future__ import annotations
@@ -52,6 +53,13 @@ _VS: list = []
 #: 512-2048 elements, 2-4 stages and 2-8 warps: none held more than these; over 114 variants
 #: at 4 and 8 warps, 8 was never the best)
 GRID = list(itertools.product((1024, 2048), (3, 4), (4,)))
+#: deeper pipelines, tried for the variants none of GRID brings to 128 KB: most are held to
+#: 2-3 programs an SM by their registers (146-255: 8-bit states, stochastic rounding), and the
+#: blocks they copy ahead sit in shared memory, not registers, so more stages hold more with
+#: the same programs (bf16 Adam with 8-bit states and stochastic rounding: 72 KB at 4 stages,
+#: 168 at 8; 2 programs of 90 KB of shared memory). Only for them: a deeper pipeline takes
+#: more shared memory a program and a longer prologue a run, which the GPU has not timed
+DEEP = list(itertools.product((1024, 2048), (6, 8), (4,)))
 #: a variant runs pipelined where that holds this much more than the per-block kernel: within
 #: 10% the per-block kernel stays (the design measured on an H100: 2.99 TB/s, 99.7% of copy,
 #: at ~160 KB)
@@ -84,7 +92,8 @@ def _init(every: bool) -> None:
             continue
         seen.add(k)
         per_block = ("_update_kernel",) + cc.short_key(v)[1:]
-        if every or per_block in cc.KNOWN_SHORT or k in K._RUN_LAUNCH or (
+        short = per_block in cc.KNOWN_SHORT or per_block in cc.KNOWN_SHORT_NO_L2
+        if every or short or k in K._RUN_LAUNCH or (
                 not cc.is_lowp(v) and c["KIND"] == L.KIND_ADAM and not c["FLAG"]
                 and not c["L2"]):
             out.append(v)
@@ -187,6 +196,19 @@ def _shipped(i: int) -> int:
     return cc.read_code(cc.compile_variant(v, GPUTarget("cuda", 90, 32)), v).inflight
 
 
+def _pick(res: list, best: dict, why: dict) -> None:
+    """Keep per variant the configuration that counts (:func:`reject`) with the most in
+    flight, then the fewest registers x warps; why[i]: the first reason one did not count."""
+    for i, r in res:
+        bad = reject(r) if r is not None else "does not compile"
+        if bad:
+            why.setdefault(i, bad)
+            continue
+        if i not in best or (r["inflight"], -r["regs"] * r["cfg"][2]) > (
+                best[i]["inflight"], -best[i]["regs"] * best[i]["cfg"][2]):
+            best[i] = r
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--all", action="store_true", help="every update variant, not only the short")
@@ -202,21 +224,19 @@ def main(argv=None) -> int:
     jobs = [(i, *g) for i in range(len(_VS)) for g in GRID]
     print(f"{len(_VS)} update variants x {len(GRID)} configurations (BLOCK, STAGES, warps)",
           flush=True)
-    with multiprocessing.get_context("fork").Pool(args.jobs, _init, (args.all,)) as pool:
-        res = pool.map(_one, jobs, chunksize=4)
-        shipped = pool.map(_shipped, range(len(_VS)))
     best: dict = {}
     why: dict = {}
-    for i, r in res:
-        bad = None if r is not None else "does not compile"
-        if r is not None:
-            bad = reject(r)
-        if bad:
-            why.setdefault(i, bad)
-            continue
-        if i not in best or (r["inflight"], -r["regs"] * r["cfg"][2]) > (
-                best[i]["inflight"], -best[i]["regs"] * best[i]["cfg"][2]):
-            best[i] = r
+    with multiprocessing.get_context("fork").Pool(args.jobs, _init, (args.all,)) as pool:
+        res = pool.map(_one, jobs, chunksize=4)
+        _pick(res, best, why)
+        deep = [i for i in range(len(_VS))
+                if best.get(i, {}).get("inflight", 0) < cc.MIN_INFLIGHT]
+        print(f"{len(deep)} short of {cc.MIN_INFLIGHT // 1024} KB x {len(DEEP)} deeper "
+              "configurations", flush=True)
+        more = pool.map(_one, [(i, *g) for i in deep for g in DEEP], chunksize=4)
+        _pick(more, best, why)
+        res += more
+        shipped = pool.map(_shipped, range(len(_VS)))
     reach = picked = 0
     rows, table = [], {}
     print(f"{'variant (kind, dtype, states, mode, flag, stats, l2)':58s} per-block pipelined "

@@ -848,7 +848,7 @@ def _run_update_kernel(tensors_ptr, runs_ptr, scal_ptr, ustat_ptr, clock_ptr, ad
     has in flight sit in shared memory (228 KB) instead of registers: resident programs x
     (STAGES - 1) x a block's bytes (bench/compile_check.py counts them so). The 16-bit and 8-bit
     variants, which hold fp32 working copies of every array, stop at 32-168 KB with a block in
-    registers; pipelined, 72-216 KB at 39-204 registers (bench/run_sweep.py). The
+    registers; pipelined, 120-224 KB at 39-255 registers (bench/run_sweep.py). The
     partial last block and unaligned tensors take the masked path of :func:`_masked_block`
     first, in the same program.
 
@@ -1343,17 +1343,19 @@ def launch_finalize(tensors, groups, scal, sched_table, clock, n_tensors: int, k
 #: compiled for sm_90 by triton 3.6, it holds at least 1.1x the bytes in flight per SM of the
 #: per-block kernel at its tables above, chosen by `python bench/run_sweep.py` (no spills, no
 #: data load left in registers, 16-byte cp.async copies; then the most in flight, then the
-#: fewest registers x warps). A FLAG key applies to launches whose every tensor has the
-#: optional state (Bucket.all3); the others, and every variant not here, keep the per-block
-#: kernel: fp32 AdamW holds 192 KB either way, and the per-block design is the one measured
-#: on an H100 (2.99 TB/s, 99.7% of copy). Of the 114 variants the sweep compiled (those short
-#: of 128 KB per block, and fp32 / 16-bit AdamW), 102 are here; at 128 KB or more: 86 with
-#: them, 24 per block (bench/results/run-sweep-sm90-20261202.txt). 16-bit SGD with momentum
-#: 56-108 -> 180-216 KB (55-127 registers), 16-bit Adam 80-144 -> 120-192, bf16 with 8-bit
-#: states 32-168 -> 72-216; not here (the pipelined one holds no more): bf16 SGD with 8-bit
-#: momentum without a master or with stochastic rounding (60-90 KB either way), bf16 Adam
-#: with stochastic rounding and the weight term (96 against 112-128), bf16 Adam with 8-bit
-#: states, a master and statistics (no configuration copies 16 bytes at a time).
+#: fewest registers x warps; 3-4 stages, and 6 or 8 where those fall short of 128 KB). A FLAG
+#: key applies to launches whose every tensor has the optional state (Bucket.all3); the
+#: others, and every variant not here, keep the per-block kernel: fp32 AdamW holds 192 KB
+#: either way, and the per-block design is the one measured on an H100 (2.99 TB/s, 99.7% of
+#: copy). Of the 118 variants the sweep compiled (those short of 128 KB per block, and fp32 /
+#: 16-bit AdamW), 116 are here; at 128 KB or more: 117 with them, 26 per block
+#: (bench/results/run-sweep-sm90-20261202.txt). 16-bit SGD with momentum 56-108 -> 180-216 KB
+#: (55-127 registers), 16-bit Adam 80-144 -> 144-224, bf16 with 8-bit states 32-168 ->
+#: 120-216. Of the 29 at 6 or 8 stages, 27 are held to 2-3 programs an SM by their registers
+#: (146-255: 8-bit states, stochastic rounding); the blocks copied ahead sit in shared memory,
+#: so a deeper pipeline holds more with the same programs (bf16 Adam with 8-bit states and
+#: stochastic rounding: 72 KB at 4 stages, 168 at 8). Short still: bf16 Adam with 8-bit
+#: states, statistics and the weight term (120 KB at 6 stages, 214 registers).
 _RUN_LAUNCH = {
     (L.KIND_ADAM, "bf16", "bf16", 0, False, False, False): (2048, 4, 4),
     (L.KIND_ADAM, "bf16", "bf16", 0, False, False, True): (2048, 4, 4),
@@ -1368,22 +1370,25 @@ _RUN_LAUNCH = {
     (L.KIND_ADAM, "bf16", "bf16", 1, True, True, False): (1024, 4, 4),
     (L.KIND_ADAM, "bf16", "bf16", 1, True, True, True): (1024, 4, 4),
     (L.KIND_ADAM, "bf16", "bf16", 2, False, False, False): (2048, 4, 4),
+    (L.KIND_ADAM, "bf16", "bf16", 2, False, False, True): (2048, 8, 4),
     (L.KIND_ADAM, "bf16", "bf16", 2, False, True, False): (2048, 4, 4),
-    (L.KIND_ADAM, "bf16", "bf16", 2, True, False, False): (1024, 4, 4),
-    (L.KIND_ADAM, "bf16", "bf16", 2, True, False, True): (1024, 4, 4),
-    (L.KIND_ADAM, "bf16", "bf16", 2, True, True, False): (1024, 4, 4),
-    (L.KIND_ADAM, "bf16", "bf16", 2, True, True, True): (1024, 4, 4),
+    (L.KIND_ADAM, "bf16", "bf16", 2, False, True, True): (2048, 8, 4),
+    (L.KIND_ADAM, "bf16", "bf16", 2, True, False, False): (1024, 8, 4),
+    (L.KIND_ADAM, "bf16", "bf16", 2, True, False, True): (1024, 8, 4),
+    (L.KIND_ADAM, "bf16", "bf16", 2, True, True, False): (1024, 8, 4),
+    (L.KIND_ADAM, "bf16", "bf16", 2, True, True, True): (1024, 8, 4),
     (L.KIND_ADAM, "bf16", "uint8", 0, False, False, False): (2048, 4, 4),
-    (L.KIND_ADAM, "bf16", "uint8", 0, False, False, True): (2048, 4, 4),
-    (L.KIND_ADAM, "bf16", "uint8", 0, False, True, False): (2048, 3, 4),
-    (L.KIND_ADAM, "bf16", "uint8", 0, False, True, True): (2048, 3, 4),
-    (L.KIND_ADAM, "bf16", "uint8", 1, False, False, False): (2048, 3, 4),
-    (L.KIND_ADAM, "bf16", "uint8", 1, False, False, True): (2048, 3, 4),
-    (L.KIND_ADAM, "bf16", "uint8", 1, False, True, True): (2048, 4, 4),
-    (L.KIND_ADAM, "bf16", "uint8", 2, False, False, False): (2048, 4, 4),
-    (L.KIND_ADAM, "bf16", "uint8", 2, False, False, True): (2048, 4, 4),
-    (L.KIND_ADAM, "bf16", "uint8", 2, False, True, False): (2048, 4, 4),
-    (L.KIND_ADAM, "bf16", "uint8", 2, False, True, True): (2048, 4, 4),
+    (L.KIND_ADAM, "bf16", "uint8", 0, False, False, True): (2048, 8, 4),
+    (L.KIND_ADAM, "bf16", "uint8", 0, False, True, False): (2048, 6, 4),
+    (L.KIND_ADAM, "bf16", "uint8", 0, False, True, True): (2048, 6, 4),
+    (L.KIND_ADAM, "bf16", "uint8", 1, False, False, False): (2048, 6, 4),
+    (L.KIND_ADAM, "bf16", "uint8", 1, False, False, True): (2048, 6, 4),
+    (L.KIND_ADAM, "bf16", "uint8", 1, False, True, False): (2048, 6, 4),
+    (L.KIND_ADAM, "bf16", "uint8", 1, False, True, True): (2048, 6, 4),
+    (L.KIND_ADAM, "bf16", "uint8", 2, False, False, False): (2048, 8, 4),
+    (L.KIND_ADAM, "bf16", "uint8", 2, False, False, True): (2048, 8, 4),
+    (L.KIND_ADAM, "bf16", "uint8", 2, False, True, False): (2048, 8, 4),
+    (L.KIND_ADAM, "bf16", "uint8", 2, False, True, True): (2048, 8, 4),
     (L.KIND_ADAM, "fp16", "fp16", 0, False, False, False): (2048, 4, 4),
     (L.KIND_ADAM, "fp16", "fp16", 0, False, False, True): (1024, 4, 4),
     (L.KIND_ADAM, "fp16", "fp16", 0, False, True, False): (2048, 4, 4),
@@ -1432,19 +1437,30 @@ _RUN_LAUNCH = {
     (L.KIND_SGD, "bf16", "fp32", 1, False, False, True): (2048, 3, 4),
     (L.KIND_SGD, "bf16", "fp32", 1, False, True, False): (2048, 4, 4),
     (L.KIND_SGD, "bf16", "fp32", 1, False, True, True): (2048, 3, 4),
+    (L.KIND_SGD, "bf16", "uint8", 0, False, False, False): (2048, 4, 4),
+    (L.KIND_SGD, "bf16", "uint8", 0, False, False, True): (2048, 4, 4),
+    (L.KIND_SGD, "bf16", "uint8", 0, False, True, False): (2048, 4, 4),
+    (L.KIND_SGD, "bf16", "uint8", 0, False, True, True): (2048, 4, 4),
+    (L.KIND_SGD, "bf16", "uint8", 0, True, False, False): (2048, 6, 4),
+    (L.KIND_SGD, "bf16", "uint8", 0, True, False, True): (2048, 6, 4),
+    (L.KIND_SGD, "bf16", "uint8", 0, True, True, False): (2048, 8, 4),
+    (L.KIND_SGD, "bf16", "uint8", 0, True, True, True): (2048, 8, 4),
     (L.KIND_SGD, "bf16", "uint8", 1, False, False, False): (1024, 4, 4),
     (L.KIND_SGD, "bf16", "uint8", 1, False, False, True): (1024, 4, 4),
     (L.KIND_SGD, "bf16", "uint8", 1, False, True, False): (2048, 4, 4),
     (L.KIND_SGD, "bf16", "uint8", 1, False, True, True): (2048, 4, 4),
     (L.KIND_SGD, "bf16", "uint8", 1, True, False, False): (2048, 4, 4),
     (L.KIND_SGD, "bf16", "uint8", 1, True, False, True): (2048, 4, 4),
-    (L.KIND_SGD, "bf16", "uint8", 1, True, True, False): (2048, 4, 4),
-    (L.KIND_SGD, "bf16", "uint8", 1, True, True, True): (2048, 4, 4),
+    (L.KIND_SGD, "bf16", "uint8", 1, True, True, False): (2048, 8, 4),
+    (L.KIND_SGD, "bf16", "uint8", 1, True, True, True): (2048, 8, 4),
     (L.KIND_SGD, "bf16", "uint8", 2, False, False, False): (2048, 4, 4),
     (L.KIND_SGD, "bf16", "uint8", 2, False, False, True): (2048, 4, 4),
-    (L.KIND_SGD, "bf16", "uint8", 2, False, True, False): (2048, 4, 4),
-    (L.KIND_SGD, "bf16", "uint8", 2, False, True, True): (2048, 4, 4),
-    (L.KIND_SGD, "bf16", "uint8", 2, True, False, False): (2048, 4, 4),
+    (L.KIND_SGD, "bf16", "uint8", 2, False, True, False): (1024, 8, 4),
+    (L.KIND_SGD, "bf16", "uint8", 2, False, True, True): (1024, 8, 4),
+    (L.KIND_SGD, "bf16", "uint8", 2, True, False, False): (2048, 8, 4),
+    (L.KIND_SGD, "bf16", "uint8", 2, True, False, True): (2048, 8, 4),
+    (L.KIND_SGD, "bf16", "uint8", 2, True, True, False): (2048, 8, 4),
+    (L.KIND_SGD, "bf16", "uint8", 2, True, True, True): (2048, 8, 4),
     (L.KIND_SGD, "fp16", "fp16", 0, False, False, False): (2048, 4, 4),
     (L.KIND_SGD, "fp16", "fp16", 0, False, False, True): (2048, 4, 4),
     (L.KIND_SGD, "fp16", "fp16", 0, False, True, False): (2048, 4, 4),
