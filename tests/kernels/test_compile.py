@@ -321,6 +321,28 @@ def test_run_sweep_reads_cp_async(bench_script):
     assert "widths" in pp.reject(dict(ok, cp={}))
 
 
+def test_run_sweep_picks_the_most_in_flight(bench_script):
+    """bench/run_sweep.py's choice per variant: configurations that count, the most bytes in
+    flight, then the fewest registers x warps; the first reason one did not count is kept.
+    The deeper pipelines (DEEP) are only for what GRID leaves short, and GRID is not in DEEP."""
+    pp = bench_script("run_sweep")
+    ok = dict(spill=0, ldg128=0, cp={16: 8})
+
+    def r(cfg, inflight, regs, **kw):
+        return {**ok, "cfg": cfg, "inflight": inflight, "regs": regs, **kw}
+
+    best, why = {}, {}
+    pp._pick([(0, r((2048, 4, 4), 72 << 10, 200)), (0, r((2048, 3, 4), 72 << 10, 150)),
+              (1, None), (1, r((1024, 3, 4), 90 << 10, 60, spill=4))], best, why)
+    assert best[0]["cfg"] == (2048, 3, 4)  # the same bytes with fewer registers
+    assert 1 not in best and why[1] == "does not compile"
+    pp._pick([(0, r((2048, 8, 4), 168 << 10, 254)), (1, r((1024, 8, 4), 168 << 10, 80))],
+             best, why)
+    assert best[0]["cfg"] == (2048, 8, 4) and best[1]["cfg"] == (1024, 8, 4)
+    assert why[1] == "does not compile"  # (kept: printed only for a variant with no choice)
+    assert {s for _, s, _ in pp.DEEP} == {6, 8} and not set(pp.GRID) & set(pp.DEEP)
+
+
 def test_requirements_of_the_pipelined_update(cc, derived):
     """A pipelined variant's full blocks are 16-byte cp.async copies (LDGSTS), nothing of them
     stays a register load, and its bytes in flight are the blocks copied ahead."""
